@@ -1,0 +1,228 @@
+"""``firezone-relay``: the reference relay's flags and environment variables, plus standalone mode.
+
+``firezone-relay --public-ip4-addr 127.0.0.1 --allow-loopback-peers`` runs a TURN server on a
+laptop: with no portal token the relay is standalone, and its credential secret comes from
+``--auth-secret`` (``AUTH_SECRET``) or is generated and logged once.
+``firezone-relay credentials --auth-secret S`` prints a username and password it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main", "settings_from_args"]
+
+
+def _env(name: str, default: Any = None) -> Any:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_bool(name: str) -> bool:
+    return str(_env(name, "false")).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _ip(version: int) -> Any:
+    def parse(text: str) -> str:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if address.version != version:
+            raise argparse.ArgumentTypeError(f"not an IPv{version} address: {text}")
+        return str(address)
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="firezone-relay",
+        description="STUN/TURN relay, Firezone-compatible; standalone TURN server without a token. "
+        "`firezone-relay credentials --help` mints credentials.",
+    )
+    a = p.add_argument
+    a("token", nargs="?", default=_env("FIREZONE_TOKEN"), metavar="TOKEN",
+      help="portal token [env FIREZONE_TOKEN] (or a file holding it); none = standalone mode")
+    a("name", nargs="?", default=_env("FIREZONE_NAME"), metavar="NAME",
+      help="relay name for the portal [env FIREZONE_NAME]")
+    a("--public-ip4-addr", type=_ip(4), default=_env("PUBLIC_IP4_ADDR"),
+      help="public IPv4 address [env PUBLIC_IP4_ADDR]")
+    a("--public-ip6-addr", type=_ip(6), default=_env("PUBLIC_IP6_ADDR"),
+      help="public IPv6 address [env PUBLIC_IP6_ADDR]")
+    a("--listen-port", type=_port, default=int(_env("LISTEN_PORT", 3478)))
+    a("--lowest-port", type=_port, default=int(_env("LOWEST_PORT", 49152)))
+    a("--highest-port", type=_port, default=int(_env("HIGHEST_PORT", 65535)))
+    a("--bind-ip4-addr", type=_ip(4), default=_env("BIND_IP4_ADDR", "0.0.0.0"))
+    a("--bind-ip6-addr", type=_ip(6), default=_env("BIND_IP6_ADDR", "::"))
+    a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL [env FIREZONE_API_URL]")
+    a("--rng-seed", type=int, default=_env("RNG_SEED") and int(_env("RNG_SEED")))
+    a("--log-format", choices=("human", "json"), default=_env("LOG_FORMAT", "human"))
+    a("--log-filter", default=_env("RUST_LOG", "info"),
+      help="log directives, e.g. 'info,relay=debug' [env RUST_LOG]")
+    a("--otlp-grpc-endpoint", default=_env("OTLP_GRPC_ENDPOINT"), help="host:port")
+    a("--ebpf-offloading", default=_env("EBPF_OFFLOADING"), metavar="IFACE")
+    a("--ebpf-attach-mode", choices=("driver", "generic"),
+      default=_env("EBPF_ATTACH_MODE", "driver"))
+    a("--ebpf-int4-addr", type=_ip(4), default=_env("EBPF_INT4_ADDR"))
+    a("--ebpf-int6-addr", type=_ip(6), default=_env("EBPF_INT6_ADDR"))
+    a("--health-check-addr", default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
+    a("--control-endpoint", default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
+    # standalone TURN server options
+    a("--auth-secret", default=_env("AUTH_SECRET"), help="credential secret [env AUTH_SECRET]")
+    a("--auth-scheme", choices=("firezone", "rest"), default=_env("AUTH_SCHEME", "firezone"),
+      help="firezone: <expiry>:<salt> / SHA-256; rest: coturn use-auth-secret")
+    a("--realm", default=_env("REALM", "firezone"))
+    a("--allow-loopback-peers", action="store_true", default=_env_bool("ALLOW_LOOPBACK_PEERS"))
+    a("--allow-private-peers", action="store_true", default=_env_bool("ALLOW_PRIVATE_PEERS"))
+    a("--max-allocations", type=_positive, default=_env("MAX_ALLOCATIONS") and int(
+        _env("MAX_ALLOCATIONS")))
+    a("--max-allocations-per-user", type=_positive, default=_env("MAX_ALLOCATIONS_PER_USER")
+      and int(_env("MAX_ALLOCATIONS_PER_USER")))
+    a("--max-channels-per-allocation", type=_positive,
+      default=int(_env("MAX_CHANNELS_PER_ALLOCATION", 1024)))
+    a("--max-permissions-per-allocation", type=_positive,
+      default=int(_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024)))
+    return p
+
+
+def credentials_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="firezone-relay credentials",
+        description="Print a TURN username and password that a relay with this secret accepts.",
+    )
+    p.add_argument("--auth-secret", default=_env("AUTH_SECRET"), required=_env("AUTH_SECRET") is None)
+    p.add_argument("--auth-scheme", choices=("firezone", "rest"),
+                   default=_env("AUTH_SCHEME", "firezone"))
+    p.add_argument("--ttl", type=_positive, default=3600, help="seconds until expiry")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--salt", help="firezone scheme: the salt (default: random)")
+    who.add_argument("--user", help="rest scheme: the user name (default: random)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    return p
+
+
+def credentials_main(argv: Sequence[str]) -> int:
+    from protocol.auth import make_credentials
+
+    args = credentials_parser().parse_args(argv)
+    user = args.salt or args.user or secrets.token_urlsafe(12)
+    expiry = int(time.time()) + args.ttl
+    username, password = make_credentials(args.auth_scheme, args.auth_secret, expiry, user)
+    if args.json:
+        print(json.dumps({"username": username, "password": password, "expiry": expiry}))
+    else:
+        print(f"username={username}")
+        print(f"password={password}")
+    return 0
+
+
+def _read_token(value: str | None) -> str | None:
+    """The token, or the contents of the file it names (as docker-init-relay.sh allows)."""
+    if not value:
+        return None
+    path = Path(value)
+    if len(value) < 4096 and "/" in value and path.is_file():
+        return path.read_text().strip() or None
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from actors.daemon import Settings
+    from protocol.server import ServerConfig
+
+    if args.public_ip4_addr is None and args.public_ip6_addr is None:
+        raise ValueError("Must listen on at least one of IPv4 or IPv6 "
+                         "(--public-ip4-addr / --public-ip6-addr)")
+    token = _read_token(args.token)
+    if token is not None and not args.api_url:
+        raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
+    config = ServerConfig(
+        public_ip4=args.public_ip4_addr,
+        public_ip6=args.public_ip6_addr,
+        listen_port=args.listen_port,
+        lowest_port=args.lowest_port,
+        highest_port=args.highest_port,
+        auth_scheme=args.auth_scheme,
+        realm=args.realm,
+        allow_loopback_peers=args.allow_loopback_peers,
+        allow_private_peers=args.allow_private_peers,
+        max_allocations=args.max_allocations,
+        max_allocations_per_user=args.max_allocations_per_user,
+        max_channels_per_allocation=args.max_channels_per_allocation,
+        max_permissions_per_allocation=args.max_permissions_per_allocation,
+    )
+    return Settings(
+        server=config,
+        bind_ip4=args.bind_ip4_addr,
+        bind_ip6=args.bind_ip6_addr,
+        rng_seed=args.rng_seed,
+        auth_secret=args.auth_secret,
+        otlp_grpc_endpoint=args.otlp_grpc_endpoint,
+        health_check_addr=args.health_check_addr or None,
+        control_endpoint=args.control_endpoint or None,
+        api_url=args.api_url,
+        token=token,
+        name=args.name,
+        ebpf_offloading=args.ebpf_offloading,
+        ebpf_attach_mode=args.ebpf_attach_mode,
+        ebpf_int4_addr=args.ebpf_int4_addr,
+        ebpf_int6_addr=args.ebpf_int6_addr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["credentials"]:
+        return credentials_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from actors.logs import configure
+
+    log_filter = configure(args.log_format, args.log_filter)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    import logging
+
+    logging.getLogger("relay").info(
+        "firezone-relay starting (rng seed %s)", args.rng_seed if args.rng_seed is not None
+        else "from entropy",
+    )
+    from actors.daemon import run
+
+    code = run(settings, log_filter)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Non-daemon threads (a stuck exporter, a bcc call) must not hold the exit past the budget.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

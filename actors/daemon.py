@@ -1,0 +1,407 @@
+"""The relay daemon: wires the sans-IO core to one uvloop event loop, the actors and the endpoints.
+
+Threads and who owns what:
+
+* the event-loop thread owns every socket, the core (``protocol.server.Server``), the allocation
+  actors and the portal session actor (both loop-hosted, see ``actors.loop_actor``);
+* the XDP map manager is a pykka ``ThreadingActor`` (bcc calls block) that receives channel
+  commands in batches;
+* the HTTP endpoints and the OpenTelemetry exporter run on threads of their own and only read
+  plain ints and thread-safe flags.
+
+Timers: after every input batch the core's earliest deadline (``poll_timeout``) is armed with
+``loop.call_at``; nothing ever scans the allocations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from actors.allocation import AllocationActor
+from actors.dataplane import DataPlane
+from actors.http_endpoints import HttpEndpoint, parse_host_port
+from actors.logs import LogFilter
+from actors.pipeline import Pipeline
+from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
+from actors.telemetry import PacketSizeBridge, PacketSizeSource, Telemetry
+from protocol.server import Server, ServerConfig
+from protocol.types import Family
+
+__all__ = ["Relay", "Settings", "run"]
+
+logger = logging.getLogger("relay")
+
+STATS_LOG_INTERVAL = 10.0
+SHUTDOWN_BUDGET = 2.0  # SIGTERM to exit, seconds
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon needs, already validated (built by ``actors.cli``)."""
+
+    server: ServerConfig
+    bind_ip4: str = "0.0.0.0"
+    bind_ip6: str = "::"
+    rng_seed: int | None = None
+    auth_secret: str | None = None
+    otlp_grpc_endpoint: str | None = None
+    health_check_addr: str | None = "0.0.0.0:8080"
+    control_endpoint: str | None = "127.0.0.1:9999"
+    api_url: str | None = None
+    token: str | None = None
+    name: str | None = None
+    ebpf_offloading: str | None = None
+    ebpf_attach_mode: str = "driver"
+    ebpf_int4_addr: str | None = None
+    ebpf_int6_addr: str | None = None
+    stats_interval: float = STATS_LOG_INTERVAL
+    export_interval_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Relay:
+    """One relay process's worth of state; drive it with ``await relay.run()``."""
+
+    def __init__(self, settings: Settings, log_filter: LogFilter | None = None) -> None:
+        self.settings = settings
+        self.log_filter = log_filter or LogFilter()
+        self.loop = asyncio.get_running_loop()
+        config = settings.server
+        seed = settings.rng_seed
+        rng = random.Random(seed) if seed is not None else random.Random(secrets.randbits(128))
+        secret = settings.auth_secret
+        if secret is None and seed is None:
+            secret = secrets.token_hex(32)
+        self.server = Server(config, rng, secret)
+        self.server.unix_offset = time.time() - time.monotonic()
+        self.dataplane = DataPlane(self.server, self._after_input)
+        self.pipeline = Pipeline(
+            self.server, self.dataplane.send_message, self._spawn_allocation
+        )
+        self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: float | None = None
+        self._stopping = asyncio.Event()
+        self.exit_code = 0
+        # read from other threads (HTTP): plain attributes, written only on the loop
+        self.sockets_bound = False
+        self.portal_joined = False
+        self.standalone = settings.token is None
+        self.portal: pykka.ActorRef[Any] | None = None
+        self.fast_path: pykka.ActorRef[Any] | None = None
+        self.endpoints: list[HttpEndpoint] = []
+        self._last_stats = (time.monotonic(), 0)
+        self.bridge = PacketSizeBridge(
+            [
+                PacketSizeSource(
+                    "userspace",
+                    lambda: self.server.stats.packet_size_buckets,
+                    lambda: self.server.stats.relayed_bytes_userspace,
+                )
+            ]
+        )
+        self.telemetry: Telemetry | None = None
+
+    # -- readiness ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        if not self.sockets_bound:
+            return False
+        return self.standalone or self.portal_joined
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
+        try:
+            self.start()
+        except Exception as exc:
+            logger.error("failed to start: %s", exc)
+            self._stop_endpoints()
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, self.request_stop, 0, signal.Signals(sig).name)
+        await self._stopping.wait()
+        await self.shutdown()
+        return self.exit_code
+
+    def start(self) -> None:
+        raise_nofile_limit()
+        config = self.settings.server
+        self.telemetry = Telemetry(
+            allocations=lambda: self.server.num_allocations,
+            channels=lambda: self.server.num_active_channels,
+            responses=lambda: self.server.stats.responses,
+            drops=self._drop_counts,
+            bridge=self.bridge,
+            otlp_endpoint=self.settings.otlp_grpc_endpoint,
+            export_interval_ms=self.settings.export_interval_ms,
+        )
+        self._start_endpoints()
+        for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
+            if public is None:
+                continue
+            host = self._bind_hosts[family]
+            sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
+            self.dataplane.listen[int(family)] = sock
+            self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
+            logger.info("listening on %s:%d (%s, public %s)", host, config.listen_port,
+                        family.name, public)
+        self.sockets_bound = True
+        self._start_fast_path()
+        if self.standalone:
+            if self.settings.auth_secret is None:
+                logger.warning(
+                    "standalone mode: generated auth secret %s (scheme %s); make credentials "
+                    "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
+                    self.server.auth_secret, config.auth_scheme, config.auth_scheme,
+                )
+            else:
+                logger.info("standalone mode (no portal token), auth scheme %s",
+                            config.auth_scheme)
+        else:
+            self._start_portal()
+        self.loop.call_later(self.settings.stats_interval, self._log_stats)
+        self._rearm()
+
+    def request_stop(self, code: int = 0, reason: str = "") -> None:
+        """Ask the daemon to shut down (loop thread only; signals and callbacks land here)."""
+        if self._stopping.is_set():
+            return
+        logger.info("shutting down%s", f" ({reason})" if reason else "")
+        self.exit_code = code
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, free every allocation, stop the actors. Bounded in time."""
+        for family, sock in list(self.dataplane.listen.items()):
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            del self.dataplane.listen[family]
+        if self._timer is not None:
+            self._timer.cancel()
+        freed = self.server.num_allocations
+        self.server.free_all(time.monotonic())
+        self.pipeline.drain()
+        for ref in list(self.pipeline.allocations.values()):  # anything the core forgot
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.stop(block=False)
+        logger.info("freed %d allocations", freed)
+        if self.portal is not None:
+            portal, self.portal = self.portal, None
+            with contextlib.suppress(pykka.ActorDeadError):
+                portal.stop(block=False)
+            # on_stop cancelled the driver task; give it a moment to close the websocket
+            tasks = [t for t in asyncio.all_tasks() if t.get_name() == "portal"]
+            if tasks:
+                await asyncio.wait(tasks, timeout=0.5)
+
+    def finish(self) -> None:
+        """After the loop: stop thread-hosted actors, endpoints and exporters (bounded)."""
+        deadline = time.monotonic() + 1.2
+        if self.fast_path is not None:
+            with contextlib.suppress(Exception):
+                self.fast_path.stop(block=True, timeout=max(0.1, deadline - time.monotonic()))
+        self._stop_endpoints()
+        if self.telemetry is not None:
+            self.telemetry.shutdown(max(0.1, min(0.5, deadline - time.monotonic())))
+
+    # -- the core's outputs ---------------------------------------------------------------
+
+    def _after_input(self) -> None:
+        self.pipeline.drain()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        deadline = self.server.poll_timeout()
+        if deadline == self._armed and (deadline is None or self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed = deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._armed if self._armed is not None else 0.0
+        self._armed = None
+        self.server.handle_timeout(max(time.monotonic(), deadline))
+        self._after_input()
+
+    def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
+        return AllocationActor.start(
+            port, self.dataplane, self._bind_hosts, self._allocation_gone, loop=self.loop
+        )
+
+    def _allocation_gone(self, port: int, actor: AllocationActor) -> None:
+        self.pipeline.allocation_gone(port, actor)
+
+    # -- actors beside the data plane -----------------------------------------------------
+
+    def _start_portal(self) -> None:
+        from actors.portal import PortalConfig
+        from actors.portal_session import PortalSession
+
+        config = self.settings.server
+        if not self.settings.api_url:
+            raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
+        assert self.settings.token is not None
+        portal_config = PortalConfig(
+            api_url=self.settings.api_url,
+            token=self.settings.token,
+            listen_port=config.listen_port,
+            name=self.settings.name,
+            public_ip4=config.public_ip4,
+            public_ip6=config.public_ip6,
+        )
+        self.portal = PortalSession.start(
+            portal_config, self.server.auth_secret, self._on_portal_joined, self._on_portal_fatal,
+            loop=self.loop,
+        )
+
+    def _on_portal_joined(self, joined: bool) -> None:
+        self.portal_joined = joined
+
+    def _on_portal_fatal(self, reason: str) -> None:
+        self.request_stop(1, f"portal: {reason}")
+
+    def _start_fast_path(self) -> None:
+        iface = self.settings.ebpf_offloading
+        if not iface:
+            return
+        try:
+            from actors import xdp_manager
+
+            self.fast_path = xdp_manager.start_from_settings(self.settings)  # type: ignore[attr-defined]
+        except Exception as exc:
+            # XDP is an accelerator, never a requirement: keep relaying in userspace.
+            logger.error("eBPF offloading on %s unavailable, relaying in userspace: %s", iface, exc)
+            self.fast_path = None
+            return
+        self.pipeline.fast_path = self.fast_path
+        logger.info("eBPF offloading enabled on %s", iface)
+
+    # -- endpoints, stats -----------------------------------------------------------------
+
+    def _start_endpoints(self) -> None:
+        s = self.settings
+        if s.health_check_addr:
+            self.endpoints.append(
+                HttpEndpoint(
+                    "health",
+                    parse_host_port(s.health_check_addr),
+                    {
+                        ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
+                        ("GET", "/readyz"): self._readyz,
+                        ("GET", "/metrics"): self._metrics,
+                    },
+                )
+            )
+        if s.control_endpoint:
+            self.endpoints.append(
+                HttpEndpoint(
+                    "control",
+                    parse_host_port(s.control_endpoint),
+                    {("POST", "/log_filter"): self._log_filter},
+                )
+            )
+        for endpoint in self.endpoints:
+            endpoint.start()
+
+    def _stop_endpoints(self) -> None:
+        endpoints, self.endpoints = self.endpoints, []
+        threads = [threading.Thread(target=e.stop, daemon=True) for e in endpoints]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(0.5)
+
+    def _readyz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        from actors.portal import relay_version
+
+        body = f"{relay_version()}\n".encode()
+        return (200 if self.ready else 503), "text/plain", body
+
+    def _metrics(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        assert self.telemetry is not None
+        text = self.telemetry.prometheus_text()
+        return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
+
+    def _log_filter(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        values = query.get("directives")
+        if not values:
+            return 400, "text/plain", b"missing directives\n"
+        try:
+            self.log_filter.apply(values[0])
+        except ValueError as exc:
+            return 400, "text/plain", f"{exc}\n".encode()
+        logger.info("log filter set to %r", values[0])
+        return 200, "text/plain", b"ok\n"
+
+    def _drop_counts(self) -> dict[str, int]:
+        return {
+            "invalid": self.server.stats.dropped_datagrams,
+            "send_blocked": self.dataplane.send_drops,
+            "send_failed": self.dataplane.send_errors,
+        }
+
+    def _log_stats(self) -> None:
+        if self._stopping.is_set():
+            return
+        now = time.monotonic()
+        total = self.server.stats.relayed_bytes_userspace
+        then, before = self._last_stats
+        self._last_stats = (now, total)
+        rate = (total - before) / max(now - then, 1e-9)
+        logger.info(
+            "Allocations = %d Channels = %d Throughput = %s",
+            self.server.num_allocations, self.server.num_active_channels, _throughput(rate),
+        )
+        self.loop.call_later(self.settings.stats_interval, self._log_stats)
+
+
+def _throughput(bytes_per_s: float) -> str:
+    for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
+        if bytes_per_s < 1000 or unit == "GB/s":
+            return f"{bytes_per_s:.2f} {unit}"
+        bytes_per_s /= 1000
+    raise AssertionError
+
+
+def run(settings: Settings, log_filter: LogFilter | None = None) -> int:
+    """Run a relay on a fresh uvloop loop until it is told to stop; returns the exit code."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    relay: Relay | None = None
+
+    async def main() -> int:
+        nonlocal relay
+        relay = Relay(settings, log_filter)
+        return await relay.run()
+
+    try:
+        code = loop.run_until_complete(main())
+    finally:
+        if relay is not None:
+            relay.finish()
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return code

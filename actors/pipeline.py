@@ -1,0 +1,116 @@
+"""The declarative command pipeline: which actor (or loop handler) carries out each command.
+
+``ROUTES`` is the one table mapping every command type the core emits to a *target*; adding a
+command means adding a row here (and, for a new kind of work, a target in ``Pipeline``). The
+pipeline drains the core's FIFO after every input and hands each command to its target in order.
+
+Targets:
+
+``send``        loop handler: send the payload from the listen socket (``DataPlane.send_message``)
+``allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
+``fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
+                over one drain and told to it as one tuple; without offload they are no-ops
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from protocol.commands import (
+    Command,
+    CreateAllocation,
+    CreateChannelBinding,
+    DeleteChannelBinding,
+    FreeAllocation,
+    SendMessage,
+)
+
+if TYPE_CHECKING:
+    import pykka
+
+    from actors.allocation import AllocationActor
+    from protocol.server import Server
+
+__all__ = ["ROUTES", "Pipeline"]
+
+logger = logging.getLogger("relay.pipeline")
+
+ROUTES: Final[Mapping[type[Command], str]] = {
+    SendMessage: "send",
+    CreateAllocation: "allocation",
+    FreeAllocation: "allocation",
+    CreateChannelBinding: "fast_path",
+    DeleteChannelBinding: "fast_path",
+}
+
+
+class Pipeline:
+    """Drains the core's commands into their targets (see ``ROUTES``)."""
+
+    def __init__(
+        self,
+        server: Server,
+        send: Callable[[SendMessage], None],
+        spawn_allocation: Callable[[int], pykka.ActorRef[AllocationActor]],
+        fast_path: pykka.ActorRef[Any] | None = None,
+    ) -> None:
+        self._server = server
+        self._send = send
+        self._spawn_allocation = spawn_allocation
+        self.fast_path = fast_path
+        #: allocation port -> its actor; the actor removes itself when it stops
+        self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
+        self._fast_path_batch: list[Command] = []
+        targets: dict[str, Callable[[Any], None]] = {
+            "send": self._send,
+            "allocation": self._to_allocation,
+            "fast_path": self._to_fast_path,
+        }
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            command_type: targets[target] for command_type, target in ROUTES.items()
+        }
+        self.commands_routed = 0
+
+    def drain(self) -> None:
+        """Carry out everything the core has queued, in order."""
+        next_command = self._server.next_command
+        handlers = self._handlers
+        while (command := next_command()) is not None:
+            self.commands_routed += 1
+            handler = handlers.get(type(command))
+            if handler is None:
+                logger.error("no route for command %r", command)
+                continue
+            try:
+                handler(command)
+            except Exception:
+                logger.exception("carrying out %r failed", command)
+        if self._fast_path_batch:
+            batch, self._fast_path_batch = tuple(self._fast_path_batch), []
+            if self.fast_path is not None:
+                try:
+                    self.fast_path.tell(batch)
+                except Exception:  # dead actor: offload is gone, userspace still relays
+                    logger.warning("XDP map manager is gone; channel updates dropped")
+                    self.fast_path = None
+
+    def _to_allocation(self, command: CreateAllocation | FreeAllocation) -> None:
+        ref = self.allocations.get(command.port)
+        if ref is None:
+            if isinstance(command, FreeAllocation):
+                return  # already gone (a failed bind freed it)
+            ref = self._spawn_allocation(command.port)
+            self.allocations[command.port] = ref
+        ref.tell(command)
+
+    def _to_fast_path(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
+        if self.fast_path is not None:
+            self._fast_path_batch.append(command)
+
+    def allocation_gone(self, port: int, actor: AllocationActor) -> None:
+        """Called by an allocation actor once it has stopped."""
+        ref = self.allocations.get(port)
+        if ref is not None and ref is actor.actor_ref:
+            del self.allocations[port]

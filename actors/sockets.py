@@ -1,0 +1,62 @@
+"""UDP socket creation for the listen and allocation ports, and the file-descriptor limit."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+
+from protocol.types import Family
+
+__all__ = ["bind_udp", "normalise", "raise_nofile_limit"]
+
+logger = logging.getLogger("relay.sockets")
+
+#: Listen sockets carry every client's traffic: give them deep queues (capped by
+#: net.core.rmem_max / wmem_max).
+LISTEN_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def bind_udp(
+    family: Family, host: str, port: int, *, buffer_bytes: int | None = None
+) -> socket.socket:
+    """A non-blocking UDP socket bound to ``(host, port)``; IPv6 sockets are IPv6-only.
+
+    Raises OSError (e.g. EADDRINUSE) to the caller, which decides what a failure means.
+    """
+    af = socket.AF_INET6 if family is Family.V6 else socket.AF_INET
+    sock = socket.socket(af, socket.SOCK_DGRAM)
+    try:
+        if af == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if buffer_bytes:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+                except OSError:
+                    pass
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def normalise(addr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
+    """Drop IPv6 flowinfo and scope id so addresses are the core's ``(host, port)``."""
+    return (addr[0], addr[1])
+
+
+def raise_nofile_limit(wanted: int = 1 << 20) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (each allocation costs one fd per family)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target_hard in (max(hard, wanted), hard):
+        target_soft = target_hard if target_hard != resource.RLIM_INFINITY else wanted
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target_soft, target_hard))
+            return target_soft
+        except (ValueError, OSError):
+            continue
+    logger.warning("could not raise RLIMIT_NOFILE above %d", soft)
+    return soft

@@ -1,0 +1,378 @@
+"""OpenTelemetry metrics over plain-int counters, OTLP/gRPC export and Prometheus text.
+
+The per-packet path only bumps ints (``server.stats``, the data plane's counters). Here they are
+published at collection time:
+
+* observable instruments read the ints in their callbacks (``relay.active_allocations``,
+  ``relay.responses`` and a few relay-specific extras);
+* ``relay.packet.size`` is a histogram the core already keeps as an int bucket array. The Python
+  SDK (1.45) has no MetricProducer hook, and feeding the array through ``Histogram.record`` would
+  cost one SDK call per packet, so :class:`PacketSizeBridge` turns the array into a histogram data
+  point when metrics are collected, and :class:`BridgingExporter` adds it to every export (OTLP)
+  while :func:`render_prometheus` adds it to ``/metrics``. Temporality follows the exporter's
+  preference (delta for histograms by default, as the reference's LowMemory setting).
+
+Resource: ``service.name=relay`` (unless OTEL_SERVICE_NAME says otherwise),
+``service.namespace=firezone``, plus OTEL_RESOURCE_ATTRIBUTES. Exporter settings come from the
+usual OTEL_EXPORTER_OTLP_* variables; ``--otlp-grpc-endpoint host:port`` sets the endpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.sdk.metrics import (
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+)
+from opentelemetry.sdk.metrics import Counter as SdkCounter
+from opentelemetry.sdk.metrics import UpDownCounter as SdkUpDownCounter
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+__all__ = [
+    "BridgingExporter",
+    "PacketSizeBridge",
+    "Telemetry",
+    "make_resource",
+    "render_prometheus",
+]
+
+METER_NAME = "relay"
+#: upper bounds of relay.packet.size buckets (the core's 16 buckets: 15 bounds + overflow)
+PACKET_SIZE_BOUNDS: tuple[float, ...] = tuple(float(100 * i) for i in range(1, 16))
+
+#: LowMemory, as the reference's exporter: cumulative sums, delta histograms
+LOW_MEMORY = {
+    SdkCounter: AggregationTemporality.DELTA,
+    SdkUpDownCounter: AggregationTemporality.CUMULATIVE,
+    SdkHistogram: AggregationTemporality.DELTA,
+    ObservableCounter: AggregationTemporality.CUMULATIVE,
+    ObservableUpDownCounter: AggregationTemporality.CUMULATIVE,
+    ObservableGauge: AggregationTemporality.CUMULATIVE,
+}
+
+
+def make_resource() -> Resource:
+    attrs: dict[str, Any] = {"service.namespace": "firezone"}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = "relay"
+    return Resource.create(attrs)
+
+
+@dataclass(frozen=True, slots=True)
+class PacketSizeSource:
+    """Where one ``relay.datapath`` series of relay.packet.size comes from."""
+
+    datapath: str
+    buckets: Callable[[], Sequence[int]]  # 16 cumulative-since-start counts
+    total_bytes: Callable[[], int]
+
+
+class PacketSizeBridge:
+    """Turns int bucket arrays into ``relay.packet.size`` histogram metrics at collection time."""
+
+    def __init__(self, sources: Iterable[PacketSizeSource]) -> None:
+        self.sources = list(sources)
+        self._start_ns = time.time_ns()
+
+    def add_source(self, source: PacketSizeSource) -> None:
+        self.sources.append(source)
+
+    def snapshot(self) -> dict[str, tuple[list[int], int]]:
+        return {s.datapath: (list(s.buckets()), int(s.total_bytes())) for s in self.sources}
+
+    def metric(
+        self,
+        temporality: AggregationTemporality,
+        previous: dict[str, tuple[list[int], int]] | None = None,
+        previous_ns: int | None = None,
+        snapshot: dict[str, tuple[list[int], int]] | None = None,
+    ) -> Metric:
+        now_ns = time.time_ns()
+        snap = snapshot if snapshot is not None else self.snapshot()
+        points = []
+        for datapath, (buckets, total) in snap.items():
+            start_ns = self._start_ns
+            if temporality is AggregationTemporality.DELTA and previous is not None:
+                prev_buckets, prev_total = previous.get(datapath, ([0] * len(buckets), 0))
+                buckets = [a - b for a, b in zip(buckets, prev_buckets, strict=True)]
+                total -= prev_total
+                start_ns = previous_ns or start_ns
+            count = sum(buckets)
+            lo, hi = _bounds_of(buckets)
+            points.append(
+                HistogramDataPoint(
+                    attributes={"relay.datapath": datapath},
+                    start_time_unix_nano=start_ns,
+                    time_unix_nano=now_ns,
+                    count=count,
+                    sum=total,
+                    bucket_counts=buckets,
+                    explicit_bounds=list(PACKET_SIZE_BOUNDS),
+                    min=lo,
+                    max=hi,
+                )
+            )
+        return Metric(
+            name="relay.packet.size",
+            description="Size of relayed packets",
+            unit="By",
+            data=Histogram(data_points=points, aggregation_temporality=temporality),
+        )
+
+
+def _bounds_of(buckets: Sequence[int]) -> tuple[float, float]:
+    """Bucket-resolution min and max (the exact values are not tracked per packet)."""
+    used = [i for i, c in enumerate(buckets) if c]
+    if not used:
+        return 0.0, 0.0
+    lo = PACKET_SIZE_BOUNDS[used[0] - 1] if used[0] > 0 else 0.0
+    hi = PACKET_SIZE_BOUNDS[used[-1]] if used[-1] < len(PACKET_SIZE_BOUNDS) else 65535.0
+    return lo, hi
+
+
+def add_metric(data: MetricsData, metric: Metric, resource: Resource) -> MetricsData:
+    """``data`` with ``metric`` appended to the relay meter's scope (created if absent)."""
+    resource_metrics = list(data.resource_metrics) if data is not None else []
+    if not resource_metrics:
+        resource_metrics = [ResourceMetrics(resource=resource, scope_metrics=[], schema_url="")]
+    first = resource_metrics[0]
+    scopes = list(first.scope_metrics)
+    for i, scope in enumerate(scopes):
+        if scope.scope.name == METER_NAME:
+            scopes[i] = ScopeMetrics(scope.scope, [*scope.metrics, metric], scope.schema_url)
+            break
+    else:
+        scopes.append(ScopeMetrics(InstrumentationScope(METER_NAME), [metric], ""))
+    resource_metrics[0] = ResourceMetrics(first.resource, scopes, first.schema_url)
+    return MetricsData(resource_metrics=resource_metrics)
+
+
+class BridgingExporter(MetricExporter):
+    """Wraps an exporter and adds the bridged packet-size histogram to every export."""
+
+    def __init__(self, inner: MetricExporter, bridge: PacketSizeBridge, resource: Resource):
+        preferred = getattr(inner, "_preferred_temporality", None)
+        super().__init__(
+            preferred_temporality=preferred,
+            preferred_aggregation=getattr(inner, "_preferred_aggregation", None),
+        )
+        self.inner = inner
+        self.bridge = bridge
+        self.resource = resource
+        self.temporality = (preferred or {}).get(SdkHistogram, AggregationTemporality.CUMULATIVE)
+        self._previous: dict[str, tuple[list[int], int]] | None = None
+        self._previous_ns: int | None = None
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        snapshot = self.bridge.snapshot()
+        metric = self.bridge.metric(self.temporality, self._previous, self._previous_ns, snapshot)
+        self._previous, self._previous_ns = snapshot, time.time_ns()
+        merged = add_metric(metrics_data, metric, self.resource)
+        return self.inner.export(merged, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+# -- Prometheus text ----------------------------------------------------------------------------
+
+
+def _prom_name(name: str, unit: str | None) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in name)
+    if unit == "By":
+        base += "_bytes"
+    elif unit == "s":
+        base += "_seconds"
+    return base
+
+
+def _labels(attributes: Any, extra: str = "") -> str:
+    items = []
+    for key, value in (attributes or {}).items():
+        k = "".join(c if c.isalnum() else "_" for c in str(key))
+        v = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        items.append(f'{k}="{v}"')
+    if extra:
+        items.append(extra)
+    return "{" + ",".join(items) + "}" if items else ""
+
+
+def _num(value: float) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def render_prometheus(data: MetricsData | None) -> str:
+    """Prometheus text exposition (format 0.0.4) of cumulative MetricsData."""
+    lines: list[str] = []
+    for rm in data.resource_metrics if data is not None else []:
+        lines.append("# TYPE target_info gauge")
+        lines.append(f"target_info{_labels(rm.resource.attributes)} 1")
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                d = m.data
+                name = _prom_name(m.name, m.unit)
+                if m.description:
+                    lines.append(f"# HELP {name} {m.description}")
+                if isinstance(d, Sum) and d.is_monotonic:
+                    lines.append(f"# TYPE {name}_total counter")
+                    lines += [f"{name}_total{_labels(p.attributes)} {_num(p.value)}"
+                              for p in d.data_points]
+                elif isinstance(d, Sum | Gauge):
+                    lines.append(f"# TYPE {name} gauge")
+                    lines += [f"{name}{_labels(p.attributes)} {_num(p.value)}"
+                              for p in d.data_points]
+                elif isinstance(d, Histogram):
+                    lines.append(f"# TYPE {name} histogram")
+                    for p in d.data_points:
+                        running = 0
+                        for bound, c in zip([*p.explicit_bounds, math.inf], p.bucket_counts,
+                                            strict=False):
+                            running += c
+                            le = 'le="' + _num(float(bound)) + '"'
+                            lines.append(f"{name}_bucket{_labels(p.attributes, le)} {running}")
+                        lines.append(f"{name}_sum{_labels(p.attributes)} {_num(p.sum)}")
+                        lines.append(f"{name}_count{_labels(p.attributes)} {p.count}")
+    return "\n".join(lines) + "\n"
+
+
+# -- wiring -------------------------------------------------------------------------------------
+
+
+class Telemetry:
+    """The meter provider, its instruments and readers for one relay process."""
+
+    def __init__(
+        self,
+        *,
+        allocations: Callable[[], int],
+        channels: Callable[[], int],
+        responses: Callable[[], dict[tuple[str, str, int | None], int]],
+        drops: Callable[[], dict[str, int]],
+        bridge: PacketSizeBridge,
+        otlp_endpoint: str | None = None,
+        export_interval_ms: float | None = None,
+    ) -> None:
+        self.resource = make_resource()
+        self.bridge = bridge
+        self._pull = InMemoryMetricReader()
+        self._pull_lock = threading.Lock()
+        readers: list[MetricReader] = [self._pull]
+        self.exporter: BridgingExporter | None = None
+        endpoint = _otlp_endpoint(otlp_endpoint)
+        if endpoint is not None:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            env_pref = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
+            inner = OTLPMetricExporter(
+                endpoint=endpoint or None,
+                insecure=True if endpoint.startswith("http://") else None,
+                preferred_temporality=None if env_pref else dict(LOW_MEMORY),
+            )
+            self.exporter = BridgingExporter(inner, bridge, self.resource)
+            readers.append(
+                PeriodicExportingMetricReader(self.exporter, export_interval_millis=export_interval_ms)
+            )
+        self.provider = MeterProvider(resource=self.resource, metric_readers=readers)
+        meter = self.provider.get_meter(METER_NAME)
+
+        def active_allocations(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(allocations())
+
+        def active_channels(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(channels())
+
+        def response_counts(_: CallbackOptions) -> Iterable[Observation]:
+            for (klass, message_type, code), n in list(responses().items()):
+                attrs: dict[str, Any] = {"response_class": klass, "message_type": message_type}
+                if code is not None:
+                    attrs["error_code"] = code
+                yield Observation(n, attrs)
+
+        def drop_counts(_: CallbackOptions) -> Iterable[Observation]:
+            for reason, n in drops().items():
+                yield Observation(n, {"reason": reason})
+
+        meter.create_observable_up_down_counter(
+            "relay.active_allocations", [active_allocations], unit="{allocation}",
+            description="Allocations currently active",
+        )
+        meter.create_observable_up_down_counter(
+            "relay.active_channels", [active_channels], unit="{channel}",
+            description="Channel bindings currently relaying",
+        )
+        meter.create_observable_counter(
+            "relay.responses", [response_counts], unit="{response}",
+            description="STUN/TURN responses sent",
+        )
+        meter.create_observable_counter(
+            "relay.datagrams.dropped", [drop_counts], unit="{datagram}",
+            description="Datagrams the relay could not send or process",
+        )
+
+    def prometheus_text(self) -> str:
+        """Collect now (any thread) and render ``/metrics``."""
+        with self._pull_lock:
+            data = self._pull.get_metrics_data()
+            metric = self.bridge.metric(AggregationTemporality.CUMULATIVE)
+        return render_prometheus(add_metric(data, metric, self.resource))
+
+    def shutdown(self, timeout_s: float = 0.5) -> None:
+        """Flush and stop the exporters, giving up after ``timeout_s`` (shutdown must be quick)."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.provider.shutdown(timeout_millis=timeout_s * 1000)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
+        done.wait(timeout_s + 0.1)
+
+
+def _otlp_endpoint(flag: str | None) -> str | None:
+    """``host:port`` -> ``http://host:port``; None when metrics should not be exported."""
+    if flag:
+        return flag if "://" in flag else f"http://{flag}"
+    if os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ):
+        return ""  # the exporter reads the endpoint from the environment
+    return None

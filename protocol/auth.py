@@ -1,0 +1,177 @@
+"""Long-term credentials: Firezone's scheme, the TURN REST API scheme, and nonces.
+
+Both schemes derive the password from a server secret and the username, so the relay
+stores no users. Nonces are stateless (RFC 8489 allows any opaque value): a UUID-shaped
+token of issue time plus a MAC over that time and the client's 5-tuple, so a nonce is
+bound to the socket it was issued to and expires, and handing one out costs no memory.
+Only clients that come back with a valid nonce get a use counter, so memory grows with
+real, return-routable clients, never with spoofed traffic.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import hmac
+import struct
+from dataclasses import dataclass
+
+from protocol.types import Addr
+
+FIREZONE_REALM = "firezone"
+
+
+def firezone_password(secret: str, expiry: int, salt: str) -> str:
+    """base64-no-pad(SHA-256("<expiry>:<secret>:<salt>")), as the Firezone portal mints it."""
+    digest = hashlib.sha256(f"{expiry}:{secret}:{salt}".encode()).digest()
+    return base64.b64encode(digest).decode().rstrip("=")
+
+
+def rest_password(secret: str, username: str) -> str:
+    """base64(HMAC-SHA1(secret, username)): coturn's ``use-auth-secret``."""
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def portal_salt(public_key: str) -> str:
+    """The salt the portal derives from a client's or gateway's public key."""
+    return base64.b64encode(hashlib.sha256(public_key.encode()).digest()).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a username tells us: its expiry and the user it stands for (quota key)."""
+
+    expiry: int
+    user: str
+
+
+def parse_username(scheme: str, username: str) -> Identity | None:
+    """``<expiry>:<salt>`` (firezone) or ``<expiry>:<user>`` (rest); None if malformed."""
+    parts = username.split(":")
+    if scheme == "firezone":
+        if len(parts) != 2:
+            return None
+        expiry_text, user = parts
+    else:
+        if len(parts) < 2:
+            return None
+        expiry_text, user = parts[0], ":".join(parts[1:])
+    if not expiry_text.isdigit() or len(expiry_text) > 20:
+        return None
+    expiry = int(expiry_text)
+    if expiry >= 2**64:
+        return None
+    return Identity(expiry, user)
+
+
+def password_for(scheme: str, secret: str, username: str, identity: Identity) -> str:
+    if scheme == "firezone":
+        return firezone_password(secret, identity.expiry, identity.user)
+    return rest_password(secret, username)
+
+
+def make_credentials(scheme: str, secret: str, expiry: int, user: str) -> tuple[str, str]:
+    """A ``(username, password)`` pair that a relay with ``secret`` accepts until ``expiry``."""
+    username = f"{expiry}:{user}"
+    identity = Identity(expiry, user)
+    return username, password_for(scheme, secret, username, identity)
+
+
+class NonceCheck:
+    OK = "ok"
+    MALFORMED = "malformed"  # not a nonce we could have issued: 401
+    STALE = "stale"  # ours but expired, used up or issued to another socket: 438
+
+
+def _format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _parse_uuid(text: str) -> bytes | None:
+    if len(text) != 36 or text.count("-") != 4:
+        return None
+    try:
+        raw = bytes.fromhex(text.replace("-", ""))
+    except ValueError:
+        return None
+    if len(raw) != 16 or _format_uuid(raw) != text.lower():
+        return None
+    return raw
+
+
+@dataclass(slots=True)
+class _Budget:
+    nonce: str
+    remaining: int
+    issued: int
+
+
+class Nonces:
+    """Stateless, socket-bound nonces with a per-client use budget.
+
+    ``issue`` returns the client's current nonce if it still has uses left, else a new one.
+    ``check`` validates a presented nonce and counts one use.
+    """
+
+    def __init__(self, key: bytes, lifetime: float = 3600.0, max_uses: int = 10_000) -> None:
+        self._key = key
+        self.lifetime = lifetime
+        self.max_uses = max_uses
+        # Only clients that came back with a valid nonce have a budget.
+        self._uses: dict[Addr, _Budget] = {}
+        self._expiry: list[tuple[float, Addr, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._uses)
+
+    def _mac(self, stamp: int, client: Addr) -> bytes:
+        msg = struct.pack("!I", stamp) + f"{client[0]}|{client[1]}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).digest()[:12]
+
+    def _mint(self, stamp: int, client: Addr) -> str:
+        return _format_uuid(struct.pack("!I", stamp) + self._mac(stamp, client))
+
+    def issue(self, client: Addr, unix_now: float) -> str:
+        entry = self._uses.get(client)
+        stamp = int(unix_now) & 0xFFFFFFFF
+        if entry is not None:
+            if entry.remaining > 0 and entry.issued + self.lifetime > unix_now:
+                return entry.nonce
+            stamp = max(stamp, entry.issued + 1) & 0xFFFFFFFF
+        return self._mint(stamp, client)
+
+    def check(self, nonce: str, client: Addr, unix_now: float) -> str:
+        raw = _parse_uuid(nonce)
+        if raw is None:
+            return NonceCheck.MALFORMED
+        stamp = struct.unpack_from("!I", raw)[0]
+        if not hmac.compare_digest(raw[4:], self._mac(stamp, client)):
+            return NonceCheck.STALE
+        if stamp + self.lifetime <= unix_now or stamp > unix_now + 60:
+            return NonceCheck.STALE
+        nonce = nonce.lower()
+        entry = self._uses.get(client)
+        if entry is None or entry.nonce != nonce:
+            if entry is not None and entry.issued >= stamp:
+                return NonceCheck.STALE  # older than the nonce this client already uses
+            entry = _Budget(nonce, self.max_uses, stamp)
+            self._uses[client] = entry
+            heapq.heappush(self._expiry, (stamp + self.lifetime, client, nonce))
+        if entry.remaining <= 0:
+            return NonceCheck.STALE
+        entry.remaining -= 1
+        return NonceCheck.OK
+
+    def next_expiry(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    def expire(self, unix_now: float) -> None:
+        """Forget use counters of nonces past their lifetime."""
+        while self._expiry and self._expiry[0][0] <= unix_now:
+            _, client, nonce = heapq.heappop(self._expiry)
+            entry = self._uses.get(client)
+            if entry is not None and entry.nonce == nonce:
+                del self._uses[client]

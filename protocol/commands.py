@@ -1,0 +1,61 @@
+"""Immutable commands the core emits for the I/O layer and the actors to carry out.
+
+Relaying itself never goes through a command (see ``Server.handle_client_input``); commands
+carry control-plane work only, in the order the core emitted them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.types import Addr, Family
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Send ``payload`` to ``recipient`` from the listen socket of the recipient's family."""
+
+    payload: bytes
+    recipient: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAllocation:
+    """Bind a UDP socket on ``port`` for ``family``; report failure with
+    ``Server.handle_allocation_failed(port)``."""
+
+    port: int
+    family: Family
+
+
+@dataclass(frozen=True, slots=True)
+class FreeAllocation:
+    """Close the socket on ``port`` for ``family``."""
+
+    port: int
+    family: Family
+
+
+@dataclass(frozen=True, slots=True)
+class CreateChannelBinding:
+    """A channel became (or stayed) bound: keep any fast path (XDP maps) in sync."""
+
+    client: Addr
+    channel: int
+    peer: Addr
+    allocation_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteChannelBinding:
+    """A channel stopped relaying: remove it from any fast path."""
+
+    client: Addr
+    channel: int
+    peer: Addr
+    allocation_port: int
+
+
+Command = (
+    SendMessage | CreateAllocation | FreeAllocation | CreateChannelBinding | DeleteChannelBinding
+)

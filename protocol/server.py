@@ -1,0 +1,921 @@
+"""The TURN server state machine (RFC 8656 over UDP, Firezone-compatible), sans-IO.
+
+Inputs are datagrams with their addresses and a ``now`` (monotonic seconds); outputs are
+commands (``next_command``), a deadline (``poll_timeout``) and, for relayed data, the
+return value of the two ``handle_*`` calls so the I/O layer forwards without copying.
+
+Where Firezone's relay departs from the RFCs we follow the RFC unless that could break
+Firezone's own clients; README.md lists each such choice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from protocol import stun
+from protocol.auth import (
+    FIREZONE_REALM,
+    Identity,
+    NonceCheck,
+    Nonces,
+    parse_username,
+    password_for,
+)
+from protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from protocol.commands import (
+    Command,
+    CreateAllocation,
+    CreateChannelBinding,
+    DeleteChannelBinding,
+    FreeAllocation,
+    SendMessage,
+)
+from protocol.policy import PeerPolicy
+from protocol.stun import Attr, Class, Message, Method
+from protocol.types import Addr, Family
+
+log = logging.getLogger("relay")
+
+DEFAULT_LIFETIME = 600
+MAX_LIFETIME = 3600
+PERMISSION_LIFETIME = 300
+CHANNEL_LIFETIME = 600
+CHANNEL_REBIND_TIMEOUT = 300
+TRANSACTION_CACHE_TTL = 40.0
+TRANSACTION_CACHE_SIZE = 65_536
+RESERVATION_LIFETIME = 30
+FOREIGN_PORT_QUARANTINE = 60.0
+UDP = 17
+
+_HH = struct.Struct("!HH")
+_unpack_hh = _HH.unpack_from
+
+MESSAGE_TYPES = {
+    Method.BINDING: "binding",
+    Method.ALLOCATE: "allocate",
+    Method.REFRESH: "refresh",
+    Method.CHANNEL_BIND: "channelbind",
+    Method.CREATE_PERMISSION: "createpermission",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    public_ip4: str | None = None
+    public_ip6: str | None = None
+    listen_port: int = 3478
+    lowest_port: int = 49152
+    highest_port: int = 65535
+    auth_scheme: str = "firezone"
+    realm: str = FIREZONE_REALM
+    allow_loopback_peers: bool = False
+    allow_private_peers: bool = False
+    max_allocations: int | None = None
+    max_allocations_per_user: int | None = None
+    max_channels_per_allocation: int = 1024
+    max_permissions_per_allocation: int = 1024
+    single_allocation_per_username: bool = True
+    nonce_lifetime: float = 3600.0
+    nonce_uses: int = 10_000
+    software: str = "firezone-relay-py; rev=0.1.0"
+
+    def __post_init__(self) -> None:
+        if self.public_ip4 is None and self.public_ip6 is None:
+            raise ValueError("Must listen on at least one of IPv4 or IPv6")
+        if self.auth_scheme not in ("firezone", "rest"):
+            raise ValueError(f"unknown auth scheme {self.auth_scheme!r}")
+        if not 0 < self.lowest_port <= self.highest_port <= 65535:
+            raise ValueError("bad allocation port range")
+
+
+@dataclass(slots=True)
+class Stats:
+    """Plain integer counters: the data path bumps them, telemetry reads them."""
+
+    relayed_packets_userspace: int = 0
+    relayed_bytes_userspace: int = 0
+    packet_size_buckets: list[int] = field(default_factory=lambda: [0] * 16)
+    responses: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
+    dropped_datagrams: int = 0
+    allocations_created: int = 0
+    internal_errors: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    number: int
+    peer: Addr
+    expires_at: float
+    bound: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class Allocation:
+    client: Addr
+    port: int
+    families: tuple[Family, ...]
+    username: str
+    user: str
+    key: bytes
+    expires_at: float
+    transaction_id: bytes
+    channels: dict[int, Channel] = field(default_factory=dict)
+    channel_by_peer: dict[Addr, int] = field(default_factory=dict)
+    permissions: dict[str, float] = field(default_factory=dict)
+    pending_response: SendMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    """How to sign a response: the request's key, MI flavour and FINGERPRINT wish."""
+
+    key: bytes | None
+    sha256: bool
+    fingerprint: bool
+
+
+class _Reject(Exception):
+    """Answer the request with this error code (signed with ``auth`` when given)."""
+
+    def __init__(
+        self, code: int, auth: _Auth | None = None, extra: tuple[tuple[int, object], ...] = ()
+    ):
+        super().__init__(code)
+        self.code = code
+        self.auth = auth
+        self.extra = extra
+
+
+class Server:
+    def __init__(self, config: ServerConfig, rng: random.Random, secret: str | None = None) -> None:
+        self.config = config
+        self._rng = rng
+        self.auth_secret = secret if secret is not None else rng.randbytes(32).hex()
+        self.unix_offset = 0.0
+        self.stats = Stats()
+        self._nonces = Nonces(rng.randbytes(32), config.nonce_lifetime, config.nonce_uses)
+        own = frozenset(a for a in (config.public_ip4, config.public_ip6) if a is not None)
+        self.policy = PeerPolicy(
+            allow_loopback=config.allow_loopback_peers,
+            allow_private=config.allow_private_peers,
+            own_addresses=own,
+            lowest_port=config.lowest_port,
+            highest_port=config.highest_port,
+            listen_port=config.listen_port,
+        )
+        self._families = tuple(
+            f
+            for f, ip in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6))
+            if ip is not None
+        )
+        self._allocations: dict[Addr, Allocation] = {}
+        self._by_port: dict[int, Allocation] = {}
+        self._by_username: dict[str, Allocation] = {}
+        self._per_user: dict[str, int] = {}
+        self._reservations: dict[bytes, tuple[int, float]] = {}
+        self._reserved_ports: set[int] = set()
+        self._quarantined_ports: dict[int, float] = {}
+        # Fast paths, holding bound channels only.
+        self._c2p: dict[tuple[Addr, int], tuple[int, Addr]] = {}
+        self._p2c: dict[tuple[int, Addr], tuple[Addr, int]] = {}
+        self._timers: list[tuple[float, int, object]] = []
+        self._timer_seq = 0
+        self._commands: deque[Command] = deque()
+        self._transactions: OrderedDict[tuple[Addr, bytes], tuple[float, bytes, bytes]] = (
+            OrderedDict()
+        )
+
+    # --- accessors ---------------------------------------------------------------------
+
+    @property
+    def num_allocations(self) -> int:
+        return len(self._allocations)
+
+    @property
+    def num_active_channels(self) -> int:
+        return len(self._p2c)
+
+    @property
+    def public_ip4(self) -> str | None:
+        return self.config.public_ip4
+
+    @property
+    def public_ip6(self) -> str | None:
+        return self.config.public_ip6
+
+    def next_command(self) -> Command | None:
+        return self._commands.popleft() if self._commands else None
+
+    def poll_timeout(self) -> float | None:
+        deadlines = []
+        if self._timers:
+            deadlines.append(self._timers[0][0])
+        nonce_expiry = self._nonces.next_expiry()
+        if nonce_expiry is not None:
+            deadlines.append(nonce_expiry - self.unix_offset)
+        return min(deadlines) if deadlines else None
+
+    # --- data path -----------------------------------------------------------------------
+
+    def handle_client_input(
+        self, data: bytes | memoryview, sender: Addr, now: float
+    ) -> tuple[int, Addr, int, int] | None:
+        """A datagram on the listen port. Returns ``(allocation_port, peer, start, end)``
+        when ``data[start:end]`` is to be relayed to ``peer``; None otherwise."""
+        try:
+            size = len(data)
+            if size < 4 or sender[1] == 0:
+                self.stats.dropped_datagrams += 1
+                return None
+            first = data[0]
+            if 0x40 <= first <= 0x4F:
+                channel, length = _unpack_hh(data)
+                route = self._c2p.get((sender, channel))
+                if route is None or 4 + length > size:
+                    self.stats.dropped_datagrams += 1
+                    return None
+                stats = self.stats
+                stats.relayed_packets_userspace += 1
+                stats.relayed_bytes_userspace += length
+                stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+                return route[0], route[1], 4, 4 + length
+            if first < 0x04:
+                return self._handle_stun(data, sender, now)
+            self.stats.dropped_datagrams += 1
+            return None
+        except Exception:  # never let bad input escape the core
+            self.stats.internal_errors += 1
+            log.exception("internal error handling a datagram from %s", sender)
+            return None
+
+    def handle_peer_traffic(
+        self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
+    ) -> tuple[Addr, int] | None:
+        """A datagram on an allocation port. Returns ``(client, channel)`` when it is to be
+        sent to ``client`` as ChannelData; Data indications come out as commands."""
+        route = self._p2c.get((allocation_port, peer))
+        if route is not None:
+            stats = self.stats
+            length = len(data)
+            stats.relayed_packets_userspace += 1
+            stats.relayed_bytes_userspace += length
+            stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+            return route
+        try:
+            self._data_indication(bytes(data), peer, allocation_port, now)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("internal error relaying from %s", peer)
+        return None
+
+    def _data_indication(self, data: bytes, peer: Addr, port: int, now: float) -> None:
+        allocation = self._by_port.get(port)
+        if allocation is None:
+            self.stats.dropped_datagrams += 1
+            return
+        expires = allocation.permissions.get(peer[0])
+        if expires is None or expires <= now or len(data) > 65_000:
+            self.stats.dropped_datagrams += 1
+            return
+        payload = stun.encode(
+            Method.DATA,
+            Class.INDICATION,
+            self._rng.randbytes(12),
+            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)],
+        )
+        self.stats.relayed_packets_userspace += 1
+        self.stats.relayed_bytes_userspace += len(data)
+        self._commands.append(SendMessage(payload, allocation.client))
+
+    # --- timers --------------------------------------------------------------------------
+
+    def _schedule(self, deadline: float, item: object) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (deadline, self._timer_seq, item))
+
+    def handle_timeout(self, now: float) -> None:
+        try:
+            self._nonces.expire(now + self.unix_offset)
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                _, _, item = heapq.heappop(timers)
+                if isinstance(item, Allocation):
+                    self._expire_allocation(item, now)
+                elif isinstance(item, tuple):
+                    self._expire_record(item, now)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("internal error handling timers")
+
+    def _expire_allocation(self, allocation: Allocation, now: float) -> None:
+        if self._by_port.get(allocation.port) is allocation and allocation.expires_at <= now:
+            log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
+            self._delete_allocation(allocation)
+
+    def _expire_record(self, item: tuple[object, ...], now: float) -> None:
+        kind = item[0]
+        if kind == "channel":
+            _, allocation, channel = item
+            assert isinstance(allocation, Allocation) and isinstance(channel, Channel)
+            if allocation.channels.get(channel.number) is not channel:
+                return
+            if channel.bound and channel.expires_at <= now:
+                self._unbind(allocation, channel)
+                log.info("channel %#06x of %s expired", channel.number, allocation.client)
+                self._schedule(channel.expires_at + CHANNEL_REBIND_TIMEOUT, item)
+            elif not channel.bound and channel.expires_at + CHANNEL_REBIND_TIMEOUT <= now:
+                del allocation.channels[channel.number]
+                allocation.channel_by_peer.pop(channel.peer, None)
+        elif kind == "permission":
+            _, allocation, host = item
+            assert isinstance(allocation, Allocation) and isinstance(host, str)
+            expires = allocation.permissions.get(host)
+            if expires is not None and expires <= now:
+                del allocation.permissions[host]
+        elif kind == "reservation":
+            token = item[1]
+            assert isinstance(token, bytes)
+            reservation = self._reservations.get(token)
+            if reservation is not None and reservation[1] <= now:
+                del self._reservations[token]
+                self._reserved_ports.discard(reservation[0])
+        elif kind == "quarantine":
+            port = item[1]
+            assert isinstance(port, int)
+            if self._quarantined_ports.get(port, now + 1) <= now:
+                del self._quarantined_ports[port]
+
+    # --- STUN dispatch -------------------------------------------------------------------
+
+    def _handle_stun(
+        self, data: bytes | memoryview, sender: Addr, now: float
+    ) -> tuple[int, Addr, int, int] | None:
+        try:
+            msg = stun.parse(data)
+        except stun.ParseError as exc:
+            log.debug("dropping malformed STUN from %s: %s", sender, exc)
+            self.stats.dropped_datagrams += 1
+            return None
+        if msg.cls == Class.REQUEST:
+            self._handle_request(msg, sender, now)
+            return None
+        if msg.cls == Class.INDICATION and msg.method == Method.SEND:
+            return self._handle_send(msg, sender, now)
+        self.stats.dropped_datagrams += 1
+        return None
+
+    def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
+        key = (sender, msg.transaction_id)
+        cached = self._transactions.get(key)
+        if cached is not None and cached[0] > now and cached[1] == msg.raw:
+            self._commands.append(SendMessage(cached[2], sender))
+            return
+        fingerprint = msg.fingerprint_offset is not None
+        unknown = msg.unknown_comprehension_required()
+        if unknown:
+            self._reply_error(
+                msg,
+                sender,
+                420,
+                _Auth(None, False, fingerprint),
+                ((Attr.UNKNOWN_ATTRIBUTES, unknown),),
+            )
+            return
+        handler = _HANDLERS.get(msg.method)
+        if handler is None:
+            self._reply_error(msg, sender, 400, _Auth(None, False, fingerprint))
+            return
+        try:
+            handler(self, msg, sender, now)
+        except stun.BadAttribute as exc:
+            log.debug("bad attribute from %s: %s", sender, exc)
+            self._reply_error(msg, sender, 400, _Auth(None, False, fingerprint))
+        except _Reject as reject:
+            auth = reject.auth or _Auth(None, False, fingerprint)
+            self._reply_error(msg, sender, reject.code, auth, reject.extra)
+
+    # --- replies -------------------------------------------------------------------------
+
+    def _count(self, cls: str, method: int, code: int | None) -> None:
+        key = (cls, MESSAGE_TYPES.get(method, "unknown"), code)
+        responses = self.stats.responses
+        responses[key] = responses.get(key, 0) + 1
+
+    def _reply(
+        self,
+        msg: Message,
+        sender: Addr,
+        cls: int,
+        attributes: list[tuple[int, object]],
+        auth: _Auth,
+        now: float | None = None,
+    ) -> SendMessage:
+        payload = stun.encode(
+            msg.method,
+            cls,
+            msg.transaction_id,
+            [(Attr.SOFTWARE, self.config.software), *attributes],
+            integrity_key=auth.key,
+            integrity_sha256=auth.sha256,
+            fingerprint=auth.fingerprint,
+        )
+        command = SendMessage(payload, sender)
+        self._commands.append(command)
+        self._count(
+            "success" if cls == Class.SUCCESS else "error",
+            msg.method,
+            None if cls == Class.SUCCESS else _error_code_of(attributes),
+        )
+        if now is not None and auth.key is not None:
+            self._remember(sender, msg, payload, now)
+        return command
+
+    def _remember(self, sender: Addr, msg: Message, payload: bytes, now: float) -> None:
+        """Cache an authenticated response so a retransmission gets the same answer."""
+        cache = self._transactions
+        cache[(sender, msg.transaction_id)] = (now + TRANSACTION_CACHE_TTL, msg.raw, payload)
+        while cache:
+            oldest = next(iter(cache.values()))
+            if len(cache) > TRANSACTION_CACHE_SIZE or oldest[0] <= now:
+                cache.popitem(last=False)
+            else:
+                break
+
+    def _reply_error(
+        self,
+        msg: Message,
+        sender: Addr,
+        code: int,
+        auth: _Auth,
+        extra: tuple[tuple[int, object], ...] = (),
+    ) -> None:
+        attributes: list[tuple[int, object]] = [(Attr.ERROR_CODE, (code, stun.REASONS[code]))]
+        attributes.extend(extra)
+        self._reply(msg, sender, Class.ERROR, attributes, auth)
+
+    def _challenge(
+        self, msg: Message, sender: Addr, code: int, now: float, key: bytes | None
+    ) -> _Reject:
+        """401/438 with REALM and a nonce for this socket, signed when we know the key."""
+        nonce = self._nonces.issue(sender, now + self.unix_offset)
+        fingerprint = msg.fingerprint_offset is not None
+        sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
+        return _Reject(
+            code,
+            _Auth(key, sha256, fingerprint),
+            ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
+        )
+
+    # --- authentication ------------------------------------------------------------------
+
+    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[_Auth, str, Identity]:
+        """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
+        username = msg.get(Attr.USERNAME)
+        nonce = msg.get(Attr.NONCE)
+        msg.get(Attr.REALM)  # validate its encoding
+        has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
+        identity = (
+            parse_username(self.config.auth_scheme, username) if username is not None else None
+        )
+        key = None
+        if username is not None and identity is not None:
+            password = password_for(self.config.auth_scheme, self.auth_secret, username, identity)
+            key = stun.long_term_key(username, self.config.realm, password)
+        if not has_integrity or username is None or nonce is None or identity is None:
+            raise self._challenge(msg, sender, 401, now, key if has_integrity else None)
+        assert key is not None
+        unix_now = now + self.unix_offset
+        check = self._nonces.check(nonce, sender, unix_now)
+        if check == NonceCheck.MALFORMED:
+            raise self._challenge(msg, sender, 401, now, key)
+        if check == NonceCheck.STALE:
+            raise self._challenge(msg, sender, 438, now, key)
+        if identity.expiry < unix_now:
+            log.debug("credentials of %s expired", sender)
+            raise self._challenge(msg, sender, 401, now, key)
+        if not stun.verify_integrity(msg, key):
+            log.debug("bad MESSAGE-INTEGRITY from %s", sender)
+            raise self._challenge(msg, sender, 401, now, key)
+        sha256 = msg.integrity_offset is None
+        return _Auth(key, sha256, msg.fingerprint_offset is not None), username, identity
+
+    def _own_allocation(self, sender: Addr, auth: _Auth, username: str) -> Allocation:
+        allocation = self._allocations.get(sender)
+        if allocation is None:
+            raise _Reject(437, auth)
+        if allocation.username != username:
+            raise _Reject(441, auth)
+        return allocation
+
+    # --- Binding -------------------------------------------------------------------------
+
+    def _on_binding(self, msg: Message, sender: Addr, now: float) -> None:
+        auth = _Auth(None, False, msg.fingerprint_offset is not None)
+        self._reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
+
+    # --- Allocate ------------------------------------------------------------------------
+
+    def _on_allocate(self, msg: Message, sender: Addr, now: float) -> None:
+        transport = msg.get(Attr.REQUESTED_TRANSPORT)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
+        even_port = msg.get(Attr.EVEN_PORT)
+        token = msg.get(Attr.RESERVATION_TOKEN)
+        lifetime_request = msg.get(Attr.LIFETIME)
+        if transport is None:
+            raise _Reject(400)
+        auth, username, identity = self._authenticate(msg, sender, now)
+
+        existing = self._allocations.get(sender)
+        if existing is not None:
+            if existing.transaction_id == msg.transaction_id:
+                self._allocate_success(msg, existing, auth, now, (), None)
+                return
+            raise _Reject(437, auth)
+        if transport != UDP:
+            raise _Reject(442, auth)
+        if token is not None and (
+            even_port is not None or requested_family is not None or additional_family is not None
+        ):
+            raise _Reject(400, auth)
+        if even_port and additional_family is not None:
+            raise _Reject(400, auth)
+        families, address_error = self._derive_families(requested_family, additional_family, auth)
+
+        previous = self._by_username.get(username)
+        if previous is not None and self.config.single_allocation_per_username:
+            log.info(
+                "%s allocates again from %s: freeing its allocation for %s",
+                username,
+                sender,
+                previous.client,
+            )
+            self._delete_allocation(previous)
+        quota = self.config.max_allocations_per_user
+        if quota is not None and self._per_user.get(identity.user, 0) >= quota:
+            raise _Reject(486, auth)
+        limit = self.config.max_allocations
+        if limit is not None and len(self._allocations) >= limit:
+            raise _Reject(508, auth)
+
+        reservation_token: bytes | None = None
+        if token is not None:
+            reserved = self._reservations.pop(token, None)
+            if reserved is None or reserved[1] <= now:
+                raise _Reject(508, auth)
+            port = reserved[0]
+            self._reserved_ports.discard(port)
+        else:
+            picked = self._pick_port(even=even_port is not None)
+            if picked is None:
+                raise _Reject(508, auth)
+            port = picked
+            if even_port:
+                if self._port_free(port + 1) and port + 1 <= self.config.highest_port:
+                    reservation_token = self._rng.randbytes(8)
+                    self._reservations[reservation_token] = (port + 1, now + RESERVATION_LIFETIME)
+                    self._reserved_ports.add(port + 1)
+                    self._schedule(now + RESERVATION_LIFETIME, ("reservation", reservation_token))
+                else:
+                    raise _Reject(508, auth)
+
+        lifetime = _effective_lifetime(lifetime_request)
+        allocation = Allocation(
+            client=sender,
+            port=port,
+            families=families,
+            username=username,
+            user=identity.user,
+            key=auth.key or b"",
+            expires_at=now + lifetime,
+            transaction_id=msg.transaction_id,
+        )
+        self._allocations[sender] = allocation
+        self._by_port[port] = allocation
+        self._by_username[username] = allocation
+        self._per_user[identity.user] = self._per_user.get(identity.user, 0) + 1
+        self._schedule(allocation.expires_at, allocation)
+        self.stats.allocations_created += 1
+        for family in families:
+            self._commands.append(CreateAllocation(port, family))
+        extra: list[tuple[int, object]] = []
+        if reservation_token is not None:
+            extra.append((Attr.RESERVATION_TOKEN, reservation_token))
+        if address_error is not None:
+            extra.append((Attr.ADDRESS_ERROR_CODE, address_error))
+        log.info(
+            "allocated port %d %s for %s (%s), lifetime %ds",
+            port,
+            "+".join(f.name for f in families),
+            sender,
+            username,
+            lifetime,
+        )
+        self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
+
+    def _allocate_success(
+        self,
+        msg: Message,
+        allocation: Allocation,
+        auth: _Auth,
+        now: float,
+        extra: tuple[tuple[int, object], ...],
+        lifetime: int | None,
+    ) -> None:
+        if lifetime is None:
+            lifetime = max(0, int(allocation.expires_at - now))
+        attributes: list[tuple[int, object]] = [
+            (Attr.XOR_RELAYED_ADDRESS, (self._public_ip(f), allocation.port))
+            for f in allocation.families
+        ]
+        attributes.append((Attr.XOR_MAPPED_ADDRESS, allocation.client))
+        attributes.append((Attr.LIFETIME, lifetime))
+        attributes.extend(extra)
+        allocation.pending_response = self._reply(
+            msg, allocation.client, Class.SUCCESS, attributes, auth, now
+        )
+
+    def _public_ip(self, family: Family) -> str:
+        ip = self.config.public_ip4 if family == Family.V4 else self.config.public_ip6
+        assert ip is not None
+        return ip
+
+    def _derive_families(
+        self, requested: Family | None, additional: Family | None, auth: _Auth
+    ) -> tuple[tuple[Family, ...], tuple[Family, int, str] | None]:
+        have = self._families
+        if requested is not None and additional is not None:
+            raise _Reject(400, auth)
+        if additional == Family.V4:
+            raise _Reject(400, auth)
+        if additional == Family.V6:
+            if have == (Family.V4, Family.V6):
+                return have, None
+            missing = Family.V6 if have == (Family.V4,) else Family.V4
+            return have, (missing, 440, stun.REASONS[440])
+        wanted = requested or Family.V4
+        if wanted not in have:
+            raise _Reject(440, auth)
+        return (wanted,), None
+
+    def _port_free(self, port: int) -> bool:
+        return (
+            port not in self._by_port
+            and port not in self._reserved_ports
+            and port not in self._quarantined_ports
+        )
+
+    def _pick_port(self, even: bool) -> int | None:
+        low, high = self.config.lowest_port, self.config.highest_port
+        step = 2 if even else 1
+        first = low + (low % 2 if even else 0)
+        count = (high - first) // step + 1
+        if count <= 0:
+            return None
+        for _ in range(32):
+            port = first + self._rng.randrange(count) * step
+            if self._port_free(port):
+                return port
+        start = self._rng.randrange(count)
+        for i in range(count):
+            port = first + ((start + i) % count) * step
+            if self._port_free(port):
+                return port
+        return None
+
+    # --- Refresh -------------------------------------------------------------------------
+
+    def _on_refresh(self, msg: Message, sender: Addr, now: float) -> None:
+        lifetime_request = msg.get(Attr.LIFETIME)
+        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        auth, username, _ = self._authenticate(msg, sender, now)
+        allocation = self._own_allocation(sender, auth, username)
+        if requested_family is not None and requested_family not in allocation.families:
+            raise _Reject(443, auth)
+        if lifetime_request == 0:
+            if requested_family is not None and len(allocation.families) > 1:
+                allocation.families = tuple(f for f in allocation.families if f != requested_family)
+                self._commands.append(FreeAllocation(allocation.port, requested_family))
+                self._drop_family_channels(allocation, requested_family)
+            else:
+                log.info("%s deleted its allocation on port %d", sender, allocation.port)
+                self._delete_allocation(allocation)
+            self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
+            return
+        lifetime = _effective_lifetime(lifetime_request)
+        allocation.expires_at = now + lifetime
+        self._schedule(allocation.expires_at, allocation)
+        self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
+
+    def _drop_family_channels(self, allocation: Allocation, family: Family) -> None:
+        for channel in list(allocation.channels.values()):
+            if Family.of(channel.peer[0]) == family:
+                if channel.bound:
+                    self._unbind(allocation, channel)
+                del allocation.channels[channel.number]
+                allocation.channel_by_peer.pop(channel.peer, None)
+
+    # --- CreatePermission ----------------------------------------------------------------
+
+    def _on_create_permission(self, msg: Message, sender: Addr, now: float) -> None:
+        peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
+        auth, username, _ = self._authenticate(msg, sender, now)
+        if not peers:
+            raise _Reject(400, auth)
+        allocation = self._own_allocation(sender, auth, username)
+        for host, port in peers:
+            if Family.of(host) not in allocation.families:
+                raise _Reject(443, auth)
+            # The port is ignored for permissions; judge the address on a relayable port.
+            if not self.policy.allows(host, port or self.config.lowest_port):
+                raise _Reject(403, auth)
+        new = {host for host, _ in peers if host not in allocation.permissions}
+        if len(allocation.permissions) + len(new) > self.config.max_permissions_per_allocation:
+            raise _Reject(508, auth)
+        for host, _ in peers:
+            self._permit(allocation, host, now)
+        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
+
+    def _permit(self, allocation: Allocation, host: str, now: float) -> None:
+        allocation.permissions[host] = now + PERMISSION_LIFETIME
+        self._schedule(now + PERMISSION_LIFETIME, ("permission", allocation, host))
+
+    # --- ChannelBind ---------------------------------------------------------------------
+
+    def _on_channel_bind(self, msg: Message, sender: Addr, now: float) -> None:
+        number = msg.get(Attr.CHANNEL_NUMBER)
+        peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
+            raise _Reject(400)
+        auth, username, _ = self._authenticate(msg, sender, now)
+        allocation = self._own_allocation(sender, auth, username)
+        if Family.of(peer[0]) not in allocation.families:
+            raise _Reject(443, auth)
+        if not self.policy.allows(*peer):
+            raise _Reject(403, auth)
+        bound_number = allocation.channel_by_peer.get(peer)
+        if bound_number is not None and bound_number != number:
+            raise _Reject(400, auth)
+        channel = allocation.channels.get(number)
+        if channel is not None and channel.peer != peer:
+            raise _Reject(400, auth)
+        if channel is None:
+            if len(allocation.channels) >= self.config.max_channels_per_allocation:
+                raise _Reject(508, auth)
+            channel = Channel(number, peer, now + CHANNEL_LIFETIME)
+            allocation.channels[number] = channel
+            allocation.channel_by_peer[peer] = number
+            log.info(
+                "%s bound channel %#06x to %s on port %d", sender, number, peer, allocation.port
+            )
+        else:
+            channel.expires_at = now + CHANNEL_LIFETIME
+            channel.bound = True
+        self._c2p[(sender, number)] = (allocation.port, peer)
+        self._p2c[(allocation.port, peer)] = (sender, number)
+        self._schedule(channel.expires_at, ("channel", allocation, channel))
+        self._permit(allocation, peer[0], now)
+        self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
+        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
+
+    def _unbind(self, allocation: Allocation, channel: Channel) -> None:
+        channel.bound = False
+        self._c2p.pop((allocation.client, channel.number), None)
+        self._p2c.pop((allocation.port, channel.peer), None)
+        self._commands.append(
+            DeleteChannelBinding(allocation.client, channel.number, channel.peer, allocation.port)
+        )
+
+    # --- Send indication -----------------------------------------------------------------
+
+    def _handle_send(
+        self, msg: Message, sender: Addr, now: float
+    ) -> tuple[int, Addr, int, int] | None:
+        allocation = self._allocations.get(sender)
+        if allocation is None or msg.unknown_comprehension_required():
+            self.stats.dropped_datagrams += 1
+            return None
+        try:
+            peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        except stun.BadAttribute:
+            peer = None
+        span = _find_value(msg.raw, Attr.DATA)
+        if peer is None or span is None:
+            self.stats.dropped_datagrams += 1
+            return None
+        expires = allocation.permissions.get(peer[0])
+        if (
+            expires is None
+            or expires <= now
+            or Family.of(peer[0]) not in allocation.families
+            or not self.policy.allows(*peer)
+        ):
+            self.stats.dropped_datagrams += 1
+            return None
+        start, end = span
+        self.stats.relayed_packets_userspace += 1
+        self.stats.relayed_bytes_userspace += end - start
+        return allocation.port, peer, start, end
+
+    # --- deletion ------------------------------------------------------------------------
+
+    def _delete_allocation(self, allocation: Allocation) -> None:
+        for channel in allocation.channels.values():
+            channel.bound = False
+            self._c2p.pop((allocation.client, channel.number), None)
+            self._p2c.pop((allocation.port, channel.peer), None)
+            self._commands.append(
+                DeleteChannelBinding(
+                    allocation.client, channel.number, channel.peer, allocation.port
+                )
+            )
+        allocation.channels.clear()
+        allocation.channel_by_peer.clear()
+        allocation.permissions.clear()
+        for family in allocation.families:
+            self._commands.append(FreeAllocation(allocation.port, family))
+        self._allocations.pop(allocation.client, None)
+        self._by_port.pop(allocation.port, None)
+        if self._by_username.get(allocation.username) is allocation:
+            del self._by_username[allocation.username]
+        remaining = self._per_user.get(allocation.user, 1) - 1
+        if remaining > 0:
+            self._per_user[allocation.user] = remaining
+        else:
+            self._per_user.pop(allocation.user, None)
+
+    def handle_allocation_failed(self, port: int, now: float | None = None) -> None:
+        """The I/O layer could not bind ``port``: drop the allocation, turn its pending
+        success into 508, and keep away from that port for a while."""
+        try:
+            allocation = self._by_port.get(port)
+            if allocation is None:
+                return
+            pending = allocation.pending_response
+            self._delete_allocation(allocation)
+            if pending is not None and pending in self._commands:
+                index = self._commands.index(pending)
+                parsed = stun.parse(pending.payload)
+                error = stun.encode(
+                    parsed.method,
+                    Class.ERROR,
+                    parsed.transaction_id,
+                    [
+                        (Attr.SOFTWARE, self.config.software),
+                        (Attr.ERROR_CODE, (508, stun.REASONS[508])),
+                    ],
+                    integrity_key=allocation.key or None,
+                )
+                self._commands[index] = SendMessage(error, pending.recipient)
+                self._transactions.pop((allocation.client, allocation.transaction_id), None)
+            if now is not None:
+                self._quarantined_ports[port] = now + FOREIGN_PORT_QUARANTINE
+                self._schedule(now + FOREIGN_PORT_QUARANTINE, ("quarantine", port))
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("internal error handling a failed allocation")
+
+    def free_all(self, now: float) -> None:
+        """Shutdown: delete every allocation, emitting the commands that undo them."""
+        for allocation in list(self._allocations.values()):
+            self._delete_allocation(allocation)
+
+
+def _effective_lifetime(requested: int | None) -> int:
+    """RFC 8656 §7.2: min(requested, max), and never below the default."""
+    if requested is None:
+        return DEFAULT_LIFETIME
+    return max(DEFAULT_LIFETIME, min(requested, MAX_LIFETIME))
+
+
+def _error_code_of(attributes: list[tuple[int, object]]) -> int | None:
+    for attr_type, value in attributes:
+        if attr_type == Attr.ERROR_CODE and isinstance(value, tuple):
+            code = value[0]
+            return code if isinstance(code, int) else None
+    return None
+
+
+def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:
+    """Byte span of the first ``attr_type`` value in a parsed message's raw bytes."""
+    offset = 20
+    while offset + 4 <= len(raw):
+        found, length = _unpack_hh(raw, offset)
+        if found == attr_type:
+            return offset + 4, offset + 4 + length
+        offset += 4 + length + (-length % 4)
+    return None
+
+
+_HANDLERS = {
+    Method.BINDING: Server._on_binding,
+    Method.ALLOCATE: Server._on_allocate,
+    Method.REFRESH: Server._on_refresh,
+    Method.CREATE_PERMISSION: Server._on_create_permission,
+    Method.CHANNEL_BIND: Server._on_channel_bind,
+}

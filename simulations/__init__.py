@@ -1,0 +1,1 @@
+"""Simulations and stand-ins: the fake portal, packet-trace replays, benchmarks."""
