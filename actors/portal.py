@@ -274,7 +274,8 @@ class PortalClient:
 
     def _http_failure(self, e: InvalidStatus) -> Hiccup | Fatal:
         response = e.response
-        body = response.body.decode("utf-8", "replace").strip()[:200] if response.body else ""
+        text = response.body.decode("utf-8", "replace").strip()[:200] if response.body else ""
+        body = "".join(c if c.isprintable() else " " for c in text)
         reason = f"HTTP {response.status_code}" + (f" - {body}" if body else "")
         if response.status_code == 401:
             return Fatal(f"portal rejected the token: {reason}")

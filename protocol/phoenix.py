@@ -371,8 +371,11 @@ def _parse_ref(value: object) -> int | None:
 
 
 def _excerpt(value: object, limit: int = 120) -> str:
+    """A short, printable rendering of untrusted input for log lines."""
     text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    cut = text[:limit]
+    cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return cut if len(text) <= limit else cut + "..."
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ static __always_inline void addr_from_v4(__u32 *d, __be32 v4)
     d[3] = v4;
 }
 
-static __always_inline __u16 csum_fold(__u64 s)
+static __always_inline __u16 fold16(__u64 s)
 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
@@ -249,7 +249,7 @@ static __always_inline int relay(struct xdp_md *ctx, struct relay_config *cfg,
         }
         __s64 d = bpf_csum_diff((__be32 *)&from, sizeof(from), (__be32 *)&to, sizeof(to),
                                 (__u16)~in->check);
-        check = ~csum_fold((__u64)(__u32)d);
+        check = ~fold16((__u64)(__u32)d);
         if (check == 0)
             check = 0xffff;
     }
@@ -297,7 +297,7 @@ static __always_inline int relay(struct xdp_md *ctx, struct relay_config *cfg,
         iph.saddr = out->src[3];
         iph.daddr = out->dst[3];
         __s64 s = bpf_csum_diff(0, 0, (__be32 *)&iph, sizeof(iph), 0);
-        iph.check = ~csum_fold((__u64)(__u32)s);
+        iph.check = ~fold16((__u64)(__u32)s);
         eth->h_proto = bpf_htons(ETH_P_IP);
         struct iphdr *ip = data + ETH_LEN;
         __builtin_memcpy(ip, &iph, sizeof(iph));

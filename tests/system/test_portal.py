@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -281,7 +282,31 @@ def test_initial_connection_phase_gives_up() -> None:
         outcome = await relay.outcome()
         assert time.monotonic() - started >= 0.4
         assert "unreachable for 0.5 s" in outcome.reason
-        assert 4 <= relay.client.attempts <= 7
+        assert 2 <= relay.client.attempts <= 7
+
+    run(body)
+
+
+def test_a_connect_attempt_that_hangs_times_out() -> None:
+    async def body() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # accept TCP, never answer the upgrade
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        portal = Portal(TOKEN, port=port)  # only for config_for's url
+        backoff = replace(FAST_BACKOFF, initial_phase_interval=0.05, initial_phase_max_elapsed=0.5)
+        config = config_for(portal, backoff=backoff, connect_timeout=0.2)
+        relay = Relay(portal, config).start()
+        outcome = await relay.outcome()
+        assert "connect timed out after 0.2 s" in outcome.reason
+        assert len(accepted) >= 2
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
     run(body)
 
@@ -417,7 +442,7 @@ def test_bad_input_is_ignored_without_dropping_the_session() -> None:
         async with Portal(TOKEN) as portal:
             relay = Relay(portal, config_for(portal)).start()
             await relay.wait_joins(1)
-            for data in [
+            bad: list[str | bytes] = [
                 "not json",
                 "[1,2,3]",
                 "{}",
@@ -432,7 +457,8 @@ def test_bad_input_is_ignored_without_dropping_the_session() -> None:
                 b'{"topic":"relay","event":"phx_close","payload":{},"ref":null}',
                 b"\xff\x00",
                 "[" * 20000 + "]" * 20000,
-            ]:
+            ]
+            for data in bad:
                 await portal.send_raw(data)
             seen = len(portal.frames_from_relay("heartbeat"))
             await portal.wait_for(lambda: len(portal.frames_from_relay("heartbeat")) >= seen + 3)
@@ -539,7 +565,9 @@ def test_tls_is_verified_by_default(tls_files: tuple[Path, Path]) -> None:
 
     async def body() -> None:
         async with Portal(TOKEN, ssl_context=server_ctx) as portal:
-            backoff = replace(FAST_BACKOFF, initial_phase_interval=0.1, initial_phase_max_elapsed=0.3)
+            backoff = replace(
+                FAST_BACKOFF, initial_phase_interval=0.1, initial_phase_max_elapsed=0.3
+            )
             untrusting = Relay(portal, config_for(portal, backoff=backoff)).start()
             outcome = await untrusting.outcome()
             assert "CERTIFICATE_VERIFY_FAILED" in outcome.reason
@@ -610,22 +638,25 @@ def test_portal_command_line() -> None:
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
-    try:
-        assert proc.stdout is not None
-        banner = [proc.stdout.readline() for _ in range(3)]
-        assert f"FIREZONE_API_URL=ws://127.0.0.1:{port}" in banner[1]
+    watchdog = threading.Timer(20.0, proc.kill)  # readline() has no timeout of its own
+    watchdog.start()
+    with proc:
+        try:
+            assert proc.stdout is not None
+            banner = [proc.stdout.readline() for _ in range(3)]
+            assert f"FIREZONE_API_URL=ws://127.0.0.1:{port}" in banner[1]
 
-        async def body() -> None:
-            portal = Portal(TOKEN, port=port)  # only for config_for's url
-            relay = Relay(portal, config_for(portal)).start()
-            await wait_until(lambda: relay.joined == [True])
-            await relay.stop()
+            async def body() -> None:
+                portal = Portal(TOKEN, port=port)  # only for config_for's url
+                relay = Relay(portal, config_for(portal)).start()
+                await wait_until(lambda: relay.joined == [True])
+                await relay.stop()
 
-        run(body)
-        printed = [proc.stdout.readline() for _ in range(4)]
-        assert printed[0].startswith("relay joined: id=" + relay_id(SECRET))
-        entries = [json.loads(line) for line in printed[2:]]
-        assert [e["addr"] for e in entries] == ["127.0.0.1:3478", "[::1]:3478"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
+            run(body)
+            printed = [proc.stdout.readline() for _ in range(4)]
+            assert printed[0].startswith("relay joined: id=" + relay_id(SECRET))
+            entries = [json.loads(line) for line in printed[2:]]
+            assert [e["addr"] for e in entries] == ["127.0.0.1:3478", "[::1]:3478"]
+        finally:
+            watchdog.cancel()
+            proc.terminate()

@@ -464,3 +464,12 @@ def test_policy_is_deterministic_for_a_seed() -> None:
 
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_ignored_reasons_are_printable_and_short() -> None:
+    session = joined_session()
+    session.handle_frame("\n[fake] log line\x1b[31m" + "z" * 1000, 1.0)
+    [event] = events(session)
+    assert isinstance(event, Ignored)
+    assert event.reason.isprintable()
+    assert len(event.reason) < 200

@@ -318,7 +318,10 @@ def test_transport_other_than_udp_is_442_and_missing_transport_400() -> None:
     response = h.allocate(client, transport=6).response
     assert error_code(response) == 442 and client.verify(response)
     no_transport = stun.encode(
-        Method.ALLOCATE, Class.REQUEST, bytes(12), [(Attr.USERNAME, client.username)],
+        Method.ALLOCATE,
+        Class.REQUEST,
+        bytes(12),
+        [(Attr.USERNAME, client.username)],
         integrity_key=client.key,
     )
     response = h.send(no_transport).response
@@ -620,9 +623,13 @@ def test_even_port_is_understood() -> None:
     port = reserving.others[0].port  # type: ignore[union-attr]
     token = reserving.response.get(Attr.RESERVATION_TOKEN)
     assert port % 2 == 0 and token is not None
-    claim = h.allocate(h.client("t"), ("93.184.216.34", 41002), extra=[(Attr.RESERVATION_TOKEN, token)])
+    claim = h.allocate(
+        h.client("t"), ("93.184.216.34", 41002), extra=[(Attr.RESERVATION_TOKEN, token)]
+    )
     assert claim.others == [CreateAllocation(port + 1, V4)]
-    again = h.allocate(h.client("u"), ("93.184.216.34", 41003), extra=[(Attr.RESERVATION_TOKEN, token)])
+    again = h.allocate(
+        h.client("u"), ("93.184.216.34", 41003), extra=[(Attr.RESERVATION_TOKEN, token)]
+    )
     assert error_code(again.response) == 508
 
 
@@ -642,7 +649,11 @@ def test_message_integrity_sha256_is_verified_and_answered_in_kind() -> None:
         (Attr.NONCE, client.nonce),
     ]
     request = stun.encode(
-        Method.ALLOCATE, Class.REQUEST, bytes(12), attrs, integrity_key=client.key,
+        Method.ALLOCATE,
+        Class.REQUEST,
+        bytes(12),
+        attrs,
+        integrity_key=client.key,
         integrity_sha256=True,
     )
     response = h.send(request).response
@@ -704,7 +715,12 @@ def test_rest_scheme_end_to_end() -> None:
 def test_peer_policy_applies_to_channel_bind() -> None:
     h = Harness()
     client, _, _ = _bound(h)
-    for peer in [("127.0.0.1", 9), ("10.0.0.1", 9), ("169.254.169.254", 80), ("::ffff:127.0.0.1", 9)]:
+    for peer in [
+        ("127.0.0.1", 9),
+        ("10.0.0.1", 9),
+        ("169.254.169.254", 80),
+        ("::ffff:127.0.0.1", 9),
+    ]:
         family_ok = h.send(client.channel_bind(0x4100, peer)).response
         assert error_code(family_ok) == 403, peer
     assert error_code(h.send(client.channel_bind(0x4100, (PUBLIC4, 3478))).response) == 403

@@ -186,9 +186,7 @@ def test_framing_errors_are_parse_errors(data: bytes) -> None:
 
 def test_attributes_after_integrity_are_ignored_and_after_fingerprint_rejected() -> None:
     key = b"k"
-    msg = stun.encode(
-        Method.BINDING, Class.REQUEST, TID, [(Attr.SOFTWARE, "x")], integrity_key=key
-    )
+    msg = stun.encode(Method.BINDING, Class.REQUEST, TID, [(Attr.SOFTWARE, "x")], integrity_key=key)
     extra = struct.pack("!HHI", Attr.LIFETIME, 4, 7)
     tampered = msg[:2] + struct.pack("!H", len(msg) - 20 + 8) + msg[4:] + extra
     parsed = stun.parse(tampered)
