@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actors.loop_actor import LoopActor
@@ -71,7 +72,7 @@ class AllocationActor(LoopActor):
             self.stop()
             # Tell the core after this actor has let go of everything, so the Free commands the
             # core may emit for this port find nothing left to do.
-            self._dataplane.server.handle_allocation_failed(self.port)
+            self._dataplane.server.handle_allocation_failed(self.port, time.monotonic())
             return
         self.sockets[family] = sock
         self._dataplane.allocation_sockets[(self.port, int(family))] = sock

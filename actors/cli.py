@@ -65,14 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
         "`firezone-relay credentials --help` mints credentials.",
     )
     a = p.add_argument
-    a("token", nargs="?", default=_env("FIREZONE_TOKEN"), metavar="TOKEN",
-      help="portal token [env FIREZONE_TOKEN] (or a file holding it); none = standalone mode")
-    a("name", nargs="?", default=_env("FIREZONE_NAME"), metavar="NAME",
-      help="relay name for the portal [env FIREZONE_NAME]")
-    a("--public-ip4-addr", type=_ip(4), default=_env("PUBLIC_IP4_ADDR"),
-      help="public IPv4 address [env PUBLIC_IP4_ADDR]")
-    a("--public-ip6-addr", type=_ip(6), default=_env("PUBLIC_IP6_ADDR"),
-      help="public IPv6 address [env PUBLIC_IP6_ADDR]")
+    a(
+        "token",
+        nargs="?",
+        default=_env("FIREZONE_TOKEN"),
+        metavar="TOKEN",
+        help="portal token [env FIREZONE_TOKEN] (or a file holding it); none = standalone mode",
+    )
+    a(
+        "name",
+        nargs="?",
+        default=_env("FIREZONE_NAME"),
+        metavar="NAME",
+        help="relay name for the portal [env FIREZONE_NAME]",
+    )
+    a(
+        "--public-ip4-addr",
+        type=_ip(4),
+        default=_env("PUBLIC_IP4_ADDR"),
+        help="public IPv4 address [env PUBLIC_IP4_ADDR]",
+    )
+    a(
+        "--public-ip6-addr",
+        type=_ip(6),
+        default=_env("PUBLIC_IP6_ADDR"),
+        help="public IPv6 address [env PUBLIC_IP6_ADDR]",
+    )
     a("--listen-port", type=_port, default=int(_env("LISTEN_PORT", 3478)))
     a("--lowest-port", type=_port, default=int(_env("LOWEST_PORT", 49152)))
     a("--highest-port", type=_port, default=int(_env("HIGHEST_PORT", 65535)))
@@ -81,31 +99,67 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL [env FIREZONE_API_URL]")
     a("--rng-seed", type=int, default=_env("RNG_SEED") and int(_env("RNG_SEED")))
     a("--log-format", choices=("human", "json"), default=_env("LOG_FORMAT", "human"))
-    a("--log-filter", default=_env("RUST_LOG", "info"),
-      help="log directives, e.g. 'info,relay=debug' [env RUST_LOG]")
+    a(
+        "--log-filter",
+        default=_env("RUST_LOG", "info"),
+        help="log directives, e.g. 'info,relay=debug' [env RUST_LOG]",
+    )
     a("--otlp-grpc-endpoint", default=_env("OTLP_GRPC_ENDPOINT"), help="host:port")
     a("--ebpf-offloading", default=_env("EBPF_OFFLOADING"), metavar="IFACE")
-    a("--ebpf-attach-mode", choices=("driver", "generic"),
-      default=_env("EBPF_ATTACH_MODE", "driver"))
+    a(
+        "--ebpf-attach-mode",
+        choices=("driver", "generic"),
+        default=_env("EBPF_ATTACH_MODE", "driver"),
+    )
     a("--ebpf-int4-addr", type=_ip(4), default=_env("EBPF_INT4_ADDR"))
     a("--ebpf-int6-addr", type=_ip(6), default=_env("EBPF_INT6_ADDR"))
     a("--health-check-addr", default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
     a("--control-endpoint", default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
     # standalone TURN server options
     a("--auth-secret", default=_env("AUTH_SECRET"), help="credential secret [env AUTH_SECRET]")
-    a("--auth-scheme", choices=("firezone", "rest"), default=_env("AUTH_SCHEME", "firezone"),
-      help="firezone: <expiry>:<salt> / SHA-256; rest: coturn use-auth-secret")
+    a(
+        "--auth-scheme",
+        choices=("firezone", "rest"),
+        default=_env("AUTH_SCHEME", "firezone"),
+        help="firezone: <expiry>:<salt> / SHA-256; rest: coturn use-auth-secret",
+    )
     a("--realm", default=_env("REALM", "firezone"))
     a("--allow-loopback-peers", action="store_true", default=_env_bool("ALLOW_LOOPBACK_PEERS"))
     a("--allow-private-peers", action="store_true", default=_env_bool("ALLOW_PRIVATE_PEERS"))
-    a("--max-allocations", type=_positive, default=_env("MAX_ALLOCATIONS") and int(
-        _env("MAX_ALLOCATIONS")))
-    a("--max-allocations-per-user", type=_positive, default=_env("MAX_ALLOCATIONS_PER_USER")
-      and int(_env("MAX_ALLOCATIONS_PER_USER")))
-    a("--max-channels-per-allocation", type=_positive,
-      default=int(_env("MAX_CHANNELS_PER_ALLOCATION", 1024)))
-    a("--max-permissions-per-allocation", type=_positive,
-      default=int(_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024)))
+    a(
+        "--max-allocations",
+        type=_positive,
+        default=_env("MAX_ALLOCATIONS") and int(_env("MAX_ALLOCATIONS")),
+    )
+    a(
+        "--max-allocations-per-user",
+        type=_positive,
+        default=_env("MAX_ALLOCATIONS_PER_USER") and int(_env("MAX_ALLOCATIONS_PER_USER")),
+    )
+    a(
+        "--no-single-allocation-per-username",
+        dest="single_allocation_per_username",
+        action="store_false",
+        default=not _env_bool("NO_SINGLE_ALLOCATION_PER_USERNAME"),
+        help="let one username hold several allocations (WebRTC clients that allocate from "
+        "several interfaces); by default a new Allocate frees the username's previous one",
+    )
+    a(
+        "--token-in-query",
+        action="store_true",
+        default=_env_bool("TOKEN_IN_QUERY"),
+        help="also send the portal token as the legacy `token` query parameter",
+    )
+    a(
+        "--max-channels-per-allocation",
+        type=_positive,
+        default=int(_env("MAX_CHANNELS_PER_ALLOCATION", 1024)),
+    )
+    a(
+        "--max-permissions-per-allocation",
+        type=_positive,
+        default=int(_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024)),
+    )
     return p
 
 
@@ -114,9 +168,12 @@ def credentials_parser() -> argparse.ArgumentParser:
         prog="firezone-relay credentials",
         description="Print a TURN username and password that a relay with this secret accepts.",
     )
-    p.add_argument("--auth-secret", default=_env("AUTH_SECRET"), required=_env("AUTH_SECRET") is None)
-    p.add_argument("--auth-scheme", choices=("firezone", "rest"),
-                   default=_env("AUTH_SCHEME", "firezone"))
+    p.add_argument(
+        "--auth-secret", default=_env("AUTH_SECRET"), required=_env("AUTH_SECRET") is None
+    )
+    p.add_argument(
+        "--auth-scheme", choices=("firezone", "rest"), default=_env("AUTH_SCHEME", "firezone")
+    )
     p.add_argument("--ttl", type=_positive, default=3600, help="seconds until expiry")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--salt", help="firezone scheme: the salt (default: random)")
@@ -155,8 +212,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
-        raise ValueError("Must listen on at least one of IPv4 or IPv6 "
-                         "(--public-ip4-addr / --public-ip6-addr)")
+        raise ValueError(
+            "Must listen on at least one of IPv4 or IPv6 (--public-ip4-addr / --public-ip6-addr)"
+        )
     token = _read_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
@@ -174,6 +232,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_allocations_per_user=args.max_allocations_per_user,
         max_channels_per_allocation=args.max_channels_per_allocation,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
+        single_allocation_per_username=args.single_allocation_per_username,
     )
     return Settings(
         server=config,
@@ -191,6 +250,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ebpf_attach_mode=args.ebpf_attach_mode,
         ebpf_int4_addr=args.ebpf_int4_addr,
         ebpf_int6_addr=args.ebpf_int6_addr,
+        token_in_query=args.token_in_query,
     )
 
 
@@ -211,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.getLogger("relay").info(
-        "firezone-relay starting (rng seed %s)", args.rng_seed if args.rng_seed is not None
-        else "from entropy",
+        "firezone-relay starting (rng seed %s)",
+        args.rng_seed if args.rng_seed is not None else "from entropy",
     )
     from actors.daemon import run
 

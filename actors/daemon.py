@@ -23,6 +23,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,13 @@ from actors.http_endpoints import HttpEndpoint, parse_host_port
 from actors.logs import LogFilter
 from actors.pipeline import Pipeline
 from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
-from actors.telemetry import PacketSizeBridge, PacketSizeSource, Telemetry
+from actors.telemetry import (
+    BucketHistogram,
+    BucketSource,
+    HistogramBridge,
+    Telemetry,
+    packet_size_histogram,
+)
 from protocol.server import Server, ServerConfig
 from protocol.types import Family
 
@@ -43,6 +50,7 @@ __all__ = ["Relay", "Settings", "run"]
 logger = logging.getLogger("relay")
 
 STATS_LOG_INTERVAL = 10.0
+
 SHUTDOWN_BUDGET = 2.0  # SIGTERM to exit, seconds
 
 
@@ -65,6 +73,7 @@ class Settings:
     ebpf_attach_mode: str = "driver"
     ebpf_int4_addr: str | None = None
     ebpf_int6_addr: str | None = None
+    token_in_query: bool = False
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,9 +95,7 @@ class Relay:
         self.server = Server(config, rng, secret)
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
-        self.pipeline = Pipeline(
-            self.server, self.dataplane.send_message, self._spawn_allocation
-        )
+        self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
@@ -100,17 +107,19 @@ class Relay:
         self.standalone = settings.token is None
         self.portal: pykka.ActorRef[Any] | None = None
         self.fast_path: pykka.ActorRef[Any] | None = None
+        self._xdp_reader: Any = None
         self.endpoints: list[HttpEndpoint] = []
         self._last_stats = (time.monotonic(), 0)
-        self.bridge = PacketSizeBridge(
+        stats = self.server.stats
+        self.packet_sizes = packet_size_histogram(
             [
-                PacketSizeSource(
-                    "userspace",
-                    lambda: self.server.stats.packet_size_buckets,
-                    lambda: self.server.stats.relayed_bytes_userspace,
+                BucketSource(
+                    {"relay.datapath": "userspace"},
+                    lambda: (stats.packet_size_buckets, stats.relayed_bytes_userspace),
                 )
             ]
         )
+        self.bridge = HistogramBridge([self.packet_sizes])
         self.telemetry: Telemetry | None = None
 
     # -- readiness ------------------------------------------------------------------------
@@ -126,7 +135,7 @@ class Relay:
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
         try:
-            self.start()
+            await self.start()
         except Exception as exc:
             logger.error("failed to start: %s", exc)
             self._stop_endpoints()
@@ -138,7 +147,7 @@ class Relay:
         await self.shutdown()
         return self.exit_code
 
-    def start(self) -> None:
+    async def start(self) -> None:
         raise_nofile_limit()
         config = self.settings.server
         self.telemetry = Telemetry(
@@ -151,6 +160,8 @@ class Relay:
             export_interval_ms=self.settings.export_interval_ms,
         )
         self._start_endpoints()
+        # XDP first, as the reference does: no channel can be bound before the maps exist.
+        await self._start_fast_path()
         for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
             if public is None:
                 continue
@@ -158,20 +169,21 @@ class Relay:
             sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
             self.dataplane.listen[int(family)] = sock
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
-            logger.info("listening on %s:%d (%s, public %s)", host, config.listen_port,
-                        family.name, public)
+            logger.info(
+                "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
+            )
         self.sockets_bound = True
-        self._start_fast_path()
         if self.standalone:
             if self.settings.auth_secret is None:
                 logger.warning(
                     "standalone mode: generated auth secret %s (scheme %s); make credentials "
                     "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
-                    self.server.auth_secret, config.auth_scheme, config.auth_scheme,
+                    self.server.auth_secret,
+                    config.auth_scheme,
+                    config.auth_scheme,
                 )
             else:
-                logger.info("standalone mode (no portal token), auth scheme %s",
-                            config.auth_scheme)
+                logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
         else:
             self._start_portal()
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
@@ -235,7 +247,7 @@ class Relay:
         self._armed = deadline
         if deadline is not None:
             delay = max(0.0, deadline - time.monotonic())
-            self._timer = self.loop.call_later(delay, self._on_timer)
+            self._timer = self.loop.call_at(self.loop.time() + delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -269,9 +281,13 @@ class Relay:
             name=self.settings.name,
             public_ip4=config.public_ip4,
             public_ip6=config.public_ip6,
+            token_in_query=self.settings.token_in_query,
         )
         self.portal = PortalSession.start(
-            portal_config, self.server.auth_secret, self._on_portal_joined, self._on_portal_fatal,
+            portal_config,
+            self.server.auth_secret,
+            self._on_portal_joined,
+            self._on_portal_fatal,
             loop=self.loop,
         )
 
@@ -281,21 +297,46 @@ class Relay:
     def _on_portal_fatal(self, reason: str) -> None:
         self.request_stop(1, f"portal: {reason}")
 
-    def _start_fast_path(self) -> None:
+    async def _start_fast_path(self) -> None:
         iface = self.settings.ebpf_offloading
         if not iface:
             return
-        try:
-            from actors import xdp_manager
+        from actors import xdp_manager
 
-            self.fast_path = xdp_manager.start_from_settings(self.settings)  # type: ignore[attr-defined]
-        except Exception as exc:
-            # XDP is an accelerator, never a requirement: keep relaying in userspace.
-            logger.error("eBPF offloading on %s unavailable, relaying in userspace: %s", iface, exc)
-            self.fast_path = None
+        # Loading compiles and verifies the program (seconds of blocking bcc calls): do it on a
+        # worker thread while the loop stays responsive. Unavailable offload returns None (one
+        # warning logged) and the relay relays in userspace; mandatory offload raises.
+        ref = await self.loop.run_in_executor(None, xdp_manager.start_from_settings, self.settings)
+        if ref is None:
             return
-        self.pipeline.fast_path = self.fast_path
+        self.fast_path = ref
+        self.pipeline.fast_path = ref
+        reader = await self.loop.run_in_executor(
+            None, lambda: ref.proxy().counter_reader().get(timeout=10)
+        )
+        if reader is not None:
+            self._xdp_reader = reader
+            self.packet_sizes.sources.append(
+                BucketSource({"relay.datapath": "xdp"}, self._xdp_sizes)
+            )
+            self.bridge.add(
+                BucketHistogram(
+                    "relay.xdp.processing.duration",
+                    "ns",
+                    "Time the XDP program spent per packet",
+                    _xdp_ns_bounds(),
+                    [BucketSource({}, self._xdp_durations)],
+                )
+            )
         logger.info("eBPF offloading enabled on %s", iface)
+
+    def _xdp_sizes(self) -> tuple[Sequence[int], float]:
+        counters = self._xdp_reader.read()
+        return counters.packet_size_buckets, counters.relayed_bytes
+
+    def _xdp_durations(self) -> tuple[Sequence[int], float]:
+        counters = self._xdp_reader.read()
+        return counters.processing_ns_buckets, counters.processing_ns_total
 
     # -- endpoints, stats -----------------------------------------------------------------
 
@@ -371,9 +412,18 @@ class Relay:
         rate = (total - before) / max(now - then, 1e-9)
         logger.info(
             "Allocations = %d Channels = %d Throughput = %s",
-            self.server.num_allocations, self.server.num_active_channels, _throughput(rate),
+            self.server.num_allocations,
+            self.server.num_active_channels,
+            _throughput(rate),
         )
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
+
+
+def _xdp_ns_bounds() -> tuple[float, ...]:
+    """The XDP program's processing-time buckets: bucket 0 is 0 ns, bucket i [2^(i-1), 2^i)."""
+    from xdp.maps import NUM_NS_BUCKETS
+
+    return (0.0, *(float(1 << i) for i in range(1, NUM_NS_BUCKETS - 1)))
 
 
 def _throughput(bytes_per_s: float) -> str:

@@ -163,5 +163,6 @@ class DataPlane:
     def _input_failed(self, sender: Addr) -> None:
         self.input_errors += 1
         if self.input_errors <= 10 or self.input_errors % 10_000 == 0:
-            logger.exception("core failed on a datagram from %s (%d so far)", sender,
-                             self.input_errors)
+            logger.exception(
+                "core failed on a datagram from %s (%d so far)", sender, self.input_errors
+            )

@@ -42,8 +42,8 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.server.routes.get((method, url.path))
         if route is None:
             known = any(path == url.path for _, path in self.server.routes)
-            status = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
-            self._reply(status, "text/plain", status.phrase.encode())
+            error = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
+            self._reply(error, "text/plain", error.phrase.encode())
             return
         try:
             status, ctype, body = route(parse_qs(url.query, keep_blank_values=True))
@@ -60,19 +60,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(min(length, 65536))
         self._dispatch("POST")
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
 
@@ -96,8 +96,10 @@ class HttpEndpoint:
         self.name = name
         self.address = self._server.server_address[:2]
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name=f"http-{name}", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"http-{name}",
+            daemon=True,
         )
 
     def start(self) -> None:

@@ -34,8 +34,13 @@ _LEVELS = {
 _ALIASES = {"firezone_relay": "relay", "relay_proto": "protocol"}
 _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*((\.|::)[A-Za-z_][A-Za-z0-9_]*)*$")
 #: chatty libraries kept at warn unless a directive names them (like firezone_logging does)
-_QUIET = {"grpc": logging.WARNING, "urllib3": logging.WARNING, "websockets": logging.INFO,
-          "asyncio": logging.WARNING, "opentelemetry": logging.WARNING}
+_QUIET = {
+    "grpc": logging.WARNING,
+    "urllib3": logging.WARNING,
+    "websockets": logging.INFO,
+    "asyncio": logging.WARNING,
+    "opentelemetry": logging.WARNING,
+}
 
 
 def parse_directives(text: str) -> tuple[int, dict[str, int]]:

@@ -24,11 +24,13 @@ import collections
 import logging
 import sys
 import threading
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import pykka
 from pykka import ActorRef, ActorRegistry
-from pykka._envelope import Envelope  # the inbox protocol's item type
+
+if TYPE_CHECKING:
+    from pykka._envelope import Envelope  # the inbox protocol's item type
 
 __all__ = ["LoopActor", "LoopInbox"]
 
@@ -176,7 +178,7 @@ class LoopActor(pykka.Actor):
             raise
 
     def _handle_failure(self, *exc_info: Any) -> None:
-        logger.error("Unhandled exception in %s:", self, exc_info=exc_info)  # noqa: LOG014
+        logger.error("Unhandled exception in %s:", self, exc_info=exc_info)
         if self.registered:
             ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()

@@ -34,9 +34,7 @@ class PortalSession(LoopActor):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(loop=loop)
-        self.client = PortalClient(
-            config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal
-        )
+        self.client = PortalClient(config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal)
         self._on_fatal = on_fatal
         self._task: asyncio.Task[Any] | None = None
 

@@ -5,12 +5,13 @@ published at collection time:
 
 * observable instruments read the ints in their callbacks (``relay.active_allocations``,
   ``relay.responses`` and a few relay-specific extras);
-* ``relay.packet.size`` is a histogram the core already keeps as an int bucket array. The Python
-  SDK (1.45) has no MetricProducer hook, and feeding the array through ``Histogram.record`` would
-  cost one SDK call per packet, so :class:`PacketSizeBridge` turns the array into a histogram data
-  point when metrics are collected, and :class:`BridgingExporter` adds it to every export (OTLP)
-  while :func:`render_prometheus` adds it to ``/metrics``. Temporality follows the exporter's
-  preference (delta for histograms by default, as the reference's LowMemory setting).
+* ``relay.packet.size`` is a histogram the core already keeps as an int bucket array (and the XDP
+  program as a per-CPU one; likewise ``relay.xdp.processing.duration``). The Python SDK (1.45)
+  has no MetricProducer hook, and feeding the arrays through ``Histogram.record`` would cost one
+  SDK call per packet, so :class:`HistogramBridge` turns each array into a histogram data point
+  when metrics are collected; :class:`BridgingExporter` adds them to every export (OTLP) and
+  :func:`render_prometheus` to ``/metrics``. Temporality follows the exporter's preference
+  (delta for histograms by default, as the reference's LowMemory setting).
 
 Resource: ``service.name=relay`` (unless OTEL_SERVICE_NAME says otherwise),
 ``service.namespace=firezone``, plus OTEL_RESOURCE_ATTRIBUTES. Exporter settings come from the
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import Counter as SdkCounter
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import (
     MeterProvider,
@@ -35,7 +37,6 @@ from opentelemetry.sdk.metrics import (
     ObservableGauge,
     ObservableUpDownCounter,
 )
-from opentelemetry.sdk.metrics import Counter as SdkCounter
 from opentelemetry.sdk.metrics import UpDownCounter as SdkUpDownCounter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -58,7 +59,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 __all__ = [
     "BridgingExporter",
-    "PacketSizeBridge",
+    "BucketHistogram",
+    "BucketSource",
+    "HistogramBridge",
     "Telemetry",
     "make_resource",
     "render_prometheus",
@@ -69,7 +72,7 @@ METER_NAME = "relay"
 PACKET_SIZE_BOUNDS: tuple[float, ...] = tuple(float(100 * i) for i in range(1, 16))
 
 #: LowMemory, as the reference's exporter: cumulative sums, delta histograms
-LOW_MEMORY = {
+LOW_MEMORY: dict[type, AggregationTemporality] = {
     SdkCounter: AggregationTemporality.DELTA,
     SdkUpDownCounter: AggregationTemporality.CUMULATIVE,
     SdkHistogram: AggregationTemporality.DELTA,
@@ -87,79 +90,111 @@ def make_resource() -> Resource:
 
 
 @dataclass(frozen=True, slots=True)
-class PacketSizeSource:
-    """Where one ``relay.datapath`` series of relay.packet.size comes from."""
+class BucketSource:
+    """One attribute set of a bridged histogram: a reader of its cumulative int buckets."""
 
-    datapath: str
-    buckets: Callable[[], Sequence[int]]  # 16 cumulative-since-start counts
-    total_bytes: Callable[[], int]
+    attributes: dict[str, str]
+    #: () -> (bucket counts since start, sum of the recorded values)
+    read: Callable[[], tuple[Sequence[int], float]]
 
 
-class PacketSizeBridge:
-    """Turns int bucket arrays into ``relay.packet.size`` histogram metrics at collection time."""
+Snapshot = dict[tuple[str, tuple[tuple[str, str], ...]], tuple[list[int], float]]
 
-    def __init__(self, sources: Iterable[PacketSizeSource]) -> None:
-        self.sources = list(sources)
+
+@dataclass
+class BucketHistogram:
+    """A histogram whose buckets are counted elsewhere as plain ints."""
+
+    name: str
+    unit: str
+    description: str
+    bounds: tuple[float, ...]
+    sources: list[BucketSource]
+
+
+class HistogramBridge:
+    """Turns int bucket arrays into OpenTelemetry histogram metrics at collection time."""
+
+    def __init__(self, histograms: Iterable[BucketHistogram] = ()) -> None:
+        self.histograms = list(histograms)
         self._start_ns = time.time_ns()
 
-    def add_source(self, source: PacketSizeSource) -> None:
-        self.sources.append(source)
+    def add(self, histogram: BucketHistogram) -> None:
+        self.histograms.append(histogram)
 
-    def snapshot(self) -> dict[str, tuple[list[int], int]]:
-        return {s.datapath: (list(s.buckets()), int(s.total_bytes())) for s in self.sources}
+    def snapshot(self) -> Snapshot:
+        snap: Snapshot = {}
+        for h in self.histograms:
+            for src in h.sources:
+                buckets, total = src.read()
+                snap[(h.name, tuple(sorted(src.attributes.items())))] = (list(buckets), total)
+        return snap
 
-    def metric(
+    def metrics(
         self,
         temporality: AggregationTemporality,
-        previous: dict[str, tuple[list[int], int]] | None = None,
+        previous: Snapshot | None = None,
         previous_ns: int | None = None,
-        snapshot: dict[str, tuple[list[int], int]] | None = None,
-    ) -> Metric:
+        snapshot: Snapshot | None = None,
+    ) -> list[Metric]:
         now_ns = time.time_ns()
         snap = snapshot if snapshot is not None else self.snapshot()
-        points = []
-        for datapath, (buckets, total) in snap.items():
-            start_ns = self._start_ns
-            if temporality is AggregationTemporality.DELTA and previous is not None:
-                prev_buckets, prev_total = previous.get(datapath, ([0] * len(buckets), 0))
-                buckets = [a - b for a, b in zip(buckets, prev_buckets, strict=True)]
-                total -= prev_total
-                start_ns = previous_ns or start_ns
-            count = sum(buckets)
-            lo, hi = _bounds_of(buckets)
-            points.append(
-                HistogramDataPoint(
-                    attributes={"relay.datapath": datapath},
-                    start_time_unix_nano=start_ns,
-                    time_unix_nano=now_ns,
-                    count=count,
-                    sum=total,
-                    bucket_counts=buckets,
-                    explicit_bounds=list(PACKET_SIZE_BOUNDS),
-                    min=lo,
-                    max=hi,
+        out = []
+        for h in self.histograms:
+            points = []
+            for src in h.sources:
+                key = (h.name, tuple(sorted(src.attributes.items())))
+                buckets, total = snap[key]
+                start_ns = self._start_ns
+                if temporality is AggregationTemporality.DELTA and previous is not None:
+                    prev_buckets, prev_total = previous.get(key, ([0] * len(buckets), 0))
+                    buckets = [a - b for a, b in zip(buckets, prev_buckets, strict=True)]
+                    total -= prev_total
+                    start_ns = previous_ns or start_ns
+                lo, hi = _bounds_of(buckets, h.bounds)
+                points.append(
+                    HistogramDataPoint(
+                        attributes=dict(src.attributes),
+                        start_time_unix_nano=start_ns,
+                        time_unix_nano=now_ns,
+                        count=sum(buckets),
+                        sum=total,
+                        bucket_counts=buckets,
+                        explicit_bounds=list(h.bounds),
+                        min=lo,
+                        max=hi,
+                    )
+                )
+            out.append(
+                Metric(
+                    name=h.name,
+                    description=h.description,
+                    unit=h.unit,
+                    data=Histogram(data_points=points, aggregation_temporality=temporality),
                 )
             )
-        return Metric(
-            name="relay.packet.size",
-            description="Size of relayed packets",
-            unit="By",
-            data=Histogram(data_points=points, aggregation_temporality=temporality),
-        )
+        return out
 
 
-def _bounds_of(buckets: Sequence[int]) -> tuple[float, float]:
-    """Bucket-resolution min and max (the exact values are not tracked per packet)."""
+def packet_size_histogram(sources: Iterable[BucketSource]) -> BucketHistogram:
+    return BucketHistogram(
+        "relay.packet.size", "By", "Size of relayed packets", PACKET_SIZE_BOUNDS, list(sources)
+    )
+
+
+def _bounds_of(buckets: Sequence[int], bounds: Sequence[float]) -> tuple[float, float]:
+    """Bucket-resolution min and max (exact values are not tracked per packet); the open top
+    bucket reports its lower bound."""
     used = [i for i, c in enumerate(buckets) if c]
     if not used:
         return 0.0, 0.0
-    lo = PACKET_SIZE_BOUNDS[used[0] - 1] if used[0] > 0 else 0.0
-    hi = PACKET_SIZE_BOUNDS[used[-1]] if used[-1] < len(PACKET_SIZE_BOUNDS) else 65535.0
+    lo = bounds[used[0] - 1] if used[0] > 0 else 0.0
+    hi = bounds[used[-1]] if used[-1] < len(bounds) else bounds[-1]
     return lo, hi
 
 
-def add_metric(data: MetricsData, metric: Metric, resource: Resource) -> MetricsData:
-    """``data`` with ``metric`` appended to the relay meter's scope (created if absent)."""
+def add_metrics(data: MetricsData | None, metrics: list[Metric], resource: Resource) -> MetricsData:
+    """``data`` with ``metrics`` appended to the relay meter's scope (created if absent)."""
     resource_metrics = list(data.resource_metrics) if data is not None else []
     if not resource_metrics:
         resource_metrics = [ResourceMetrics(resource=resource, scope_metrics=[], schema_url="")]
@@ -167,18 +202,18 @@ def add_metric(data: MetricsData, metric: Metric, resource: Resource) -> Metrics
     scopes = list(first.scope_metrics)
     for i, scope in enumerate(scopes):
         if scope.scope.name == METER_NAME:
-            scopes[i] = ScopeMetrics(scope.scope, [*scope.metrics, metric], scope.schema_url)
+            scopes[i] = ScopeMetrics(scope.scope, [*scope.metrics, *metrics], scope.schema_url)
             break
     else:
-        scopes.append(ScopeMetrics(InstrumentationScope(METER_NAME), [metric], ""))
+        scopes.append(ScopeMetrics(InstrumentationScope(METER_NAME), list(metrics), ""))
     resource_metrics[0] = ResourceMetrics(first.resource, scopes, first.schema_url)
     return MetricsData(resource_metrics=resource_metrics)
 
 
 class BridgingExporter(MetricExporter):
-    """Wraps an exporter and adds the bridged packet-size histogram to every export."""
+    """Wraps an exporter and adds the bridged histograms to every export."""
 
-    def __init__(self, inner: MetricExporter, bridge: PacketSizeBridge, resource: Resource):
+    def __init__(self, inner: MetricExporter, bridge: HistogramBridge, resource: Resource):
         preferred = getattr(inner, "_preferred_temporality", None)
         super().__init__(
             preferred_temporality=preferred,
@@ -188,16 +223,16 @@ class BridgingExporter(MetricExporter):
         self.bridge = bridge
         self.resource = resource
         self.temporality = (preferred or {}).get(SdkHistogram, AggregationTemporality.CUMULATIVE)
-        self._previous: dict[str, tuple[list[int], int]] | None = None
+        self._previous: Snapshot | None = None
         self._previous_ns: int | None = None
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         snapshot = self.bridge.snapshot()
-        metric = self.bridge.metric(self.temporality, self._previous, self._previous_ns, snapshot)
+        metrics = self.bridge.metrics(self.temporality, self._previous, self._previous_ns, snapshot)
         self._previous, self._previous_ns = snapshot, time.time_ns()
-        merged = add_metric(metrics_data, metric, self.resource)
+        merged = add_metrics(metrics_data, metrics, self.resource)
         return self.inner.export(merged, timeout_millis=timeout_millis, **kwargs)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -250,18 +285,22 @@ def render_prometheus(data: MetricsData | None) -> str:
                     lines.append(f"# HELP {name} {m.description}")
                 if isinstance(d, Sum) and d.is_monotonic:
                     lines.append(f"# TYPE {name}_total counter")
-                    lines += [f"{name}_total{_labels(p.attributes)} {_num(p.value)}"
-                              for p in d.data_points]
+                    lines += [
+                        f"{name}_total{_labels(p.attributes)} {_num(p.value)}"
+                        for p in d.data_points
+                    ]
                 elif isinstance(d, Sum | Gauge):
                     lines.append(f"# TYPE {name} gauge")
-                    lines += [f"{name}{_labels(p.attributes)} {_num(p.value)}"
-                              for p in d.data_points]
+                    lines += [
+                        f"{name}{_labels(p.attributes)} {_num(p.value)}" for p in d.data_points
+                    ]
                 elif isinstance(d, Histogram):
                     lines.append(f"# TYPE {name} histogram")
                     for p in d.data_points:
                         running = 0
-                        for bound, c in zip([*p.explicit_bounds, math.inf], p.bucket_counts,
-                                            strict=False):
+                        for bound, c in zip(
+                            [*p.explicit_bounds, math.inf], p.bucket_counts, strict=False
+                        ):
                             running += c
                             le = 'le="' + _num(float(bound)) + '"'
                             lines.append(f"{name}_bucket{_labels(p.attributes, le)} {running}")
@@ -283,7 +322,7 @@ class Telemetry:
         channels: Callable[[], int],
         responses: Callable[[], dict[tuple[str, str, int | None], int]],
         drops: Callable[[], dict[str, int]],
-        bridge: PacketSizeBridge,
+        bridge: HistogramBridge,
         otlp_endpoint: str | None = None,
         export_interval_ms: float | None = None,
     ) -> None:
@@ -307,7 +346,9 @@ class Telemetry:
             )
             self.exporter = BridgingExporter(inner, bridge, self.resource)
             readers.append(
-                PeriodicExportingMetricReader(self.exporter, export_interval_millis=export_interval_ms)
+                PeriodicExportingMetricReader(
+                    self.exporter, export_interval_millis=export_interval_ms
+                )
             )
         self.provider = MeterProvider(resource=self.resource, metric_readers=readers)
         meter = self.provider.get_meter(METER_NAME)
@@ -330,19 +371,27 @@ class Telemetry:
                 yield Observation(n, {"reason": reason})
 
         meter.create_observable_up_down_counter(
-            "relay.active_allocations", [active_allocations], unit="{allocation}",
+            "relay.active_allocations",
+            [active_allocations],
+            unit="{allocation}",
             description="Allocations currently active",
         )
         meter.create_observable_up_down_counter(
-            "relay.active_channels", [active_channels], unit="{channel}",
+            "relay.active_channels",
+            [active_channels],
+            unit="{channel}",
             description="Channel bindings currently relaying",
         )
         meter.create_observable_counter(
-            "relay.responses", [response_counts], unit="{response}",
+            "relay.responses",
+            [response_counts],
+            unit="{response}",
             description="STUN/TURN responses sent",
         )
         meter.create_observable_counter(
-            "relay.datagrams.dropped", [drop_counts], unit="{datagram}",
+            "relay.datagrams.dropped",
+            [drop_counts],
+            unit="{datagram}",
             description="Datagrams the relay could not send or process",
         )
 
@@ -350,8 +399,8 @@ class Telemetry:
         """Collect now (any thread) and render ``/metrics``."""
         with self._pull_lock:
             data = self._pull.get_metrics_data()
-            metric = self.bridge.metric(AggregationTemporality.CUMULATIVE)
-        return render_prometheus(add_metric(data, metric, self.resource))
+            metrics = self.bridge.metrics(AggregationTemporality.CUMULATIVE)
+        return render_prometheus(add_metrics(data, metrics, self.resource))
 
     def shutdown(self, timeout_s: float = 0.5) -> None:
         """Flush and stop the exporters, giving up after ``timeout_s`` (shutdown must be quick)."""

@@ -7,6 +7,7 @@ only if it still belongs to the binding being deleted, never one that replaced i
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -47,9 +48,12 @@ class BindingTable:
         for command in commands:
             if not isinstance(command, CreateChannelBinding | DeleteChannelBinding):
                 continue
-            (ck, pk), _ = binding_entries(
-                command.client, command.channel, command.peer, command.allocation_port
-            )
+            try:
+                (ck, pk), _ = binding_entries(
+                    command.client, command.channel, command.peer, command.allocation_port
+                )
+            except (ValueError, TypeError, IndexError, struct.error):
+                continue  # not a binding we can express: userspace keeps relaying it
             before_c2p.setdefault(ck, self.c2p.get(ck))
             before_p2c.setdefault(pk, self.p2c.get(pk))
             if isinstance(command, CreateChannelBinding):

@@ -92,7 +92,7 @@ def _batch(cmd: int, fd: int, keys: bytes, values: bytes | None, count: int) -> 
     v = ctypes.create_string_buffer(values, len(values)) if values is not None else None
     # struct { u64 in_batch, out_batch, keys, values; u32 count, map_fd; u64 elem_flags, flags; }
     attr = ctypes.create_string_buffer(
-        struct.pack("=QQQQIIQQ", 0, 0, _addr(k), _addr(v), count, fd, 0, 0), 48
+        struct.pack("=QQQQIIQQ", 0, 0, _addr(k), _addr(v), count, fd, 0, 0), 56
     )
     try:
         _bpf(cmd, attr)

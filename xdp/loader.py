@@ -41,9 +41,7 @@ def import_bcc() -> ModuleType:
     an interpreter without /usr/lib/python3/dist-packages on its path still finds it without
     pulling in the rest of Debian's packages."""
     try:
-        import bcc
-
-        return bcc
+        return importlib.import_module("bcc")
     except ImportError:
         pass
     init = DEBIAN_BCC / "__init__.py"
@@ -68,12 +66,22 @@ def import_bcc() -> ModuleType:
 class TurnRouter:
     """One loaded instance of xdp/turn_router.c: its program, maps and (optional) attachment."""
 
-    def __init__(self, max_bindings: int = 65536, source: Path = SOURCE) -> None:
+    def __init__(
+        self, max_bindings: int = 65536, timing_sample: int = 16, source: Path | None = None
+    ) -> None:
+        """``timing_sample``: time one packet in that many (a power of two; 1 = every packet)."""
+        if timing_sample < 1 or timing_sample & (timing_sample - 1):
+            raise ValueError("timing_sample must be a power of two")
         bcc = import_bcc()
+        source = source or SOURCE
         try:
             self._bpf: Any = bcc.BPF(
                 src_file=str(source).encode(),
-                cflags=[f"-DMAX_BINDINGS={int(max_bindings)}", "-w"],
+                cflags=[
+                    f"-DMAX_BINDINGS={int(max_bindings)}",
+                    f"-DTIMING_SAMPLE={int(timing_sample)}",
+                    "-w",
+                ],
             )
             fn = self._bpf.load_func(PROGRAM, bcc.BPF.XDP)
         except Exception as e:
@@ -84,8 +92,8 @@ class TurnRouter:
         self.chan_to_peer_fd: int = self._bpf[b"chan_to_peer"].map_fd
         self.peer_to_chan_fd: int = self._bpf[b"peer_to_chan"].map_fd
         self._config_fd: int = self._bpf[b"config"].map_fd
-        self._stats_fd: int = self._bpf[b"stats"].map_fd
-        self._ncpus = bpfsys.possible_cpus()
+        self.stats_fd: int = self._bpf[b"stats"].map_fd
+        self.ncpus = bpfsys.possible_cpus()
         self.max_bindings = max_bindings
         self._link_fd: int | None = None
         self.interface: str | None = None
@@ -158,8 +166,13 @@ class TurnRouter:
 
     # -- maps --------------------------------------------------------------------------
 
-    def update(self, entries_c2p: list[tuple[bytes, bytes]], entries_p2c: list[tuple[bytes, bytes]]) -> None:
-        for fd, entries in ((self.chan_to_peer_fd, entries_c2p), (self.peer_to_chan_fd, entries_p2c)):
+    def update(
+        self, entries_c2p: list[tuple[bytes, bytes]], entries_p2c: list[tuple[bytes, bytes]]
+    ) -> None:
+        for fd, entries in (
+            (self.chan_to_peer_fd, entries_c2p),
+            (self.peer_to_chan_fd, entries_p2c),
+        ):
             if not entries:
                 continue
             keys = [k for k, _ in entries]
@@ -191,13 +204,13 @@ class TurnRouter:
 
     def counters(self) -> XdpCounters:
         stride = (STATS_SIZE + 7) & ~7
-        raw = bpfsys.map_lookup(self._stats_fd, b"\0\0\0\0", stride * self._ncpus)
+        raw = bpfsys.map_lookup(self.stats_fd, b"\0\0\0\0", stride * self.ncpus)
         assert raw is not None
-        return XdpCounters.from_percpu(raw, self._ncpus)
+        return XdpCounters.from_percpu(raw, self.ncpus)
 
     def reset_counters(self) -> None:
         stride = (STATS_SIZE + 7) & ~7
-        bpfsys.map_update(self._stats_fd, b"\0\0\0\0", bytes(stride * self._ncpus))
+        bpfsys.map_update(self.stats_fd, b"\0\0\0\0", bytes(stride * self.ncpus))
 
     def test_run(
         self, packet: bytes, repeat: int = 1, ingress_ifindex: int = 0

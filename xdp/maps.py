@@ -34,7 +34,7 @@ PASS_REASONS = (
 )
 NUM_SIZE_BUCKETS = 16
 NUM_NS_BUCKETS = 16
-_STATS_WORDS = 2 * len(PATHS) + len(PASS_REASONS) + NUM_SIZE_BUCKETS + 2 + NUM_NS_BUCKETS
+_STATS_WORDS = 2 * len(PATHS) + len(PASS_REASONS) + NUM_SIZE_BUCKETS + 2 + NUM_NS_BUCKETS + 1
 STATS_SIZE = 8 * _STATS_WORDS
 
 KEY_SIZE = 20
@@ -127,17 +127,20 @@ class XdpCounters:
     """Kernel counters summed over CPUs; plain numbers for the telemetry module.
 
     ``packet_size_buckets`` use the userspace buckets (payload bytes, [100*i, 100*(i+1)), last
-    >= 1500); ``processing_ns_buckets[i]`` counts packets that took [2^(i-1), 2^i) ns (bucket 0:
-    0 ns; the last bucket is open-ended).
+    >= 1500). Processing time is sampled (one packet in ``TIMING_SAMPLE``, default 16, of all
+    packets the program sees, recorded when the sample is relayed): ``processing_count`` is the
+    number of samples, ``processing_ns_buckets[i]`` counts samples that took [2^(i-1), 2^i) ns
+    (bucket 0: 0 ns; the last bucket is open-ended). ``packets_seen`` counts every packet.
     """
 
     packets: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
+    payload_bytes: dict[str, int] = field(default_factory=dict)
     passed: dict[str, int] = field(default_factory=dict)
     packet_size_buckets: tuple[int, ...] = (0,) * NUM_SIZE_BUCKETS
     processing_ns_total: int = 0
     processing_count: int = 0
     processing_ns_buckets: tuple[int, ...] = (0,) * NUM_NS_BUCKETS
+    packets_seen: int = 0
 
     @property
     def relayed_packets(self) -> int:
@@ -145,7 +148,7 @@ class XdpCounters:
 
     @property
     def relayed_bytes(self) -> int:
-        return sum(self.bytes.values())
+        return sum(self.payload_bytes.values())
 
     @staticmethod
     def from_percpu(raw: bytes, ncpus: int) -> XdpCounters:
@@ -162,4 +165,5 @@ class XdpCounters:
         ns_total = next(it)
         ns_count = next(it)
         ns_buckets = tuple(next(it) for _ in range(NUM_NS_BUCKETS))
-        return XdpCounters(packets, nbytes, passed, sizes, ns_total, ns_count, ns_buckets)
+        seen = next(it)
+        return XdpCounters(packets, nbytes, passed, sizes, ns_total, ns_count, ns_buckets, seen)

@@ -21,6 +21,11 @@
 #ifndef MAX_BINDINGS
 #define MAX_BINDINGS 65536
 #endif
+/* Time one packet in TIMING_SAMPLE (a power of two; 1 = all). Reading the clock costs about
+ * 30 ns per call on the project's VMs, as much as the rest of the relaying work. */
+#ifndef TIMING_SAMPLE
+#define TIMING_SAMPLE 16
+#endif
 
 #define ETH_LEN 14
 #define IP4_LEN 20
@@ -91,6 +96,7 @@ struct relay_stats {
     __u64 ns_total;
     __u64 ns_count;
     __u64 ns_buckets[NUM_NS_BUCKETS];       /* 0: 0 ns, i: [2^(i-1), 2^i) ns, last open */
+    __u64 seq;                              /* packets seen, drives timing samples */
 };
 
 BPF_HASH(chan_to_peer, struct chan_key, struct peer_key, MAX_BINDINGS);
@@ -329,13 +335,15 @@ static __always_inline int relay(struct xdp_md *ctx, struct relay_config *cfg,
     if (sb >= NUM_SIZE_BUCKETS)
         sb = NUM_SIZE_BUCKETS - 1;
     st->size_buckets[sb]++;
-    __u64 ns = bpf_ktime_get_ns() - start;
-    __u32 nb = bpf_log2l(ns);
-    if (nb >= NUM_NS_BUCKETS)
-        nb = NUM_NS_BUCKETS - 1;
-    st->ns_total += ns;
-    st->ns_count++;
-    st->ns_buckets[nb]++;
+    if (start) {
+        __u64 ns = bpf_ktime_get_ns() - start;
+        __u32 nb = bpf_log2l(ns);
+        if (nb >= NUM_NS_BUCKETS)
+            nb = NUM_NS_BUCKETS - 1;
+        st->ns_total += ns;
+        st->ns_count++;
+        st->ns_buckets[nb]++;
+    }
     return XDP_TX;
 }
 
@@ -348,6 +356,9 @@ int xdp_turn_router(struct xdp_md *ctx)
     struct relay_stats *st = stats.lookup(&zero);
     if (!st)
         return XDP_PASS;
+    __u64 start = 0;
+    if ((st->seq++ & (TIMING_SAMPLE - 1)) == 0)
+        start = bpf_ktime_get_ns();
     struct relay_config *cfg = config.lookup(&zero);
     if (!cfg || !cfg->enabled)
         return pass(st, PASS_DISABLED);
@@ -426,7 +437,6 @@ int xdp_turn_router(struct xdp_md *ctx)
     if (sport == 53)
         return pass(st, PASS_DNS);
 
-    __u64 start = bpf_ktime_get_ns();
     __builtin_memcpy(in.mac_dst, eth->h_dest, ETH_ALEN);
     __builtin_memcpy(in.mac_src, eth->h_source, ETH_ALEN);
     in.sport = udp->source;

@@ -69,9 +69,9 @@ async def turn_client(
 
 # -- coturn's turnutils -------------------------------------------------------------------------
 
-HAVE_TURNUTILS = shutil.which("turnutils_uclient") is not None and shutil.which(
-    "turnutils_peer"
-) is not None
+HAVE_TURNUTILS = (
+    shutil.which("turnutils_uclient") is not None and shutil.which("turnutils_peer") is not None
+)
 
 _COUNTERS = re.compile(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 _TOTALS_SEND = re.compile(r"Total sent messages?:? *(\d+)", re.I)
@@ -110,9 +110,10 @@ def free_udp_pair(host: str) -> int:
             s.bind((host, 0))
             port = s.getsockname()[1] & ~1
         try:
-            with socket.socket(family, socket.SOCK_DGRAM) as a, socket.socket(
-                family, socket.SOCK_DGRAM
-            ) as b:
+            with (
+                socket.socket(family, socket.SOCK_DGRAM) as a,
+                socket.socket(family, socket.SOCK_DGRAM) as b,
+            ):
                 a.bind((host, port))
                 b.bind((host, port + 1))
         except OSError:

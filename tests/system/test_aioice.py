@@ -56,16 +56,30 @@ def test_ipv6_client_transport(relay_factory) -> None:  # type: ignore[no-untype
 
 def test_many_clients_in_parallel(relay: RelayProcess) -> None:
     async def body() -> None:
-        await asyncio.gather(*(_echo_through(relay, "127.0.0.1", "127.0.0.1", 5) for _ in range(20)))
+        await asyncio.gather(
+            *(_echo_through(relay, "127.0.0.1", "127.0.0.1", 5) for _ in range(20))
+        )
 
     run(body)
 
 
 def test_cli_credentials_are_accepted(relay: RelayProcess) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "credentials", "--auth-secret", relay.secret,
-         "--salt", "laptop"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "actors.cli",
+            "credentials",
+            "--auth-secret",
+            relay.secret,
+            "--salt",
+            "laptop",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     values = dict(line.split("=", 1) for line in out.split())
     assert values["username"].endswith(":laptop")
@@ -82,9 +96,24 @@ def test_cli_credentials_are_accepted(relay: RelayProcess) -> None:
 def test_rest_scheme_credentials(relay_factory) -> None:  # type: ignore[no-untyped-def]
     relay = relay_factory(scheme="rest")
     out = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "credentials", "--auth-secret", relay.secret,
-         "--auth-scheme", "rest", "--user", "bob", "--json"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "actors.cli",
+            "credentials",
+            "--auth-secret",
+            relay.secret,
+            "--auth-scheme",
+            "rest",
+            "--user",
+            "bob",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     import json
 
@@ -129,3 +158,9 @@ def test_bind_failure_is_an_error_and_the_relay_lives_on(relay_factory) -> None:
         assert "bind failed" in relay.log()
     finally:
         blocker.close()
+
+
+def test_unavailable_xdp_offload_falls_back_to_userspace(relay_factory) -> None:  # type: ignore[no-untyped-def]
+    relay = relay_factory("--ebpf-offloading", "nosuchif0", "--ebpf-attach-mode", "generic")
+    run(lambda: _echo_through(relay, "127.0.0.1", "127.0.0.1", 3))
+    assert "unavailable" in relay.log()

@@ -789,3 +789,13 @@ def test_channel_data_header_fits_the_documented_struct() -> None:
     client, channel = h.peer(b"abc", PEER, port).route  # type: ignore[attr-defined]
     assert struct.pack("!HH", channel, 3) + b"abc" == channel_data.encode(0x4000, b"abc")
     assert client == CLIENT
+
+
+def test_several_allocations_per_username_when_allowed() -> None:
+    h = Harness(single_allocation_per_username=False)
+    client = h.client()
+    h.allocate(client)
+    client.nonce = None
+    out = h.allocate(client, sender=("93.184.216.34", 40001))
+    assert is_success(out.response) and not any(isinstance(c, FreeAllocation) for c in out.others)
+    assert h.server.num_allocations == 2

@@ -1,0 +1,203 @@
+"""A small load-generating TURN client for the daemon benchmarks (bench_daemon.py).
+
+It speaks STUN through aioice's codec (an implementation independent of ours), over plain
+non-blocking sockets, and can drive thousands of allocations in pipelined batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aioice import stun
+
+Addr = tuple[str, int]
+UDP = 0x11000000
+
+
+def long_term_key(username: str, realm: str, password: str) -> bytes:
+    return hashlib.md5(f"{username}:{realm}:{password}".encode()).digest()
+
+
+@dataclass
+class Client:
+    """One client socket and what it learned from the server."""
+
+    sock: socket.socket
+    username: str
+    password: str
+    realm: str | None = None
+    nonce: bytes | None = None
+    key: bytes | None = None
+    relayed: Addr | None = None
+    pending: bytes | None = None  # transaction id in flight
+    request: bytes | None = None
+    done: bool = False
+    error: int | None = None
+
+
+def request(
+    client: Client, method: stun.Method, attributes: dict[str, object], auth: bool = True
+) -> bytes:
+    msg = stun.Message(method, stun.Class.REQUEST)
+    for name, value in attributes.items():
+        msg.attributes[name] = value
+    if auth and client.nonce is not None and client.realm is not None:
+        msg.attributes["USERNAME"] = client.username
+        msg.attributes["REALM"] = client.realm
+        msg.attributes["NONCE"] = client.nonce
+        client.key = long_term_key(client.username, client.realm, client.password)
+        msg.add_message_integrity(client.key)
+    client.pending = msg.transaction_id
+    client.request = bytes(msg)
+    return client.request
+
+
+def pipelined(
+    clients: Sequence[Client],
+    server: Addr,
+    make: Callable[[Client], bytes],
+    handle: Callable[[Client, stun.Message], None],
+    window: int = 256,
+    timeout: float = 60.0,
+) -> float:
+    """Send ``make(client)`` for every client with ``window`` in flight; ``handle`` each reply
+    (it sets ``done`` or prepares a retry by leaving it false). Returns the elapsed seconds."""
+    poller = select.epoll()
+    by_fd: dict[int, Client] = {}
+    todo = list(clients)
+    for c in todo:
+        c.done = False
+    queue = list(reversed(todo))
+    in_flight: dict[int, float] = {}
+    start = time.monotonic()
+    deadline = start + timeout
+    remaining = len(todo)
+    try:
+        while remaining and time.monotonic() < deadline:
+            while queue and len(in_flight) < window:
+                c = queue.pop()
+                fd = c.sock.fileno()
+                if fd not in by_fd:
+                    by_fd[fd] = c
+                    poller.register(fd, select.EPOLLIN)
+                c.sock.sendto(make(c), server)
+                in_flight[fd] = time.monotonic()
+            for fd, _ in poller.poll(0.05):
+                c = by_fd[fd]
+                while True:
+                    try:
+                        data = c.sock.recv(4096)
+                    except BlockingIOError:
+                        break
+                    try:
+                        msg = stun.parse_message(data)
+                    except Exception:
+                        continue
+                    if msg.transaction_id != c.pending:
+                        continue
+                    handle(c, msg)
+                    in_flight.pop(fd, None)
+                    if c.done:
+                        remaining -= 1
+                    else:
+                        queue.append(c)
+                    break
+            now = time.monotonic()
+            for fd, sent in list(in_flight.items()):
+                if now - sent > 1.0:  # lost: resend the same request
+                    c = by_fd[fd]
+                    assert c.request is not None
+                    c.sock.sendto(c.request, server)
+                    in_flight[fd] = now
+    finally:
+        poller.close()
+    return time.monotonic() - start
+
+
+def open_clients(n: int, host: str, credentials: Callable[[int], tuple[str, str]]) -> list[Client]:
+    clients = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for i in range(n):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind((host, 0))
+        username, password = credentials(i)
+        clients.append(Client(s, username, password))
+    return clients
+
+
+def allocate_all(clients: Sequence[Client], server: Addr, window: int = 256) -> float:
+    """Allocate for every client (401 challenge, then the authenticated Allocate)."""
+
+    def make(c: Client) -> bytes:
+        return request(c, stun.Method.ALLOCATE, {"REQUESTED-TRANSPORT": UDP})
+
+    def handle(c: Client, msg: stun.Message) -> None:
+        if msg.message_class == stun.Class.RESPONSE:
+            c.relayed = msg.attributes["XOR-RELAYED-ADDRESS"]
+            c.done = True
+            return
+        code = msg.attributes.get("ERROR-CODE", (0, ""))[0]
+        if code in (401, 438) and "NONCE" in msg.attributes and (c.nonce is None or code == 438):
+            c.realm = msg.attributes["REALM"]
+            c.nonce = msg.attributes["NONCE"]
+            return  # retried with credentials
+        c.error = code
+        c.done = True
+
+    return pipelined(clients, server, make, handle, window)
+
+
+def refresh_all(clients: Sequence[Client], server: Addr, lifetime: int, window: int = 256) -> float:
+    def make(c: Client) -> bytes:
+        return request(c, stun.Method.REFRESH, {"LIFETIME": lifetime})
+
+    def handle(c: Client, msg: stun.Message) -> None:
+        if msg.message_class == stun.Class.ERROR:
+            code = msg.attributes.get("ERROR-CODE", (0, ""))[0]
+            if code == 438 and "NONCE" in msg.attributes:
+                c.nonce = msg.attributes["NONCE"]
+                return
+            c.error = code
+        c.done = True
+
+    return pipelined(clients, server, make, handle, window)
+
+
+def channel_bind_all(
+    clients: Sequence[Client], server: Addr, peers: Sequence[Addr], channel: int = 0x4000
+) -> float:
+    peer_of = {id(c): p for c, p in zip(clients, peers, strict=True)}
+
+    def make(c: Client) -> bytes:
+        return request(
+            c,
+            stun.Method.CHANNEL_BIND,
+            {"CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer_of[id(c)]},
+        )
+
+    def handle(c: Client, msg: stun.Message) -> None:
+        if msg.message_class == stun.Class.ERROR:
+            code = msg.attributes.get("ERROR-CODE", (0, ""))[0]
+            if code == 438 and "NONCE" in msg.attributes:
+                c.nonce = msg.attributes["NONCE"]
+                return
+            c.error = code
+        c.done = True
+
+    return pipelined(clients, server, make, handle)
+
+
+def channel_data(channel: int, payload: bytes) -> bytes:
+    return struct.pack("!HH", channel, len(payload)) + payload
+
+
+def random_payload(size: int) -> bytes:
+    return os.urandom(size)

@@ -1,0 +1,407 @@
+"""A masquerading-NAT test network built from network namespaces (root only).
+
+::
+
+  cli  c0 192.168.10.2  fd00:10::2 ─ r-cli ┐
+                                           │ rtr: forwards, nftables NAT
+  gw   g0 192.168.20.2  fd00:20::2 ─ r-gw  ┤   cli -> masquerade (10.99.0.1, fd00:99::1)
+                                           │   gw  -> snat to    (10.99.0.2, fd00:99::2)
+  rly  p0 10.99.0.10    fd00:99::10 ─ r-pub┘   roaming cli 192.168.10.3 -> 10.99.0.3
+
+The relay sits on the "public" segment 10.99.0.0/24 (fd00:99::/64) with no default route; the
+client and the gateway sit behind the router's NAT and cannot reach each other directly (the
+forward chain drops it), so everything they exchange goes through the relay. Each NAT is
+``cone`` (Linux keeps the source port: endpoint-independent mapping) or ``symmetric``
+(``fully-random`` source ports: a new mapping per destination). Loss is an nftables
+``numgen random`` drop in the router, per side and direction (this kernel has no netem).
+
+Nothing is created in, or connected to, the root namespace, so no packet can leave: every
+address here exists only inside these namespaces. Namespaces are named ``<prefix>-<role>``;
+building purges leftovers of the same prefix first (an earlier run that was SIGKILLed), and the
+topology is torn down on context exit, at interpreter exit, and on SIGTERM/SIGHUP. Processes
+started with :meth:`Topology.popen` are killed by pid before the namespaces go, and get
+SIGKILL from the kernel if the starting thread dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Literal
+
+from xdp.netns import netns as _enter_netns
+
+NatKind = Literal["cone", "symmetric"]
+Side = Literal["client", "gateway"]
+Direction = Literal["up", "down", "both"]
+
+DEFAULT_PREFIX = "fzn" + os.environ.get("PYTEST_XDIST_WORKER", "m")
+
+# Addresses (private, namespace-only).
+CLIENT4, CLIENT6 = "192.168.10.2", "fd00:10::2"
+CLIENT_ROAM4 = "192.168.10.3"
+GATEWAY4, GATEWAY6 = "192.168.20.2", "fd00:20::2"
+RELAY4, RELAY6 = "10.99.0.10", "fd00:99::10"
+CLIENT_PUBLIC4, CLIENT_PUBLIC6 = "10.99.0.1", "fd00:99::1"
+GATEWAY_PUBLIC4, GATEWAY_PUBLIC6 = "10.99.0.2", "fd00:99::2"
+CLIENT_ROAM_PUBLIC4 = "10.99.0.3"
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run(args: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+    """Run a command (a list, never a shell); RuntimeError with its stderr if it fails."""
+    res = subprocess.run(list(args), capture_output=True, text=True, input=input, timeout=30)
+    if check and res.returncode != 0:
+        detail = res.stderr.strip() or res.stdout.strip()
+        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {detail}")
+    return res.stdout
+
+
+def list_netns() -> list[str]:
+    out = run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def purge(prefix: str) -> None:
+    """Delete every namespace named ``<prefix>-*`` after killing what runs in it (by pid)."""
+    for name in list_netns():
+        if not name.startswith(prefix + "-"):
+            continue
+        for pid in run(["ip", "netns", "pids", name], check=False).split():
+            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
+        run(["ip", "netns", "del", name], check=False)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Drop ``percent`` of one side's packets in the router, in one or both directions."""
+
+    side: Side
+    percent: int
+    direction: Direction = "both"
+
+
+@dataclass(frozen=True)
+class TopologyOptions:
+    client_nat: NatKind = "cone"
+    gateway_nat: NatKind = "cone"
+    loss: tuple[Loss, ...] = ()
+    ipv6: bool = True
+    #: UDP checksum offload on the endpoint veths; off, so that frames carry full checksums
+    #: when the relay rewrites them in XDP (xdp-on-this-machine.md §5.2).
+    tx_checksum_offload: bool = False
+
+
+_LIVE: set[Topology] = set()
+_LIVE_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _cleanup_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for topo in live:
+        with contextlib.suppress(Exception):
+            topo.destroy()
+
+
+def _on_signal(signum: int, frame: FrameType | None, previous: Any) -> None:
+    _cleanup_all()
+    if callable(previous):
+        previous(signum, frame)
+    else:
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        os.kill(os.getpid(), signum)
+
+
+def _install_hooks() -> None:
+    """atexit + SIGTERM/SIGHUP handlers (once, main thread only); SIGINT raises
+    KeyboardInterrupt, which the context manager already handles."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    _HOOKED = True
+    atexit.register(_cleanup_all)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            _on_signal(signum, frame, previous)
+
+        signal.signal(sig, handler)
+
+
+@dataclass(eq=False)
+class Topology:
+    """The four-namespace NAT network; use as a context manager (``with Topology() as t``)."""
+
+    options: TopologyOptions = field(default_factory=TopologyOptions)
+    prefix: str = DEFAULT_PREFIX
+    relay_dev: str = "p0"
+    client_dev: str = "c0"
+    gateway_dev: str = "g0"
+    _procs: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
+    _built: bool = False
+
+    # -- names -----------------------------------------------------------------------------
+
+    @property
+    def cli(self) -> str:
+        return f"{self.prefix}-cli"
+
+    @property
+    def gw(self) -> str:
+        return f"{self.prefix}-gw"
+
+    @property
+    def rly(self) -> str:
+        return f"{self.prefix}-rly"
+
+    @property
+    def rtr(self) -> str:
+        return f"{self.prefix}-rtr"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.cli, self.gw, self.rly, self.rtr]
+
+    relay4 = RELAY4
+    relay6 = RELAY6
+    client4 = CLIENT4
+    client6 = CLIENT6
+    gateway4 = GATEWAY4
+    gateway6 = GATEWAY6
+    client_public4 = CLIENT_PUBLIC4
+    gateway_public4 = GATEWAY_PUBLIC4
+    client_roam4 = CLIENT_ROAM4
+    client_roam_public4 = CLIENT_ROAM_PUBLIC4
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Topology:
+        self.build()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def build(self) -> None:
+        """Purge leftovers, then build step by step; on any failure purge and re-raise."""
+        _install_hooks()
+        purge(self.prefix)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.destroy()
+            raise
+        self._built = True
+
+    def destroy(self) -> None:
+        """Kill our processes by pid, then delete the namespaces (which removes veths, routes,
+        nft tables, conntrack state and XDP programs). Safe to call more than once."""
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        deadline = time.monotonic() + 2.0
+        for proc in procs:
+            try:
+                proc.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(2.0)
+        purge(self.prefix)
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        self._built = False
+
+    def _build(self) -> None:
+        o = self.options
+        for ns in self.namespaces:
+            run(["ip", "netns", "add", ns])
+            self.ip(ns, "link", "set", "lo", "up")
+            if not o.ipv6:
+                self.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", 1)
+            else:
+                # no router solicitations or DAD delays: addresses are usable at once
+                self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+                self.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
+                self.sysctl(ns, "net.ipv6.conf.default.router_solicitations", 0)
+        links = (
+            (self.cli, self.client_dev, "r-cli"),
+            (self.gw, self.gateway_dev, "r-gw"),
+            (self.rly, self.relay_dev, "r-pub"),
+        )
+        for ns, dev, peer in links:
+            run(["ip", "link", "add", dev, "netns", ns, "type", "veth",
+                 "peer", "name", peer, "netns", self.rtr])
+        plan: list[tuple[str, str, list[str], list[str]]] = [
+            (self.cli, self.client_dev, [f"{CLIENT4}/24"], [f"{CLIENT6}/64"]),
+            (self.gw, self.gateway_dev, [f"{GATEWAY4}/24"], [f"{GATEWAY6}/64"]),
+            (self.rly, self.relay_dev, [f"{RELAY4}/24"], [f"{RELAY6}/64"]),
+            (self.rtr, "r-cli", ["192.168.10.1/24"], ["fd00:10::1/64"]),
+            (self.rtr, "r-gw", ["192.168.20.1/24"], ["fd00:20::1/64"]),
+            (
+                self.rtr,
+                "r-pub",
+                [f"{CLIENT_PUBLIC4}/24", f"{GATEWAY_PUBLIC4}/24", f"{CLIENT_ROAM_PUBLIC4}/24"],
+                [f"{CLIENT_PUBLIC6}/64", f"{GATEWAY_PUBLIC6}/64"],
+            ),
+        ]
+        for ns, dev, v4s, v6s in plan:
+            for addr in v4s:
+                self.ip(ns, "addr", "add", addr, "dev", dev)
+            if o.ipv6:
+                for addr in v6s:
+                    self.ip(ns, "-6", "addr", "add", addr, "dev", dev, "nodad")
+            self.ip(ns, "link", "set", dev, "up")
+        self.ip(self.cli, "route", "add", "default", "via", "192.168.10.1")
+        self.ip(self.gw, "route", "add", "default", "via", "192.168.20.1")
+        if o.ipv6:
+            self.ip(self.cli, "-6", "route", "add", "default", "via", "fd00:10::1")
+            self.ip(self.gw, "-6", "route", "add", "default", "via", "fd00:20::1")
+        self.sysctl(self.rtr, "net.ipv4.ip_forward", 1)
+        if o.ipv6:
+            self.sysctl(self.rtr, "net.ipv6.conf.all.forwarding", 1)
+        self.exec(self.rtr, "nft", "-f", "-", input=self.ruleset())
+        self._wait_links_up()
+        if not o.tx_checksum_offload:
+            for ns, dev in (
+                (self.cli, self.client_dev),
+                (self.gw, self.gateway_dev),
+                (self.rly, self.relay_dev),
+            ):
+                self.exec(ns, "ethtool", "-K", dev, "tx", "off")
+
+    def _wait_links_up(self, timeout: float = 5.0) -> None:
+        """Link state reaches IPv6 routing through linkwatch, up to a second after ``set up``;
+        until then IPv6 packets meet "no route". Wait for every veth to be operationally up."""
+        ends = [(self.cli, self.client_dev), (self.gw, self.gateway_dev),
+                (self.rly, self.relay_dev), (self.rtr, "r-cli"), (self.rtr, "r-gw"),
+                (self.rtr, "r-pub")]
+        deadline = time.monotonic() + timeout
+        while True:
+            down = [f"{ns}/{dev}" for ns, dev in ends
+                    if "state UP" not in self.ip(ns, "-o", "link", "show", dev)]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"links not up after {timeout} s: {', '.join(down)}")
+            time.sleep(0.05)
+
+    # -- the router's ruleset --------------------------------------------------------------
+
+    def ruleset(self) -> str:
+        """The router's nftables rules (NAT and loss) for the current options."""
+        o = self.options
+
+        def nat(kind: NatKind, action: str) -> str:
+            return f"{action} fully-random" if kind == "symmetric" else action
+
+        cli_nat = nat(o.client_nat, "masquerade")
+        gw_nat4 = nat(o.gateway_nat, f"snat ip to {GATEWAY_PUBLIC4}")
+        lines = [
+            "table inet fznat {",
+            "  chain postrouting {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            # the roaming client address leaves through another public address
+            f'    oifname "r-pub" ip saddr {CLIENT_ROAM4} '
+            + nat(o.client_nat, f"snat ip to {CLIENT_ROAM_PUBLIC4}"),
+            f'    oifname "r-pub" ip saddr 192.168.10.0/24 {cli_nat}',
+            f'    oifname "r-pub" ip saddr 192.168.20.0/24 {gw_nat4}',
+        ]
+        if o.ipv6:
+            gw_nat6 = nat(o.gateway_nat, f"snat ip6 to {GATEWAY_PUBLIC6}")
+            lines += [
+                # IPv6 masquerade would pick either of r-pub's addresses; name the client's
+                f'    oifname "r-pub" ip6 saddr fd00:10::/64 '
+                + nat(o.client_nat, f"snat ip6 to {CLIENT_PUBLIC6}"),
+                f'    oifname "r-pub" ip6 saddr fd00:20::/64 {gw_nat6}',
+            ]
+        lines += [
+            "  }",
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            '    iifname "r-cli" oifname "r-gw" drop',
+            '    iifname "r-gw" oifname "r-cli" drop',
+            # nothing from the public side opens a connection inward (a real NAT)
+            '    iifname "r-pub" ct state new drop',
+        ]
+        for loss in o.loss:
+            dev = "r-cli" if loss.side == "client" else "r-gw"
+            if loss.percent <= 0:
+                continue
+            if loss.direction in ("up", "both"):
+                lines.append(f'    iifname "{dev}" numgen random mod 100 < {loss.percent} drop')
+            if loss.direction in ("down", "both"):
+                lines.append(f'    oifname "{dev}" numgen random mod 100 < {loss.percent} drop')
+        lines += ["  }", "}", ""]
+        return "\n".join(lines)
+
+    def set_options(self, options: TopologyOptions) -> None:
+        """Swap the router's ruleset at run time (e.g. start or stop losing packets).
+        Existing NAT mappings (conntrack) survive; only new flows see a new NAT kind."""
+        self.options = options
+        self.exec(self.rtr, "nft", "-f", "-",
+                  input="flush ruleset\n" + self.ruleset())
+
+    def move_client(self) -> str:
+        """The client "changes networks": its address becomes 192.168.10.3, which the router
+        maps to another public address. Returns the new local address to bind to."""
+        self.ip(self.cli, "addr", "add", f"{CLIENT_ROAM4}/24", "dev", self.client_dev)
+        self.ip(self.cli, "addr", "del", f"{CLIENT4}/24", "dev", self.client_dev)
+        # deleting the primary address may take the default route with it
+        self.ip(self.cli, "route", "replace", "default", "via", "192.168.10.1")
+        return CLIENT_ROAM4
+
+    # -- running things inside -------------------------------------------------------------
+
+    def ip(self, ns: str, *args: str) -> str:
+        return run(["ip", "-n", ns, *args])
+
+    def sysctl(self, ns: str, key: str, value: object) -> None:
+        self.exec(ns, "sysctl", "-qw", f"{key}={value}")
+
+    def exec(self, ns: str, *args: str, input: str | None = None, check: bool = True) -> str:
+        return run(["ip", "netns", "exec", ns, *args], input=input, check=check)
+
+    def popen(self, ns: str, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``args`` inside ``ns``; it is killed (by pid) when the topology goes, and by
+        the kernel if the calling thread dies first."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *args], preexec_fn=_die_with_parent, **kwargs
+        )
+        self._procs.append(proc)
+        return proc
+
+    @contextlib.contextmanager
+    def entered(self, ns: str) -> Iterator[None]:
+        """Run the block with the calling thread inside ``ns`` (sockets created there stay)."""
+        with _enter_netns(ns):
+            yield
+
+    def conntrack_count(self) -> int:
+        return int(self.exec(self.rtr, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))

@@ -1,0 +1,546 @@
+"""The pieces of the masquerading-NAT suite: a relay daemon, a test portal, two TURN agents
+with a TUN tunnel, an HTTP server and curl, all in a ``simulations.topology`` network.
+
+:class:`NatRun` is a context manager that brings one scenario up (topology, signalling hub,
+relay, agents, web server), lets the test download a 10 MB blob through the tunnel (so through
+the relay) and disturb things meanwhile, and tears everything down, whatever happens. Every
+wait is bounded; nothing outlives the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.auth import make_credentials, portal_salt
+from simulations.signalling import Hub
+from simulations.topology import Topology, TopologyOptions
+
+REPO = Path(__file__).resolve().parents[2]
+BLOB_SIZE = 10_000_000
+CLIENT_KEY = "nat-client-public-key"
+GATEWAY_KEY = "nat-gateway-public-key"
+CLIENT_TUN = ["100.64.0.1/24", "fd00:64::1/64"]
+GATEWAY_TUN = ["100.64.0.2/24", "fd00:64::2/64"]
+WEB_PORT = 8080
+HEALTH = ("127.0.0.1", 8080)  # inside the relay namespace
+#: a relay log line at WARN or ERROR level, or a traceback
+PROBLEM = re.compile(r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s|^Traceback|^\S+Z\s+\w+\s+.*Traceback")
+
+
+def require_nat_tools() -> None:
+    """Skip, with the reason, unless this can run: root, ip, nft, ethtool, curl, a TUN device."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, nftables, TUN)")
+    missing = [t for t in ("ip", "nft", "ethtool", "curl") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun")
+
+
+def xdp_unavailable() -> str | None:
+    """Why the relay cannot offload to XDP here, or None if it should be able to."""
+    try:
+        from xdp.loader import XdpUnavailable, import_bcc
+    except ImportError as exc:
+        return f"XDP loader not importable: {exc}"
+    try:
+        import_bcc()
+    except XdpUnavailable as exc:
+        return str(exc)
+    try:
+        from actors import xdp_manager
+    except ImportError as exc:
+        return f"actors.xdp_manager not importable: {exc}"
+    if not hasattr(xdp_manager, "start_from_settings"):
+        return "actors.xdp_manager has no start_from_settings yet"
+    return None
+
+
+def make_blob(directory: Path) -> tuple[Path, str]:
+    """A 10 MB file of seeded random bytes and its SHA-256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "blob"
+    data = random.Random(20240610).randbytes(BLOB_SIZE)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("FIREZONE_TOKEN", None)
+    env.pop("FIREZONE_API_URL", None)
+    return env
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
+# -- the relay daemon -------------------------------------------------------------------------
+
+
+class RelayProcess:
+    """``python -m actors.cli`` in the relay namespace, its log in a file."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        log_dir: Path,
+        *,
+        secret: str | None,
+        portal_url: str | None = None,
+        token: str | None = None,
+        dual: bool = True,
+        allow_private: bool = False,
+        xdp: bool = False,
+    ) -> None:
+        self.topo = topo
+        self.log_dir = log_dir
+        self.secret = secret
+        self.portal_url = portal_url
+        self.token = token
+        self.dual = dual
+        self.allow_private = allow_private
+        self.xdp = xdp
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def args(self) -> list[str]:
+        a = [
+            sys.executable, "-m", "actors.cli",
+            "--public-ip4-addr", self.topo.relay4,
+            "--health-check-addr", f"{HEALTH[0]}:{HEALTH[1]}",
+            "--control-endpoint", "127.0.0.1:9999",
+            "--log-format", "human", "--log-filter", "info",
+        ]
+        if self.dual:
+            a += ["--public-ip6-addr", self.topo.relay6]
+        if self.secret is not None:
+            a += ["--auth-secret", self.secret]
+        if self.allow_private:
+            a.append("--allow-private-peers")
+        if self.xdp:
+            a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", "generic"]
+        return a
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = _env()
+        if self.token is not None:
+            assert self.portal_url is not None
+            env["FIREZONE_TOKEN"] = self.token
+            env["FIREZONE_API_URL"] = self.portal_url
+        path = self.log_dir / f"relay-{len(self.logs)}.log"
+        self.logs.append(path)
+        with path.open("wb") as log:
+            self.proc = self.topo.popen(
+                self.topo.rly, self.args(), cwd=REPO, env=env,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                return self.http("GET", "/readyz")[0] == 200
+            return False
+
+        _wait(ready, timeout, "the relay's /readyz", step=0.1)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait; SIGKILL past ``timeout``. Returns the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(f"relay ignored SIGTERM for {timeout} s") from None
+
+    def http(self, method: str, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection(*HEALTH, timeout=2.0)
+        with self.topo.entered(self.topo.rly):
+            conn.connect()  # the socket is created, and stays, in the relay namespace
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        """``/metrics`` as ``{"name{labels}": value}``."""
+        status, text = self.http("GET", "/metrics")
+        assert status == 200, text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+        return out
+
+    def metric(self, prefix: str) -> float:
+        """Sum of every series whose name starts with ``prefix``."""
+        return sum(v for k, v in self.metrics().items() if k.startswith(prefix))
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def problems(self) -> list[str]:
+        return [line for line in self.log().splitlines() if PROBLEM.search(line)]
+
+
+# -- the test portal, in a thread inside the relay namespace -------------------------------------
+
+
+class PortalThread:
+    """``simulations.portal.Portal`` on its own event loop, listening on the relay namespace's
+    loopback (the relay reaches it there; nothing else can)."""
+
+    def __init__(self, netns: str, token: str = "nat-relay-token") -> None:
+        self.netns = netns
+        self.token = token
+        self.portal: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="portal", daemon=True)
+
+    def start(self) -> PortalThread:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise RuntimeError(f"portal did not start: {self._error!r}")
+        return self
+
+    def _main(self) -> None:
+        from simulations.portal import Portal
+        from xdp.netns import enter
+
+        try:
+            enter(self.netns)  # this thread only, for good
+            self.loop = asyncio.new_event_loop()
+            self.portal = Portal(self.token, host="127.0.0.1", port=0)
+            self.loop.run_until_complete(self.portal.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.portal.stop())
+        self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return str(self.portal.url)
+
+    def call(self, make: Callable[[], Any], timeout: float = 10.0) -> Any:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
+
+    def stop_serving(self) -> None:
+        self.call(lambda: self.portal.stop())
+
+    def start_serving(self) -> None:
+        self.call(lambda: self.portal.start())
+
+    def joined_relays(self) -> list[Any]:
+        return list(self.portal.connected_relays())
+
+    def credentials(self, public_key: str) -> tuple[str, str]:
+        entries = self.portal.credentials(public_key)
+        assert entries, "no relay has joined the portal"
+        return entries[0]["username"], entries[0]["password"]
+
+    def close(self) -> None:
+        if self.loop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+# -- one scenario -------------------------------------------------------------------------------
+
+
+@dataclass
+class Download:
+    proc: subprocess.Popen[bytes]
+    out: Path
+    started: float
+    log: Path
+
+    def received(self) -> int:
+        try:
+            return self.out.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def wait_for_bytes(self, count: int, timeout: float) -> None:
+        def enough() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"curl ended early ({self.proc.returncode}): "
+                                     f"{self.log.read_text(errors='replace')}")
+            return self.received() >= count
+
+        _wait(enough, timeout, f"{count} bytes of the download", step=0.02)
+
+
+@dataclass
+class NatRun:
+    """Bring a scenario up; see the module docstring. Parameters:
+
+    * ``options``: the NAT kinds and loss (``TopologyOptions``);
+    * ``relay_family`` / ``peer_family``: how the agents reach the relay, and which relayed
+      (or server-reflexive) family the channels point at;
+    * ``gateway_allocates``: False = the gateway only opens its NAT towards the client's
+      relayed address (client -> relay -> gateway's public address);
+    * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode generic``;
+    * ``portal``: the relay joins a test portal, which mints the agents' credentials.
+    """
+
+    tmp: Path
+    blob: tuple[Path, str]
+    options: TopologyOptions = field(default_factory=TopologyOptions)
+    relay_family: int = 4
+    peer_family: int = 4
+    inner_family: int = 4
+    gateway_allocates: bool = True
+    xdp: bool = False
+    portal: bool = False
+    refresh_scale: float = 0.01
+    probe_after: float = 1.5
+    topo: Topology = field(init=False)
+    hub: Hub = field(init=False)
+    relay: RelayProcess = field(init=False)
+    portal_thread: PortalThread | None = field(init=False, default=None)
+    secret: str = field(init=False, default="")
+    _stack: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
+    _agents: dict[str, subprocess.Popen[bytes]] = field(init=False, default_factory=dict)
+
+    # -- bring up --------------------------------------------------------------------------
+
+    def __enter__(self) -> NatRun:
+        try:
+            self._up()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _up(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.topo = self._stack.enter_context(Topology(self.options))
+        self.hub = self._stack.enter_context(
+            Hub(str(self.tmp / "hub.sock"), pairs=[("client", "gateway")])
+        )
+        if self.portal:
+            self.portal_thread = PortalThread(self.topo.rly).start()
+            self._stack.callback(self.portal_thread.close)
+            self.relay = RelayProcess(
+                self.topo, self.tmp, secret=None, portal_url=self.portal_thread.url,
+                token=self.portal_thread.token, allow_private=not self.gateway_allocates,
+                xdp=self.xdp,
+            )
+        else:
+            self.secret = os.urandom(32).hex()
+            self.relay = RelayProcess(
+                self.topo, self.tmp, secret=self.secret,
+                allow_private=not self.gateway_allocates, xdp=self.xdp,
+            )
+        self._stack.callback(self.relay.stop)
+        self.relay.start()
+        if self.portal_thread is not None:
+            _wait(self.portal_thread.joined_relays, 10, "the relay to join the portal")
+        self._start_web()
+        self._start_agent("client", self.topo.cli, CLIENT_TUN, allocate=True)
+        self._start_agent("gateway", self.topo.gw, GATEWAY_TUN, allocate=self.gateway_allocates)
+        self.wait_tunnel()
+
+    def credentials(self, public_key: str, secret: str | None = None) -> tuple[str, str]:
+        """Credentials as the portal hands them out: from the portal, or minted from the
+        standalone relay's secret."""
+        if self.portal_thread is not None and secret is None:
+            return self.portal_thread.credentials(public_key)
+        expiry = int(time.time()) + 3600
+        return make_credentials(
+            "firezone", secret or self.secret, expiry, portal_salt(public_key)
+        )
+
+    def _server(self) -> str:
+        if self.relay_family == 6:
+            return f"[{self.topo.relay6}]:3478"
+        return f"{self.topo.relay4}:3478"
+
+    def _start_agent(self, name: str, ns: str, tun_addrs: list[str], allocate: bool) -> None:
+        key = CLIENT_KEY if name == "client" else GATEWAY_KEY
+        username, password = self.credentials(key)
+        args = [
+            sys.executable, "-m", "simulations.agent", "--name", name,
+            "--server", self._server(), "--signal", self.hub.path, "--tun", "fzt0",
+            "--username", username, "--password", password, "--dual",
+            "--peer-family", str(self.peer_family),
+            "--refresh-scale", str(self.refresh_scale), "--probe-after", str(self.probe_after),
+        ]
+        for cidr in tun_addrs:
+            args += ["--tun-addr", cidr]
+        if not allocate:
+            args.append("--no-allocate")
+        log = (self.tmp / f"{name}.log").open("wb")
+        self._stack.callback(log.close)
+        proc = self.topo.popen(ns, args, cwd=REPO, env=_env(), stdout=log,
+                               stderr=subprocess.STDOUT)
+        self._agents[name] = proc
+        self._stack.callback(self._stop_process, proc)
+        self.hub.wait_event(name, "ready", 15)
+
+    def _start_web(self) -> None:
+        directory = self.blob[0].parent
+        log = (self.tmp / "web.log").open("wb")
+        self._stack.callback(log.close)
+        proc = self.topo.popen(
+            self.topo.gw,
+            [sys.executable, "-m", "http.server", str(WEB_PORT), "--bind", "::",
+             "--directory", str(directory)],
+            cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        self._stack.callback(self._stop_process, proc)
+        _wait(lambda: self._connects(self.topo.gw, "::1", 0.2), 15, "the web server")
+
+    def _connects(self, ns: str, host: str, timeout: float) -> bool:
+        with self.topo.entered(ns):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            s.settimeout(timeout)
+            s.connect((host, WEB_PORT))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    @staticmethod
+    def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    # -- the tunnel ------------------------------------------------------------------------
+
+    @property
+    def web_host(self) -> str:
+        return "fd00:64::2" if self.inner_family == 6 else "100.64.0.2"
+
+    def wait_tunnel(self, timeout: float = 20.0, since: int = 0) -> None:
+        """Both channels bound (after event index ``since``), then a TCP connect through the
+        tunnel succeeds."""
+        self.hub.wait_event("client", "channel_bound", timeout, since=since)
+        if self.gateway_allocates:
+            self.hub.wait_event("gateway", "channel_bound", timeout, since=since)
+        else:  # the gateway has opened its NAT towards the client's relayed address
+            self.hub.wait_event("gateway", "target", timeout, since=since)
+        _wait(lambda: self._connects(self.topo.cli, self.web_host, 1.0), timeout,
+              "a TCP connection through the tunnel", step=0.2)
+
+    def download(self, *, max_time: float = 60.0, limit_rate: str | None = None) -> Download:
+        """Start curl in the client namespace fetching the blob from the gateway's web
+        server, through the tunnel; bounded by ``--max-time``."""
+        out = self.tmp / f"download-{time.monotonic_ns()}"
+        log = self.tmp / f"{out.name}.curl.log"
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        args = ["curl", "--silent", "--show-error", "--fail", "--max-time", f"{max_time:g}",
+                "--output", str(out), f"http://{host}:{WEB_PORT}/{self.blob[0].name}"]
+        if limit_rate:
+            args[1:1] = ["--limit-rate", limit_rate]
+        with log.open("wb") as f:
+            proc = self.topo.popen(self.topo.cli, args, stdout=f, stderr=subprocess.STDOUT)
+        self._stack.callback(self._stop_process, proc)
+        return Download(proc, out, time.monotonic(), log)
+
+    def finish(self, download: Download, timeout: float = 90.0) -> float:
+        """Wait for curl, check the SHA-256; returns the transfer time in seconds."""
+        try:
+            rc = download.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            download.proc.kill()
+            raise AssertionError(f"download still running after {timeout} s") from None
+        elapsed = time.monotonic() - download.started
+        detail = download.log.read_text(errors="replace")
+        assert rc == 0, f"curl failed ({rc}) after {elapsed:.1f} s, " \
+            f"{download.received()} bytes: {detail}\n{self.diagnostics()}"
+        digest = hashlib.sha256(download.out.read_bytes()).hexdigest()
+        assert download.received() == BLOB_SIZE
+        assert digest == self.blob[1], "downloaded bytes differ from the blob"
+        download.out.unlink()
+        return elapsed
+
+    def transfer(self, **kwargs: Any) -> float:
+        return self.finish(self.download(**kwargs))
+
+    # -- observing -------------------------------------------------------------------------
+
+    def stats(self, name: str) -> dict[str, Any]:
+        return self.hub.request(name, {"type": "stats"}, "stats")
+
+    def diagnostics(self) -> str:
+        parts = []
+        for name in self._agents:
+            with contextlib.suppress(Exception):
+                parts.append(f"{name}: {self.stats(name)}")
+        tail = self.relay.log().splitlines()[-20:]
+        return "\n".join(parts + ["relay log tail:", *tail])
+
+    def assert_relay_log_clean(self) -> None:
+        """No WARN/ERROR line and no traceback in any of the relay's logs."""
+        problems = self.relay.problems()
+        assert not problems, "relay logged problems:\n" + "\n".join(problems)
+
+
+@contextlib.contextmanager
+def nat_run(tmp: Path, blob: tuple[Path, str], **kwargs: Any) -> Iterator[NatRun]:
+    """``with nat_run(...) as run``: a :class:`NatRun` whose relay log is checked at the end
+    (after the relay has shut down, so shutdown problems count too)."""
+    run = NatRun(tmp, blob, **kwargs)
+    with run:
+        yield run
+        run.relay.stop()
+    run.assert_relay_log_clean()

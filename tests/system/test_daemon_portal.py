@@ -1,0 +1,103 @@
+"""The daemon with a portal token, against the fake portal (simulations.portal) over real
+websockets: readiness follows the join, and credentials the portal mints work on the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from simulations.portal import Portal
+from tests.system.conftest import RelayProcess, http
+from tests.system.peers import echo_peer, run, turn_client
+
+pytestmark = pytest.mark.system
+
+
+class PortalThread:
+    """The fake portal on an event loop of its own, so the test body can stay synchronous."""
+
+    def __init__(self, token: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.portal = Portal(token)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> PortalThread:
+        self.loop.run_until_complete(self.portal.start())
+        self.thread.start()
+        return self
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def invoke() -> Any:
+            result = fn(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(invoke(), self.loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.call(self.portal.stop)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def portal() -> Iterator[PortalThread]:
+    with PortalThread("relay-token") as p:
+        yield p
+
+
+def _wait_status(relay: RelayProcess, path: str, status: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http("GET", f"{relay.health}{path}", 1)[0] == status:
+                return
+        except OSError:  # not listening yet
+            pass
+        assert relay.alive(), relay.log()[-2000:]
+        assert time.monotonic() < deadline, f"{path} never answered {status}"
+        time.sleep(0.05)
+
+
+def test_readiness_follows_the_portal_join(relay_factory, portal: PortalThread) -> None:  # type: ignore[no-untyped-def]
+    portal.call(portal.portal.refuse, 503)  # the portal is "deploying"
+    relay = relay_factory(
+        "--api-url", portal.portal.url, "relay-token", "relay-1", wait_ready=False
+    )
+    _wait_status(relay, "/healthz", 200)
+    time.sleep(0.5)
+    assert http("GET", f"{relay.health}/readyz")[0] == 503  # sockets bound, not joined
+    portal.call(portal.portal.accept)
+    _wait_status(relay, "/readyz", 200)
+
+    joined = portal.portal.connected_relays()
+    assert [(r.name, r.ipv4, r.port) for r in joined] == [
+        ("relay-1", "127.0.0.1", relay.listen_port)
+    ]
+
+    # credentials the portal hands to clients work on this relay (the stamp secret matches)
+    creds = portal.call(portal.portal.credentials, "client-public-key")[0]
+
+    async def body() -> None:
+        _peer, peer_addr = await echo_peer()
+        transport, inbox = await turn_client(
+            ("127.0.0.1", relay.listen_port), creds["username"], creds["password"]
+        )
+        transport.sendto(b"via portal credentials", peer_addr)
+        assert (await inbox.get())[0] == b"via portal credentials"
+        transport.close()
+
+    run(body)
+
+    # losing the portal makes the relay unready but keeps it serving
+    portal.call(portal.portal.refuse, 503)
+    portal.call(portal.portal.drop)
+    _wait_status(relay, "/readyz", 503)
+    assert http("GET", f"{relay.health}/healthz")[0] == 200
+    code, took = relay.stop()
+    assert code == 0 and took < 2.0

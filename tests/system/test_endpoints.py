@@ -1,0 +1,60 @@
+"""``/healthz``, ``/readyz`` and the control endpoint's ``POST /log_filter``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.system.conftest import RelayProcess, http
+from tests.system.peers import run, turn_client
+
+pytestmark = pytest.mark.system
+
+
+def test_health_and_readiness_in_standalone_mode(relay: RelayProcess) -> None:
+    assert http("GET", f"{relay.health}/healthz")[0] == 200
+    status, body = http("GET", f"{relay.health}/readyz")
+    assert status == 200 and body.strip()  # the version string
+    assert http("GET", f"{relay.health}/nope")[0] == 404
+    assert http("POST", f"{relay.health}/healthz")[0] == 405
+
+
+def test_log_filter_changes_levels_at_run_time(relay: RelayProcess) -> None:
+    async def allocate() -> None:
+        username, password = relay.credentials()
+        transport, _ = await turn_client(("127.0.0.1", relay.listen_port), username, password)
+        transport.close()
+
+    # at warn, allocations are not logged
+    assert http("POST", f"{relay.control}/log_filter?directives=warn")[0] == 200
+    run(allocate)
+    time.sleep(0.2)
+    assert "allocated port" not in relay.log()
+
+    # RUST_LOG-style per-target directive turns them (and debug lines) back on
+    status, _ = http("POST", f"{relay.control}/log_filter?directives=warn,relay=debug")
+    assert status == 200
+    run(allocate)
+    time.sleep(0.2)
+    log = relay.log()
+    assert "allocated port" in log
+    assert " DEBUG relay" in log
+
+
+@pytest.mark.parametrize(
+    "query", ["directives=info,relay=loud", "directives=nonsense", "directives=a%20b=info", ""]
+)
+def test_log_filter_rejects_bad_directives(relay: RelayProcess, query: str) -> None:
+    assert http("POST", f"{relay.control}/log_filter?{query}")[0] == 400
+    assert http("GET", f"{relay.control}/log_filter?directives=info")[0] == 405
+    assert http("POST", f"{relay.control}/log_filter?directives=info")[0] == 200
+
+
+def test_json_logs(relay_factory) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    relay = relay_factory("--log-format", "json")
+    for line in relay.log().splitlines():
+        record = json.loads(line)
+        assert {"timestamp", "level", "target", "message"} <= record.keys()

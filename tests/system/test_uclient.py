@@ -1,0 +1,93 @@
+"""coturn's turnutils_uclient through the relay, echoed by turnutils_peer, IPv4 and IPv6.
+
+uclient is driven with Send indications (``-s``): in channel mode it picks channel numbers up to
+0x7FFF, which RFC 8656 (and this relay) refuse with 400. All clients of one uclient process share
+one username and the relay keeps one allocation per username, so several single-client processes
+run side by side, each with its own TURN REST credentials (``-W secret -u userN``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import RelayProcess
+from tests.system.peers import (
+    HAVE_TURNUTILS,
+    free_udp_pair,
+    parse_uclient,
+    start_turnutils_peer,
+)
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(not HAVE_TURNUTILS, reason="coturn's turnutils are not installed"),
+]
+
+CLIENTS = 4
+MESSAGES = 400  # per client
+INTERVAL_MS = 2  # per client: 500 msg/s each, 2,000 msg/s echoed in total (4,000 relayed/s)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_uclient_send_indications_echo_without_loss(
+    relay_factory,
+    tmp_path: Path,
+    host: str,  # type: ignore[no-untyped-def]
+) -> None:
+    v6 = ":" in host
+    relay: RelayProcess = relay_factory(ip4="127.0.0.1", ip6="::1" if v6 else None, scheme="rest")
+    peer_port = free_udp_pair(host)
+    peer = start_turnutils_peer(host, peer_port, tmp_path / "peer.log")
+    procs = []
+    try:
+        for i in range(CLIENTS):
+            args = [
+                "timeout",
+                "45",
+                "turnutils_uclient",
+                "-s",
+                "-c",
+                "-m",
+                "1",
+                "-n",
+                str(MESSAGES),
+                "-l",
+                "100",
+                "-z",
+                str(INTERVAL_MS),
+                "-W",
+                relay.secret,
+                "-u",
+                f"user{i}",
+                "-e",
+                host,
+                "-r",
+                str(peer_port),
+                "-p",
+                str(relay.listen_port),
+            ]
+            if v6:
+                args.append("-x")  # ask for an IPv6 relayed address
+            args.append(host)
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            results.append(parse_uclient(proc.returncode, out.decode(errors="replace")))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        peer.terminate()
+        peer.wait(5)
+    for result in results:
+        assert result.returncode == 0, result.output[-2000:]
+        assert "Total lost packets 0 " in result.output, result.output[-2000:]
+        assert (result.sent, result.received) == (MESSAGES, MESSAGES), result.output[-2000:]
+    assert relay.alive()
+    log = relay.log()
+    assert log.count("allocated port") >= CLIENTS
+    assert (" V6 for " in log) == v6
