@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("driver", "generic"),
         default=_env("EBPF_ATTACH_MODE", "driver"),
     )
+    a(
+        "--ebpf-mandatory",
+        action="store_true",
+        default=_env_bool("EBPF_MANDATORY"),
+        help="exit instead of relaying in userspace when XDP offload cannot start",
+    )
     a("--ebpf-int4-addr", type=_ip(4), default=_env("EBPF_INT4_ADDR"))
     a("--ebpf-int6-addr", type=_ip(6), default=_env("EBPF_INT6_ADDR"))
     a("--health-check-addr", default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
@@ -251,6 +257,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ebpf_int4_addr=args.ebpf_int4_addr,
         ebpf_int6_addr=args.ebpf_int6_addr,
         token_in_query=args.token_in_query,
+        ebpf_mandatory=args.ebpf_mandatory,
     )
 
 

@@ -74,6 +74,7 @@ class Settings:
     ebpf_int4_addr: str | None = None
     ebpf_int6_addr: str | None = None
     token_in_query: bool = False
+    ebpf_mandatory: bool = False
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)

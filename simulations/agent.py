@@ -210,6 +210,7 @@ class Agent:
             "type": "candidates",
             "relay": {k: list(v) for k, v in self.relayed.items()},
             "srflx": {k: list(v) for k, v in self.srflx.items()},
+            "allocates": self.cfg.allocate,
         })
 
     async def _hub_reader(self, reader: asyncio.StreamReader) -> None:
@@ -261,10 +262,9 @@ class Agent:
         fam = str(self.cfg.peer_family)
         relay = peer.get("relay", {}).get(fam)
         srflx = peer.get("srflx", {}).get(fam)
-        if self.cfg.allocate:
-            chosen = relay or srflx
-        else:
-            chosen = relay
+        # Relayed candidates when the partner allocates (it will publish one), else its
+        # server-reflexive address; an agent without allocation can only use relayed ones.
+        chosen = relay if peer.get("allocates", True) or not self.cfg.allocate else srflx
         target = (chosen[0], int(chosen[1])) if chosen else None
         if target != self.target:
             self.target = target

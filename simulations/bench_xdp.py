@@ -167,8 +167,17 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
 
     results: list[tuple[str, float, float, int]] = []
     ref = None
+    peer_prog = None
     try:
         t = build_topology(Owned)
+        if mode == "driver":  # native XDP on veth needs a program on the peer veth too
+            from xdp.loader import import_bcc
+
+            bcc = import_bcc()
+            peer_prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+            with t.rtr.entered():
+                fn = peer_prog.load_func(b"xdp_pass", bcc.BPF.XDP)
+                peer_prog.attach_xdp(b"r-pub", fn, bcc.BPF.XDP_FLAGS_DRV_MODE)
         ref = start_offload(
             XdpOptions(
                 interface="p0",
@@ -247,6 +256,8 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
             ref.stop(block=True, timeout=10)
         for ns in created:
             ns.delete()
+        if peer_prog is not None:
+            peer_prog.cleanup()
     return results
 
 

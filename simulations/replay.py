@@ -37,6 +37,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,8 +320,8 @@ class TraceReplay:
             with contextlib.suppress(ValueError):
                 self._bind((ip, TRACE_LISTEN_PORT), self.system.listen(family))
         for trace_addr in self.role_of:
-            family = socket.AF_INET6 if ":" in trace_addr[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            af = socket.AF_INET6 if ":" in trace_addr[0] else socket.AF_INET
+            sock = socket.socket(af, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((trace_addr[0], 0))
             sock.setblocking(False)
@@ -545,19 +546,24 @@ class TraceReplay:
         if not candidates:
             if self.exp.allow_loss and key in self.lost_keys:
                 return  # a late answer to something already counted as lost
+            # Explain against the closest thing that is due: same kind (and channel, method or
+            # source) if there is one, else whatever is due first.
             armed = [p for p in entry.pending if p.armed_at is not None]
-            first = armed[0] if armed else None
-            reason = (
-                "unexpected datagram (nothing of this kind was due on this socket)"
-                if first is None
-                else "datagram does not match what is due on this socket"
-            )
+            similar = [p for p in armed if p.key[:2] == key[:2]]
+            first = (similar or armed)[0] if similar or armed else None
+            at = f"at {self._role_name(entry.trace_addr)} {format_addr(entry.trace_addr)}"
+            if first is None:
+                reason = f"unexpected datagram: nothing is due {at}"
+            elif similar:
+                why = self._compare(first.frame, data, source) or "differs"
+                reason = f"{why} ({at})"
+            else:
+                reason = f"datagram does not match what is due {at}"
             self._fail(
                 Mismatch(
                     self.trace.name,
                     first.index + 1 if first else self.walked,
-                    f"{reason}; at {self._role_name(entry.trace_addr)} "
-                    f"{format_addr(entry.trace_addr)}",
+                    reason,
                     first.frame if first else None,
                     data,
                     source,
@@ -566,13 +572,13 @@ class TraceReplay:
             )
             return
         pending = candidates[0]
-        reason = self._compare(pending.frame, data, source)
-        if reason is not None:
+        problem = self._compare(pending.frame, data, source)
+        if problem is not None:
             self._fail(
                 Mismatch(
                     self.trace.name,
                     pending.index + 1,
-                    reason,
+                    problem,
                     pending.frame,
                     data,
                     source,
@@ -779,7 +785,7 @@ def _raise_fd_limit() -> None:
 
 
 async def replay(
-    paths: list[Path | str],
+    paths: Sequence[Path | str],
     *,
     speed: float = 1.0,
     timeout: float = DEFAULT_TIMEOUT,
@@ -818,6 +824,9 @@ async def replay(
         problem = f"the relay exited with {code} on SIGTERM"
     if problem is None and ("Traceback" in log or "internal error" in log):
         problem = "the relay logged an internal error"
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    if problem is None and errors:
+        problem = f"the relay logged {len(errors)} error(s), first: {errors[0]}"
     if problem is not None:
         problem += "\n" + _tail(log)
     return RunResult(list(results), problem, log)
@@ -827,7 +836,7 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def run(paths: list[Path | str], **kwargs: Any) -> RunResult:
+def run(paths: Sequence[Path | str], **kwargs: Any) -> RunResult:
     return asyncio.run(replay(paths, **kwargs))
 
 

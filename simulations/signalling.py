@@ -192,7 +192,12 @@ class Hub:
             conn = self._conns.get(name)
         if cands is None or conn is None:
             return
-        peer = {"type": "peer", "relay": cands.get("relay", {}), "srflx": cands.get("srflx", {})}
+        peer = {
+            "type": "peer",
+            "relay": cands.get("relay", {}),
+            "srflx": cands.get("srflx", {}),
+            "allocates": cands.get("allocates", True),
+        }
         with contextlib.suppress(OSError), self._send_lock:
             conn.sendall((json.dumps(peer) + "\n").encode())
 

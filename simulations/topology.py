@@ -355,9 +355,9 @@ class Topology:
             if loss.percent <= 0:
                 continue
             if loss.direction in ("up", "both"):
-                lines.append(f'    iifname "{dev}" numgen random mod 100 < {loss.percent} drop')
+                lines.append(f'    iifname "{dev}" numgen random mod 100 < {loss.percent} counter drop')
             if loss.direction in ("down", "both"):
-                lines.append(f'    oifname "{dev}" numgen random mod 100 < {loss.percent} drop')
+                lines.append(f'    oifname "{dev}" numgen random mod 100 < {loss.percent} counter drop')
         lines += ["  }", "}", ""]
         return "\n".join(lines)
 
@@ -371,9 +371,10 @@ class Topology:
     def move_client(self) -> str:
         """The client "changes networks": its address becomes 192.168.10.3, which the router
         maps to another public address. Returns the new local address to bind to."""
-        self.ip(self.cli, "addr", "add", f"{CLIENT_ROAM4}/24", "dev", self.client_dev)
+        # old address first (deleting a primary also deletes its secondaries), then the new
+        # one; the default route went with the old address
         self.ip(self.cli, "addr", "del", f"{CLIENT4}/24", "dev", self.client_dev)
-        # deleting the primary address may take the default route with it
+        self.ip(self.cli, "addr", "add", f"{CLIENT_ROAM4}/24", "dev", self.client_dev)
         self.ip(self.cli, "route", "replace", "default", "via", "192.168.10.1")
         return CLIENT_ROAM4
 

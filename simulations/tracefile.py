@@ -196,7 +196,7 @@ def read_pcap(path: Path) -> list[Frame]:
 
     frames: list[Frame] = []
     first: float | None = None
-    with RawPcapReader(str(path)) as reader:  # type: ignore[no-untyped-call]
+    with RawPcapReader(str(path)) as reader:
         default_linktype = getattr(reader, "linktype", _ETHERNET)
         for data, meta in reader:
             stamp, linktype = _stamp_and_linktype(meta, default_linktype)
@@ -262,8 +262,9 @@ def _udp_of(data: bytes, linktype: int) -> tuple[Addr, Addr, bytes] | None:
 def dissect(payload: bytes) -> str:
     """scapy's ``show()`` of a datagram: STUN via scapy.contrib.stun, ChannelData via a tiny
     layer of our own, anything else as Raw."""
-    from scapy.packet import Raw
+    from scapy.packet import Packet, Raw
 
+    packet: Packet
     try:
         if len(payload) >= 20 and payload[0] < 0x40 and payload[4:8] == b"\x21\x12\xa4\x42":
             from scapy.contrib.stun import STUN
@@ -287,7 +288,7 @@ def _channel_data_layer() -> Any:
         from scapy.fields import ShortField, StrLenField, XShortField
         from scapy.packet import Packet
 
-        class ChannelData(Packet):  # type: ignore[misc]
+        class ChannelData(Packet):
             name = "TURN ChannelData"
             fields_desc = [
                 XShortField("channel", 0x4000),

@@ -126,6 +126,9 @@ class RouterConfig:
 class XdpCounters:
     """Kernel counters summed over CPUs; plain numbers for the telemetry module.
 
+    ``packets`` / ``payload_bytes`` are keyed by path (``PATHS``) and count relayed packets and
+    their application data (ChannelData payload); ``passed`` counts XDP_PASS by reason
+    (``PASS_REASONS``).
     ``packet_size_buckets`` use the userspace buckets (payload bytes, [100*i, 100*(i+1)), last
     >= 1500). Processing time is sampled (one packet in ``TIMING_SAMPLE``, default 16, of all
     packets the program sees, recorded when the sample is relayed): ``processing_count`` is the

@@ -46,6 +46,12 @@ HEALTH = ("127.0.0.1", 8080)  # inside the relay namespace
 PROBLEM = re.compile(r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s|^Traceback|^\S+Z\s+\w+\s+.*Traceback")
 
 
+#: the relay's verdict on XDP offload: enabled, or unavailable with a reason
+OFFLOAD = re.compile(
+    r"eBPF offloading enabled on \S+|(?:XDP|eBPF) offload\w* on \S+ unavailable\S*:? (?P<reason>.*)"
+)
+
+
 def require_nat_tools() -> None:
     """Skip, with the reason, unless this can run: root, ip, nft, ethtool, curl, a TUN device."""
     if os.geteuid() != 0:
@@ -76,6 +82,29 @@ def xdp_unavailable() -> str | None:
     return None
 
 
+def datapath(mode: str) -> bool:
+    """``"userspace"`` or ``"xdp"`` -> whether to offload; skips the XDP variant (with the
+    reason) where bcc cannot run."""
+    if mode == "userspace":
+        return False
+    reason = xdp_unavailable()
+    if reason is not None:
+        pytest.skip(f"XDP variant: {reason}")
+    return True
+
+
+MODES = ["userspace", "xdp"]
+_BLOB: tuple[Path, str] | None = None
+
+
+def shared_blob(factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One blob per test session, whichever module asks first."""
+    global _BLOB
+    if _BLOB is None or not _BLOB[0].exists():
+        _BLOB = make_blob(factory.mktemp("www"))
+    return _BLOB
+
+
 def make_blob(directory: Path) -> tuple[Path, str]:
     """A 10 MB file of seeded random bytes and its SHA-256."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,7 +122,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -173,7 +202,18 @@ class RelayProcess:
                 return self.http("GET", "/readyz")[0] == 200
             return False
 
-        _wait(ready, timeout, "the relay's /readyz", step=0.1)
+        wait_until(ready, timeout, "the relay's /readyz", step=0.1)
+
+    def wait_offload(self, timeout: float = 60.0) -> None:
+        """Wait until the relay says whether XDP offload runs; xfail the test if it cannot
+        (the XDP fast path is an accelerator: its absence is not a relay failure)."""
+
+        def decided() -> re.Match[str] | None:
+            return OFFLOAD.search(self.logs[-1].read_text(errors="replace"))
+
+        found = wait_until(decided, timeout, "the relay's XDP offload decision", step=0.1)
+        if found.group("reason") is not None:
+            pytest.xfail(f"XDP offload unavailable on this machine/build: {found.group('reason')}")
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait; SIGKILL past ``timeout``. Returns the exit code."""
@@ -315,7 +355,7 @@ class Download:
                                      f"{self.log.read_text(errors='replace')}")
             return self.received() >= count
 
-        _wait(enough, timeout, f"{count} bytes of the download", step=0.02)
+        wait_until(enough, timeout, f"{count} bytes of the download", step=0.02)
 
 
 @dataclass
@@ -385,8 +425,10 @@ class NatRun:
             )
         self._stack.callback(self.relay.stop)
         self.relay.start()
+        if self.xdp:
+            self.relay.wait_offload()
         if self.portal_thread is not None:
-            _wait(self.portal_thread.joined_relays, 10, "the relay to join the portal")
+            wait_until(self.portal_thread.joined_relays, 10, "the relay to join the portal")
         self._start_web()
         self._start_agent("client", self.topo.cli, CLIENT_TUN, allocate=True)
         self._start_agent("gateway", self.topo.gw, GATEWAY_TUN, allocate=self.gateway_allocates)
@@ -440,7 +482,7 @@ class NatRun:
             cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
         )
         self._stack.callback(self._stop_process, proc)
-        _wait(lambda: self._connects(self.topo.gw, "::1", 0.2), 15, "the web server")
+        wait_until(lambda: self._connects(self.topo.gw, "::1", 0.2), 15, "the web server")
 
     def _connects(self, ns: str, host: str, timeout: float) -> bool:
         with self.topo.entered(ns):
@@ -478,7 +520,7 @@ class NatRun:
             self.hub.wait_event("gateway", "channel_bound", timeout, since=since)
         else:  # the gateway has opened its NAT towards the client's relayed address
             self.hub.wait_event("gateway", "target", timeout, since=since)
-        _wait(lambda: self._connects(self.topo.cli, self.web_host, 1.0), timeout,
+        wait_until(lambda: self._connects(self.topo.cli, self.web_host, 1.0), timeout,
               "a TCP connection through the tunnel", step=0.2)
 
     def download(self, *, max_time: float = 60.0, limit_rate: str | None = None) -> Download:

@@ -286,3 +286,66 @@ def test_options_from_settings() -> None:
     )
     assert not o.mandatory
     assert XdpManager.use_daemon_thread
+
+
+# -- pure parts (no root needed) --------------------------------------------------------------
+
+
+def test_binding_table_coalesces_a_batch() -> None:
+    from xdp.bindings import BindingTable
+    from xdp.maps import binding_entries
+
+    t = BindingTable()
+    a = CreateChannelBinding(("100.64.0.1", 40000), 0x4000, ("8.8.4.4", 5000), 49152)
+    b = CreateChannelBinding(("100.64.0.2", 40000), 0x4001, ("2001:4860::1", 5000), 49153)
+    del_a = DeleteChannelBinding(a.client, a.channel, a.peer, a.allocation_port)
+    (ck_a, pk_a), _ = binding_entries(a.client, a.channel, a.peer, a.allocation_port)
+    changes = t.plan((a, b, SendMessage(b"", ("1.2.3.4", 1))))
+    assert len(changes.update_c2p) == 2 and len(changes.update_p2c) == 2
+    assert not changes.delete_c2p and not changes.delete_p2c
+    assert not t.plan((a,)), "a refresh of an installed binding changes nothing"
+    changes = t.plan((del_a, a, del_a))
+    assert changes.delete_c2p == [ck_a] and changes.delete_p2c == [pk_a]
+    assert not changes.update_c2p and len(t) == 1
+    assert not t.plan((del_a,)), "deleting what is not installed changes nothing"
+    # created and deleted within one batch: never reaches the kernel
+    assert not t.plan((a, del_a))
+    # a delete never removes an entry that a newer binding now owns
+    t.plan((a,))
+    newer = CreateChannelBinding(a.client, 0x4999, a.peer, a.allocation_port)
+    changes = t.plan((newer, del_a))
+    assert ck_a in changes.delete_c2p and pk_a not in changes.delete_p2c
+    assert t.p2c[pk_a] != ck_a
+    # nonsense addresses are skipped, not raised
+    bad = CreateChannelBinding(("not an ip", 1), 0x4000, ("8.8.4.4", 5000), 49152)
+    assert not t.plan((bad,))
+
+
+def test_router_config_is_validated() -> None:
+    from xdp.maps import RouterConfig
+
+    RouterConfig(public_ip4="52.0.0.1", public_ip6="2600::1").pack()
+    for bad in (
+        {"listen_port": 50000},  # inside the allocation range
+        {"lowest_port": 60000, "highest_port": 50000},
+        {"public_ip4": "2600::1"},
+        {"interface_ip6": "10.0.0.1"},
+        {"ttl": 0},
+    ):
+        with pytest.raises(ValueError):
+            RouterConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_counters_sum_over_cpus() -> None:
+    import struct
+
+    from xdp.maps import STATS_SIZE, XdpCounters
+
+    words = STATS_SIZE // 8
+    cpu0 = struct.pack(f"={words}Q", *range(words))
+    cpu1 = struct.pack(f"={words}Q", *([1] * words))
+    c = XdpCounters.from_percpu(cpu0 + cpu1, 2)
+    assert c.packets == {"channel_to_udp": 1, "udp_to_channel": 2, "channel_to_channel": 3}
+    assert c.payload_bytes["channel_to_udp"] == 4
+    assert c.passed["disabled"] == 7 and len(c.packet_size_buckets) == 16
+    assert c.packets_seen == words

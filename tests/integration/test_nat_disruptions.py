@@ -1,0 +1,118 @@
+"""Transfers that something interrupts half-way: the client changes networks, the portal goes
+away and comes back, the relay restarts with a new secret. The 10 MB download (rate-limited to
+2 MB/s so the disruption lands mid-transfer) must still complete with the right checksum, and
+the relay's log must stay free of warnings and errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.nat_fixtures import (
+    CLIENT_KEY,
+    GATEWAY_KEY,
+    MODES,
+    datapath,
+    nat_run,
+    require_nat_tools,
+    shared_blob,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+RATE = "2M"  # curl --limit-rate: about 5 s for the whole blob
+MIDWAY = 2_000_000
+
+
+@pytest.fixture
+def blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    require_nat_tools()
+    return shared_blob(tmp_path_factory)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_client_roams_to_a_new_network_mid_transfer(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """The client's address changes (so its public address and 5-tuple do); it allocates
+    again with the same credentials, and the relay frees the old allocation (one allocation
+    per username). The gateway follows the client's new relayed address."""
+    with nat_run(tmp_path, blob, xdp=datapath(mode), gateway_allocates=False) as run:
+        before = run.hub.wait_event("client", "allocated", 1)
+        download = run.download(limit_rate=RATE, max_time=60)
+        download.wait_for_bytes(MIDWAY, 20)
+        since = len(run.hub.events)
+        local = run.topo.move_client()
+        run.hub.send("client", {"type": "roam", "bind": local})
+        after = run.hub.wait_event("client", "allocated", 20, since=since)
+        run.finish(download)
+
+        assert after["local"].startswith(local + ":")
+        assert after["relay"]["4"] != before["relay"]["4"]
+        srflx = run.hub.wait_event("client", "srflx", 1, since=since)
+        assert srflx["addr"][0] == run.topo.client_roam_public4  # the relay saw the move
+        run.hub.wait_event("gateway", "target", 1, since=since, peer=after["relay"]["4"])
+        assert run.relay.metric("relay_active_allocations") == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_portal_stops_and_restarts_mid_transfer(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """The relay joined the test portal, which minted the agents' credentials. The portal
+    goes down mid-transfer: relaying carries on, the relay reports not-ready, then rejoins
+    with the same stamp secret once the portal is back (credentials stay valid)."""
+    with nat_run(
+        tmp_path, blob, xdp=datapath(mode), portal=True, gateway_allocates=False
+    ) as run:
+        portal = run.portal_thread
+        assert portal is not None
+        (first,) = portal.joined_relays()
+        download = run.download(limit_rate=RATE, max_time=60)
+        download.wait_for_bytes(MIDWAY, 20)
+
+        portal.stop_serving()
+        wait_until(lambda: run.relay.http("GET", "/readyz")[0] == 503, 10, "the relay to notice")
+        received = download.received()
+        download.wait_for_bytes(received + 500_000, 10)  # relaying without the portal
+        portal.start_serving()
+        wait_until(portal.joined_relays, 20, "the relay to rejoin the portal", step=0.1)
+        run.finish(download)
+
+        (second,) = portal.joined_relays()
+        assert second.connection != first.connection
+        assert second.stamp_secret == first.stamp_secret
+        assert run.relay.http("GET", "/readyz")[0] == 200
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relay_restarts_with_a_new_secret_mid_transfer(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """Both agents allocate (relay loop). The relay restarts with a new secret: the agents
+    notice the silence, refresh, get 401 for their old credentials and wait; with credentials
+    minted from the new secret (what the portal would push) they allocate again, exchange
+    their new relayed addresses, and the download resumes."""
+    with nat_run(tmp_path, blob, xdp=datapath(mode)) as run:
+        download = run.download(limit_rate=RATE, max_time=60)
+        download.wait_for_bytes(MIDWAY, 20)
+        since = len(run.hub.events)
+        run.relay.stop()
+        run.secret = run.relay.secret = os.urandom(32).hex()
+        run.relay.start()
+        if run.xdp:
+            run.relay.wait_offload()
+        for name in ("client", "gateway"):
+            run.hub.wait_event(name, "auth_failed", 20, since=since)
+        for name, key in (("client", CLIENT_KEY), ("gateway", GATEWAY_KEY)):
+            username, password = run.credentials(key)
+            run.hub.send(name, {"type": "credentials", "username": username,
+                                "password": password})
+        for name in ("client", "gateway"):
+            run.hub.wait_event(name, "allocated", 20, since=since)
+        run.finish(download)
+        assert run.relay.metric("relay_active_allocations") == 2

@@ -1,0 +1,81 @@
+"""10 MB over TURN between a client and a gateway behind masquerading NATs.
+
+Each test runs the real relay daemon in its namespace, two TURN agents with TUN tunnels, and
+curl fetching a blob from ``python -m http.server`` on the gateway side, through the tunnel, so
+through the relay; the kernel's TCP handles loss. Userspace relaying and XDP offload (generic
+mode on the relay's veth) each run every scenario. Afterwards the relay's log must hold no
+warning and no error (Firezone's integration tests check the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulations.topology import Loss, TopologyOptions
+from tests.integration.nat_fixtures import (
+    MODES,
+    datapath,
+    nat_run,
+    require_nat_tools,
+    shared_blob,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    require_nat_tools()
+    return shared_blob(tmp_path_factory)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", MODES)
+def test_relayed_download(
+    mode: str, family: int, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """Client relayed, gateway reached at its NAT's public address (client -> relay ->
+    gateway), over IPv4 or IPv6 end to end."""
+    with nat_run(
+        tmp_path, blob, xdp=datapath(mode), gateway_allocates=False,
+        relay_family=family, peer_family=family, inner_family=family,
+    ) as run:
+        run.transfer(max_time=60)
+        client = run.stats("client")
+        (channel,) = client["channels"].values()
+        assert channel[1] is True
+        public = "fd00:99::2" if family == 6 else run.topo.gateway_public4
+        assert channel[0][0] == public  # the peer is the gateway's NAT, not the relay
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_double_symmetric_nat_through_the_relay_loop(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """Both sides behind symmetric NATs with a single relay: their server-reflexive addresses
+    are useless, so both allocate and each binds a channel to the other's relayed address.
+    The relay relays to itself."""
+    options = TopologyOptions(client_nat="symmetric", gateway_nat="symmetric")
+    with nat_run(tmp_path, blob, options=options, xdp=datapath(mode)) as run:
+        run.transfer(max_time=60)
+        client, gateway = run.stats("client"), run.stats("gateway")
+        relay4 = run.topo.relay4
+        assert client["target"] == gateway["relayed"]["4"]
+        assert gateway["target"] == client["relayed"]["4"]
+        assert client["target"][0] == gateway["target"][0] == relay4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_download_with_20_percent_loss(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """20 % of the client's packets are dropped in the router, as Firezone's
+    ``download-packet-loss`` does with netem on the client; TURN requests are retransmitted and
+    TCP recovers the data."""
+    options = TopologyOptions(loss=(Loss("client", 20, "up"),))
+    with nat_run(
+        tmp_path, blob, options=options, xdp=datapath(mode), gateway_allocates=False
+    ) as run:
+        run.transfer(max_time=90)
