@@ -257,6 +257,15 @@ class RelayProcess:
         """Sum of every series whose name starts with ``prefix``."""
         return sum(v for k, v in self.metrics().items() if k.startswith(prefix))
 
+    def relayed_packets(self) -> dict[str, float]:
+        """Packets relayed so far per data path (``userspace``, ``xdp``)."""
+        out: dict[str, float] = {}
+        for key, value in self.metrics().items():
+            m = re.fullmatch(r'relay_packet_size_bytes_count\{relay_datapath="(\w+)"\}', key)
+            if m:
+                out[m.group(1)] = value
+        return out
+
     def log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
@@ -558,6 +567,17 @@ class NatRun:
     def transfer(self, **kwargs: Any) -> float:
         return self.finish(self.download(**kwargs))
 
+    def assert_datapath(self) -> None:
+        """With XDP, the kernel relayed most of the packets (userspace handles only what
+        arrives before a binding reaches the maps); without, userspace relayed them all."""
+        packets = self.relay.relayed_packets()
+        xdp, user = packets.get("xdp", 0.0), packets.get("userspace", 0.0)
+        print(f"relayed packets: xdp {xdp:.0f}, userspace {user:.0f}")
+        if self.xdp:
+            assert xdp > 4 * user, f"XDP did not carry the transfer: {packets}"
+        else:
+            assert xdp == 0 and user > BLOB_SIZE / 1500, packets
+
     # -- observing -------------------------------------------------------------------------
 
     def stats(self, name: str) -> dict[str, Any]:
@@ -584,5 +604,6 @@ def nat_run(tmp: Path, blob: tuple[Path, str], **kwargs: Any) -> Iterator[NatRun
     run = NatRun(tmp, blob, **kwargs)
     with run:
         yield run
+        run.assert_datapath()
         run.relay.stop()
     run.assert_relay_log_clean()

@@ -16,7 +16,7 @@ BASE = [
     "--public-ip4-addr",
     "127.0.0.1",
     "--listen-port",
-    "0",
+    "34781",
     "--health-check-addr",
     "127.0.0.1:0",
     "--control-endpoint",
