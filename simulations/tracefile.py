@@ -82,7 +82,8 @@ class Expectations:
       portal, ``user`` for standalone, ``expired``, ``sign_password`` to sign wrongly);
     * ``kind``: "legit" or "hostile"; a hostile trace names the legit trace it runs
       ``beside``, and may ``allow_loss`` on its own expectations;
-    * ``frames``: per-frame notes and options, keyed by tshark's 1-based frame number.
+    * ``frames``: per-frame notes and options, keyed by tshark's 1-based frame number
+      (``"note"``: shown with a mismatch; ``"verbatim": true``: send without re-binding).
     """
 
     description: str = ""

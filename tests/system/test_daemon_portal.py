@@ -101,3 +101,56 @@ def test_readiness_follows_the_portal_join(relay_factory, portal: PortalThread) 
     assert http("GET", f"{relay.health}/healthz")[0] == 200
     code, took = relay.stop()
     assert code == 0 and took < 2.0
+
+
+def test_turn_keeps_relaying_through_a_portal_outage(relay_factory, portal: PortalThread) -> None:  # type: ignore[no-untyped-def]
+    relay = relay_factory("--api-url", portal.portal.url, "relay-token", "relay-1")
+    _wait_status(relay, "/readyz", 200)
+    secret = portal.portal.connected_relays()[0].stamp_secret
+    creds = portal.call(portal.portal.credentials, "gateway-public-key")[0]
+    outage, down, during_done, restored = (threading.Event() for _ in range(4))
+
+    async def body() -> None:
+        _peer, peer_addr = await echo_peer()
+        transport, inbox = await turn_client(
+            ("127.0.0.1", relay.listen_port), creds["username"], creds["password"]
+        )
+        transport.sendto(b"before", peer_addr)
+        assert (await inbox.get())[0] == b"before"
+        outage.set()
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, down.wait, 20)
+        for i in range(20):  # while the portal refuses every reconnect
+            transport.sendto(b"during %d" % i, peer_addr)
+            assert (await inbox.get())[0] == b"during %d" % i
+            await asyncio.sleep(0.05)
+        during_done.set()
+        assert await loop.run_in_executor(None, restored.wait, 20)
+        transport.sendto(b"after", peer_addr)
+        assert (await inbox.get())[0] == b"after"
+        transport.close()
+
+    def outage_then_restore() -> None:
+        outage.wait(10)
+        portal.call(portal.portal.refuse, 503)
+        portal.call(portal.portal.drop)
+        _wait_status(relay, "/readyz", 503)
+        down.set()
+        during_done.wait(20)
+        portal.call(portal.portal.accept)
+        _wait_status(relay, "/readyz", 200, timeout=20)
+        restored.set()
+
+    driver = threading.Thread(target=outage_then_restore, daemon=True)
+    driver.start()
+    run(body, timeout=60)
+    driver.join(5)
+    rejoined = portal.portal.connected_relays()
+    assert [r.stamp_secret for r in rejoined] == [secret]
+    assert len(portal.portal.frames_from_relay("phx_join")) >= 2
+    assert all(
+        f["payload"] == {"stamp_secret": secret}
+        for f in portal.portal.frames_from_relay("phx_join")
+    )
+    code, _ = relay.stop()
+    assert code == 0
