@@ -89,30 +89,43 @@ def test_portal_stops_and_restarts_mid_transfer(
         assert run.relay.http("GET", "/readyz")[0] == 200
 
 
+@pytest.mark.parametrize("secret", ["new", "same"])
 @pytest.mark.parametrize("mode", MODES)
-def test_relay_restarts_with_a_new_secret_mid_transfer(
-    mode: str, tmp_path: Path, blob: tuple[Path, str]
+def test_relay_restarts_mid_transfer(
+    mode: str, secret: str, tmp_path: Path, blob: tuple[Path, str]
 ) -> None:
-    """Both agents allocate (relay loop). The relay restarts with a new secret: the agents
-    notice the silence, refresh, get 401 for their old credentials and wait; with credentials
-    minted from the new secret (what the portal would push) they allocate again, exchange
-    their new relayed addresses, and the download resumes."""
+    """Both agents allocate (relay loop), and the relay restarts mid-transfer. The agents
+    notice the silence and refresh.
+
+    * new secret: their old credentials get 401, so they drop them and wait; with
+      credentials minted from the new secret (what the portal would push) they allocate again;
+    * same secret: the credentials still work, the relay answers 437 (no such allocation), and
+      they allocate again at once.
+
+    Either way they exchange their new relayed addresses and the download resumes."""
     with nat_run(tmp_path, blob, xdp=datapath(mode)) as run:
         download = run.download(limit_rate=RATE, max_time=60)
         download.wait_for_bytes(MIDWAY, 20)
         since = len(run.hub.events)
         run.relay.stop()
-        run.secret = run.relay.secret = os.urandom(32).hex()
+        if secret == "new":
+            run.secret = run.relay.secret = os.urandom(32).hex()
         run.relay.start()
         if run.xdp:
             run.relay.wait_offload()
-        for name in ("client", "gateway"):
-            run.hub.wait_event(name, "auth_failed", 20, since=since)
-        for name, key in (("client", CLIENT_KEY), ("gateway", GATEWAY_KEY)):
-            username, password = run.credentials(key)
-            run.hub.send(name, {"type": "credentials", "username": username,
-                                "password": password})
+        if secret == "new":
+            for name in ("client", "gateway"):
+                run.hub.wait_event(name, "auth_failed", 20, since=since)
+            for name, key in (("client", CLIENT_KEY), ("gateway", GATEWAY_KEY)):
+                username, password = run.credentials(key)
+                run.hub.send(
+                    name, {"type": "credentials", "username": username, "password": password}
+                )
         for name in ("client", "gateway"):
             run.hub.wait_event(name, "allocated", 20, since=since)
         run.finish(download)
         assert run.relay.metric("relay_active_allocations") == 2
+        for name in ("client", "gateway"):
+            if secret == "same":
+                assert run.hub.count(name, "auth_failed") == 0
+                run.hub.wait_event(name, "error_response", 1, since=since, code=437)

@@ -50,31 +50,38 @@ def test_relayed_download(
         assert channel[0][0] == public  # the peer is the gateway's NAT, not the relay
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", MODES)
 def test_double_symmetric_nat_through_the_relay_loop(
-    mode: str, tmp_path: Path, blob: tuple[Path, str]
+    mode: str, family: int, tmp_path: Path, blob: tuple[Path, str]
 ) -> None:
     """Both sides behind symmetric NATs with a single relay: their server-reflexive addresses
     are useless, so both allocate and each binds a channel to the other's relayed address.
-    The relay relays to itself."""
+    The relay relays to itself. The agents reach the relay over IPv4; with ``family`` 6 the
+    channels point at the IPv6 relayed addresses (ADDITIONAL-ADDRESS-FAMILY), so the loop
+    runs over IPv6, and so does the tunnelled TCP."""
     options = TopologyOptions(client_nat="symmetric", gateway_nat="symmetric")
-    with nat_run(tmp_path, blob, options=options, xdp=datapath(mode)) as run:
+    with nat_run(
+        tmp_path, blob, options=options, xdp=datapath(mode),
+        relay_family=4, peer_family=family, inner_family=family,
+    ) as run:
         run.transfer(max_time=60)
         client, gateway = run.stats("client"), run.stats("gateway")
-        relay4 = run.topo.relay4
-        assert client["target"] == gateway["relayed"]["4"]
-        assert gateway["target"] == client["relayed"]["4"]
-        assert client["target"][0] == gateway["target"][0] == relay4
+        key = str(family)
+        assert client["target"] == gateway["relayed"][key]
+        assert gateway["target"] == client["relayed"][key]
+        relay = run.topo.relay6 if family == 6 else run.topo.relay4
+        assert client["target"][0] == gateway["target"][0] == relay
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_download_with_20_percent_loss(
     mode: str, tmp_path: Path, blob: tuple[Path, str]
 ) -> None:
-    """20 % of the client's packets are dropped in the router, as Firezone's
-    ``download-packet-loss`` does with netem on the client; TURN requests are retransmitted and
-    TCP recovers the data."""
-    options = TopologyOptions(loss=(Loss("client", 20, "up"),))
+    """20 % of the client's packets are dropped in the router, both ways (Firezone's
+    ``download-packet-loss`` drops 20 % of the client's egress with netem): TURN requests and
+    responses are lost and retransmitted, and TCP recovers the data."""
+    options = TopologyOptions(loss=(Loss("client", 20, "both"),))
     with nat_run(
         tmp_path, blob, options=options, xdp=datapath(mode), gateway_allocates=False
     ) as run:
