@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "several interfaces); by default a new Allocate frees the username's previous one",
     )
     a(
+        "--unauthenticated-rate-limit",
+        type=float,
+        default=_env("UNAUTHENTICATED_RATE_LIMIT") and float(_env("UNAUTHENTICATED_RATE_LIMIT")),
+        metavar="PER_SECOND",
+        help="answers per second (burst: twice that) to one source IP before it authenticates "
+        "(Binding, 401 challenges, errors): limits reflection; default no limit",
+    )
+    a(
         "--token-in-query",
         action="store_true",
         default=_env_bool("TOKEN_IN_QUERY"),
@@ -239,6 +247,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_channels_per_allocation=args.max_channels_per_allocation,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
+        unauthenticated_rate_limit=args.unauthenticated_rate_limit,
     )
     return Settings(
         server=config,

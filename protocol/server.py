@@ -36,6 +36,7 @@ from protocol.commands import (
     SendMessage,
 )
 from protocol.policy import PeerPolicy
+from protocol.ratelimit import RateLimiter
 from protocol.stun import Attr, Class, Message, Method
 from protocol.types import Addr, Family
 
@@ -80,6 +81,8 @@ class ServerConfig:
     max_channels_per_allocation: int = 1024
     max_permissions_per_allocation: int = 1024
     single_allocation_per_username: bool = True
+    #: unauthenticated answers per second per source IP (burst twice that); None = no limit
+    unauthenticated_rate_limit: float | None = None
     nonce_lifetime: float = 3600.0
     nonce_uses: int = 10_000
     software: str = "firezone-relay-py; rev=0.1.0"
@@ -102,6 +105,7 @@ class Stats:
     packet_size_buckets: list[int] = field(default_factory=lambda: [0] * 16)
     responses: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
     dropped_datagrams: int = 0
+    rate_limited: int = 0
     allocations_created: int = 0
     internal_errors: int = 0
 
@@ -186,6 +190,9 @@ class Server:
         self._timers: list[tuple[float, int, object]] = []
         self._timer_seq = 0
         self._commands: deque[Command] = deque()
+        rate = config.unauthenticated_rate_limit
+        self._limiter = RateLimiter(rate) if rate else None
+        self._input_time = 0.0  # the ``now`` of the request being answered
         self._transactions: OrderedDict[tuple[Addr, bytes], tuple[float, bytes, bytes]] = (
             OrderedDict()
         )
@@ -370,6 +377,7 @@ class Server:
         return None
 
     def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
+        self._input_time = now
         key = (sender, msg.transaction_id)
         cached = self._transactions.get(key)
         if cached is not None and cached[0] > now and cached[1] == msg.raw:
@@ -425,6 +433,14 @@ class Server:
             fingerprint=auth.fingerprint,
         )
         command = SendMessage(payload, sender)
+        limiter = self._limiter
+        if (
+            auth.key is None
+            and limiter is not None
+            and not limiter.allow(sender[0], self._input_time)
+        ):
+            self.stats.rate_limited += 1
+            return command  # not sent: a spoofed source must not make us reflect
         self._commands.append(command)
         self._count(
             "success" if cls == Class.SUCCESS else "error",

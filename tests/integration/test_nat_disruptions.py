@@ -64,21 +64,26 @@ def test_portal_stops_and_restarts_mid_transfer(
     mode: str, tmp_path: Path, blob: tuple[Path, str]
 ) -> None:
     """The relay joined the test portal, which minted the agents' credentials. The portal
-    goes down mid-transfer: relaying carries on, the relay reports not-ready, then rejoins
-    with the same stamp secret once the portal is back (credentials stay valid)."""
+    goes down mid-transfer: relaying carries on, TURN refreshes still authenticate (the
+    relay keeps its secret), the relay reports not-ready, then rejoins with the same stamp
+    secret once the portal is back."""
     with nat_run(
         tmp_path, blob, xdp=datapath(mode), portal=True, gateway_allocates=False
     ) as run:
         portal = run.portal_thread
         assert portal is not None
         (first,) = portal.joined_relays()
-        download = run.download(limit_rate=RATE, max_time=60)
-        download.wait_for_bytes(MIDWAY, 20)
+        download = run.download(limit_rate="1M", max_time=60)  # about 10 s
+        download.wait_for_bytes(MIDWAY // 2, 20)
 
         portal.stop_serving()
+        since = len(run.hub.events)
         wait_until(lambda: run.relay.http("GET", "/readyz")[0] == 503, 10, "the relay to notice")
         received = download.received()
-        download.wait_for_bytes(received + 500_000, 10)  # relaying without the portal
+        run.hub.wait_event("client", "refreshed", 10, since=since)  # every 3 s in tests
+        run.hub.wait_event("client", "channel_refreshed", 10, since=since)
+        assert download.received() > received  # relaying without the portal
+        assert download.proc.poll() is None, "the download finished while the portal was down"
         portal.start_serving()
         wait_until(portal.joined_relays, 20, "the relay to rejoin the portal", step=0.1)
         run.finish(download)

@@ -799,3 +799,31 @@ def test_several_allocations_per_username_when_allowed() -> None:
     out = h.allocate(client, sender=("93.184.216.34", 40001))
     assert is_success(out.response) and not any(isinstance(c, FreeAllocation) for c in out.others)
     assert h.server.num_allocations == 2
+
+
+def test_unauthenticated_answers_are_rate_limited_per_source() -> None:
+    h = Harness(unauthenticated_rate_limit=5.0)
+    binding = h.client().binding()
+    answered = sum(len(h.send(binding, ("198.51.100.9", 1000 + i)).commands) for i in range(50))
+    assert answered == 10  # the burst
+    assert h.server.stats.rate_limited == 40
+    assert len(h.send(binding, ("198.51.100.10", 1)).commands) == 1  # another source
+    h.now += 1.0
+    assert len(h.send(binding, ("198.51.100.9", 1)).commands) == 1  # refilled
+    client = h.client()  # authenticated traffic is never limited
+    for _ in range(3):
+        h.now += 0.2
+        client.nonce = None
+        h.authenticate(client, ("198.51.100.11", 7))
+    assert is_success(h.allocate(client, ("198.51.100.11", 7)).response)
+    for _ in range(20):
+        assert is_success(h.send(client.refresh(600), ("198.51.100.11", 7)).response)
+
+
+def test_rate_limiter_memory_is_bounded() -> None:
+    from protocol.ratelimit import RateLimiter
+
+    limiter = RateLimiter(1.0, max_sources=100)
+    for i in range(10_000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(limiter) == 100
