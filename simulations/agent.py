@@ -59,8 +59,8 @@ log = logging.getLogger("agent")
 
 CHANNEL_LIFETIME = 600.0
 INITIAL_RTO = 0.5
-MAX_TRANSMISSIONS = 7  # 0.5 + 1 + 2 + 4 + 8 + 8 + 8 s: about half a minute
-MAX_RTO = 8.0
+MAX_RTO = 4.0  # a lossy path must not leave a request waiting long between tries
+MAX_TRANSMISSIONS = 9  # sent at 0, 0.5, 1.5, 3.5, 7.5 ... 23.5 s; given up at 27.5 s
 HEADER = struct.Struct("!HH")
 METHOD_NAMES = {
     Method.BINDING: "binding",
@@ -144,8 +144,14 @@ class Agent:
         self.writer: asyncio.StreamWriter | None = None
         self.done = asyncio.Event()
         self.stats = {
-            "tun_rx": 0, "tun_tx": 0, "udp_tx": 0, "udp_rx": 0, "tun_write_drops": 0,
-            "udp_send_drops": 0, "no_channel_drops": 0, "unknown_rx": 0,
+            "tun_rx": 0,
+            "tun_tx": 0,
+            "udp_tx": 0,
+            "udp_rx": 0,
+            "tun_write_drops": 0,
+            "udp_send_drops": 0,
+            "no_channel_drops": 0,
+            "unknown_rx": 0,
         }
 
     # -- setup -----------------------------------------------------------------------------
@@ -206,12 +212,14 @@ class Agent:
         self._send_hub({"type": "event", "event": name, **fields})
 
     def _publish_candidates(self) -> None:
-        self._send_hub({
-            "type": "candidates",
-            "relay": {k: list(v) for k, v in self.relayed.items()},
-            "srflx": {k: list(v) for k, v in self.srflx.items()},
-            "allocates": self.cfg.allocate,
-        })
+        self._send_hub(
+            {
+                "type": "candidates",
+                "relay": {k: list(v) for k, v in self.relayed.items()},
+                "srflx": {k: list(v) for k, v in self.srflx.items()},
+                "allocates": self.cfg.allocate,
+            }
+        )
 
     async def _hub_reader(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -248,9 +256,11 @@ class Agent:
             self._roam(msg.get("bind"))
         elif kind == "stats":
             self.event(
-                "stats", **self.stats, channels={
-                    f"{n:#x}": [list(c.peer), c.bound] for n, c in self.channels.items()
-                }, relayed=self.relayed, target=self.target and list(self.target),
+                "stats",
+                **self.stats,
+                channels={f"{n:#x}": [list(c.peer), c.bound] for n, c in self.channels.items()},
+                relayed=self.relayed,
+                target=self.target and list(self.target),
             )
         elif kind == "refresh":
             self._send_refresh()
@@ -281,8 +291,11 @@ class Agent:
     def _start_turn(self) -> None:
         """Binding first (srflx), then Allocate once it answers, as connlib does."""
         if not any(p.method == Method.BINDING for p in self.pending.values()):
-            self._send(Method.BINDING, stun.encode(Method.BINDING, Class.REQUEST,
-                                                   self.rng.randbytes(12), []), False)
+            self._send(
+                Method.BINDING,
+                stun.encode(Method.BINDING, Class.REQUEST, self.rng.randbytes(12), []),
+                False,
+            )
 
     def _send_allocate(self) -> None:
         if self.turn is None or not self.cfg.allocate:
@@ -302,14 +315,16 @@ class Agent:
             return
         self._send_signed(Method.REFRESH, self._allocate_attrs())
 
-    def _send_signed(self, method: int, attrs: list[tuple[int, object]],
-                     info: dict[str, Any] | None = None) -> None:
+    def _send_signed(
+        self, method: int, attrs: list[tuple[int, object]], info: dict[str, Any] | None = None
+    ) -> None:
         assert self.turn is not None
         data = self.turn.request(method, attrs)
         self._send(method, data, self.turn.nonce is not None, info)
 
-    def _send(self, method: int, data: bytes, had_nonce: bool,
-              info: dict[str, Any] | None = None) -> None:
+    def _send(
+        self, method: int, data: bytes, had_nonce: bool, info: dict[str, Any] | None = None
+    ) -> None:
         tid = data[8:20]
         now = time.monotonic()
         self.pending[tid] = Pending(method, data, now, INITIAL_RTO, 1, had_nonce, info or {})
@@ -338,25 +353,25 @@ class Agent:
             return
         if msg.cls != Class.SUCCESS:
             return
-        if p.method != Method.BINDING and (
-            self.turn is None or not self.turn.verify(msg)
-        ):
+        if p.method != Method.BINDING and (self.turn is None or not self.turn.verify(msg)):
             self.event("bad_integrity", method=method)
             return
         now = time.monotonic()
         if p.method == Method.BINDING:
             mapped = msg.get(Attr.XOR_MAPPED_ADDRESS)
             if mapped is not None:
-                old = self.srflx.get(family_key(mapped[0]))
-                self.srflx[family_key(mapped[0])] = tuple(mapped)  # type: ignore[assignment]
-                if old != tuple(mapped):
+                addr: Addr = (mapped[0], mapped[1])
+                old = self.srflx.get(family_key(addr[0]))
+                self.srflx[family_key(addr[0])] = addr
+                if old != addr:
                     self.event("srflx", addr=list(mapped))
                     self._publish_candidates()
             if self.cfg.allocate and not self.relayed:
                 self._send_allocate()
         elif p.method == Method.ALLOCATE:
-            self.relayed = {family_key(a[0]): (a[0], a[1])
-                            for a in msg.get_all(Attr.XOR_RELAYED_ADDRESS)}
+            self.relayed = {
+                family_key(a[0]): (a[0], a[1]) for a in msg.get_all(Attr.XOR_RELAYED_ADDRESS)
+            }
             mapped = msg.get(Attr.XOR_MAPPED_ADDRESS)
             if mapped is not None:
                 self.srflx[family_key(mapped[0])] = (mapped[0], mapped[1])
@@ -364,10 +379,16 @@ class Agent:
             self.allocated_at = now
             self.allocate_backoff = 0.5
             self.channels.clear()
-            self.event("allocated", relay={k: list(v) for k, v in self.relayed.items()},
-                       lifetime=self.lifetime, local=self._local())
+            self.event(
+                "allocated",
+                relay={k: list(v) for k, v in self.relayed.items()},
+                lifetime=self.lifetime,
+                local=self._local(),
+            )
             self._publish_candidates()
             self._ensure_channel()
+        elif p.method == Method.REFRESH and p.info.get("reallocate"):
+            self._send_allocate()
         elif p.method == Method.REFRESH:
             self.lifetime = float(msg.get(Attr.LIFETIME) or 600)
             self.allocated_at = now
@@ -378,8 +399,11 @@ class Agent:
             if ch is not None:
                 first = not ch.bound
                 ch.bound, ch.bound_at, ch.last_rx = True, now, now
-                self.event("channel_bound" if first else "channel_refreshed",
-                           channel=number, peer=list(ch.peer))
+                self.event(
+                    "channel_bound" if first else "channel_refreshed",
+                    channel=number,
+                    peer=list(ch.peer),
+                )
 
     def _on_error(self, p: Pending, method: str, code: int, msg: stun.Message) -> None:
         if code in (401, 438) and self.turn is not None:
@@ -401,6 +425,10 @@ class Agent:
         elif p.method == Method.CHANNEL_BIND:
             self.channels.pop(p.info.get("channel", -1), None)
             self.channel_retry_at = time.monotonic() + 1.0
+        elif p.method == Method.ALLOCATE and code == 437:
+            # An earlier Allocate of ours succeeded but every response was lost: delete that
+            # allocation (we do not know its address), then allocate again.
+            self._send_signed(Method.REFRESH, [(Attr.LIFETIME, 0)], {"reallocate": True})
         elif p.method == Method.ALLOCATE:
             self.next_allocate_at = time.monotonic() + self.allocate_backoff
             self.allocate_backoff = min(self.allocate_backoff * 2, 8.0)
@@ -409,11 +437,15 @@ class Agent:
         """Send the request again with the (new) realm and nonce: same attributes, new id."""
         assert self.turn is not None
         original = stun.parse(p.data)
-        skip = {Attr.USERNAME, Attr.REALM, Attr.NONCE, Attr.MESSAGE_INTEGRITY,
-                Attr.SOFTWARE, Attr.FINGERPRINT}
-        attrs = [
-            (t, original.get(t)) for t, _ in original.attributes if t not in skip
-        ]
+        skip = {
+            Attr.USERNAME,
+            Attr.REALM,
+            Attr.NONCE,
+            Attr.MESSAGE_INTEGRITY,
+            Attr.SOFTWARE,
+            Attr.FINGERPRINT,
+        }
+        attrs = [(t, original.get(t)) for t, _ in original.attributes if t not in skip]
         self._send_signed(p.method, attrs, p.info)
 
     def _invalidate(self, reason: str) -> None:
@@ -422,9 +454,7 @@ class Agent:
         self.relayed = {}
         self.channels.clear()
         self.lifetime = 0.0
-        self.pending = {
-            tid: p for tid, p in self.pending.items() if p.method == Method.BINDING
-        }
+        self.pending = {tid: p for tid, p in self.pending.items() if p.method == Method.BINDING}
         self._publish_candidates()
 
     def _ensure_channel(self) -> None:
@@ -445,8 +475,10 @@ class Agent:
         self._bind(number, target)
 
     def _bind(self, number: int, peer: Addr) -> None:
-        if any(p.method == Method.CHANNEL_BIND and p.info.get("channel") == number
-               for p in self.pending.values()):
+        if any(
+            p.method == Method.CHANNEL_BIND and p.info.get("channel") == number
+            for p in self.pending.values()
+        ):
             return
         self._send_signed(
             Method.CHANNEL_BIND,
@@ -499,18 +531,26 @@ class Agent:
                 self.event("probe", quiet=self.cfg.probe_after)
                 self._send_refresh()
             for number, ch in self.channels.items():
-                if (ch.bound and ch.last_rx > ch.bound_at
-                        and now >= ch.bound_at + CHANNEL_LIFETIME / 2 * scale):
+                if (
+                    ch.bound
+                    and ch.last_rx > ch.bound_at
+                    and now >= ch.bound_at + CHANNEL_LIFETIME / 2 * scale
+                ):
                     self._bind(number, ch.peer)
             self._ensure_channel()
-        elif self.cfg.allocate and self.turn is not None and now >= self.next_allocate_at:
-            if not self.pending:
-                self.next_allocate_at = now + self.allocate_backoff
-                self.allocate_backoff = min(self.allocate_backoff * 2, 8.0)
-                if self.srflx:
-                    self._send_allocate()
-                else:
-                    self._start_turn()
+        elif (
+            self.cfg.allocate
+            and self.turn is not None
+            and now >= self.next_allocate_at
+            and not self.pending
+        ):
+            # no allocation (lost, rejected, or never made): try again, backing off
+            self.next_allocate_at = now + self.allocate_backoff
+            self.allocate_backoff = min(self.allocate_backoff * 2, 8.0)
+            if self.srflx:
+                self._send_allocate()
+            else:
+                self._start_turn()
         if not self.cfg.allocate:
             if not self.srflx and not self.pending:
                 self._start_turn()
@@ -611,8 +651,11 @@ class Agent:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m simulations.agent", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.agent",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--server", required=True, type=parse_addr, help="relay host:port")
     p.add_argument("--signal", required=True, help="signalling hub Unix socket")
@@ -620,23 +663,43 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--tun-addr", action="append", default=[], help="CIDR; repeatable")
     p.add_argument("--username")
     p.add_argument("--password")
-    p.add_argument("--no-allocate", action="store_true",
-                   help="no allocation: raw UDP to the partner's relayed address")
-    p.add_argument("--dual", action="store_true",
-                   help="the relay is dual-stack: ask for ADDITIONAL-ADDRESS-FAMILY IPv6")
+    p.add_argument(
+        "--no-allocate",
+        action="store_true",
+        help="no allocation: raw UDP to the partner's relayed address",
+    )
+    p.add_argument(
+        "--dual",
+        action="store_true",
+        help="the relay is dual-stack: ask for ADDITIONAL-ADDRESS-FAMILY IPv6",
+    )
     p.add_argument("--peer-family", type=int, choices=(4, 6), default=4)
     p.add_argument("--bind", help="local address to send from")
-    p.add_argument("--refresh-scale", type=float, default=1.0,
-                   help="multiply refresh periods (tests: 0.01 refreshes every few seconds)")
+    p.add_argument(
+        "--refresh-scale",
+        type=float,
+        default=1.0,
+        help="multiply refresh periods (tests: 0.01 refreshes every few seconds)",
+    )
     p.add_argument("--probe-after", type=float, default=25.0)
     p.add_argument("--keepalive", type=float, default=1.0)
     p.add_argument("--mtu", type=int, default=tun.DEFAULT_MTU)
     a = p.parse_args(argv)
     return Config(
-        name=a.name, server=a.server, signal_path=a.signal, tun_name=a.tun,
-        tun_addrs=a.tun_addr, username=a.username, password=a.password,
-        allocate=not a.no_allocate, dual=a.dual, peer_family=a.peer_family, bind=a.bind,
-        refresh_scale=a.refresh_scale, probe_after=a.probe_after, keepalive=a.keepalive,
+        name=a.name,
+        server=a.server,
+        signal_path=a.signal,
+        tun_name=a.tun,
+        tun_addrs=a.tun_addr,
+        username=a.username,
+        password=a.password,
+        allocate=not a.no_allocate,
+        dual=a.dual,
+        peer_family=a.peer_family,
+        bind=a.bind,
+        refresh_scale=a.refresh_scale,
+        probe_after=a.probe_after,
+        keepalive=a.keepalive,
         mtu=a.mtu,
     )
 
@@ -644,7 +707,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s",
     )
 

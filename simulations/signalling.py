@@ -110,8 +110,10 @@ class Hub:
 
         def find(events: list[Message]) -> Message | None:
             for e in events[since:]:
-                if e.get("from") == name and e.get("event") == event and all(
-                    e.get(k) == v for k, v in match.items()
+                if (
+                    e.get("from") == name
+                    and e.get("event") == event
+                    and all(e.get(k) == v for k, v in match.items())
                 ):
                     return e
             return None

@@ -16,9 +16,10 @@ forward chain drops it), so everything they exchange goes through the relay. Eac
 ``numgen random`` drop in the router, per side and direction (this kernel has no netem).
 
 Nothing is created in, or connected to, the root namespace, so no packet can leave: every
-address here exists only inside these namespaces. Namespaces are named ``<prefix>-<role>``;
-building purges leftovers of the same prefix first (an earlier run that was SIGKILLed), and the
-topology is torn down on context exit, at interpreter exit, and on SIGTERM/SIGHUP. Processes
+address here exists only inside these namespaces. Namespaces are named ``<prefix>-<role>``
+with a per-process prefix (``fzn<pid>...``); building first purges leftovers of the same prefix
+and of any ``fzn<pid>`` whose process is gone (a run that was SIGKILLed), and the topology is
+torn down on context exit, at interpreter exit, and on SIGTERM/SIGHUP. Processes
 started with :meth:`Topology.popen` are killed by pid before the namespaces go, and get
 SIGKILL from the kernel if the starting thread dies (``PR_SET_PDEATHSIG``).
 """
@@ -29,6 +30,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -44,7 +46,10 @@ NatKind = Literal["cone", "symmetric"]
 Side = Literal["client", "gateway"]
 Direction = Literal["up", "down", "both"]
 
-DEFAULT_PREFIX = "fzn" + os.environ.get("PYTEST_XDIST_WORKER", "m")
+#: ``fzn<pid><worker>``: unique per process, so concurrent runs (other engineers, CI, xdist
+#: workers) never touch each other's namespaces, and leftovers of dead runs are recognisable.
+DEFAULT_PREFIX = f"fzn{os.getpid()}{os.environ.get('PYTEST_XDIST_WORKER', 'm')}"
+_OURS = re.compile(r"^fzn(\d+)[a-z0-9]*-")
 
 # Addresses (private, namespace-only).
 CLIENT4, CLIENT6 = "192.168.10.2", "fd00:10::2"
@@ -86,6 +91,14 @@ def purge(prefix: str) -> None:
             with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
                 os.kill(int(pid), signal.SIGKILL)
         run(["ip", "netns", "del", name], check=False)
+
+
+def purge_stale() -> None:
+    """Delete namespaces that processes which no longer exist left behind (a SIGKILLed run)."""
+    for name in list_netns():
+        m = _OURS.match(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            purge(name.rsplit("-", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,7 @@ class Topology:
     def build(self) -> None:
         """Purge leftovers, then build step by step; on any failure purge and re-raise."""
         _install_hooks()
+        purge_stale()
         purge(self.prefix)
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -256,8 +270,23 @@ class Topology:
             (self.rly, self.relay_dev, "r-pub"),
         )
         for ns, dev, peer in links:
-            run(["ip", "link", "add", dev, "netns", ns, "type", "veth",
-                 "peer", "name", peer, "netns", self.rtr])
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    dev,
+                    "netns",
+                    ns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    peer,
+                    "netns",
+                    self.rtr,
+                ]
+            )
         plan: list[tuple[str, str, list[str], list[str]]] = [
             (self.cli, self.client_dev, [f"{CLIENT4}/24"], [f"{CLIENT6}/64"]),
             (self.gw, self.gateway_dev, [f"{GATEWAY4}/24"], [f"{GATEWAY6}/64"]),
@@ -299,13 +328,21 @@ class Topology:
     def _wait_links_up(self, timeout: float = 5.0) -> None:
         """Link state reaches IPv6 routing through linkwatch, up to a second after ``set up``;
         until then IPv6 packets meet "no route". Wait for every veth to be operationally up."""
-        ends = [(self.cli, self.client_dev), (self.gw, self.gateway_dev),
-                (self.rly, self.relay_dev), (self.rtr, "r-cli"), (self.rtr, "r-gw"),
-                (self.rtr, "r-pub")]
+        ends = [
+            (self.cli, self.client_dev),
+            (self.gw, self.gateway_dev),
+            (self.rly, self.relay_dev),
+            (self.rtr, "r-cli"),
+            (self.rtr, "r-gw"),
+            (self.rtr, "r-pub"),
+        ]
         deadline = time.monotonic() + timeout
         while True:
-            down = [f"{ns}/{dev}" for ns, dev in ends
-                    if "state UP" not in self.ip(ns, "-o", "link", "show", dev)]
+            down = [
+                f"{ns}/{dev}"
+                for ns, dev in ends
+                if "state UP" not in self.ip(ns, "-o", "link", "show", dev)
+            ]
             if not down:
                 return
             if time.monotonic() > deadline:
@@ -337,7 +374,7 @@ class Topology:
             gw_nat6 = nat(o.gateway_nat, f"snat ip6 to {GATEWAY_PUBLIC6}")
             lines += [
                 # IPv6 masquerade would pick either of r-pub's addresses; name the client's
-                f'    oifname "r-pub" ip6 saddr fd00:10::/64 '
+                '    oifname "r-pub" ip6 saddr fd00:10::/64 '
                 + nat(o.client_nat, f"snat ip6 to {CLIENT_PUBLIC6}"),
                 f'    oifname "r-pub" ip6 saddr fd00:20::/64 {gw_nat6}',
             ]
@@ -354,10 +391,13 @@ class Topology:
             dev = "r-cli" if loss.side == "client" else "r-gw"
             if loss.percent <= 0:
                 continue
+            drop = "counter drop"
+            if loss.percent < 100:
+                drop = f"numgen random mod 100 < {loss.percent} {drop}"
             if loss.direction in ("up", "both"):
-                lines.append(f'    iifname "{dev}" numgen random mod 100 < {loss.percent} counter drop')
+                lines.append(f'    iifname "{dev}" {drop}')
             if loss.direction in ("down", "both"):
-                lines.append(f'    oifname "{dev}" numgen random mod 100 < {loss.percent} counter drop')
+                lines.append(f'    oifname "{dev}" {drop}')
         lines += ["  }", "}", ""]
         return "\n".join(lines)
 
@@ -365,8 +405,7 @@ class Topology:
         """Swap the router's ruleset at run time (e.g. start or stop losing packets).
         Existing NAT mappings (conntrack) survive; only new flows see a new NAT kind."""
         self.options = options
-        self.exec(self.rtr, "nft", "-f", "-",
-                  input="flush ruleset\n" + self.ruleset())
+        self.exec(self.rtr, "nft", "-f", "-", input="flush ruleset\n" + self.ruleset())
 
     def move_client(self) -> str:
         """The client "changes networks": its address becomes 192.168.10.3, which the router
@@ -403,6 +442,3 @@ class Topology:
         """Run the block with the calling thread inside ``ns`` (sockets created there stay)."""
         with _enter_netns(ns):
             yield
-
-    def conntrack_count(self) -> int:
-        return int(self.exec(self.rtr, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))

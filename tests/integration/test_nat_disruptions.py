@@ -67,9 +67,7 @@ def test_portal_stops_and_restarts_mid_transfer(
     goes down mid-transfer: relaying carries on, TURN refreshes still authenticate (the
     relay keeps its secret), the relay reports not-ready, then rejoins with the same stamp
     secret once the portal is back."""
-    with nat_run(
-        tmp_path, blob, xdp=datapath(mode), portal=True, gateway_allocates=False
-    ) as run:
+    with nat_run(tmp_path, blob, xdp=datapath(mode), portal=True, gateway_allocates=False) as run:
         portal = run.portal_thread
         assert portal is not None
         (first,) = portal.joined_relays()

@@ -5,6 +5,7 @@ These run without a relay: plain UDP sockets in the namespaces (cheap, about 0.3
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -14,6 +15,7 @@ from simulations.topology import Loss, Topology, TopologyOptions, list_netns
 from tests.integration.nat_fixtures import require_nat_tools
 
 pytestmark = pytest.mark.integration
+PID = os.getpid()
 
 
 @pytest.fixture(autouse=True)
@@ -88,35 +90,42 @@ def test_client_and_gateway_cannot_reach_each_other_directly() -> None:
             tx.close()
 
 
-def test_loss_drops_about_the_configured_share() -> None:
-    options = TopologyOptions(loss=(Loss("client", 50, "up"),))
-    with Topology(options) as topo:
-        rx = _udp(topo, topo.rly, topo.relay4, 40001)
-        tx = _udp(topo, topo.cli, "0.0.0.0")
-        rx.settimeout(0.3)
-        got = 0
-        try:
-            for _ in range(400):
-                tx.sendto(b"x", (topo.relay4, 40001))
-            while True:
-                try:
-                    rx.recvfrom(10)
-                except TimeoutError:
-                    break
-                got += 1
-        finally:
-            rx.close()
-            tx.close()
-        assert 120 < got < 280  # 400 * 50 %, far outside any plausible random spread
+def _delivered(topo: Topology, count: int = 400) -> int:
+    rx = _udp(topo, topo.rly, topo.relay4, 40001)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # hold all of them
+    tx = _udp(topo, topo.cli, "0.0.0.0")
+    rx.settimeout(0.3)
+    got = 0
+    try:
+        for _ in range(count):
+            tx.sendto(b"x", (topo.relay4, 40001))
+        while True:
+            try:
+                rx.recvfrom(10)
+            except TimeoutError:
+                return got
+            got += 1
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_loss_drops_about_the_configured_share_and_can_change_at_run_time() -> None:
+    with Topology(TopologyOptions(loss=(Loss("client", 50, "up"),))) as topo:
+        assert 120 < _delivered(topo) < 280  # 400 * 50 %, bounds far outside random spread
+        topo.set_options(TopologyOptions())
+        assert _delivered(topo) == 400
+        topo.set_options(TopologyOptions(loss=(Loss("client", 100, "down"),)))
+        assert _delivered(topo) == 400  # only the way back to the client loses
 
 
 def test_teardown_removes_everything_even_after_a_failure() -> None:
-    topo = Topology(prefix="fznleak")
+    topo = Topology(prefix=f"fzn{PID}leak")
     with pytest.raises(RuntimeError), topo:
         proc = topo.popen(topo.cli, ["sleep", "30"])
         raise RuntimeError("the test failed")
     assert proc.wait(5) is not None
-    assert not [n for n in list_netns() if n.startswith("fznleak-")]
+    assert not [n for n in list_netns() if n.startswith(f"fzn{PID}leak-")]
 
 
 def test_a_half_built_topology_is_purged() -> None:
@@ -125,14 +134,18 @@ def test_a_half_built_topology_is_purged() -> None:
             return "table inet broken {\n  chain x { this is not nft }\n}\n"
 
     with pytest.raises(RuntimeError, match="nft"):
-        Broken(prefix="fznbroken").build()
-    assert not [n for n in list_netns() if n.startswith("fznbroken-")]
+        Broken(prefix=f"fzn{PID}broken").build()
+    assert not [n for n in list_netns() if n.startswith(f"fzn{PID}broken-")]
 
 
 def test_leftovers_of_an_earlier_run_are_purged_first() -> None:
-    subprocess.run(["ip", "netns", "add", "fznstale-cli"], check=True)
-    subprocess.run(["ip", "netns", "add", "fznstale-extra"], check=True)
-    with Topology(prefix="fznstale") as topo:
-        assert "fznstale-extra" not in list_netns()
-        assert topo.cli in list_netns()
-    assert not [n for n in list_netns() if n.startswith("fznstale-")]
+    prefix = f"fzn{PID}stale"
+    dead = "fzn4999999dead"  # no such pid (pid_max is at most 2**22)
+    for name in (f"{prefix}-cli", f"{prefix}-extra", f"{dead}-rly"):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    with Topology(prefix=prefix) as topo:
+        names = list_netns()
+        assert f"{prefix}-extra" not in names
+        assert f"{dead}-rly" not in names
+        assert topo.cli in names
+    assert not [n for n in list_netns() if n.startswith(f"{prefix}-")]

@@ -33,14 +33,17 @@ def blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", MODES)
-def test_relayed_download(
-    mode: str, family: int, tmp_path: Path, blob: tuple[Path, str]
-) -> None:
+def test_relayed_download(mode: str, family: int, tmp_path: Path, blob: tuple[Path, str]) -> None:
     """Client relayed, gateway reached at its NAT's public address (client -> relay ->
     gateway), over IPv4 or IPv6 end to end."""
     with nat_run(
-        tmp_path, blob, xdp=datapath(mode), gateway_allocates=False,
-        relay_family=family, peer_family=family, inner_family=family,
+        tmp_path,
+        blob,
+        xdp=datapath(mode),
+        gateway_allocates=False,
+        relay_family=family,
+        peer_family=family,
+        inner_family=family,
     ) as run:
         run.transfer(max_time=60)
         client = run.stats("client")
@@ -62,8 +65,13 @@ def test_double_symmetric_nat_through_the_relay_loop(
     runs over IPv6, and so does the tunnelled TCP."""
     options = TopologyOptions(client_nat="symmetric", gateway_nat="symmetric")
     with nat_run(
-        tmp_path, blob, options=options, xdp=datapath(mode),
-        relay_family=4, peer_family=family, inner_family=family,
+        tmp_path,
+        blob,
+        options=options,
+        xdp=datapath(mode),
+        relay_family=4,
+        peer_family=family,
+        inner_family=family,
     ) as run:
         run.transfer(max_time=60)
         client, gateway = run.stats("client"), run.stats("gateway")
@@ -75,9 +83,7 @@ def test_double_symmetric_nat_through_the_relay_loop(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_download_with_20_percent_loss(
-    mode: str, tmp_path: Path, blob: tuple[Path, str]
-) -> None:
+def test_download_with_20_percent_loss(mode: str, tmp_path: Path, blob: tuple[Path, str]) -> None:
     """20 % of the client's packets are dropped in the router, both ways (Firezone's
     ``download-packet-loss`` drops 20 % of the client's egress with netem): TURN requests and
     responses are lost and retransmitted, and TCP recovers the data."""
