@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,8 +43,8 @@ CLIENT_TUN = ["100.64.0.1/24", "fd00:64::1/64"]
 GATEWAY_TUN = ["100.64.0.2/24", "fd00:64::2/64"]
 WEB_PORT = 8080
 HEALTH = ("127.0.0.1", 8080)  # inside the relay namespace
-#: a relay log line at WARN or ERROR level, or a traceback
-PROBLEM = re.compile(r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s|^Traceback|^\S+Z\s+\w+\s+.*Traceback")
+#: a relay log line at WARN or ERROR level, a traceback, or a Python warning on stderr
+PROBLEM = re.compile(r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s|^Traceback|\w+Warning: ")
 
 
 #: the relay's verdict on XDP offload: enabled, or unavailable with a reason
@@ -433,8 +434,10 @@ class NatRun:
     def _up(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.topo = self._stack.enter_context(Topology(self.options))
+        hub_dir = tempfile.mkdtemp(prefix="fznhub")  # short: Unix socket paths are limited
+        self._stack.callback(shutil.rmtree, hub_dir, True)
         self.hub = self._stack.enter_context(
-            Hub(str(self.tmp / "hub.sock"), pairs=[("client", "gateway")])
+            Hub(os.path.join(hub_dir, "hub.sock"), pairs=[("client", "gateway")])
         )
         if self.portal:
             self.portal_thread = PortalThread(self.topo.rly).start()
@@ -577,7 +580,7 @@ class NatRun:
     def web_host(self) -> str:
         return "fd00:64::2" if self.inner_family == 6 else "100.64.0.2"
 
-    def wait_tunnel(self, timeout: float = 20.0, since: int = 0) -> None:
+    def wait_tunnel(self, timeout: float = 45.0, since: int = 0) -> None:
         """Both channels bound (after event index ``since``), then a TCP connect through the
         tunnel succeeds."""
         self.hub.wait_event("client", "channel_bound", timeout, since=since)
@@ -687,5 +690,6 @@ def nat_run(tmp: Path, blob: tuple[Path, str], **kwargs: Any) -> Iterator[NatRun
         yield run
         run.assert_datapath()
         run.assert_agents_content()
-        run.relay.stop()
+        code = run.relay.stop()
+        assert code == 0, f"the relay exited with {code} on SIGTERM"
     run.assert_relay_log_clean()

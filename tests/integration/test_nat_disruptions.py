@@ -110,7 +110,7 @@ def test_relay_restarts_mid_transfer(
         download = run.download(limit_rate=RATE, max_time=60)
         download.wait_for_bytes(MIDWAY, 20)
         since = len(run.hub.events)
-        run.relay.stop()
+        assert run.relay.stop() == 0  # a clean shutdown on SIGTERM
         if secret == "new":
             run.secret = run.relay.secret = os.urandom(32).hex()
         run.relay.start()
