@@ -62,6 +62,8 @@ class DataPlane:
         payload = self._payload
         handle = self.server.handle_client_input
         sockets = self.allocation_sockets
+        listen = self.listen
+        buf = self._buf
         now = time.monotonic()
         count = 0
         for _ in range(READ_BUDGET):
@@ -80,6 +82,11 @@ class DataPlane:
                 self._input_failed(addr)
                 continue
             if out is None:
+                continue
+            if len(out) == 3:  # relay loop: ChannelData for another client of this relay
+                client, channel, length = out
+                _pack_header(buf, HEADROOM, channel, length)
+                self._send_to_client(listen, payload[: 4 + length], client)
                 continue
             port, peer, start, end = out
             out_sock = sockets.get((port, _V6 if ":" in peer[0] else _V4))
@@ -142,6 +149,20 @@ class DataPlane:
             counters[1] += n
         self.datagrams_in += count
         self.after_input()
+
+    def _send_to_client(
+        self, listen: dict[int, socket.socket], data: memoryview, client: Addr
+    ) -> None:
+        out_sock = listen.get(_V6 if ":" in client[0] else _V4)
+        if out_sock is None:
+            self.send_drops += 1
+            return
+        try:
+            out_sock.sendto(data, client)
+        except BlockingIOError:
+            self.send_drops += 1
+        except OSError:
+            self.send_errors += 1
 
     # -- control plane --------------------------------------------------------------------
 

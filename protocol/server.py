@@ -11,6 +11,7 @@ Firezone's own clients; README.md lists each such choice.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 import random
 import struct
@@ -55,6 +56,9 @@ UDP = 17
 
 _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
+
+#: what ``handle_client_input`` returns: a route to a peer, or to a client (relay loop)
+ClientRoute = tuple[int, Addr, int, int] | tuple[Addr, int, int]
 
 MESSAGE_TYPES = {
     Method.BINDING: "binding",
@@ -187,6 +191,11 @@ class Server:
         # Fast paths, holding bound channels only.
         self._c2p: dict[tuple[Addr, int], tuple[int, Addr]] = {}
         self._p2c: dict[tuple[int, Addr], tuple[Addr, int]] = {}
+        # Bound channels whose peer is another allocation on this relay (the relay loop).
+        self._c2c: dict[tuple[Addr, int], tuple[int, Addr]] = {}
+        self._own_hosts = frozenset(
+            str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
+        )
         self._timers: list[tuple[float, int, object]] = []
         self._timer_seq = 0
         self._commands: deque[Command] = deque()
@@ -231,9 +240,16 @@ class Server:
 
     def handle_client_input(
         self, data: bytes | memoryview, sender: Addr, now: float
-    ) -> tuple[int, Addr, int, int] | None:
-        """A datagram on the listen port. Returns ``(allocation_port, peer, start, end)``
-        when ``data[start:end]`` is to be relayed to ``peer``; None otherwise."""
+    ) -> ClientRoute | None:
+        """A datagram on the listen port. Returns
+
+        - ``(allocation_port, peer, start, end)``: relay ``data[start:end]`` to ``peer`` from
+          the allocation socket of the peer's family;
+        - ``(client, channel, length)``: the peer is another allocation on this relay (the
+          relay loop): rewrite the 4-byte ChannelData header at the start of ``data`` to
+          ``(channel, length)`` and send ``data[:4 + length]`` to ``client`` from the listen
+          socket of its family, without a trip through the network;
+        - None otherwise."""
         try:
             size = len(data)
             if size < 4 or sender[1] == 0:
@@ -244,6 +260,8 @@ class Server:
                 channel, length = _unpack_hh(data)
                 route = self._c2p.get((sender, channel))
                 if route is None or 4 + length > size:
+                    if 4 + length <= size and (sender, channel) in self._c2c:
+                        return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.dropped_datagrams += 1
                     return None
                 stats = self.stats
@@ -744,11 +762,11 @@ class Server:
         if not peers:
             raise _Reject(400, auth)
         allocation = self._own_allocation(sender, auth, username)
-        for host, port in peers:
+        for host, _ in peers:
             if Family.of(host) not in allocation.families:
                 raise _Reject(443, auth)
-            # The port is ignored for permissions; judge the address on a relayable port.
-            if not self.policy.allows(host, port or self.config.lowest_port):
+            # Permissions are per address: judge the address alone (on a relayable port).
+            if not self.policy.allows(host, self.config.lowest_port):
                 raise _Reject(403, auth)
         new = {host for host, _ in peers if host not in allocation.permissions}
         if len(allocation.permissions) + len(new) > self.config.max_permissions_per_allocation:
@@ -792,7 +810,8 @@ class Server:
         else:
             channel.expires_at = now + CHANNEL_LIFETIME
             channel.bound = True
-        self._c2p[(sender, number)] = (allocation.port, peer)
+        table = self._c2c if self._is_own_allocation_address(peer) else self._c2p
+        table[(sender, number)] = (allocation.port, peer)
         self._p2c[(allocation.port, peer)] = (sender, number)
         self._schedule(channel.expires_at, ("channel", allocation, channel))
         self._permit(allocation, peer[0], now)
@@ -801,11 +820,15 @@ class Server:
 
     def _unbind(self, allocation: Allocation, channel: Channel) -> None:
         channel.bound = False
-        self._c2p.pop((allocation.client, channel.number), None)
-        self._p2c.pop((allocation.port, channel.peer), None)
+        self._forget_routes(allocation, channel)
         self._commands.append(
             DeleteChannelBinding(allocation.client, channel.number, channel.peer, allocation.port)
         )
+
+    def _forget_routes(self, allocation: Allocation, channel: Channel) -> None:
+        self._c2p.pop((allocation.client, channel.number), None)
+        self._c2c.pop((allocation.client, channel.number), None)
+        self._p2c.pop((allocation.port, channel.peer), None)
 
     # --- Send indication -----------------------------------------------------------------
 
@@ -834,17 +857,62 @@ class Server:
             self.stats.dropped_datagrams += 1
             return None
         start, end = span
+        if self._is_own_allocation_address(peer) and peer[1] in self._by_port:
+            self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
+            return None
         self.stats.relayed_packets_userspace += 1
         self.stats.relayed_bytes_userspace += end - start
         return allocation.port, peer, start, end
+
+    # --- the relay loop ------------------------------------------------------------------
+
+    def _is_own_allocation_address(self, peer: Addr) -> bool:
+        config = self.config
+        return peer[0] in self._own_hosts and config.lowest_port <= peer[1] <= config.highest_port
+
+    def _loop_channel_data(
+        self, data: bytes | memoryview, sender: Addr, channel: int, length: int, now: float
+    ) -> ClientRoute | None:
+        """ChannelData to another allocation of this relay: hand it straight to that
+        allocation's client instead of sending it out and back through the network, which
+        needs the public address to be local (it is not behind a cloud NAT). A port of the
+        range that holds no allocation may be some other local socket (labs with loopback
+        peers): that goes out like any peer traffic."""
+        port, peer = self._c2c[(sender, channel)]
+        stats = self.stats
+        if peer[1] not in self._by_port:
+            stats.relayed_packets_userspace += 1
+            stats.relayed_bytes_userspace += length
+            return port, peer, 4, 4 + length
+        target = self._p2c.get((peer[1], (peer[0], port)))
+        if target is None:
+            self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
+            return None
+        stats.relayed_packets_userspace += 1
+        stats.relayed_bytes_userspace += length
+        stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+        return target[0], target[1], length
+
+    def _deliver_to_allocation(self, data: bytes, peer: Addr, from_port: int, now: float) -> None:
+        """What the allocation on ``peer``'s port would do with ``data`` arriving from our
+        own allocation ``from_port``: ChannelData if a channel is bound, else a Data
+        indication if permitted (both as commands: this is not the hot path)."""
+        source = (peer[0], from_port)
+        target = self._p2c.get((peer[1], source))
+        if target is None:
+            self._data_indication(data, source, peer[1], now)
+            return
+        self.stats.relayed_packets_userspace += 1
+        self.stats.relayed_bytes_userspace += len(data)
+        client, channel = target
+        self._commands.append(SendMessage(struct.pack("!HH", channel, len(data)) + data, client))
 
     # --- deletion ------------------------------------------------------------------------
 
     def _delete_allocation(self, allocation: Allocation) -> None:
         for channel in allocation.channels.values():
             channel.bound = False
-            self._c2p.pop((allocation.client, channel.number), None)
-            self._p2c.pop((allocation.port, channel.peer), None)
+            self._forget_routes(allocation, channel)
             self._commands.append(
                 DeleteChannelBinding(
                     allocation.client, channel.number, channel.peer, allocation.port

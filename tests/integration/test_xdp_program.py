@@ -176,17 +176,14 @@ class Relay:
             route = self.server.handle_client_input(p.payload, p.src, 0.0)
             if route is None:
                 return None
+            if len(route) == 3:
+                # relay loop: the core hands the data to the other allocation's client
+                client, channel, length = route
+                return self._expect(
+                    p, client, LISTEN, channel_data(channel, p.payload[4 : 4 + length])
+                )
             port, peer, start, end = route
-            data = p.payload[start:end]
-            own = {PUBLIC4, PUBLIC6}
-            if peer[0] in own and 49152 <= peer[1] <= 65535:
-                # relay loop: the datagram reaches our own allocation on peer[1]
-                back = self.server.handle_peer_traffic(data, (peer[0], port), peer[1], 0.0)
-                if back is None:
-                    return None
-                client, channel = back
-                return self._expect(p, client, LISTEN, channel_data(channel, data))
-            return self._expect(p, peer, port, data)
+            return self._expect(p, peer, port, p.payload[start:end])
         back = self.server.handle_peer_traffic(p.payload, p.src, p.dst[1], 0.0)
         if back is None:
             return None

@@ -827,3 +827,56 @@ def test_rate_limiter_memory_is_bounded() -> None:
     for i in range(10_000):
         limiter.allow(f"10.0.{i // 256}.{i % 256}", 0.0)
     assert len(limiter) == 100
+
+
+# --- The relay loop: both ends are allocations on this relay -------------------------------
+
+CLIENT_B = ("198.51.200.7", 50000)
+
+
+def _two_allocations(h: Harness):  # type: ignore[no-untyped-def]
+    a, b = h.client("client-a"), h.client("gateway-b")
+    port_a = h.allocate(a).others[0].port  # type: ignore[union-attr]
+    port_b = h.allocate(b, CLIENT_B).others[0].port  # type: ignore[union-attr]
+    return a, b, port_a, port_b
+
+
+def test_relay_loop_channel_to_channel_is_delivered_in_place() -> None:
+    h = Harness()
+    a, b, port_a, port_b = _two_allocations(h)
+    assert is_success(h.send(a.channel_bind(0x4000, (PUBLIC4, port_b))).response)
+    assert is_success(h.send(b.channel_bind(0x4ABC, (PUBLIC4, port_a)), CLIENT_B).response)
+    out = h.send(channel_data.encode(0x4000, b"through the loop"))
+    assert out.relay == (CLIENT_B, 0x4ABC, len(b"through the loop")) and out.commands == []
+    back = h.send(channel_data.encode(0x4ABC, b"and back"), CLIENT_B)
+    assert back.relay == (CLIENT, 0x4000, len(b"and back"))
+
+
+def test_relay_loop_without_a_channel_on_the_far_side_uses_its_permissions() -> None:
+    h = Harness()
+    a, b, port_a, port_b = _two_allocations(h)
+    h.send(a.channel_bind(0x4000, (PUBLIC4, port_b)))
+    assert h.send(channel_data.encode(0x4000, b"x")).commands == []  # no permission on B
+    h.send(b.create_permission((PUBLIC4, 1)), CLIENT_B)
+    (indication,) = h.send(channel_data.encode(0x4000, b"hello b")).messages
+    assert indication.method == Method.DATA
+    assert indication.get(Attr.XOR_PEER_ADDRESS) == (PUBLIC4, port_a)
+    assert indication.get(Attr.DATA) == b"hello b"
+    # and a Send indication from B to A's relayed address reaches A's channel
+    out = h.send(b.send_indication((PUBLIC4, port_a), b"hi a"), CLIENT_B)
+    assert out.relay is None  # no channel on A for B yet: A has a permission (its ChannelBind)
+    (to_a,) = out.commands
+    assert to_a.recipient == CLIENT  # type: ignore[union-attr]
+    assert channel_data.decode(to_a.payload) == (0x4000, b"hi a")  # type: ignore[union-attr]
+
+
+def test_own_address_port_without_an_allocation_goes_out_like_any_peer() -> None:
+    h = Harness(public_ip4="127.0.0.1", public_ip6=None, allow_loopback_peers=True)
+    client = h.client()
+    port = h.allocate(client).others[0].port  # type: ignore[union-attr]
+    lab_peer = (
+        "127.0.0.1",
+        port + 1 if port < 65535 else port - 1,
+    )  # a local socket, no allocation
+    assert is_success(h.send(client.channel_bind(0x4000, lab_peer)).response)
+    assert h.send(channel_data.encode(0x4000, b"abc")).relay == (port, lab_peer, 4, 7)
