@@ -31,6 +31,13 @@ def _env_bool(name: str) -> bool:
     return str(_env(name, "false")).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _env_tristate(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _ip(version: int) -> Any:
     def parse(text: str) -> str:
         try:
@@ -142,14 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=_env("MAX_ALLOCATIONS_PER_USER") and int(_env("MAX_ALLOCATIONS_PER_USER")),
     )
-    a(
+    single = p.add_mutually_exclusive_group()
+    single.add_argument(
+        "--single-allocation-per-username",
+        dest="single_allocation_per_username",
+        action="store_const",
+        const=True,
+        help="a new Allocate frees the username's previous allocation (default with the "
+        "firezone scheme)",
+    )
+    single.add_argument(
         "--no-single-allocation-per-username",
         dest="single_allocation_per_username",
-        action="store_false",
-        default=not _env_bool("NO_SINGLE_ALLOCATION_PER_USERNAME"),
-        help="let one username hold several allocations (WebRTC clients that allocate from "
-        "several interfaces); by default a new Allocate frees the username's previous one",
+        action="store_const",
+        const=False,
+        help="let one username hold several allocations, as WebRTC apps that share one "
+        "credential across peer connections need (default with the rest scheme)",
     )
+    p.set_defaults(single_allocation_per_username=_env_tristate("SINGLE_ALLOCATION_PER_USERNAME"))
     a(
         "--unauthenticated-rate-limit",
         type=float,

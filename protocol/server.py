@@ -84,7 +84,10 @@ class ServerConfig:
     max_allocations_per_user: int | None = None
     max_channels_per_allocation: int = 1024
     max_permissions_per_allocation: int = 1024
-    single_allocation_per_username: bool = True
+    #: a new Allocate frees the username's previous allocation (Firezone's rule, for NATs
+    #: that flip source ports). None: on for the firezone scheme, off for rest, whose
+    #: credentials WebRTC apps share across a user's peer connections.
+    single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
     nonce_lifetime: float = 3600.0
@@ -201,6 +204,10 @@ class Server:
         self._commands: deque[Command] = deque()
         rate = config.unauthenticated_rate_limit
         self._limiter = RateLimiter(rate) if rate else None
+        single = config.single_allocation_per_username
+        self._single_allocation_per_username = (
+            config.auth_scheme == "firezone" if single is None else single
+        )
         self._input_time = 0.0  # the ``now`` of the request being answered
         self._transactions: OrderedDict[tuple[Addr, bytes], tuple[float, bytes, bytes]] = (
             OrderedDict()
@@ -582,7 +589,7 @@ class Server:
         families, address_error = self._derive_families(requested_family, additional_family, auth)
 
         previous = self._by_username.get(username)
-        if previous is not None and self.config.single_allocation_per_username:
+        if previous is not None and self._single_allocation_per_username:
             log.info(
                 "%s allocates again from %s: freeing its allocation for %s",
                 username,

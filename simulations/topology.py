@@ -15,6 +15,15 @@ forward chain drops it), so everything they exchange goes through the relay. Eac
 (``fully-random`` source ports: a new mapping per destination). Loss is an nftables
 ``numgen random`` drop in the router, per side and direction (this kernel has no netem).
 
+With ``relay_behind_nat`` the relay is deployed as in a cloud behind a 1:1 NAT (and as in
+Firezone's docker test topology): it keeps only a private address on its link to the router
+(``p0 172.31.0.10 fd00:31::10``, default route via the router), and the router owns the
+relay's public addresses 10.99.0.10 / fd00:99::10, DNATs UDP 3478 and the allocation range to
+the relay and SNATs the relay's own flows back to the public address. The public address is
+not local to the relay, and the router does not hairpin: what the relay sends to its own
+public address is dropped and counted (:meth:`Topology.hairpin_drops`), so the relay loop
+(both peers allocations on this relay) only works if the relay handles it inside.
+
 Nothing is created in, or connected to, the root namespace, so no packet can leave: every
 address here exists only inside these namespaces. Namespaces are named ``<prefix>-<role>``
 with a per-process prefix (``fzn<pid>...``); building first purges leftovers of the same prefix
@@ -59,6 +68,12 @@ RELAY4, RELAY6 = "10.99.0.10", "fd00:99::10"
 CLIENT_PUBLIC4, CLIENT_PUBLIC6 = "10.99.0.1", "fd00:99::1"
 GATEWAY_PUBLIC4, GATEWAY_PUBLIC6 = "10.99.0.2", "fd00:99::2"
 CLIENT_ROAM_PUBLIC4 = "10.99.0.3"
+# relay_behind_nat: the relay's private link (the router owns RELAY4 / RELAY6)
+RELAY_PRIVATE4, RELAY_PRIVATE6 = "172.31.0.10", "fd00:31::10"
+RELAY_LINK_ROUTER4, RELAY_LINK_ROUTER6 = "172.31.0.1", "fd00:31::1"
+#: the relay daemon's default allocation range (``--lowest-port`` / ``--highest-port``)
+RELAY_PORTS = (49152, 65535)
+RELAY_LISTEN_PORT = 3478
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -119,6 +134,10 @@ class TopologyOptions:
     #: UDP checksum offload on the endpoint veths; off, so that frames carry full checksums
     #: when the relay rewrites them in XDP (xdp-on-this-machine.md §5.2).
     tx_checksum_offload: bool = False
+    #: the relay behind a 1:1 NAT in the router (see the module docstring)
+    relay_behind_nat: bool = False
+    #: allocation range the router forwards to the relay when it is behind NAT
+    relay_ports: tuple[int, int] = RELAY_PORTS
 
 
 _LIVE: set[Topology] = set()
@@ -207,6 +226,16 @@ class Topology:
     client_roam4 = CLIENT_ROAM4
     client_roam_public4 = CLIENT_ROAM_PUBLIC4
 
+    @property
+    def relay_local4(self) -> str:
+        """The relay's own IPv4 address on ``p0``: the public one, or the private one when
+        the relay is behind NAT (``relay4`` stays the public address clients talk to)."""
+        return RELAY_PRIVATE4 if self.options.relay_behind_nat else RELAY4
+
+    @property
+    def relay_local6(self) -> str:
+        return RELAY_PRIVATE6 if self.options.relay_behind_nat else RELAY6
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> Topology:
@@ -290,7 +319,7 @@ class Topology:
         plan: list[tuple[str, str, list[str], list[str]]] = [
             (self.cli, self.client_dev, [f"{CLIENT4}/24"], [f"{CLIENT6}/64"]),
             (self.gw, self.gateway_dev, [f"{GATEWAY4}/24"], [f"{GATEWAY6}/64"]),
-            (self.rly, self.relay_dev, [f"{RELAY4}/24"], [f"{RELAY6}/64"]),
+            (self.rly, self.relay_dev, [f"{self.relay_local4}/24"], [f"{self.relay_local6}/64"]),
             (self.rtr, "r-cli", ["192.168.10.1/24"], ["fd00:10::1/64"]),
             (self.rtr, "r-gw", ["192.168.20.1/24"], ["fd00:20::1/64"]),
             (
@@ -300,6 +329,15 @@ class Topology:
                 [f"{CLIENT_PUBLIC6}/64", f"{GATEWAY_PUBLIC6}/64"],
             ),
         ]
+        if o.relay_behind_nat:  # the router holds the relay's link and its public addresses
+            plan.append(
+                (
+                    self.rtr,
+                    "r-pub",
+                    [f"{RELAY_LINK_ROUTER4}/24", f"{RELAY4}/24"],
+                    [f"{RELAY_LINK_ROUTER6}/64", f"{RELAY6}/64"],
+                )
+            )
         for ns, dev, v4s, v6s in plan:
             for addr in v4s:
                 self.ip(ns, "addr", "add", addr, "dev", dev)
@@ -309,9 +347,13 @@ class Topology:
             self.ip(ns, "link", "set", dev, "up")
         self.ip(self.cli, "route", "add", "default", "via", "192.168.10.1")
         self.ip(self.gw, "route", "add", "default", "via", "192.168.20.1")
+        if o.relay_behind_nat:
+            self.ip(self.rly, "route", "add", "default", "via", RELAY_LINK_ROUTER4)
         if o.ipv6:
             self.ip(self.cli, "-6", "route", "add", "default", "via", "fd00:10::1")
             self.ip(self.gw, "-6", "route", "add", "default", "via", "fd00:20::1")
+            if o.relay_behind_nat:
+                self.ip(self.rly, "-6", "route", "add", "default", "via", RELAY_LINK_ROUTER6)
         self.sysctl(self.rtr, "net.ipv4.ip_forward", 1)
         if o.ipv6:
             self.sysctl(self.rtr, "net.ipv6.conf.all.forwarding", 1)
@@ -359,9 +401,14 @@ class Topology:
             return f"{action} fully-random" if kind == "symmetric" else action
 
         cli_nat = nat(o.client_nat, "masquerade")
+        if o.relay_behind_nat:
+            # masquerade would take r-pub's address on the relay's private link
+            cli_nat = nat(o.client_nat, f"snat ip to {CLIENT_PUBLIC4}")
         gw_nat4 = nat(o.gateway_nat, f"snat ip to {GATEWAY_PUBLIC4}")
-        lines = [
-            "table inet fznat {",
+        lines = ["table inet fznat {"]
+        if o.relay_behind_nat:
+            lines += self._relay_nat_rules()
+        lines += [
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
             # the roaming client address leaves through another public address
@@ -378,6 +425,12 @@ class Topology:
                 + nat(o.client_nat, f"snat ip6 to {CLIENT_PUBLIC6}"),
                 f'    oifname "r-pub" ip6 saddr fd00:20::/64 {gw_nat6}',
             ]
+        if o.relay_behind_nat:
+            # the relay's own flows (allocation sockets to peers) leave from its public
+            # address, keeping the port; replies to DNATed flows are conntrack's business
+            lines.append(f"    ip saddr {RELAY_PRIVATE4} snat ip to {RELAY4}")
+            if o.ipv6:
+                lines.append(f"    ip6 saddr {RELAY_PRIVATE6} snat ip6 to {RELAY6}")
         lines += [
             "  }",
             "  chain forward {",
@@ -400,6 +453,43 @@ class Topology:
                 lines.append(f'    oifname "{dev}" {drop}')
         lines += ["  }", "}", ""]
         return "\n".join(lines)
+
+    def _relay_nat_rules(self) -> list[str]:
+        """The 1:1 NAT in front of a relay behind NAT: no hairpin, then DNAT of the TURN
+        ports to the relay's private address."""
+        o = self.options
+        low, high = o.relay_ports
+        ports = f"{{ {RELAY_LISTEN_PORT}, {low}-{high} }}"
+        lines = [
+            "  counter relay_hairpin { }",
+            "  chain relay_hairpin {",
+            # before conntrack and DNAT: the relay sending to its own public address
+            "    type filter hook prerouting priority raw; policy accept;",
+            f'    iifname "r-pub" ip daddr {RELAY4} counter name "relay_hairpin" drop',
+        ]
+        if o.ipv6:
+            lines.append(
+                f'    iifname "r-pub" ip6 daddr {RELAY6} counter name "relay_hairpin" drop'
+            )
+        lines += [
+            "  }",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f"    ip daddr {RELAY4} udp dport {ports} dnat ip to {RELAY_PRIVATE4}",
+        ]
+        if o.ipv6:
+            lines.append(f"    ip6 daddr {RELAY6} udp dport {ports} dnat ip6 to {RELAY_PRIVATE6}")
+        lines.append("  }")
+        return lines
+
+    def hairpin_drops(self) -> int:
+        """Packets the relay (behind NAT) sent to its own public address, which the router
+        dropped; 0 when the relay is not behind NAT."""
+        if not self.options.relay_behind_nat:
+            return 0
+        out = self.exec(self.rtr, "nft", "list", "counter", "inet", "fznat", "relay_hairpin")
+        m = re.search(r"packets (\d+)", out)
+        return int(m.group(1)) if m else 0
 
     def set_options(self, options: TopologyOptions) -> None:
         """Swap the router's ruleset at run time (e.g. start or stop losing packets).

@@ -191,6 +191,10 @@ class RelayProcess:
             a.append("--allow-private-peers")
         if self.xdp:
             a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", "generic"]
+        options = self.topo.options
+        if options.relay_behind_nat:  # allocate only where the router forwards
+            low, high = options.relay_ports
+            a += ["--lowest-port", str(low), "--highest-port", str(high)]
         return a
 
     def start(self, timeout: float = 30.0) -> None:

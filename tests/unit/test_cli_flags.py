@@ -11,7 +11,7 @@ def _settings(*argv: str):  # type: ignore[no-untyped-def]
 
 def test_defaults_keep_firezone_behaviour() -> None:
     settings = _settings()
-    assert settings.server.single_allocation_per_username
+    assert settings.server.single_allocation_per_username is None  # the scheme decides
     assert settings.server.auth_scheme == "firezone" and settings.server.realm == "firezone"
     assert not settings.token_in_query
 
@@ -31,3 +31,11 @@ def test_opt_outs() -> None:
     assert settings.token_in_query
     assert settings.server.auth_scheme == "rest" and settings.server.realm == "example.org"
     assert settings.server.max_allocations == 5
+
+
+def test_single_allocation_flag_is_tri_state() -> None:
+    assert _settings("--single-allocation-per-username").server.single_allocation_per_username
+    assert (
+        _settings("--no-single-allocation-per-username").server.single_allocation_per_username
+        is False
+    )

@@ -880,3 +880,13 @@ def test_own_address_port_without_an_allocation_goes_out_like_any_peer() -> None
     )  # a local socket, no allocation
     assert is_success(h.send(client.channel_bind(0x4000, lab_peer)).response)
     assert h.send(channel_data.encode(0x4000, b"abc")).relay == (port, lab_peer, 4, 7)
+
+
+@pytest.mark.parametrize(("scheme", "single"), [("firezone", True), ("rest", False)])
+def test_username_rule_follows_the_scheme_by_default(scheme: str, single: bool) -> None:
+    h = Harness(auth_scheme=scheme)
+    client = h.client("shared")
+    h.allocate(client)
+    client.nonce = None
+    assert is_success(h.allocate(client, sender=("93.184.216.34", 40001)).response)
+    assert h.server.num_allocations == (1 if single else 2)
