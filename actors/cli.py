@@ -31,6 +31,15 @@ def _env_bool(name: str) -> bool:
     return str(_env(name, "false")).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _local_addresses() -> frozenset[str]:
+    from actors.sockets import local_addresses
+
+    try:
+        return local_addresses()
+    except OSError:
+        return frozenset()
+
+
 def _env_tristate(name: str) -> bool | None:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -265,6 +274,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
+        local_addresses=_local_addresses(),
     )
     return Settings(
         server=config,

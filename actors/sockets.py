@@ -60,3 +60,17 @@ def raise_nofile_limit(wanted: int = 1 << 20) -> int:
             continue
     logger.warning("could not raise RLIMIT_NOFILE above %d", soft)
     return soft
+
+
+def local_addresses() -> frozenset[str]:
+    """Every address on this host's interfaces (the primary IPv4 and the global IPv6 ones of
+    each), so the peer filter can refuse the relay's own private addresses too."""
+    from xdp import interface
+
+    found: set[str] = set()
+    for _, name in socket.if_nameindex():
+        address = interface.ipv4_address(name)
+        if address is not None:
+            found.add(address)
+        found.update(interface.ipv6_addresses(name))
+    return frozenset(found)

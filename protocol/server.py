@@ -90,6 +90,9 @@ class ServerConfig:
     single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
+    #: this host's other addresses (behind a 1:1 NAT the relay's private address): refused
+    #: as peers like the public ones, so a client cannot make the relay talk to itself
+    local_addresses: frozenset[str] = frozenset()
     nonce_lifetime: float = 3600.0
     nonce_uses: int = 10_000
     software: str = "firezone-relay-py; rev=0.1.0"
@@ -170,7 +173,11 @@ class Server:
         self.unix_offset = 0.0
         self.stats = Stats()
         self._nonces = Nonces(rng.randbytes(32), config.nonce_lifetime, config.nonce_uses)
-        own = frozenset(a for a in (config.public_ip4, config.public_ip6) if a is not None)
+        own = frozenset(
+            str(ipaddress.ip_address(a))
+            for a in (config.public_ip4, config.public_ip6, *config.local_addresses)
+            if a is not None
+        )
         self.policy = PeerPolicy(
             allow_loopback=config.allow_loopback_peers,
             allow_private=config.allow_private_peers,

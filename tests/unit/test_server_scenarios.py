@@ -890,3 +890,11 @@ def test_username_rule_follows_the_scheme_by_default(scheme: str, single: bool) 
     client.nonce = None
     assert is_success(h.allocate(client, sender=("93.184.216.34", 40001)).response)
     assert h.server.num_allocations == (1 if single else 2)
+
+
+def test_the_relays_own_private_address_is_refused_behind_nat() -> None:
+    h = Harness(allow_private_peers=True, local_addresses=frozenset({"172.31.0.10"}))
+    client, _, _ = _bound(h)
+    assert error_code(h.send(client.channel_bind(0x4100, ("172.31.0.10", 3478))).response) == 403
+    assert error_code(h.send(client.channel_bind(0x4101, ("172.31.0.10", 22))).response) == 403
+    assert is_success(h.send(client.channel_bind(0x4102, ("172.31.0.11", 3478))).response)
