@@ -26,6 +26,9 @@ __all__ = ["AllocationActor"]
 
 logger = logging.getLogger("relay.allocation")
 
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+
 
 class AllocationActor(LoopActor):
     """Sockets and counters of one allocation port (one socket per address family)."""
@@ -52,7 +55,7 @@ class AllocationActor(LoopActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, CreateAllocation):
-            self._bind(message.family)
+            self._bind(message.family, message.dont_fragment)
         elif isinstance(message, FreeAllocation):
             self._close(message.family)
             if not self.sockets:
@@ -61,11 +64,15 @@ class AllocationActor(LoopActor):
             return super().on_receive(message)
         return None
 
-    def _bind(self, family: Family) -> None:
+    def _bind(self, family: Family, dont_fragment: bool = False) -> None:
         if family in self.sockets:
             return
         try:
             sock = bind_udp(family, self._bind_hosts[family], self.port)
+            if dont_fragment and family is Family.V4:
+                # DF on every datagram to peers; a too-big one fails instead of fragmenting.
+                # (IPv6 is never fragmented on the way; RFC 8656 ignores DF across families.)
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
         except (OSError, KeyError) as exc:
             logger.warning("allocation port %d/%s: bind failed: %s", self.port, family.name, exc)
             self._close_all()

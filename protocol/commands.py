@@ -22,10 +22,12 @@ class SendMessage:
 @dataclass(frozen=True, slots=True)
 class CreateAllocation:
     """Bind a UDP socket on ``port`` for ``family``; report failure with
-    ``Server.handle_allocation_failed(port)``."""
+    ``Server.handle_allocation_failed(port)``. ``dont_fragment``: the client asked for the
+    DF bit on what the relay sends to peers (DONT-FRAGMENT, RFC 8656 §7.2)."""
 
     port: int
     family: Family
+    dont_fragment: bool = False
 
 
 @dataclass(frozen=True, slots=True)

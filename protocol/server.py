@@ -649,8 +649,9 @@ class Server:
         self._per_user[identity.user] = self._per_user.get(identity.user, 0) + 1
         self._schedule(allocation.expires_at, allocation)
         self.stats.allocations_created += 1
+        dont_fragment = msg.has(Attr.DONT_FRAGMENT)
         for family in families:
-            self._commands.append(CreateAllocation(port, family))
+            self._commands.append(CreateAllocation(port, family, dont_fragment))
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
             extra.append((Attr.RESERVATION_TOKEN, reservation_token))

@@ -71,6 +71,8 @@ def test_uclient_send_indications_echo_without_loss(
             ]
             if v6:
                 args.append("-x")  # ask for an IPv6 relayed address
+            elif i % 2 == 0:
+                args.append("-g")  # DONT-FRAGMENT: honoured with DF on the relayed datagrams
             args.append(host)
             procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         results = []

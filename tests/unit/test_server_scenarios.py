@@ -633,9 +633,12 @@ def test_even_port_is_understood() -> None:
     assert error_code(again.response) == 508
 
 
-def test_dont_fragment_is_accepted() -> None:
+def test_dont_fragment_is_honoured() -> None:
     h = Harness()
-    assert is_success(h.allocate(h.client(), extra=[(Attr.DONT_FRAGMENT, True)]).response)
+    out = h.allocate(h.client(), extra=[(Attr.DONT_FRAGMENT, True)])
+    assert is_success(out.response)
+    assert out.others[0].dont_fragment  # type: ignore[union-attr]
+    assert not h.allocate(h.client("x"), ("93.184.216.34", 41000)).others[0].dont_fragment  # type: ignore[union-attr]
 
 
 def test_message_integrity_sha256_is_verified_and_answered_in_kind() -> None:
