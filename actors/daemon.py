@@ -399,6 +399,7 @@ class Relay:
     def _drop_counts(self) -> dict[str, int]:
         return {
             "invalid": self.server.stats.dropped_datagrams,
+            "unroutable": self.server.stats.unroutable_datagrams,
             "rate_limited": self.server.stats.rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,

@@ -114,7 +114,8 @@ class Stats:
     relayed_bytes_userspace: int = 0
     packet_size_buckets: list[int] = field(default_factory=lambda: [0] * 16)
     responses: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
-    dropped_datagrams: int = 0
+    dropped_datagrams: int = 0  # malformed or not for us
+    unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
     rate_limited: int = 0
     allocations_created: int = 0
     internal_errors: int = 0
@@ -276,7 +277,7 @@ class Server:
                 if route is None or 4 + length > size:
                     if 4 + length <= size and (sender, channel) in self._c2c:
                         return self._loop_channel_data(data, sender, channel, length, now)
-                    self.stats.dropped_datagrams += 1
+                    self.stats.unroutable_datagrams += 1
                     return None
                 stats = self.stats
                 stats.relayed_packets_userspace += 1
@@ -315,11 +316,11 @@ class Server:
     def _data_indication(self, data: bytes, peer: Addr, port: int, now: float) -> None:
         allocation = self._by_port.get(port)
         if allocation is None:
-            self.stats.dropped_datagrams += 1
+            self.stats.unroutable_datagrams += 1
             return
         expires = allocation.permissions.get(peer[0])
         if expires is None or expires <= now or len(data) > 65_000:
-            self.stats.dropped_datagrams += 1
+            self.stats.unroutable_datagrams += 1
             return
         payload = stun.encode(
             Method.DATA,
@@ -869,7 +870,7 @@ class Server:
             or Family.of(peer[0]) not in allocation.families
             or not self.policy.allows(*peer)
         ):
-            self.stats.dropped_datagrams += 1
+            self.stats.unroutable_datagrams += 1
             return None
         start, end = span
         if self._is_own_allocation_address(peer) and peer[1] in self._by_port:

@@ -901,3 +901,13 @@ def test_the_relays_own_private_address_is_refused_behind_nat() -> None:
     assert error_code(h.send(client.channel_bind(0x4100, ("172.31.0.10", 3478))).response) == 403
     assert error_code(h.send(client.channel_bind(0x4101, ("172.31.0.10", 22))).response) == 403
     assert is_success(h.send(client.channel_bind(0x4102, ("172.31.0.11", 3478))).response)
+
+
+def test_drops_are_counted_by_kind() -> None:
+    h = Harness()
+    _, port, _ = _bound(h)
+    h.send(channel_data.encode(0x4444, b"x"))  # well-formed, no such channel
+    h.peer(b"x", ("1.2.3.4", 9), port)  # no permission for that peer
+    assert h.server.stats.unroutable_datagrams == 2
+    h.send(b"\xff" * 8)  # not TURN
+    assert h.server.stats.dropped_datagrams == 1
