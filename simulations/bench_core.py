@@ -15,6 +15,7 @@ import time
 from protocol import channel_data, stun
 from protocol.auth import firezone_password
 from protocol.client import TurnClient
+from protocol.commands import CreateAllocation, SendMessage
 from protocol.server import Server, ServerConfig
 
 NOW = 1_800_000_000.0
@@ -35,10 +36,11 @@ def _setup(allocations: int) -> tuple[Server, list[tuple[tuple[str, int], int]]]
         client = TurnClient(f"{expiry}:{salt}", firezone_password(server.auth_secret, expiry, salt))
         server.handle_client_input(client.allocate(), sender, NOW)
         while (command := server.next_command()) is not None:
-            if hasattr(command, "payload"):
+            if isinstance(command, SendMessage):
                 client.learn(stun.parse(command.payload))
         server.handle_client_input(client.allocate(), sender, NOW)
-        port = next(c.port for c in iter(server.next_command, None) if hasattr(c, "family"))
+        commands = list(iter(server.next_command, None))
+        port = next(c.port for c in commands if isinstance(c, CreateAllocation))
         _drain(server)
         server.handle_client_input(client.channel_bind(0x4000, ("8.8.8.8", 1000 + i)), sender, NOW)
         _drain(server)

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import socket as _socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class Netns:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         return s
 
-    def udp(self, host: str, port: int, timeout: float = 2.0) -> socket.socket:
+    def udp(self, host: str, port: int, timeout: float = 2.0) -> _socket.socket:
         """A UDP socket bound to ``host:port`` in this namespace."""
         s = self.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         s.bind((host, port))
