@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="answers per second (burst: twice that) to one source IP before it authenticates "
         "(Binding, 401 challenges, errors): limits reflection; default no limit",
     )
+    a(  # hidden: real-time expiry tests and simulations only
+        "--time-scale",
+        type=float,
+        default=float(_env("TIME_SCALE", 1.0)),
+        help=argparse.SUPPRESS,
+    )
     a(
         "--token-in-query",
         action="store_true",
@@ -275,6 +281,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
         local_addresses=_local_addresses(),
+        time_scale=args.time_scale,
     )
     return Settings(
         server=config,

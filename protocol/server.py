@@ -94,6 +94,9 @@ class ServerConfig:
     #: as peers like the public ones, so a client cannot make the relay talk to itself
     local_addresses: frozenset[str] = frozenset()
     nonce_lifetime: float = 3600.0
+    #: every duration (lifetimes, permissions, channels, nonces) is multiplied by this; the
+    #: values on the wire stay nominal. Only for simulations and tests of real-time expiry.
+    time_scale: float = 1.0
     nonce_uses: int = 10_000
     software: str = "firezone-relay-py; rev=0.1.0"
 
@@ -104,6 +107,8 @@ class ServerConfig:
             raise ValueError(f"unknown auth scheme {self.auth_scheme!r}")
         if not 0 < self.lowest_port <= self.highest_port <= 65535:
             raise ValueError("bad allocation port range")
+        if not self.time_scale > 0:
+            raise ValueError("time_scale must be positive")
 
 
 @dataclass(slots=True)
@@ -173,7 +178,10 @@ class Server:
         self.auth_secret = secret if secret is not None else rng.randbytes(32).hex()
         self.unix_offset = 0.0
         self.stats = Stats()
-        self._nonces = Nonces(rng.randbytes(32), config.nonce_lifetime, config.nonce_uses)
+        self._scale = config.time_scale
+        self._nonces = Nonces(
+            rng.randbytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
+        )
         own = frozenset(
             str(ipaddress.ip_address(a))
             for a in (config.public_ip4, config.public_ip6, *config.local_addresses)
@@ -367,8 +375,11 @@ class Server:
             if channel.bound and channel.expires_at <= now:
                 self._unbind(allocation, channel)
                 log.info("channel %#06x of %s expired", channel.number, allocation.client)
-                self._schedule(channel.expires_at + CHANNEL_REBIND_TIMEOUT, item)
-            elif not channel.bound and channel.expires_at + CHANNEL_REBIND_TIMEOUT <= now:
+                self._schedule(channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale, item)
+            elif (
+                not channel.bound
+                and channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale <= now
+            ):
                 del allocation.channels[channel.number]
                 allocation.channel_by_peer.pop(channel.peer, None)
         elif kind == "permission":
@@ -487,7 +498,11 @@ class Server:
     def _remember(self, sender: Addr, msg: Message, payload: bytes, now: float) -> None:
         """Cache an authenticated response so a retransmission gets the same answer."""
         cache = self._transactions
-        cache[(sender, msg.transaction_id)] = (now + TRANSACTION_CACHE_TTL, msg.raw, payload)
+        cache[(sender, msg.transaction_id)] = (
+            now + TRANSACTION_CACHE_TTL * self._scale,
+            msg.raw,
+            payload,
+        )
         while cache:
             oldest = next(iter(cache.values()))
             if len(cache) > TRANSACTION_CACHE_SIZE or oldest[0] <= now:
@@ -627,9 +642,10 @@ class Server:
             if even_port:
                 if self._port_free(port + 1) and port + 1 <= self.config.highest_port:
                     reservation_token = self._rng.randbytes(8)
-                    self._reservations[reservation_token] = (port + 1, now + RESERVATION_LIFETIME)
+                    until = now + RESERVATION_LIFETIME * self._scale
+                    self._reservations[reservation_token] = (port + 1, until)
                     self._reserved_ports.add(port + 1)
-                    self._schedule(now + RESERVATION_LIFETIME, ("reservation", reservation_token))
+                    self._schedule(until, ("reservation", reservation_token))
                 else:
                     raise _Reject(508, auth)
 
@@ -641,7 +657,7 @@ class Server:
             username=username,
             user=identity.user,
             key=auth.key or b"",
-            expires_at=now + lifetime,
+            expires_at=now + lifetime * self._scale,
             transaction_id=msg.transaction_id,
         )
         self._allocations[sender] = allocation
@@ -678,7 +694,7 @@ class Server:
         lifetime: int | None,
     ) -> None:
         if lifetime is None:
-            lifetime = max(0, int(allocation.expires_at - now))
+            lifetime = max(0, round((allocation.expires_at - now) / self._scale))
         attributes: list[tuple[int, object]] = [
             (Attr.XOR_RELAYED_ADDRESS, (self._public_ip(f), allocation.port))
             for f in allocation.families
@@ -758,7 +774,7 @@ class Server:
             self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
             return
         lifetime = _effective_lifetime(lifetime_request)
-        allocation.expires_at = now + lifetime
+        allocation.expires_at = now + lifetime * self._scale
         self._schedule(allocation.expires_at, allocation)
         self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
 
@@ -792,8 +808,9 @@ class Server:
         self._reply(msg, sender, Class.SUCCESS, [], auth, now)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
-        allocation.permissions[host] = now + PERMISSION_LIFETIME
-        self._schedule(now + PERMISSION_LIFETIME, ("permission", allocation, host))
+        until = now + PERMISSION_LIFETIME * self._scale
+        allocation.permissions[host] = until
+        self._schedule(until, ("permission", allocation, host))
 
     # --- ChannelBind ---------------------------------------------------------------------
 
@@ -817,14 +834,14 @@ class Server:
         if channel is None:
             if len(allocation.channels) >= self.config.max_channels_per_allocation:
                 raise _Reject(508, auth)
-            channel = Channel(number, peer, now + CHANNEL_LIFETIME)
+            channel = Channel(number, peer, now + CHANNEL_LIFETIME * self._scale)
             allocation.channels[number] = channel
             allocation.channel_by_peer[peer] = number
             log.info(
                 "%s bound channel %#06x to %s on port %d", sender, number, peer, allocation.port
             )
         else:
-            channel.expires_at = now + CHANNEL_LIFETIME
+            channel.expires_at = now + CHANNEL_LIFETIME * self._scale
             channel.bound = True
         table = self._c2c if self._is_own_allocation_address(peer) else self._c2p
         table[(sender, number)] = (allocation.port, peer)
@@ -974,8 +991,9 @@ class Server:
                 self._commands[index] = SendMessage(error, pending.recipient)
                 self._transactions.pop((allocation.client, allocation.transaction_id), None)
             if now is not None:
-                self._quarantined_ports[port] = now + FOREIGN_PORT_QUARANTINE
-                self._schedule(now + FOREIGN_PORT_QUARANTINE, ("quarantine", port))
+                until = now + FOREIGN_PORT_QUARANTINE * self._scale
+                self._quarantined_ports[port] = until
+                self._schedule(until, ("quarantine", port))
         except Exception:
             self.stats.internal_errors += 1
             log.exception("internal error handling a failed allocation")

@@ -911,3 +911,14 @@ def test_drops_are_counted_by_kind() -> None:
     assert h.server.stats.unroutable_datagrams == 2
     h.send(b"\xff" * 8)  # not TURN
     assert h.server.stats.dropped_datagrams == 1
+
+
+def test_time_scale_shrinks_durations_but_not_the_wire_values() -> None:
+    h = Harness(time_scale=0.01)
+    client, port, _ = _bound(h)
+    assert h.server.poll_timeout() == pytest.approx(h.now + 3.0)  # the 300 s permission
+    h.advance(2.9)
+    assert h.send(client.refresh(1200)).response.get(Attr.LIFETIME) == 1200  # 12 s here
+    assert DeleteChannelBinding(CLIENT, 0x4000, PEER, port) in h.advance(3.2)  # 600 s: 6 s
+    assert h.advance(8.8) == []
+    assert FreeAllocation(port, V4) in h.advance(0.2)
