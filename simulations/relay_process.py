@@ -186,6 +186,45 @@ def merge_specs(specs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def daemon_command(
+    listen: int,
+    ports: tuple[int, int],
+    health: int,
+    control: int,
+    scheme: str,
+    ip4: str | None,
+    ip6: str | None,
+    *extra: str,
+) -> list[str]:
+    """The command line of a relay daemon on loopback-style test addresses: the given
+    listen port, allocation range and endpoints, loopback peers allowed, each configured
+    family bound to its public address. Shared by the simulator and the system tests."""
+    args = [
+        sys.executable,
+        "-m",
+        "actors.cli",
+        "--listen-port",
+        str(listen),
+        "--lowest-port",
+        str(ports[0]),
+        "--highest-port",
+        str(ports[1]),
+        "--health-check-addr",
+        f"127.0.0.1:{health}",
+        "--control-endpoint",
+        f"127.0.0.1:{control}",
+        "--auth-scheme",
+        scheme,
+        "--allow-loopback-peers",
+        *extra,
+    ]
+    if ip4:
+        args += ["--public-ip4-addr", ip4, "--bind-ip4-addr", ip4]
+    if ip6:
+        args += ["--public-ip6-addr", ip6, "--bind-ip6-addr", ip6]
+    return args
+
+
 async def start(spec: dict[str, Any], log_dir: Path | None = None) -> RelaySystem:
     """Start the daemon described by a trace's ``relay`` spec and wait until it is ready
     (and, in portal mode, joined)."""
@@ -204,29 +243,9 @@ async def start(spec: dict[str, Any], log_dir: Path | None = None) -> RelaySyste
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="relay-sim-")
         log_dir = Path(tmp.name)
-    args = [
-        sys.executable,
-        "-m",
-        "actors.cli",
-        "--listen-port",
-        str(listen),
-        "--lowest-port",
-        str(low),
-        "--highest-port",
-        str(high),
-        "--health-check-addr",
-        f"127.0.0.1:{health}",
-        "--control-endpoint",
-        f"127.0.0.1:{control}",
-        "--auth-scheme",
-        scheme,
-        "--allow-loopback-peers",
-        *spec.get("args", []),
-    ]
-    if ip4:
-        args += ["--public-ip4-addr", ip4, "--bind-ip4-addr", ip4]
-    if ip6:
-        args += ["--public-ip6-addr", ip6, "--bind-ip6-addr", ip6]
+    args = daemon_command(
+        listen, (low, high), health, control, scheme, ip4, ip6, *spec.get("args", [])
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     for name in ("FIREZONE_TOKEN", "FIREZONE_API_URL", "AUTH_SECRET", "RNG_SEED"):

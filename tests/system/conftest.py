@@ -12,7 +12,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from protocol.auth import make_credentials
+from simulations.relay_process import daemon_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "system-test-secret"
@@ -124,31 +124,9 @@ def start_relay(
     listen = free_port(host=ip4 or "::1")
     health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     low, high = ports or port_range()
-    args = [
-        sys.executable,
-        "-m",
-        "actors.cli",
-        "--listen-port",
-        str(listen),
-        "--lowest-port",
-        str(low),
-        "--highest-port",
-        str(high),
-        "--health-check-addr",
-        f"127.0.0.1:{health}",
-        "--control-endpoint",
-        f"127.0.0.1:{control}",
-        "--auth-secret",
-        SECRET,
-        "--auth-scheme",
-        scheme,
-        "--allow-loopback-peers",
-        *extra,
-    ]
-    if ip4:
-        args += ["--public-ip4-addr", ip4, "--bind-ip4-addr", ip4]
-    if ip6:
-        args += ["--public-ip6-addr", ip6, "--bind-ip6-addr", ip6]
+    args = daemon_command(
+        listen, (low, high), health, control, scheme, ip4, ip6, "--auth-secret", SECRET, *extra
+    )
     log_path = tmp_path / f"relay-{listen}.log"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("FIREZONE_TOKEN", None)
