@@ -4,8 +4,8 @@ Both schemes derive the password from a server secret and the username, so the r
 stores no users. Nonces are stateless (RFC 8489 allows any opaque value): a UUID-shaped
 token of issue time plus a MAC over that time and the client's 5-tuple, so a nonce is
 bound to the socket it was issued to and expires, and handing one out costs no memory.
-Only clients that come back with a valid nonce get a use counter, so memory grows with
-real, return-routable clients, never with spoofed traffic.
+Only clients that come back with a valid nonce *and* a valid MESSAGE-INTEGRITY get a use
+counter, so memory grows with real clients holding credentials, never with spoofed traffic.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import hashlib
 import heapq
 import hmac
+import math
 import struct
 from dataclasses import dataclass
 
@@ -58,12 +59,38 @@ def parse_username(scheme: str, username: str) -> Identity | None:
         if len(parts) < 2:
             return None
         expiry_text, user = parts[0], ":".join(parts[1:])
-    if not expiry_text.isdigit() or len(expiry_text) > 20:
+    if not _canonical_decimal(expiry_text):
         return None
     expiry = int(expiry_text)
     if expiry >= 2**64:
         return None
     return Identity(expiry, user)
+
+
+def _canonical_decimal(text: str) -> bool:
+    """ASCII digits without a leading zero: one expiry has one spelling, so one credential
+    cannot become many usernames (``0<expiry>``, Unicode digits) that share a password."""
+    return (
+        0 < len(text) <= 20
+        and text.isascii()
+        and text.isdigit()
+        and (text[0] != "0" or text == "0")
+    )
+
+
+def secret_bits(secret: str) -> float:
+    """A generous estimate of a secret's strength: length times log2 of the size of the
+    character classes it uses (hex-looking secrets count 4 bits a character)."""
+    if not secret:
+        return 0.0
+    if all(c in "0123456789abcdef" for c in secret.lower()):
+        return 4.0 * len(secret)
+    alphabet = 0
+    alphabet += 10 if any(c.isdigit() for c in secret) else 0
+    alphabet += 26 if any(c.islower() for c in secret) else 0
+    alphabet += 26 if any(c.isupper() for c in secret) else 0
+    alphabet += 33 if any(not c.isalnum() for c in secret) else 0
+    return len(secret) * math.log2(max(alphabet, 2))
 
 
 def password_for(scheme: str, secret: str, username: str, identity: Identity) -> str:
@@ -113,7 +140,9 @@ class Nonces:
     """Stateless, socket-bound nonces with a per-client use budget.
 
     ``issue`` returns the client's current nonce if it still has uses left, else a new one.
-    ``check`` validates a presented nonce and counts one use.
+    ``validate`` judges a presented nonce without touching any state; ``consume`` counts one
+    use and is called only once the request's MESSAGE-INTEGRITY has been verified, so a
+    valid nonce echoed with a bogus integrity creates no state. ``check`` does both.
     """
 
     def __init__(self, key: bytes, lifetime: float = 3600.0, max_uses: int = 10_000) -> None:
@@ -143,7 +172,8 @@ class Nonces:
             stamp = max(stamp, entry.issued + 1) & 0xFFFFFFFF
         return self._mint(stamp, client)
 
-    def check(self, nonce: str, client: Addr, unix_now: float) -> str:
+    def validate(self, nonce: str, client: Addr, unix_now: float) -> str:
+        """OK, MALFORMED or STALE for ``nonce`` from ``client``; changes nothing."""
         raw = _parse_uuid(nonce)
         if raw is None:
             return NonceCheck.MALFORMED
@@ -152,18 +182,34 @@ class Nonces:
             return NonceCheck.STALE
         if stamp + self.lifetime <= unix_now or stamp > unix_now + 60:
             return NonceCheck.STALE
+        entry = self._uses.get(client)
+        if entry is None:
+            return NonceCheck.OK
+        if entry.nonce != nonce.lower():
+            # older than the nonce this client already uses
+            return NonceCheck.STALE if entry.issued >= stamp else NonceCheck.OK
+        return NonceCheck.OK if entry.remaining > 0 else NonceCheck.STALE
+
+    def consume(self, nonce: str, client: Addr) -> None:
+        """Count one use of a nonce ``validate`` accepted (after integrity passed)."""
+        raw = _parse_uuid(nonce)
+        if raw is None:
+            return
         nonce = nonce.lower()
+        stamp = struct.unpack_from("!I", raw)[0]
         entry = self._uses.get(client)
         if entry is None or entry.nonce != nonce:
-            if entry is not None and entry.issued >= stamp:
-                return NonceCheck.STALE  # older than the nonce this client already uses
             entry = _Budget(nonce, self.max_uses, stamp)
             self._uses[client] = entry
             heapq.heappush(self._expiry, (stamp + self.lifetime, client, nonce))
-        if entry.remaining <= 0:
-            return NonceCheck.STALE
         entry.remaining -= 1
-        return NonceCheck.OK
+
+    def check(self, nonce: str, client: Addr, unix_now: float) -> str:
+        """``validate`` then, if OK, ``consume``."""
+        verdict = self.validate(nonce, client, unix_now)
+        if verdict == NonceCheck.OK:
+            self.consume(nonce, client)
+        return verdict
 
     def next_expiry(self) -> float | None:
         return self._expiry[0][0] if self._expiry else None

@@ -14,8 +14,10 @@ import heapq
 import ipaddress
 import logging
 import random
+import secrets
 import struct
-from collections import OrderedDict, deque
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import stun
@@ -36,9 +38,10 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from protocol.policy import PeerPolicy
+from protocol.policy import PeerPolicy, Verdict, networks
 from protocol.ratelimit import RateLimiter
 from protocol.stun import Attr, Class, Message, Method
+from protocol.transactions import TransactionCache
 from protocol.types import Addr, Family
 
 log = logging.getLogger("relay")
@@ -50,6 +53,15 @@ CHANNEL_LIFETIME = 600
 CHANNEL_REBIND_TIMEOUT = 300
 TRANSACTION_CACHE_TTL = 40.0
 TRANSACTION_CACHE_SIZE = 65_536
+TRANSACTION_CACHE_BYTES = 16 * 1024 * 1024
+#: distinct peer addresses one CreatePermission may carry; beyond it the request gets 508
+#: (the server cannot install that many at once; the client may split the request)
+MAX_PEERS_PER_REQUEST = 32
+#: with the rest scheme (and firezone's) when --max-allocations-per-user is not given
+DEFAULT_MAX_ALLOCATIONS_PER_USER = 256
+#: ports one Allocate may try when binds fail (each failed port is quarantined) before 508
+MAX_BIND_ATTEMPTS = 8
+INTERNAL_ERROR_LOG_INTERVAL = 60.0
 RESERVATION_LIFETIME = 30
 FOREIGN_PORT_QUARANTINE = 60.0
 UDP = 17
@@ -80,7 +92,16 @@ class ServerConfig:
     realm: str = FIREZONE_REALM
     allow_loopback_peers: bool = False
     allow_private_peers: bool = False
+    #: CIDRs always allowed as peers (override ``denied_peer_ips`` and the built-in
+    #: refusals other than port 0, unspecified, broadcast, multicast and our listen port)
+    allowed_peer_ips: tuple[str, ...] = ()
+    #: CIDRs refused as peers on top of the built-in refusals
+    denied_peer_ips: tuple[str, ...] = ()
+    #: total allocations; None = as many as the port range holds. The daemon may lower it
+    #: (e.g. from the file-descriptor limit) with ``dataclasses.replace`` before building
+    #: the Server; beyond it Allocate gets 508.
     max_allocations: int | None = None
+    #: allocations per user (the part after ``<expiry>:``); None = 256 (486 beyond)
     max_allocations_per_user: int | None = None
     max_channels_per_allocation: int = 1024
     max_permissions_per_allocation: int = 1024
@@ -90,8 +111,9 @@ class ServerConfig:
     single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
-    #: this host's other addresses (behind a 1:1 NAT the relay's private address): refused
-    #: as peers like the public ones, so a client cannot make the relay talk to itself
+    #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
+    #: address): refused as peers unless allowed, so a client cannot reach the host's own
+    #: services through the relay
     local_addresses: frozenset[str] = frozenset()
     nonce_lifetime: float = 3600.0
     #: every duration (lifetimes, permissions, channels, nonces) is multiplied by this; the
@@ -109,6 +131,20 @@ class ServerConfig:
             raise ValueError("bad allocation port range")
         if not self.time_scale > 0:
             raise ValueError("time_scale must be positive")
+        networks(self.allowed_peer_ips)  # raises ValueError on a bad CIDR
+        networks(self.denied_peer_ips)
+
+    @property
+    def allocation_limit(self) -> int:
+        """Allocations the server grants at most: the configured cap, never more than the
+        ports of the range."""
+        ports = self.highest_port - self.lowest_port + 1
+        return ports if self.max_allocations is None else min(self.max_allocations, ports)
+
+    @property
+    def allocations_per_user_limit(self) -> int:
+        cap = self.max_allocations_per_user
+        return DEFAULT_MAX_ALLOCATIONS_PER_USER if cap is None else cap
 
 
 @dataclass(slots=True)
@@ -148,6 +184,11 @@ class Allocation:
     channel_by_peer: dict[Addr, int] = field(default_factory=dict)
     permissions: dict[str, float] = field(default_factory=dict)
     pending_response: SendMessage | None = None
+    dont_fragment: bool = False
+    #: the deadline of the expiry timer in the heap (refreshes only push an earlier one)
+    timer_at: float = 0.0
+    #: ports tried so far; None = no retry on a failed bind (EVEN-PORT, RESERVATION-TOKEN)
+    bind_attempts: int | None = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +198,9 @@ class _Auth:
     key: bytes | None
     sha256: bool
     fingerprint: bool
+    #: MESSAGE-INTEGRITY was verified with ``key``: the answer does not count against the
+    #: unauthenticated rate limit and goes into the retransmission cache
+    verified: bool = False
 
 
 class _Reject(Exception):
@@ -172,28 +216,41 @@ class _Reject(Exception):
 
 
 class Server:
-    def __init__(self, config: ServerConfig, rng: random.Random, secret: str | None = None) -> None:
+    """``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
+    auth secret, the nonce key, reservation tokens and transaction IDs come from
+    ``token_bytes``, by default the OS's CSPRNG (``secrets``)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        rng: random.Random,
+        secret: str | None = None,
+        token_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
         self.config = config
         self._rng = rng
-        self.auth_secret = secret if secret is not None else rng.randbytes(32).hex()
+        self._token_bytes = token_bytes
+        self.auth_secret = secret if secret is not None else token_bytes(32).hex()
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
         self._nonces = Nonces(
-            rng.randbytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
-        )
-        own = frozenset(
-            str(ipaddress.ip_address(a))
-            for a in (config.public_ip4, config.public_ip6, *config.local_addresses)
-            if a is not None
+            token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
         )
         self.policy = PeerPolicy(
             allow_loopback=config.allow_loopback_peers,
             allow_private=config.allow_private_peers,
-            own_addresses=own,
+            own_addresses=frozenset(
+                str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
+            ),
+            host_addresses=frozenset(
+                str(ipaddress.ip_address(a.split("%")[0])) for a in config.local_addresses
+            ),
             lowest_port=config.lowest_port,
             highest_port=config.highest_port,
             listen_port=config.listen_port,
+            allowed=networks(config.allowed_peer_ips),
+            denied=networks(config.denied_peer_ips),
         )
         self._families = tuple(
             f
@@ -225,9 +282,10 @@ class Server:
             config.auth_scheme == "firezone" if single is None else single
         )
         self._input_time = 0.0  # the ``now`` of the request being answered
-        self._transactions: OrderedDict[tuple[Addr, bytes], tuple[float, bytes, bytes]] = (
-            OrderedDict()
+        self._transactions = TransactionCache(
+            TRANSACTION_CACHE_TTL * self._scale, TRANSACTION_CACHE_SIZE, TRANSACTION_CACHE_BYTES
         )
+        self._error_logged_at: float | None = None
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -297,8 +355,7 @@ class Server:
             self.stats.dropped_datagrams += 1
             return None
         except Exception:  # never let bad input escape the core
-            self.stats.internal_errors += 1
-            log.exception("internal error handling a datagram from %s", sender)
+            self._internal_error("handling a datagram", now)
             return None
 
     def handle_peer_traffic(
@@ -317,9 +374,21 @@ class Server:
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
         except Exception:
-            self.stats.internal_errors += 1
-            log.exception("internal error relaying from %s", peer)
+            self._internal_error("relaying from a peer", now)
         return None
+
+    def _internal_error(self, what: str, now: float) -> None:
+        """A bug met by some input: count it, and log its traceback at most once a minute,
+        so no stream of datagrams can flood the log."""
+        self.stats.internal_errors += 1
+        last = self._error_logged_at
+        if last is None or now - last >= INTERNAL_ERROR_LOG_INTERVAL:
+            self._error_logged_at = now
+            log.exception(
+                "internal error %s (%d so far; logged at most once a minute)",
+                what,
+                self.stats.internal_errors,
+            )
 
     def _data_indication(self, data: bytes, peer: Addr, port: int, now: float) -> None:
         allocation = self._by_port.get(port)
@@ -333,7 +402,7 @@ class Server:
         payload = stun.encode(
             Method.DATA,
             Class.INDICATION,
-            self._rng.randbytes(12),
+            self._token_bytes(12),
             [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)],
         )
         self.stats.relayed_packets_userspace += 1
@@ -357,13 +426,23 @@ class Server:
                 elif isinstance(item, tuple):
                     self._expire_record(item, now)
         except Exception:
-            self.stats.internal_errors += 1
-            log.exception("internal error handling timers")
+            self._internal_error("handling timers", now)
 
     def _expire_allocation(self, allocation: Allocation, now: float) -> None:
-        if self._by_port.get(allocation.port) is allocation and allocation.expires_at <= now:
+        if self._by_port.get(allocation.port) is not allocation:
+            return
+        if allocation.expires_at <= now:
             log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
             self._delete_allocation(allocation)
+        else:  # refreshed since this timer was armed
+            self._schedule_allocation(allocation, now)
+
+    def _schedule_allocation(self, allocation: Allocation, now: float) -> None:
+        """Arm the expiry timer unless one at or before the deadline is still armed, so a
+        client refreshing in a loop cannot grow the timer heap."""
+        if allocation.timer_at <= now or allocation.expires_at < allocation.timer_at:
+            allocation.timer_at = allocation.expires_at
+            self._schedule(allocation.expires_at, allocation)
 
     def _expire_record(self, item: tuple[object, ...], now: float) -> None:
         kind = item[0]
@@ -376,6 +455,8 @@ class Server:
                 self._unbind(allocation, channel)
                 log.info("channel %#06x of %s expired", channel.number, allocation.client)
                 self._schedule(channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale, item)
+            elif channel.bound:  # refreshed since this timer was armed
+                self._schedule(channel.expires_at, item)
             elif (
                 not channel.bound
                 and channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale <= now
@@ -388,6 +469,8 @@ class Server:
             expires = allocation.permissions.get(host)
             if expires is not None and expires <= now:
                 del allocation.permissions[host]
+            elif expires is not None:  # refreshed since this timer was armed
+                self._schedule(expires, item)
         elif kind == "reservation":
             token = item[1]
             assert isinstance(token, bytes)
@@ -422,10 +505,9 @@ class Server:
 
     def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
         self._input_time = now
-        key = (sender, msg.transaction_id)
-        cached = self._transactions.get(key)
-        if cached is not None and cached[0] > now and cached[1] == msg.raw:
-            self._commands.append(SendMessage(cached[2], sender))
+        cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
+        if cached is not None:
+            self._commands.append(SendMessage(cached, sender))
             return
         fingerprint = msg.fingerprint_offset is not None
         unknown = msg.unknown_comprehension_required()
@@ -479,7 +561,7 @@ class Server:
         command = SendMessage(payload, sender)
         limiter = self._limiter
         if (
-            auth.key is None
+            not auth.verified
             and limiter is not None
             and not limiter.allow(sender[0], self._input_time)
         ):
@@ -491,24 +573,10 @@ class Server:
             msg.method,
             None if cls == Class.SUCCESS else _error_code_of(attributes),
         )
-        if now is not None and auth.key is not None:
-            self._remember(sender, msg, payload, now)
+        if now is not None and auth.verified:
+            # an authenticated answer: a retransmission gets the same one
+            self._transactions.store(sender, msg.transaction_id, msg.raw, payload, now)
         return command
-
-    def _remember(self, sender: Addr, msg: Message, payload: bytes, now: float) -> None:
-        """Cache an authenticated response so a retransmission gets the same answer."""
-        cache = self._transactions
-        cache[(sender, msg.transaction_id)] = (
-            now + TRANSACTION_CACHE_TTL * self._scale,
-            msg.raw,
-            payload,
-        )
-        while cache:
-            oldest = next(iter(cache.values()))
-            if len(cache) > TRANSACTION_CACHE_SIZE or oldest[0] <= now:
-                cache.popitem(last=False)
-            else:
-                break
 
     def _reply_error(
         self,
@@ -525,8 +593,13 @@ class Server:
     def _challenge(
         self, msg: Message, sender: Addr, code: int, now: float, key: bytes | None
     ) -> _Reject:
-        """401/438 with REALM and a nonce for this socket, signed when we know the key."""
+        """401/438 with REALM and a nonce for this socket. Signed when we know the key and
+        the scheme is firezone (connlib checks every response, and the portal's secret is
+        random); unsigned with rest as RFC 8489 says, so a challenge gives nothing to test
+        guesses of the shared secret against offline."""
         nonce = self._nonces.issue(sender, now + self.unix_offset)
+        if self.config.auth_scheme != "firezone":
+            key = None
         fingerprint = msg.fingerprint_offset is not None
         sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
         return _Reject(
@@ -554,7 +627,7 @@ class Server:
             raise self._challenge(msg, sender, 401, now, key if has_integrity else None)
         assert key is not None
         unix_now = now + self.unix_offset
-        check = self._nonces.check(nonce, sender, unix_now)
+        check = self._nonces.validate(nonce, sender, unix_now)
         if check == NonceCheck.MALFORMED:
             raise self._challenge(msg, sender, 401, now, key)
         if check == NonceCheck.STALE:
@@ -565,14 +638,21 @@ class Server:
         if not stun.verify_integrity(msg, key):
             log.debug("bad MESSAGE-INTEGRITY from %s", sender)
             raise self._challenge(msg, sender, 401, now, key)
+        self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
-        return _Auth(key, sha256, msg.fingerprint_offset is not None), username, identity
+        fingerprint = msg.fingerprint_offset is not None
+        return _Auth(key, sha256, fingerprint, verified=True), username, identity
 
-    def _own_allocation(self, sender: Addr, auth: _Auth, username: str) -> Allocation:
+    def _own_allocation(
+        self, sender: Addr, auth: _Auth, username: str, any_username: bool = False
+    ) -> Allocation:
+        """The sender's allocation; 437 without one, 441 when it belongs to another
+        username, unless ``any_username`` (valid credentials from the allocation's own
+        5-tuple, which is how connlib deletes it after a credential rotation)."""
         allocation = self._allocations.get(sender)
         if allocation is None:
             raise _Reject(437, auth)
-        if allocation.username != username:
+        if allocation.username != username and not any_username:
             raise _Reject(441, auth)
         return allocation
 
@@ -620,11 +700,9 @@ class Server:
                 previous.client,
             )
             self._delete_allocation(previous)
-        quota = self.config.max_allocations_per_user
-        if quota is not None and self._per_user.get(identity.user, 0) >= quota:
+        if self._per_user.get(identity.user, 0) >= self.config.allocations_per_user_limit:
             raise _Reject(486, auth)
-        limit = self.config.max_allocations
-        if limit is not None and len(self._allocations) >= limit:
+        if len(self._allocations) >= self.config.allocation_limit:
             raise _Reject(508, auth)
 
         reservation_token: bytes | None = None
@@ -641,7 +719,7 @@ class Server:
             port = picked
             if even_port:
                 if self._port_free(port + 1) and port + 1 <= self.config.highest_port:
-                    reservation_token = self._rng.randbytes(8)
+                    reservation_token = self._token_bytes(8)
                     until = now + RESERVATION_LIFETIME * self._scale
                     self._reservations[reservation_token] = (port + 1, until)
                     self._reserved_ports.add(port + 1)
@@ -659,14 +737,16 @@ class Server:
             key=auth.key or b"",
             expires_at=now + lifetime * self._scale,
             transaction_id=msg.transaction_id,
+            bind_attempts=None if token is not None or even_port is not None else 1,
         )
         self._allocations[sender] = allocation
         self._by_port[port] = allocation
         self._by_username[username] = allocation
         self._per_user[identity.user] = self._per_user.get(identity.user, 0) + 1
-        self._schedule(allocation.expires_at, allocation)
+        self._schedule_allocation(allocation, now)
         self.stats.allocations_created += 1
         dont_fragment = msg.has(Attr.DONT_FRAGMENT)
+        allocation.dont_fragment = dont_fragment
         for family in families:
             self._commands.append(CreateAllocation(port, family, dont_fragment))
         extra: list[tuple[int, object]] = []
@@ -729,14 +809,15 @@ class Server:
             raise _Reject(440, auth)
         return (wanted,), None
 
-    def _port_free(self, port: int) -> bool:
+    def _port_free(self, port: int, avoid: int | None = None) -> bool:
         return (
-            port not in self._by_port
+            port != avoid
+            and port not in self._by_port
             and port not in self._reserved_ports
             and port not in self._quarantined_ports
         )
 
-    def _pick_port(self, even: bool) -> int | None:
+    def _pick_port(self, even: bool, avoid: int | None = None) -> int | None:
         low, high = self.config.lowest_port, self.config.highest_port
         step = 2 if even else 1
         first = low + (low % 2 if even else 0)
@@ -745,12 +826,12 @@ class Server:
             return None
         for _ in range(32):
             port = first + self._rng.randrange(count) * step
-            if self._port_free(port):
+            if self._port_free(port, avoid):
                 return port
         start = self._rng.randrange(count)
         for i in range(count):
             port = first + ((start + i) % count) * step
-            if self._port_free(port):
+            if self._port_free(port, avoid):
                 return port
         return None
 
@@ -760,10 +841,18 @@ class Server:
         lifetime_request = msg.get(Attr.LIFETIME)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         auth, username, _ = self._authenticate(msg, sender, now)
-        allocation = self._own_allocation(sender, auth, username)
+        deleting = lifetime_request == 0
+        allocation = self._own_allocation(sender, auth, username, any_username=deleting)
         if requested_family is not None and requested_family not in allocation.families:
             raise _Reject(443, auth)
-        if lifetime_request == 0:
+        if deleting:
+            if allocation.username != username:
+                log.info(
+                    "%s deletes its allocation of %s with new credentials %s",
+                    sender,
+                    allocation.username,
+                    username,
+                )
             if requested_family is not None and len(allocation.families) > 1:
                 allocation.families = tuple(f for f in allocation.families if f != requested_family)
                 self._commands.append(FreeAllocation(allocation.port, requested_family))
@@ -775,7 +864,7 @@ class Server:
             return
         lifetime = _effective_lifetime(lifetime_request)
         allocation.expires_at = now + lifetime * self._scale
-        self._schedule(allocation.expires_at, allocation)
+        self._schedule_allocation(allocation, now)
         self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
 
     def _drop_family_channels(self, allocation: Allocation, family: Family) -> None:
@@ -794,23 +883,31 @@ class Server:
         if not peers:
             raise _Reject(400, auth)
         allocation = self._own_allocation(sender, auth, username)
-        for host, _ in peers:
+        hosts = list(dict.fromkeys(host for host, _ in peers))  # permissions are per address
+        if len(hosts) > MAX_PEERS_PER_REQUEST:
+            raise _Reject(508, auth)
+        for host in hosts:
             if Family.of(host) not in allocation.families:
                 raise _Reject(443, auth)
-            # Permissions are per address: judge the address alone (on a relayable port).
+            # Judge the address alone, on a port of the allocation range: our own public
+            # address passes (Send to it reaches only live allocations, inside the relay).
             if not self.policy.allows(host, self.config.lowest_port):
                 raise _Reject(403, auth)
-        new = {host for host, _ in peers if host not in allocation.permissions}
+        new = [host for host in hosts if host not in allocation.permissions]
         if len(allocation.permissions) + len(new) > self.config.max_permissions_per_allocation:
             raise _Reject(508, auth)
-        for host, _ in peers:
+        for host in hosts:
             self._permit(allocation, host, now)
         self._reply(msg, sender, Class.SUCCESS, [], auth, now)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
+        """Install or refresh a permission; a timer only for a new one (the timer re-arms
+        itself for refreshed ones), so refreshing in a loop cannot grow the heap."""
         until = now + PERMISSION_LIFETIME * self._scale
+        fresh = host not in allocation.permissions
         allocation.permissions[host] = until
-        self._schedule(until, ("permission", allocation, host))
+        if fresh:
+            self._schedule(until, ("permission", allocation, host))
 
     # --- ChannelBind ---------------------------------------------------------------------
 
@@ -823,7 +920,12 @@ class Server:
         allocation = self._own_allocation(sender, auth, username)
         if Family.of(peer[0]) not in allocation.families:
             raise _Reject(443, auth)
-        if not self.policy.allows(*peer):
+        verdict = self.policy.classify(*peer)
+        if verdict is Verdict.REFUSE or (
+            verdict is Verdict.LOOP
+            and not (peer[0] in self._own_hosts and peer[1] in self._by_port)
+        ):
+            # our own address only in its canonical form, and only on a live allocation
             raise _Reject(403, auth)
         bound_number = allocation.channel_by_peer.get(peer)
         if bound_number is not None and bound_number != number:
@@ -840,13 +942,14 @@ class Server:
             log.info(
                 "%s bound channel %#06x to %s on port %d", sender, number, peer, allocation.port
             )
+            # one timer per channel: it re-arms itself while the channel is refreshed
+            self._schedule(channel.expires_at, ("channel", allocation, channel))
         else:
             channel.expires_at = now + CHANNEL_LIFETIME * self._scale
             channel.bound = True
-        table = self._c2c if self._is_own_allocation_address(peer) else self._c2p
+        table = self._c2c if verdict is Verdict.LOOP else self._c2p
         table[(sender, number)] = (allocation.port, peer)
         self._p2c[(allocation.port, peer)] = (sender, number)
-        self._schedule(channel.expires_at, ("channel", allocation, channel))
         self._permit(allocation, peer[0], now)
         self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
         self._reply(msg, sender, Class.SUCCESS, [], auth, now)
@@ -881,17 +984,22 @@ class Server:
             self.stats.dropped_datagrams += 1
             return None
         expires = allocation.permissions.get(peer[0])
+        verdict = self.policy.classify(*peer)
         if (
             expires is None
             or expires <= now
             or Family.of(peer[0]) not in allocation.families
-            or not self.policy.allows(*peer)
+            or verdict is Verdict.REFUSE
         ):
             self.stats.unroutable_datagrams += 1
             return None
         start, end = span
-        if self._is_own_allocation_address(peer) and peer[1] in self._by_port:
-            self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
+        if verdict is Verdict.LOOP:
+            # our own address: only a live allocation, inside the relay; never a socket
+            if peer[0] in self._own_hosts and peer[1] in self._by_port:
+                self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
+            else:
+                self.stats.unroutable_datagrams += 1
             return None
         self.stats.relayed_packets_userspace += 1
         self.stats.relayed_bytes_userspace += end - start
@@ -899,24 +1007,19 @@ class Server:
 
     # --- the relay loop ------------------------------------------------------------------
 
-    def _is_own_allocation_address(self, peer: Addr) -> bool:
-        config = self.config
-        return peer[0] in self._own_hosts and config.lowest_port <= peer[1] <= config.highest_port
-
     def _loop_channel_data(
         self, data: bytes | memoryview, sender: Addr, channel: int, length: int, now: float
     ) -> ClientRoute | None:
         """ChannelData to another allocation of this relay: hand it straight to that
         allocation's client instead of sending it out and back through the network, which
         needs the public address to be local (it is not behind a cloud NAT). A port of the
-        range that holds no allocation may be some other local socket (labs with loopback
-        peers): that goes out like any peer traffic."""
+        range that no longer holds an allocation may be some other local socket (Linux's
+        ephemeral range overlaps ours): that is dropped, never sent."""
         port, peer = self._c2c[(sender, channel)]
         stats = self.stats
         if peer[1] not in self._by_port:
-            stats.relayed_packets_userspace += 1
-            stats.relayed_bytes_userspace += length
-            return port, peer, 4, 4 + length
+            stats.unroutable_datagrams += 1
+            return None
         target = self._p2c.get((peer[1], (peer[0], port)))
         if target is None:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
@@ -967,15 +1070,28 @@ class Server:
             self._per_user.pop(allocation.user, None)
 
     def handle_allocation_failed(self, port: int, now: float | None = None) -> None:
-        """The I/O layer could not bind ``port``: drop the allocation, turn its pending
-        success into 508, and keep away from that port for a while."""
+        """The I/O layer could not bind ``port`` (another local socket holds it: Linux's
+        ephemeral range overlaps ours). Called while the pipeline drains the commands, so
+        the Allocate's success response is normally still queued: then the allocation
+        moves to another free port (up to ``MAX_BIND_ATTEMPTS`` ports in all), its
+        ``CreateAllocation`` commands are queued again before the response, and the
+        response (and its cached copy) names the new port. Otherwise, or out of tries, or
+        for EVEN-PORT/RESERVATION-TOKEN allocations, the allocation is dropped and a queued
+        success becomes 508. With ``now``, the port is avoided for a while either way."""
         try:
             allocation = self._by_port.get(port)
+            if now is not None:
+                until = now + FOREIGN_PORT_QUARANTINE * self._scale
+                self._quarantined_ports[port] = until
+                self._schedule(until, ("quarantine", port))
             if allocation is None:
                 return
             pending = allocation.pending_response
+            queued = pending is not None and pending in self._commands
+            if queued and self._move_allocation(allocation, port):
+                return
             self._delete_allocation(allocation)
-            if pending is not None and pending in self._commands:
+            if pending is not None and queued:
                 index = self._commands.index(pending)
                 parsed = stun.parse(pending.payload)
                 error = stun.encode(
@@ -989,14 +1105,46 @@ class Server:
                     integrity_key=allocation.key or None,
                 )
                 self._commands[index] = SendMessage(error, pending.recipient)
-                self._transactions.pop((allocation.client, allocation.transaction_id), None)
-            if now is not None:
-                until = now + FOREIGN_PORT_QUARANTINE * self._scale
-                self._quarantined_ports[port] = until
-                self._schedule(until, ("quarantine", port))
+                self._transactions.discard(allocation.client, allocation.transaction_id)
         except Exception:
-            self.stats.internal_errors += 1
-            log.exception("internal error handling a failed allocation")
+            self._internal_error("handling a failed allocation", now or self._input_time)
+
+    def _move_allocation(self, allocation: Allocation, failed: int) -> bool:
+        """Re-home a just-made allocation whose port could not be bound; False if it may
+        not move (out of tries, no free port, or a port the client asked for)."""
+        attempts = allocation.bind_attempts
+        if attempts is None or attempts >= MAX_BIND_ATTEMPTS:
+            return False
+        port = self._pick_port(even=False, avoid=failed)
+        pending = allocation.pending_response
+        if port is None or pending is None:
+            return False
+        log.info("port %d is taken; allocation for %s moves to %d", failed, allocation.client, port)
+        allocation.bind_attempts = attempts + 1
+        del self._by_port[failed]
+        allocation.port = port
+        self._by_port[port] = allocation
+        response = SendMessage(_readdress(pending.payload, port, allocation.key), pending.recipient)
+        allocation.pending_response = response
+        self._transactions.replace_response(
+            allocation.client, allocation.transaction_id, response.payload
+        )
+        # Drop the failed port's remaining binds (the actor gave up the whole port), and
+        # bind the new port right before the response, keeping "socket before response".
+        rebuilt: deque[Command] = deque()
+        for command in self._commands:
+            if isinstance(command, CreateAllocation) and command.port == failed:
+                continue
+            if command is pending:
+                rebuilt.extend(
+                    CreateAllocation(port, family, allocation.dont_fragment)
+                    for family in allocation.families
+                )
+                rebuilt.append(response)
+            else:
+                rebuilt.append(command)
+        self._commands = rebuilt
+        return True
 
     def free_all(self, now: float) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
@@ -1017,6 +1165,31 @@ def _error_code_of(attributes: list[tuple[int, object]]) -> int | None:
             code = value[0]
             return code if isinstance(code, int) else None
     return None
+
+
+def _readdress(payload: bytes, port: int, key: bytes) -> bytes:
+    """Our Allocate success response with its XOR-RELAYED-ADDRESS port(s) changed,
+    re-signed the way it was signed."""
+    parsed = stun.parse(payload)
+    tid = parsed.transaction_id
+    attributes: list[tuple[int, object]] = []
+    for attr_type, value in parsed.attributes:
+        if attr_type in (Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT):
+            continue
+        decoded = stun.ATTRIBUTES[attr_type].decode(value, tid)
+        if attr_type == Attr.XOR_RELAYED_ADDRESS:
+            decoded = (decoded[0], port)
+        attributes.append((attr_type, decoded))
+    signed = parsed.integrity_offset is not None or parsed.integrity_sha256_offset is not None
+    return stun.encode(
+        parsed.method,
+        parsed.cls,
+        tid,
+        attributes,
+        integrity_key=key if signed and key else None,
+        integrity_sha256=parsed.integrity_offset is None,
+        fingerprint=parsed.fingerprint_offset is not None,
+    )
 
 
 def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:

@@ -24,6 +24,11 @@ MAGIC_COOKIE = 0x2112A442
 COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 HEADER = struct.Struct("!HHI12s")
 FINGERPRINT_XOR = 0x5354554E
+#: Attributes one message may carry, counted on the wire (ignored ones included). Real
+#: clients send about ten; past this the datagram is dropped unparsed, so the work per
+#: datagram is bounded whatever its size (RFC 8489 sets no limit; dropping answers nothing
+#: to a source that may be spoofed).
+MAX_ATTRIBUTES = 64
 
 
 class Method:
@@ -414,11 +419,10 @@ class Message:
         return [spec.decode(v, self.transaction_id) for t, v in self.attributes if t == attr_type]
 
     def unknown_comprehension_required(self) -> list[int]:
-        seen: list[int] = []
-        for t, _ in self.attributes:
-            if t < 0x8000 and t not in ATTRIBUTES and t not in seen:
-                seen.append(t)
-        return seen
+        """Distinct unknown types below 0x8000, in wire order (a dict: linear, not a list scan)."""
+        return list(
+            dict.fromkeys(t for t, _ in self.attributes if t < 0x8000 and t not in ATTRIBUTES)
+        )
 
 
 def is_stun(data: bytes | memoryview) -> bool:
@@ -447,7 +451,11 @@ def parse(data: bytes | memoryview) -> Message:
     offset = 20
     end = len(data)
     after_integrity = False
+    count = 0
     while offset < end:
+        count += 1
+        if count > MAX_ATTRIBUTES:
+            raise ParseError("too many attributes")
         if end - offset < 4:
             raise ParseError("truncated attribute header")
         attr_type, attr_len = struct.unpack_from("!HH", data, offset)
@@ -564,6 +572,7 @@ def encode(
 
 __all__ = [
     "ATTRIBUTES",
+    "MAX_ATTRIBUTES",
     "Attr",
     "BadAttribute",
     "Class",

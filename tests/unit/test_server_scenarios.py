@@ -16,6 +16,7 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
+from protocol.server import MAX_BIND_ATTEMPTS
 from protocol.stun import Attr, Class, Method
 from protocol.types import Family
 from tests.unit.harness import (
@@ -727,7 +728,10 @@ def test_peer_policy_applies_to_channel_bind() -> None:
         family_ok = h.send(client.channel_bind(0x4100, peer)).response
         assert error_code(family_ok) == 403, peer
     assert error_code(h.send(client.channel_bind(0x4100, (PUBLIC4, 3478))).response) == 403
-    assert is_success(h.send(client.channel_bind(0x4100, (PUBLIC4, 50000))).response)
+    # our own address: only a live allocation's port (issue 9.3)
+    assert error_code(h.send(client.channel_bind(0x4100, (PUBLIC4, 50000))).response) == 403
+    own = h.server._allocations[CLIENT].port
+    assert is_success(h.send(client.channel_bind(0x4100, (PUBLIC4, own))).response)
 
 
 def test_allowing_loopback_peers() -> None:
@@ -740,22 +744,48 @@ def test_allowing_loopback_peers() -> None:
 # --- I/O feedback, shutdown, counters ---------------------------------------------------
 
 
-def test_failed_bind_turns_the_pending_success_into_508() -> None:
+def test_failed_bind_moves_the_allocation_to_another_port() -> None:
+    """Issue 9.11: a port held by another local socket costs a retry, not the Allocate."""
+    h = Harness()
+    client = h.client()
+    h.authenticate(client)
+    h.server.handle_client_input(client.allocate(additional_family=V6), CLIENT, h.now)
+    first = h.server.next_command()
+    assert isinstance(first, CreateAllocation)
+    h.server.handle_allocation_failed(first.port, h.now)
+    rest = h.drain()
+    moved = [c for c in rest if isinstance(c, CreateAllocation)]
+    assert [c.family for c in moved] == [V4, V6] and moved[0].port != first.port
+    assert all(c.port == moved[0].port for c in moved)  # the failed port's V6 bind is gone
+    assert not any(isinstance(c, FreeAllocation) for c in rest)
+    assert isinstance(rest[-1], SendMessage)  # sockets before the response
+    response = stun.parse(rest[-1].payload)
+    assert is_success(response) and client.verify(response)
+    assert response.get(Attr.XOR_RELAYED_ADDRESS) == (PUBLIC4, moved[0].port)
+    # a retransmission gets the moved response from the cache
+    assert h.server.num_allocations == 1
+
+
+def test_failed_binds_answer_508_after_bounded_tries() -> None:
     h = Harness()
     client = h.client()
     h.authenticate(client)
     h.server.handle_client_input(client.allocate(), CLIENT, h.now)
-    command = h.server.next_command()
-    assert isinstance(command, CreateAllocation)
-    h.server.handle_allocation_failed(command.port, h.now)
+    tried = []
+    for _ in range(MAX_BIND_ATTEMPTS):
+        command = h.server.next_command()
+        assert isinstance(command, CreateAllocation)
+        tried.append(command.port)
+        h.server.handle_allocation_failed(command.port, h.now)
+    assert len(set(tried)) == MAX_BIND_ATTEMPTS
     rest = h.drain()
-    assert rest[1] == FreeAllocation(command.port, V4)
+    assert rest[1] == FreeAllocation(tried[-1], V4)
     response = stun.parse(rest[0].payload)  # type: ignore[union-attr]
     assert error_code(response) == 508 and client.verify(response)
     assert h.server.num_allocations == 0
     retry = h.send(client.allocate())
     assert is_success(retry.response)
-    assert retry.others[0].port != command.port  # type: ignore[union-attr]
+    assert retry.others[0].port not in tried  # type: ignore[union-attr]
 
 
 def test_free_all_undoes_everything() -> None:
@@ -873,16 +903,16 @@ def test_relay_loop_without_a_channel_on_the_far_side_uses_its_permissions() -> 
     assert channel_data.decode(to_a.payload) == (0x4000, b"hi a")  # type: ignore[union-attr]
 
 
-def test_own_address_port_without_an_allocation_goes_out_like_any_peer() -> None:
+def test_own_address_port_without_an_allocation_is_refused() -> None:
+    """Issue 9.3: a port of our range without an allocation may be any local socket."""
     h = Harness(public_ip4="127.0.0.1", public_ip6=None, allow_loopback_peers=True)
     client = h.client()
     port = h.allocate(client).others[0].port  # type: ignore[union-attr]
-    lab_peer = (
-        "127.0.0.1",
-        port + 1 if port < 65535 else port - 1,
-    )  # a local socket, no allocation
-    assert is_success(h.send(client.channel_bind(0x4000, lab_peer)).response)
-    assert h.send(channel_data.encode(0x4000, b"abc")).relay == (port, lab_peer, 4, 7)
+    lab_peer = ("127.0.0.1", port + 1 if port < 65535 else port - 1)
+    assert error_code(h.send(client.channel_bind(0x4000, lab_peer)).response) == 403
+    h.send(client.create_permission(lab_peer))
+    out = h.send(client.send_indication(lab_peer, b"abc"))
+    assert out.relay is None and out.commands == []
 
 
 @pytest.mark.parametrize(("scheme", "single"), [("firezone", True), ("rest", False)])
