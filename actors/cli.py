@@ -67,6 +67,18 @@ def _port(text: str) -> int:
     return value
 
 
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_cidrs(name: str) -> list[str]:
+    """A comma-separated list of CIDRs from the environment (coturn-style peer lists)."""
+    return [_cidr(item) for item in str(_env(name, "")).split(",") if item.strip()]
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -113,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bind-ip4-addr", type=_ip(4), default=_env("BIND_IP4_ADDR", "0.0.0.0"))
     a("--bind-ip6-addr", type=_ip(6), default=_env("BIND_IP6_ADDR", "::"))
     a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL [env FIREZONE_API_URL]")
-    a("--rng-seed", type=int, default=_env("RNG_SEED") and int(_env("RNG_SEED")))
+    a(
+        "--rng-seed",
+        type=int,
+        default=_env("RNG_SEED") and int(_env("RNG_SEED")),
+        help="make port choice deterministic (tests); secrets and nonces always come from "
+        "the OS [env RNG_SEED]",
+    )
     a("--log-format", choices=("human", "json"), default=_env("LOG_FORMAT", "human"))
     a(
         "--log-filter",
@@ -147,7 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--realm", default=_env("REALM", "firezone"))
     a("--allow-loopback-peers", action="store_true", default=_env_bool("ALLOW_LOOPBACK_PEERS"))
-    a("--allow-private-peers", action="store_true", default=_env_bool("ALLOW_PRIVATE_PEERS"))
+    a(
+        "--allow-private-peers",
+        action="store_true",
+        default=_env_bool("ALLOW_PRIVATE_PEERS"),
+        help="allow private and CGNAT peers (always on in portal mode, as Firezone's relay)",
+    )
+    a(
+        "--allowed-peer-ip",
+        action="append",
+        type=_cidr,
+        default=_env_cidrs("ALLOWED_PEER_IP"),
+        metavar="CIDR",
+        help="always allow peers in CIDR (repeatable; overrides --denied-peer-ip and the "
+        "built-in refusals, e.g. 203.0.113.0/24 for Firezone's lab) [env ALLOWED_PEER_IP, "
+        "comma-separated]",
+    )
+    a(
+        "--denied-peer-ip",
+        action="append",
+        type=_cidr,
+        default=_env_cidrs("DENIED_PEER_IP"),
+        metavar="CIDR",
+        help="refuse peers in CIDR (repeatable) [env DENIED_PEER_IP, comma-separated]",
+    )
     a(
         "--max-allocations",
         type=_positive,
@@ -273,7 +314,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         auth_scheme=args.auth_scheme,
         realm=args.realm,
         allow_loopback_peers=args.allow_loopback_peers,
-        allow_private_peers=args.allow_private_peers,
+        # Portal mode follows Firezone's relay: private and CGNAT peers allowed.
+        allow_private_peers=args.allow_private_peers or token is not None,
+        allowed_peer_ips=tuple(args.allowed_peer_ip or ()),
+        denied_peer_ips=tuple(args.denied_peer_ip or ()),
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
         max_channels_per_allocation=args.max_channels_per_allocation,

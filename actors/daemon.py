@@ -42,6 +42,7 @@ from actors.telemetry import (
     Telemetry,
     packet_size_histogram,
 )
+from protocol.auth import secret_bits
 from protocol.server import Server, ServerConfig
 from protocol.types import Family
 
@@ -185,6 +186,11 @@ class Relay:
                 )
             else:
                 logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
+                if secret_bits(self.settings.auth_secret) < 128:
+                    logger.warning(
+                        "--auth-secret looks weaker than 128 bits: anyone holding one credential "
+                        "can guess it offline; use e.g. `openssl rand -hex 32`"
+                    )
         else:
             self._start_portal()
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
