@@ -39,3 +39,17 @@ def test_single_allocation_flag_is_tri_state() -> None:
         _settings("--no-single-allocation-per-username").server.single_allocation_per_username
         is False
     )
+
+
+def test_peer_lists_from_flags_and_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ALLOWED_PEER_IP", "203.0.113.0/24, 198.51.100.7")
+    monkeypatch.setenv("DENIED_PEER_IP", "8.8.8.0/24")
+    settings = _settings("--allowed-peer-ip", "10.9.0.0/16", "--denied-peer-ip", "1.1.1.1")
+    assert settings.server.allowed_peer_ips == ("203.0.113.0/24", "198.51.100.7/32", "10.9.0.0/16")
+    assert settings.server.denied_peer_ips == ("8.8.8.0/24", "1.1.1.1/32")
+
+
+def test_private_peers_default_follows_the_mode() -> None:
+    assert not _settings().server.allow_private_peers  # standalone: stricter
+    portal = _settings("--api-url", "ws://127.0.0.1:1", "token-value")
+    assert portal.server.allow_private_peers  # portal mode: as Firezone's relay
