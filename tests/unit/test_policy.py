@@ -96,9 +96,7 @@ def test_host_interface_addresses_are_refused_unless_allowed() -> None:
                 continue  # the loop verdict
             assert not host.allows(address, port), (address, port)
     assert host.allows("10.0.0.6", 51820)
-    allowed = PeerPolicy(
-        host_addresses=frozenset({"10.0.0.5"}), allowed=networks(["10.0.0.0/24"])
-    )
+    allowed = PeerPolicy(host_addresses=frozenset({"10.0.0.5"}), allowed=networks(["10.0.0.0/24"]))
     assert allowed.allows("10.0.0.5", 51820)
     assert not allowed.allows("10.0.0.5", 3478)  # never our own listen port
 
