@@ -171,7 +171,12 @@ def test_one_rest_credential_gets_at_most_256_allocations(relays: Factory) -> No
         for _ in range(256):
             client = Attacker(relay, username, password)
             clients.append(client)
-            assert client.allocate().cls == Class.SUCCESS
+            allocated = client.allocate()
+            for _ in range(3):  # 508: ports held by other processes on a shared machine
+                if error_code(allocated) != 508:
+                    break
+                allocated = client.ask(client.turn.allocate())
+            assert allocated.cls == Class.SUCCESS, error_code(allocated)
         extra = Attacker(relay, username, password)
         clients.append(extra)
         assert error_code(extra.allocate()) == 486
