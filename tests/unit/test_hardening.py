@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import struct
 
 import pytest
 
@@ -193,8 +192,10 @@ def test_a_bug_logs_one_traceback_a_minute(caplog: pytest.LogCaptureFixture) -> 
     for _ in range(100):
         h.send(h.client().binding())
     assert h.server.stats.internal_errors == 100
-    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None for r in caplog.records)
     assert len([r for r in caplog.records if r.exc_info]) == 1
+    h.now += 60
+    h.send(h.client().binding())
+    assert len([r for r in caplog.records if r.exc_info]) == 2
 
 
 # --- 9.7 / 9.8 unauthenticated answers --------------------------------------------------------
@@ -301,7 +302,3 @@ def test_delete_with_invalid_other_credentials_is_refused() -> None:
     h.authenticate(forged)
     assert error_code(h.send(forged.refresh(0)).response) == 401
     assert h.server.num_allocations == 1
-
-
-def test_header_struct_unchanged() -> None:  # guards the attribute-cap arithmetic
-    assert struct.calcsize("!HHI12s") == 20

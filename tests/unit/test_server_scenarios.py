@@ -749,7 +749,8 @@ def test_failed_bind_moves_the_allocation_to_another_port() -> None:
     h = Harness()
     client = h.client()
     h.authenticate(client)
-    h.server.handle_client_input(client.allocate(additional_family=V6), CLIENT, h.now)
+    request = client.allocate(additional_family=V6)
+    h.server.handle_client_input(request, CLIENT, h.now)
     first = h.server.next_command()
     assert isinstance(first, CreateAllocation)
     h.server.handle_allocation_failed(first.port, h.now)
@@ -762,8 +763,20 @@ def test_failed_bind_moves_the_allocation_to_another_port() -> None:
     response = stun.parse(rest[-1].payload)
     assert is_success(response) and client.verify(response)
     assert response.get(Attr.XOR_RELAYED_ADDRESS) == (PUBLIC4, moved[0].port)
-    # a retransmission gets the moved response from the cache
     assert h.server.num_allocations == 1
+    # a retransmission gets the moved response from the cache
+    assert h.send(request).commands == [rest[-1]]
+
+
+def test_failed_bind_of_an_even_port_allocation_answers_508() -> None:
+    h = Harness()
+    client = h.client()
+    h.authenticate(client)
+    h.server.handle_client_input(client.allocate(extra=[(Attr.EVEN_PORT, True)]), CLIENT, h.now)
+    command = h.server.next_command()
+    assert isinstance(command, CreateAllocation)
+    h.server.handle_allocation_failed(command.port, h.now)
+    assert error_code(stun.parse(h.drain()[0].payload)) == 508  # type: ignore[union-attr]
 
 
 def test_failed_binds_answer_508_after_bounded_tries() -> None:
