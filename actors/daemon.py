@@ -268,7 +268,11 @@ class Relay:
         deadline = self._armed if self._armed is not None else 0.0
         self._armed = None
         self.server.handle_timeout(max(time.monotonic(), deadline))
-        self._after_input()
+        self.tracing.on_timers = True  # what this drain frees has expired
+        try:
+            self._after_input()
+        finally:
+            self.tracing.on_timers = False
 
     def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
         return AllocationActor.start(

@@ -71,6 +71,8 @@ class RelayTracing:
         self._by_port: dict[int, _Tracked] = {}
         self._by_client: dict[Addr, _Tracked] = {}
         self._shutting_down = False
+        #: set by the daemon while it carries out what the core's timers produced
+        self.on_timers = False
         self._startup: trace.Span | None = None
         self._shutdown: trace.Span | None = None
         self.errors = 0
@@ -170,7 +172,7 @@ class RelayTracing:
     def _end_reason(self, tracked: _Tracked, now: float) -> str:
         if self._shutting_down:
             return "shutdown"
-        if tracked.allocation.expires_at <= now:
+        if self.on_timers or tracked.allocation.expires_at <= now:
             return "expired"
         current = _allocation_of_user(self._server, tracked.allocation.username)
         single = getattr(self._server, "_single_allocation_per_username", True)
