@@ -350,3 +350,44 @@ def test_portal_connection_spans(relay_factory, collector) -> None:  # type: ign
     shutdown = collector.one("relay.shutdown")
     assert shutdown.attributes["relay.shutdown.reason"].startswith("portal:")
     assert collector.one("relay.startup").attributes["relay.mode"] == "portal"
+
+
+def test_a_failed_startup_is_an_error_span(relay_factory, collector) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        relay: RelayProcess = relay_factory(
+            "--otlp-grpc-endpoint",
+            f"127.0.0.1:{collector.port}",
+            "--listen-port",  # the last --listen-port wins: one that is taken
+            str(port),
+            wait_ready=False,
+        )
+        assert relay.proc.wait(20) == 1
+    startup = collector.one("relay.startup")
+    assert startup.status == STATUS_ERROR
+    assert "Address already in use" in startup.status_message
+    assert startup.attributes["relay.listen_port"] == port
+
+
+def test_otel_traces_exporter_none_turns_spans_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors.telemetry import HistogramBridge, Telemetry
+
+    def make() -> Telemetry:
+        return Telemetry(
+            allocations=lambda: 0,
+            channels=lambda: 0,
+            responses=dict,
+            drops=dict,
+            bridge=HistogramBridge(),
+            otlp_endpoint=f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+        )
+
+    exporting = make()
+    assert exporting.tracer_provider is not None
+    exporting.shutdown(0.1)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    quiet = make()
+    assert quiet.tracer_provider is None
+    assert not quiet.tracer().start_span("x").get_span_context().is_valid
+    quiet.shutdown(0.1)
