@@ -1,4 +1,5 @@
-"""OpenTelemetry metrics over plain-int counters, OTLP/gRPC export and Prometheus text.
+"""OpenTelemetry metrics over plain-int counters, OTLP/gRPC export and Prometheus text; and
+the tracer provider for the relay's spans (made by ``actors.tracing`` and ``actors.portal``).
 
 The per-packet path only bumps ints (``server.stats``, the data plane's counters). Here they are
 published at collection time:
@@ -15,7 +16,9 @@ published at collection time:
 
 Resource: ``service.name=relay`` (unless OTEL_SERVICE_NAME says otherwise),
 ``service.namespace=firezone``, plus OTEL_RESOURCE_ATTRIBUTES. Exporter settings come from the
-usual OTEL_EXPORTER_OTLP_* variables; ``--otlp-grpc-endpoint host:port`` sets the endpoint.
+usual OTEL_EXPORTER_OTLP_* variables; ``--otlp-grpc-endpoint host:port`` sets the endpoint, for
+spans too (as Firezone's relay sends both there). Cloud metadata discovery may add resource
+attributes (``actors.metadata``).
 """
 
 from __future__ import annotations
