@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("RUST_LOG", "info"),
         help="log directives, e.g. 'info,relay=debug'",
     )
-    a("--otlp-grpc-endpoint", default=_env("OTLP_GRPC_ENDPOINT"), help="host:port")
+    a(
+        "--otlp-grpc-endpoint",
+        default=_env("OTLP_GRPC_ENDPOINT"),
+        help="host:port of an OTLP/gRPC collector for traces and metrics",
+    )
     a("--ebpf-offloading", default=_env("EBPF_OFFLOADING"), metavar="IFACE")
     a(
         "--ebpf-attach-mode",
