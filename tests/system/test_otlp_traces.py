@@ -144,9 +144,9 @@ def test_allocation_and_channel_spans_are_flushed_at_shutdown(relay_factory, col
         mapped = transport.get_extra_info("related_address")
         relayed = transport.get_extra_info("sockname")
         transport.close()  # aioice deletes its allocation: Refresh LIFETIME 0
-        for _ in range(100):
-            if http("GET", f"{relay.health}/metrics")[1].count("relay_active_allocations 0"):
-                break
+        deadline = time.monotonic() + 10
+        while "relay_active_allocations 0" not in http("GET", f"{relay.health}/metrics")[1]:
+            assert time.monotonic() < deadline, "the allocation was never deleted"
             await asyncio.sleep(0.05)
         return mapped, relayed, peer_addr
 
