@@ -380,10 +380,13 @@ def test_otel_traces_exporter_none_turns_spans_off(monkeypatch: pytest.MonkeyPat
             responses=dict,
             drops=dict,
             bridge=HistogramBridge(),
-            otlp_endpoint=f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
         )
 
+    # the standard variable alone exports spans (metrics stay off: no metrics endpoint)
+    endpoint = f"http://127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
     exporting = make()
+    assert exporting.exporter is None
     assert exporting.tracer_provider is not None
     exporting.shutdown(0.1)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
