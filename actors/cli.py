@@ -12,8 +12,10 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import secrets
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="firezone-relay",
         description="STUN/TURN relay, Firezone-compatible; standalone TURN server without a token. "
         "`firezone-relay credentials --help` mints credentials.",
+        formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     a(
@@ -98,47 +101,50 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default=_env("FIREZONE_TOKEN"),
         metavar="TOKEN",
-        help="portal token [env FIREZONE_TOKEN] (or a file holding it); none = standalone mode",
+        help="portal token (or a file holding it); none = standalone mode",
     )
     a(
         "name",
         nargs="?",
         default=_env("FIREZONE_NAME"),
         metavar="NAME",
-        help="relay name for the portal [env FIREZONE_NAME]",
+        help="relay name for the portal",
     )
     a(
         "--public-ip4-addr",
         type=_ip(4),
         default=_env("PUBLIC_IP4_ADDR"),
-        help="public IPv4 address [env PUBLIC_IP4_ADDR]",
+        help="public IPv4 address",
     )
     a(
         "--public-ip6-addr",
         type=_ip(6),
         default=_env("PUBLIC_IP6_ADDR"),
-        help="public IPv6 address [env PUBLIC_IP6_ADDR]",
+        help="public IPv6 address",
     )
     a("--listen-port", type=_port, default=int(_env("LISTEN_PORT", 3478)))
     a("--lowest-port", type=_port, default=int(_env("LOWEST_PORT", 49152)))
     a("--highest-port", type=_port, default=int(_env("HIGHEST_PORT", 65535)))
     a("--bind-ip4-addr", type=_ip(4), default=_env("BIND_IP4_ADDR", "0.0.0.0"))
     a("--bind-ip6-addr", type=_ip(6), default=_env("BIND_IP6_ADDR", "::"))
-    a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL [env FIREZONE_API_URL]")
+    a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL")
     a(
         "--rng-seed",
         type=int,
         default=_env("RNG_SEED") and int(_env("RNG_SEED")),
-        help="make port choice deterministic (tests); secrets and nonces always come from "
-        "the OS [env RNG_SEED]",
+        help="make port choice deterministic (tests); secrets and nonces always come from the OS",
     )
     a("--log-format", choices=("human", "json"), default=_env("LOG_FORMAT", "human"))
     a(
         "--log-filter",
         default=_env("RUST_LOG", "info"),
-        help="log directives, e.g. 'info,relay=debug' [env RUST_LOG]",
+        help="log directives, e.g. 'info,relay=debug'",
     )
-    a("--otlp-grpc-endpoint", default=_env("OTLP_GRPC_ENDPOINT"), help="host:port")
+    a(
+        "--otlp-grpc-endpoint",
+        default=_env("OTLP_GRPC_ENDPOINT"),
+        help="host:port of an OTLP/gRPC collector for traces and metrics",
+    )
     a("--ebpf-offloading", default=_env("EBPF_OFFLOADING"), metavar="IFACE")
     a(
         "--ebpf-attach-mode",
@@ -156,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--health-check-addr", default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
     a("--control-endpoint", default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
     # standalone TURN server options
-    a("--auth-secret", default=_env("AUTH_SECRET"), help="credential secret [env AUTH_SECRET]")
+    a("--auth-secret", default=_env("AUTH_SECRET"), help="credential secret")
     a(
         "--auth-scheme",
         choices=("firezone", "rest"),
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_cidrs("ALLOWED_PEER_IP"),
         metavar="CIDR",
         help="always allow peers in CIDR (repeatable; overrides --denied-peer-ip and the "
-        "built-in refusals, e.g. 203.0.113.0/24 for Firezone's lab) [env ALLOWED_PEER_IP, "
-        "comma-separated]",
+        "built-in refusals, e.g. 203.0.113.0/24 for Firezone's lab; env: comma-separated)",
     )
     a(
         "--denied-peer-ip",
@@ -187,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_cidr,
         default=_env_cidrs("DENIED_PEER_IP"),
         metavar="CIDR",
-        help="refuse peers in CIDR (repeatable) [env DENIED_PEER_IP, comma-separated]",
+        help="refuse peers in CIDR (repeatable; env: comma-separated)",
     )
     a(
         "--max-allocations",
@@ -247,7 +252,127 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=int(_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024)),
     )
+    _add_firezone_extras(p)
+    _show_env(p)
     return p
+
+
+#: Flags whose environment variable is not the flag's name in upper case (clap's rule).
+_ENV_NAMES = {
+    "token": "FIREZONE_TOKEN",
+    "name": "FIREZONE_NAME",
+    "api_url": "FIREZONE_API_URL",
+    "log_filter": "RUST_LOG",
+    "telemetry": "TELEMETRY, FIREZONE_TELEMETRY",
+}
+
+
+def _add_firezone_extras(p: argparse.ArgumentParser) -> None:
+    """Firezone's flags that mean nothing here (accepted so a Firezone deployment's command
+    line and environment start this relay unchanged; see ``warn_unsupported``), and the
+    cloud metadata discovery its ``docker-init-relay.sh`` does around the binary."""
+    a = p.add_argument
+    a(
+        "--telemetry",
+        action="store_true",
+        default=_env_bool("TELEMETRY") or _env_bool("FIREZONE_TELEMETRY"),
+        help="Firezone's Sentry crash reporting: accepted and ignored",
+    )
+    a(
+        "--num-worker-threads",
+        type=_positive,
+        default=_env("NUM_WORKER_THREADS"),
+        help="Firezone's tokio worker threads: accepted and ignored (one event loop here)",
+    )
+    a(
+        "--google-cloud-project-id",
+        default=_env("GOOGLE_CLOUD_PROJECT_ID"),
+        help="Firezone's project ID for Google Cloud log records: accepted and ignored",
+    )
+    a(
+        "--listen-address-discovery-method",
+        choices=("gce_metadata", "aws_ec2_metadata"),
+        default=_env("LISTEN_ADDRESS_DISCOVERY_METHOD"),
+        help="fill a missing --public-ip4-addr/--public-ip6-addr from the cloud's metadata "
+        "service (endpoint: GCE_METADATA_HOST, AWS_EC2_METADATA_SERVICE_ENDPOINT)",
+    )
+    a(
+        "--otel-metadata-discovery-method",
+        choices=("gce_metadata",),
+        default=_env("OTEL_METADATA_DISCOVERY_METHOD"),
+        help="add service.instance.id, gcp.gce.instance.name and cloud.region from the "
+        "metadata service to the OpenTelemetry resource",
+    )
+    p.set_defaults(resource_attributes={})
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Never wraps inside ``[env: NAME]``, so the names can be grepped from ``--help``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        glued = re.sub(r"\[env: [^\]]*\]", lambda m: m.group().replace(" ", "\0"), text)
+        lines = textwrap.wrap(
+            " ".join(glued.split()), width, break_long_words=False, break_on_hyphens=False
+        )
+        return [line.replace("\0", " ") for line in lines]
+
+
+def _show_env(p: argparse.ArgumentParser) -> None:
+    """Append ``[env: NAME]`` to every flag's help, as clap does for Firezone's relay."""
+    for action in p._actions:
+        if action.dest in ("help", "version") or action.help == argparse.SUPPRESS:
+            continue
+        env = f"[env: {_ENV_NAMES.get(action.dest, action.dest.upper())}]"
+        action.help = f"{action.help} {env}" if action.help else env
+
+
+def discover(args: argparse.Namespace) -> None:
+    """Cloud metadata discovery (``LISTEN_ADDRESS_DISCOVERY_METHOD``,
+    ``OTEL_METADATA_DISCOVERY_METHOD``): fills ``args`` in place. Exits 1, saying what failed,
+    when asked to discover the public address and none can be found."""
+    import logging
+
+    from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
+
+    log = logging.getLogger("relay")
+    method = args.listen_address_discovery_method
+    if method:
+        try:
+            args.public_ip4_addr, args.public_ip6_addr = fill_public_ips(
+                method, args.public_ip4_addr, args.public_ip6_addr
+            )
+        except MetadataError as exc:
+            log.error("%s; set PUBLIC_IP4_ADDR / PUBLIC_IP6_ADDR instead", exc)
+            raise SystemExit(1) from None
+    if args.otel_metadata_discovery_method:
+        try:
+            args.resource_attributes = otel_resource_attributes(args.otel_metadata_discovery_method)
+        except MetadataError as exc:
+            log.warning("OpenTelemetry resource left without instance metadata: %s", exc)
+        else:
+            log.info("OpenTelemetry resource from instance metadata: %s", args.resource_attributes)
+
+
+def warn_unsupported(args: argparse.Namespace) -> None:
+    """Say once, at WARN, which accepted Firezone flags have no meaning here."""
+    import logging
+
+    log = logging.getLogger("relay")
+    if args.telemetry:
+        log.warning(
+            "--telemetry (TELEMETRY / FIREZONE_TELEMETRY) is ignored: this relay sends no crash "
+            "reports to Firezone's Sentry; use --otlp-grpc-endpoint for traces and metrics"
+        )
+    if args.num_worker_threads is not None:
+        log.warning(
+            "--num-worker-threads (NUM_WORKER_THREADS) is ignored: this relay runs one event "
+            "loop, and XDP (--ebpf-offloading) is how it scales across cores"
+        )
+    if args.google_cloud_project_id:
+        log.warning(
+            "--google-cloud-project-id (GOOGLE_CLOUD_PROJECT_ID) is ignored: there is no "
+            "google-cloud log format (Firezone removed it too)"
+        )
 
 
 def credentials_parser() -> argparse.ArgumentParser:
@@ -345,6 +470,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ebpf_int6_addr=args.ebpf_int6_addr,
         token_in_query=args.token_in_query,
         ebpf_mandatory=args.ebpf_mandatory,
+        resource_attributes=dict(getattr(args, "resource_attributes", {})),
     )
 
 
@@ -358,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from actors.logs import configure
 
     log_filter = configure(args.log_format, args.log_filter)
+    warn_unsupported(args)
+    discover(args)
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
+from opentelemetry import trace
 
 from actors.allocation import AllocationActor
 from actors.dataplane import DataPlane
@@ -42,6 +43,7 @@ from actors.telemetry import (
     Telemetry,
     packet_size_histogram,
 )
+from actors.tracing import RelayTracing
 from protocol.auth import secret_bits
 from protocol.server import Server, ServerConfig
 from protocol.types import Family
@@ -78,6 +80,8 @@ class Settings:
     ebpf_mandatory: bool = False
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
+    #: OpenTelemetry resource attributes found by cloud metadata discovery
+    resource_attributes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +127,8 @@ class Relay:
         )
         self.bridge = HistogramBridge([self.packet_sizes])
         self.telemetry: Telemetry | None = None
+        self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
+        self._stop_reason = ""
 
     # -- readiness ------------------------------------------------------------------------
 
@@ -139,6 +145,7 @@ class Relay:
         try:
             await self.start()
         except Exception as exc:
+            self.tracing.end_startup(exc)
             logger.error("failed to start: %s", exc)
             self._stop_endpoints()
             return 1
@@ -160,7 +167,9 @@ class Relay:
             bridge=self.bridge,
             otlp_endpoint=self.settings.otlp_grpc_endpoint,
             export_interval_ms=self.settings.export_interval_ms,
+            resource_attributes=self.settings.resource_attributes,
         )
+        self._start_tracing()
         self._start_endpoints()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self._start_fast_path()
@@ -195,17 +204,20 @@ class Relay:
             self._start_portal()
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
         self._rearm()
+        self.tracing.end_startup(**{"relay.datapath": "xdp" if self.fast_path else "userspace"})
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
         """Ask the daemon to shut down (loop thread only; signals and callbacks land here)."""
         if self._stopping.is_set():
             return
         logger.info("shutting down%s", f" ({reason})" if reason else "")
+        self._stop_reason = reason
         self.exit_code = code
         self._stopping.set()
 
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
+        self.tracing.begin_shutdown(self._stop_reason)
         for family, sock in list(self.dataplane.listen.items()):
             self.loop.remove_reader(sock.fileno())
             sock.close()
@@ -227,6 +239,7 @@ class Relay:
             tasks = [t for t in asyncio.all_tasks() if t.get_name() == "portal"]
             if tasks:
                 await asyncio.wait(tasks, timeout=0.5)
+        self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
 
     def finish(self) -> None:
         """After the loop: stop thread-hosted actors, endpoints and exporters (bounded)."""
@@ -261,7 +274,11 @@ class Relay:
         deadline = self._armed if self._armed is not None else 0.0
         self._armed = None
         self.server.handle_timeout(max(time.monotonic(), deadline))
-        self._after_input()
+        self.tracing.on_timers = True  # what this drain frees has expired
+        try:
+            self._after_input()
+        finally:
+            self.tracing.on_timers = False
 
     def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
         return AllocationActor.start(
@@ -270,6 +287,24 @@ class Relay:
 
     def _allocation_gone(self, port: int, actor: AllocationActor) -> None:
         self.pipeline.allocation_gone(port, actor)
+
+    def _start_tracing(self) -> None:
+        """Spans (when exported): startup now, allocations and channels from the pipeline."""
+        assert self.telemetry is not None
+        enabled = self.telemetry.tracer_provider is not None
+        self.tracing = RelayTracing(self.telemetry.tracer(), self.server, enabled)
+        if enabled:
+            self.pipeline.observe(self.tracing.observe)
+        config = self.settings.server
+        self.tracing.begin_startup(
+            {
+                "relay.mode": "standalone" if self.standalone else "portal",
+                "relay.public_ip4": config.public_ip4 or "",
+                "relay.public_ip6": config.public_ip6 or "",
+                "relay.listen_port": config.listen_port,
+                "relay.auth_scheme": config.auth_scheme,
+            }
+        )
 
     # -- actors beside the data plane -----------------------------------------------------
 
@@ -296,6 +331,7 @@ class Relay:
             self._on_portal_joined,
             self._on_portal_fatal,
             loop=self.loop,
+            tracer=self.tracing.tracer,
         )
 
     def _on_portal_joined(self, joined: bool) -> None:

@@ -96,6 +96,12 @@ class Pipeline:
                     logger.warning("XDP map manager is gone; channel updates dropped")
                     self.fast_path = None
 
+    def observe(self, observer: Callable[[Command], None]) -> None:
+        """Also show each command to ``observer`` once its target has it (tracing). Installed
+        only when spans are exported, so without them the drain is unchanged."""
+        for command_type, handler in list(self._handlers.items()):
+            self._handlers[command_type] = _then(handler, observer)
+
     def _to_allocation(self, command: CreateAllocation | FreeAllocation) -> None:
         ref = self.allocations.get(command.port)
         if ref is None:
@@ -114,3 +120,13 @@ class Pipeline:
         ref = self.allocations.get(port)
         if ref is not None and ref is actor.actor_ref:
             del self.allocations[port]
+
+
+def _then(
+    handler: Callable[[Any], None], observer: Callable[[Command], None]
+) -> Callable[[Any], None]:
+    def both(command: Any) -> None:
+        handler(command)
+        observer(command)
+
+    return both

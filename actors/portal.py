@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -134,8 +137,13 @@ class PortalClient:
         on_fatal: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._config = config
+        # spans: portal.connect per attempt, portal.join, portal.reconnect, portal.fatal
+        self._tracer = tracer or trace.NoOpTracer()
+        self._attempt_context: Context | None = None
+        self._join_span: trace.Span | None = None
         self._secret = stamp_secret
         self._url = config.url()  # raises ValueError for a bad FIREZONE_API_URL
         parts = urllib.parse.urlsplit(self._url)
@@ -181,7 +189,15 @@ class PortalClient:
                 log.info(
                     "Portal connection hiccup: %s; reconnecting in %.2f s", outcome.reason, delay
                 )
-                await asyncio.sleep(delay)
+                with self._tracer.start_as_current_span(
+                    "portal.reconnect",
+                    context=self._attempt_context,
+                    attributes={
+                        "portal.reconnect.reason": outcome.reason,
+                        "portal.reconnect.backoff_s": round(delay, 3),
+                    },
+                ):
+                    await asyncio.sleep(delay)
         finally:
             self._set_joined(False)
 
@@ -189,19 +205,33 @@ class PortalClient:
 
     async def _attempt(self) -> Hiccup | Fatal:
         self.attempts += 1
+        connect = self._tracer.start_span(
+            "portal.connect", attributes={"url.full": self.url, "portal.attempt": self.attempts}
+        )
+        self._attempt_context = trace.set_span_in_context(connect)
         try:
             async with asyncio.timeout(self._config.connect_timeout):
                 ws = await self._open()
         except InvalidStatus as e:
-            return self._http_failure(e)
+            return _ended(connect, self._http_failure(e))
         except TimeoutError:
-            return Hiccup(f"connect timed out after {self._config.connect_timeout:g} s")
+            return _ended(
+                connect, Hiccup(f"connect timed out after {self._config.connect_timeout:g} s")
+            )
         except Exception as e:  # any failure to connect is retried, never a crash
-            return Hiccup(f"connect failed: {_describe(e)}")
+            return _ended(connect, Hiccup(f"connect failed: {_describe(e)}"))
+        except BaseException:
+            connect.end()
+            raise
+        connect.end()
         log.info("Connected to portal at %s", self.url)
+        self._join_span = self._tracer.start_span("portal.join", context=self._attempt_context)
         try:
-            return await self._serve(ws)
+            outcome = await self._serve(ws)
+            self._end_join(outcome.reason)
+            return outcome
         finally:
+            self._end_join("stopped")
             self._set_joined(False)
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -259,6 +289,7 @@ class PortalClient:
     def _on_event(self, event: Joined | Init | HeartbeatSent | Ignored, now: float) -> None:
         if isinstance(event, Joined):
             log.info("Joined the relay room on the portal")
+            self._end_join(None)
             self._policy.joined(now)
             self._set_joined(True)
         elif isinstance(event, Init):
@@ -294,8 +325,21 @@ class PortalClient:
             except Exception:
                 log.exception("on_joined callback failed")
 
+    def _end_join(self, error: str | None) -> None:
+        span, self._join_span = self._join_span, None
+        if span is not None:
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+            span.end()
+
     def _fatal(self, outcome: Fatal) -> Fatal:
         log.error("Portal connection failed, the relay must exit: %s", outcome.reason)
+        span = self._tracer.start_span(
+            "portal.fatal",
+            context=self._attempt_context,
+            attributes={"portal.fatal.reason": outcome.reason, "portal.attempts": self.attempts},
+        )
+        _ended(span, outcome)
         self._set_joined(False)
         if self._on_fatal is not None:
             try:
@@ -303,6 +347,13 @@ class PortalClient:
             except Exception:
                 log.exception("on_fatal callback failed")
         return outcome
+
+
+def _ended(span: trace.Span, outcome: Hiccup | Fatal) -> Hiccup | Fatal:
+    """End ``span`` as failed with the outcome's reason; returns the outcome."""
+    span.set_status(Status(StatusCode.ERROR, outcome.reason))
+    span.end()
+    return outcome
 
 
 def _describe(e: BaseException) -> str:

@@ -32,9 +32,12 @@ class PortalSession(LoopActor):
         on_fatal: Callable[[str], None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        tracer: Any = None,
     ) -> None:
         super().__init__(loop=loop)
-        self.client = PortalClient(config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal)
+        self.client = PortalClient(
+            config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal, tracer=tracer
+        )
         self._on_fatal = on_fatal
         self._task: asyncio.Task[Any] | None = None
 

@@ -1,4 +1,5 @@
-"""OpenTelemetry metrics over plain-int counters, OTLP/gRPC export and Prometheus text.
+"""OpenTelemetry metrics over plain-int counters, OTLP/gRPC export and Prometheus text; and
+the tracer provider for the relay's spans (made by ``actors.tracing`` and ``actors.portal``).
 
 The per-packet path only bumps ints (``server.stats``, the data plane's counters). Here they are
 published at collection time:
@@ -15,7 +16,9 @@ published at collection time:
 
 Resource: ``service.name=relay`` (unless OTEL_SERVICE_NAME says otherwise),
 ``service.namespace=firezone``, plus OTEL_RESOURCE_ATTRIBUTES. Exporter settings come from the
-usual OTEL_EXPORTER_OTLP_* variables; ``--otlp-grpc-endpoint host:port`` sets the endpoint.
+usual OTEL_EXPORTER_OTLP_* variables; ``--otlp-grpc-endpoint host:port`` sets the endpoint, for
+spans too (as Firezone's relay sends both there). Cloud metadata discovery may add resource
+attributes (``actors.metadata``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import Counter as SdkCounter
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
@@ -55,6 +59,8 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 __all__ = [
@@ -68,6 +74,7 @@ __all__ = [
 ]
 
 METER_NAME = "relay"
+TRACER_NAME = "relay"
 #: upper bounds of relay.packet.size buckets (the core's 16 buckets: 15 bounds + overflow)
 PACKET_SIZE_BOUNDS: tuple[float, ...] = tuple(float(100 * i) for i in range(1, 16))
 
@@ -82,8 +89,10 @@ LOW_MEMORY: dict[type, AggregationTemporality] = {
 }
 
 
-def make_resource() -> Resource:
-    attrs: dict[str, Any] = {"service.namespace": "firezone"}
+def make_resource(extra: Mapping[str, str] | None = None) -> Resource:
+    """The relay's resource; ``extra`` (cloud metadata discovery) adds to
+    OTEL_RESOURCE_ATTRIBUTES and wins over it, as Firezone's init script's export does."""
+    attrs: dict[str, Any] = {**(extra or {}), "service.namespace": "firezone"}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = "relay"
     return Resource.create(attrs)
@@ -313,7 +322,8 @@ def render_prometheus(data: MetricsData | None) -> str:
 
 
 class Telemetry:
-    """The meter provider, its instruments and readers for one relay process."""
+    """The meter provider, its instruments and readers for one relay process, and the tracer
+    provider when spans are exported (OTLP/gRPC, batched off the event loop)."""
 
     def __init__(
         self,
@@ -325,8 +335,10 @@ class Telemetry:
         bridge: HistogramBridge,
         otlp_endpoint: str | None = None,
         export_interval_ms: float | None = None,
+        resource_attributes: Mapping[str, str] | None = None,
     ) -> None:
-        self.resource = make_resource()
+        self.resource = make_resource(resource_attributes)
+        self.tracer_provider = _tracer_provider(otlp_endpoint, self.resource)
         self.bridge = bridge
         self._pull = InMemoryMetricReader()
         self._pull_lock = threading.Lock()
@@ -402,18 +414,55 @@ class Telemetry:
             metrics = self.bridge.metrics(AggregationTemporality.CUMULATIVE)
         return render_prometheus(add_metrics(data, metrics, self.resource))
 
+    def tracer(self) -> trace.Tracer:
+        """The relay's tracer; a no-op one when spans are not exported."""
+        if self.tracer_provider is None:
+            return trace.NoOpTracer()
+        return self.tracer_provider.get_tracer(TRACER_NAME)
+
     def shutdown(self, timeout_s: float = 0.5) -> None:
-        """Flush and stop the exporters, giving up after ``timeout_s`` (shutdown must be quick)."""
-        done = threading.Event()
+        """Flush and stop the exporters (spans and metrics side by side), giving up after
+        ``timeout_s`` (shutdown must be quick)."""
+        millis = timeout_s * 1000
+        jobs: list[Callable[[], object]] = [lambda: self.provider.shutdown(timeout_millis=millis)]
+        if self.tracer_provider is not None:
+            tracer_provider = self.tracer_provider
 
-        def run() -> None:
-            try:
-                self.provider.shutdown(timeout_millis=timeout_s * 1000)
-            finally:
-                done.set()
+            def spans() -> None:
+                tracer_provider.force_flush(timeout_millis=int(millis))
+                tracer_provider.shutdown()
 
-        threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
-        done.wait(timeout_s + 0.1)
+            jobs.append(spans)
+        threads = [threading.Thread(target=job, name="otel-shutdown", daemon=True) for job in jobs]
+        deadline = time.monotonic() + timeout_s + 0.1
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _tracer_provider(flag: str | None, resource: Resource) -> TracerProvider | None:
+    """Spans go where metrics go: ``--otlp-grpc-endpoint`` (as Firezone's relay), else the
+    OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables; OTEL_TRACES_EXPORTER=none turns them off."""
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return None
+    if flag:
+        endpoint: str | None = flag if "://" in flag else f"http://{flag}"
+    elif os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ):
+        endpoint = None  # the exporter reads it from the environment
+    else:
+        return None
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    exporter = OTLPSpanExporter(
+        endpoint=endpoint,
+        insecure=True if endpoint is not None and endpoint.startswith("http://") else None,
+    )
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
 
 
 def _otlp_endpoint(flag: str | None) -> str | None:
