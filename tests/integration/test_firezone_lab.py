@@ -157,8 +157,9 @@ def _relay_to_relay(run: LabRun) -> None:
     assert client["target"] == gateway["relayed"]["4"]
     assert gateway["target"] == client["relayed"]["4"]
     assert client["target"][0] == lab.relay_b4 and gateway["target"][0] == lab.relay_a4
-    assert client["srflx"]["4"][0] == lab.client_public4  # seen through the masquerade
-    assert gateway["srflx"]["4"][0] == lab.gateway_public4
+    # the relays saw the agents through the masquerade (XOR-MAPPED-ADDRESS)
+    assert run.hub.wait_event("client", "srflx", 1)["addr"][0] == lab.client_public4
+    assert run.hub.wait_event("gateway", "srflx", 1)["addr"][0] == lab.gateway_public4
     for relay in run.relays:
         packets = relay.relayed_packets()
         xdp, user = packets.get("xdp", 0.0), packets.get("userspace", 0.0)
