@@ -527,6 +527,29 @@ def connlib_resync_channel_bind() -> Builder:
     return b
 
 
+def connlib_bad_credentials() -> Builder:
+    b = Builder(
+        "connlib_bad_credentials",
+        "connlib with credentials the relay does not accept (expired): Allocate without NONCE "
+        "-> 401 with a NONCE, Allocate with it -> 401 again; a 401 to a request that carried a "
+        "NONCE means invalid credentials, so connlib drops them and sends nothing more.",
+        [
+            _origin(
+                ALLOCATION_RS,
+                "Allocation::handle_input (Unauthorized with a NONCE in the request)",
+                "Allocation::can_be_freed (AuthenticationError)",
+            )
+        ],
+    )
+    c = Connlib(b, "client", CLIENT, "connlib-expired")
+    b.credentials[c.username] = {"user": "connlib-expired", "expired": True}
+    c.binding()
+    c.challenge(Method.ALLOCATE, c.transport() + c._soft(), "Allocate without NONCE")
+    tid = c.allocate_request("Allocate with the NONCE: still 401, connlib gives up")
+    c.error(Method.ALLOCATE, tid, 401, (Attr.REALM, REALM), (Attr.NONCE, c.nonce))
+    return b
+
+
 def connlib_rotation() -> Builder:
     b = Builder(
         "connlib_rotation",
@@ -949,6 +972,7 @@ BUILDERS: dict[str, Callable[[], Builder]] = {
         connlib_resync_refresh,
         connlib_resync_channel_bind,
         connlib_rotation,
+        connlib_bad_credentials,
         connlib_relay_pair_client,
         connlib_relay_pair_gateway,
         firezone_relay_regression,
