@@ -532,3 +532,174 @@ class Topology:
         """Run the block with the calling thread inside ``ns`` (sockets created there stay)."""
         with _enter_netns(ns):
             yield
+
+
+# -- Firezone's lab: two masquerading routers, two relays, one "internet" -------------------
+
+#: the lab's internet: TEST-NET-3, as in Firezone's docker-compose lab
+LAB_INTERNET = "203.0.113"
+
+
+@dataclass(eq=False)
+class LabTopology(Topology):
+    """Firezone's compose lab, IPv4::
+
+      lcli c0 172.30.1.2 ─ lrc (masquerade) 203.0.113.10 ┐
+      lgw  g0 172.30.2.2 ─ lrg (masquerade) 203.0.113.20 ┤ lnet: the internet, a router
+      lra  p0 203.0.113.101  relay A ────────────────────┤
+      lrb  p0 203.0.113.102  relay B ────────────────────┘
+
+    The client and the gateway each sit behind their own router, which masquerades
+    (nftables ``masquerade``) and admits nothing new from outside. The routers and both relays
+    hold addresses of ``internet``.0/24 and reach each other through ``lnet``, which routes
+    between point-to-point links (each host sees one next hop, so XDP's MAC swap is right).
+    ``internet`` is 203.0.113 (documentation range) by default; a private prefix models relays
+    sharing a VPC with gateways. Namespace lifecycle as :class:`Topology` (same prefix rules).
+    """
+
+    internet: str = LAB_INTERNET
+    prefix: str = DEFAULT_PREFIX + "l"
+
+    @property
+    def cli(self) -> str:
+        return f"{self.prefix}-lcli"
+
+    @property
+    def gw(self) -> str:
+        return f"{self.prefix}-lgw"
+
+    @property
+    def net(self) -> str:
+        return f"{self.prefix}-lnet"
+
+    @property
+    def relay_a(self) -> str:
+        return f"{self.prefix}-lra"
+
+    @property
+    def relay_b(self) -> str:
+        return f"{self.prefix}-lrb"
+
+    @property
+    def rly(self) -> str:
+        return self.relay_a
+
+    @property
+    def rtr(self) -> str:
+        return f"{self.prefix}-lrc"
+
+    @property
+    def rtr_gw(self) -> str:
+        return f"{self.prefix}-lrg"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.cli, self.gw, self.rtr, self.rtr_gw, self.relay_a, self.relay_b, self.net]
+
+    def public(self, host: int) -> str:
+        return f"{self.internet}.{host}"
+
+    @property
+    def relay_a4(self) -> str:
+        return self.public(101)
+
+    @property
+    def relay_b4(self) -> str:
+        return self.public(102)
+
+    @property
+    def client_public4(self) -> str:  # type: ignore[override]
+        return self.public(10)
+
+    @property
+    def gateway_public4(self) -> str:  # type: ignore[override]
+        return self.public(20)
+
+    client4 = "172.30.1.2"
+    gateway4 = "172.30.2.2"
+
+    def _build(self) -> None:
+        for ns in self.namespaces:
+            run(["ip", "netns", "add", ns])
+            self.ip(ns, "link", "set", "lo", "up")
+            if ns in (self.cli, self.gw):
+                # IPv6 only inside (::1 for the web server, the tunnel's addresses); quiet
+                self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+                self.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
+                self.sysctl(ns, "net.ipv6.conf.default.router_solicitations", 0)
+            else:
+                self.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", 1)
+        # (namespace, device, address, the internet's side)
+        uplinks = [
+            (self.rtr, "wan", self.client_public4, "n-rc"),
+            (self.rtr_gw, "wan", self.gateway_public4, "n-rg"),
+            (self.relay_a, self.relay_dev, self.relay_a4, "n-ra"),
+            (self.relay_b, self.relay_dev, self.relay_b4, "n-rb"),
+        ]
+        for ns, dev, addr, peer in uplinks:
+            self._veth(ns, dev, self.net, peer)
+            self.ip(ns, "addr", "add", f"{addr}/32", "peer", self.public(1), "dev", dev)
+            self.ip(self.net, "addr", "add", f"{self.public(1)}/32", "peer", addr, "dev", peer)
+            self.ip(ns, "link", "set", dev, "up")
+            self.ip(self.net, "link", "set", peer, "up")
+            self.ip(ns, "route", "add", "default", "via", self.public(1), "dev", dev)
+        lans = [
+            (self.cli, self.client_dev, self.client4, self.rtr, "172.30.1.1"),
+            (self.gw, self.gateway_dev, self.gateway4, self.rtr_gw, "172.30.2.1"),
+        ]
+        for ns, dev, addr, router, router_addr in lans:
+            self._veth(ns, dev, router, "lan")
+            self.ip(ns, "addr", "add", f"{addr}/24", "dev", dev)
+            self.ip(router, "addr", "add", f"{router_addr}/24", "dev", "lan")
+            self.ip(ns, "link", "set", dev, "up")
+            self.ip(router, "link", "set", "lan", "up")
+            self.ip(ns, "route", "add", "default", "via", router_addr)
+        for ns in (self.rtr, self.rtr_gw, self.net):
+            self.sysctl(ns, "net.ipv4.ip_forward", 1)
+        for router in (self.rtr, self.rtr_gw):
+            self.exec(router, "nft", "-f", "-", input=self.lab_ruleset())
+        if not self.options.tx_checksum_offload:
+            for ns, dev in (
+                (self.cli, self.client_dev),
+                (self.gw, self.gateway_dev),
+                (self.relay_a, self.relay_dev),
+                (self.relay_b, self.relay_dev),
+            ):
+                self.exec(ns, "ethtool", "-K", dev, "tx", "off")
+
+    def _veth(self, ns: str, dev: str, other_ns: str, other_dev: str) -> None:
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                dev,
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                other_dev,
+                "netns",
+                other_ns,
+            ]
+        )
+
+    def lab_ruleset(self) -> str:
+        """A home router: masquerade on the way out, nothing new admitted from outside."""
+        return "\n".join(
+            [
+                "table inet fzlab {",
+                "  chain postrouting {",
+                "    type nat hook postrouting priority srcnat; policy accept;",
+                '    oifname "wan" masquerade',
+                "  }",
+                "  chain forward {",
+                "    type filter hook forward priority filter; policy accept;",
+                '    iifname "wan" ct state new drop',
+                "  }",
+                "}",
+                "",
+            ]
+        )
