@@ -21,7 +21,13 @@ from actors.logs import FLOOD_BURST
 from protocol import stun
 from protocol.stun import Attr, Class, Method
 from simulations import fuzz
-from tests.adversarial.conftest import RelayProcess, http
+from tests.adversarial import daemon_fixtures
+from tests.adversarial.daemon_fixtures import RelayProcess, http
+
+# the fixtures these attacks use (pytest finds them as attributes of this module)
+relay = daemon_fixtures.relay
+relay_factory = daemon_fixtures.relay_factory
+limited_relay = daemon_fixtures.limited_relay
 
 pytestmark = pytest.mark.system
 

@@ -1,5 +1,6 @@
-"""Adversarial fixtures: the system tests' daemon fixtures, plus a daemon under a small
-descriptor limit (``prlimit --nofile=N``)."""
+"""Fixtures of the daemon attacks: the system tests' daemon fixtures, plus a daemon under a
+small descriptor limit (``prlimit --nofile=N``). Imported by the test module (not a conftest,
+so the suite's other adversarial modules keep their own fixtures)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from simulations.relay_process import daemon_command
-from tests.system.conftest import (  # noqa: F401  (fixtures, re-exported)
+from tests.system.conftest import (
     ROOT,
     SECRET,
     RelayProcess,
@@ -27,7 +28,7 @@ from tests.system.conftest import (  # noqa: F401  (fixtures, re-exported)
     relay_factory,
 )
 
-pytestmark = pytest.mark.system
+__all__ = ["http", "limited_relay", "relay", "relay_factory", "start_limited_relay"]
 
 
 def start_limited_relay(tmp_path: Path, nofile: int, *extra: str) -> RelayProcess:
