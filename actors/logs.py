@@ -97,6 +97,7 @@ class FloodGuard(logging.Filter):
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
+        template = record.msg
         if record.exc_info and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
             _compact_exception(record)
         if record.levelno < logging.INFO or record.name == "relay.logs":
@@ -108,7 +109,7 @@ class FloodGuard(logging.Filter):
             if state is None:
                 if len(self._sites) >= 4096:  # bounded even against a bug that varies sites
                     self._sites.clear()
-                state = self._sites[site] = [now, 0, 0, str(record.msg)]
+                state = self._sites[site] = [now, 0, 0, str(template)]
             if now - state[0] >= self.interval:
                 if state[2]:
                     record.msg = f"{record.msg} (suppressed {state[2]} like this before)"
