@@ -7,9 +7,10 @@ Directives can be replaced at run time (control endpoint ``POST /log_filter``).
 
 Nothing the network sends may flood the log or print a traceback (a TURN server is attacked by
 people without credentials), so the handler carries a :class:`FloodGuard`: each call site may
-write ``FLOOD_BURST`` lines per ``FLOOD_INTERVAL`` seconds at INFO and above, the rest are counted
-and summarised ("suppressed K"), and an exception is rendered as one line (type, message and the
-innermost frame) unless its logger is enabled for DEBUG, where the full traceback helps.
+write ``FLOOD_BURST`` warnings and errors (``FLOOD_BURST_INFO`` info lines, so a busy relay keeps
+its allocation lines) per ``FLOOD_INTERVAL`` seconds; the rest are counted and summarised
+("suppressed K"). An exception is rendered as one line (type, message and the innermost frame)
+unless its logger is enabled for DEBUG, where the full traceback helps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["FloodGuard", "LogFilter", "configure", "parse_directives"]
 
 #: lines one call site may log per interval (INFO and above) before it is suppressed
 FLOOD_BURST = 10
+FLOOD_BURST_INFO = 600
 FLOOD_INTERVAL = 60.0
 
 TRACE = 5
@@ -87,9 +89,15 @@ class FloodGuard(logging.Filter):
     for them. ``flush`` logs one summary line per site that was suppressed.
     """
 
-    def __init__(self, burst: int = FLOOD_BURST, interval: float = FLOOD_INTERVAL) -> None:
+    def __init__(
+        self,
+        burst: int = FLOOD_BURST,
+        interval: float = FLOOD_INTERVAL,
+        burst_info: int = FLOOD_BURST_INFO,
+    ) -> None:
         super().__init__()
         self.burst = burst
+        self.burst_info = burst_info
         self.interval = interval
         self._lock = threading.Lock()
         #: site -> [window start, lines in window, suppressed, message template]
@@ -115,7 +123,7 @@ class FloodGuard(logging.Filter):
                     record.msg = f"{record.msg} (suppressed {state[2]} like this before)"
                 state[0], state[1], state[2] = now, 0, 0
             state[1] += 1
-            if state[1] <= self.burst:
+            if state[1] <= (self.burst if record.levelno >= logging.WARNING else self.burst_info):
                 return True
             state[2] += 1
             self.suppressed_total += 1
