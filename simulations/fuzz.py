@@ -70,6 +70,7 @@ class Report:
     alive: bool = False
     problems: list[str] = field(default_factory=list)
     relay_counted_drops: int = 0
+    kernel_drops: int = 0  # at the relay's sockets: it was busy, the queue overflowed
     fresh_allocate_ok: bool = False
 
     @property
@@ -93,6 +94,8 @@ class Report:
             f"datagrams sent        {self.sent} in {self.seconds:.1f} s ({self.rate:,.0f}/s)",
             f"  to the listen port  {self.to_listen}",
             f"  to allocation ports {self.to_allocations}",
+            f"kernel queue drops    {self.kernel_drops} (so {self.sent - self.kernel_drops} "
+            "reached the relay)",
             f"relay-counted drops   {self.relay_counted_drops} (invalid + unroutable + limited)",
             f"RSS                   {self.rss_before_kb} kB -> {self.rss_after_kb} kB "
             f"({(self.rss_after_kb - self.rss_before_kb) / 1024:+.1f} MB, budget 16 MB)",
@@ -189,6 +192,21 @@ def _drops(health_port: int) -> int:
     return sum(int(float(v)) for v in values)
 
 
+def kernel_drops(ports: set[int]) -> int:
+    """Datagrams the kernel dropped at full receive queues of UDP sockets on ``ports``."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 12 and int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                total += int(fields[-1])
+    return total
+
+
 def log_problems(log: str) -> list[str]:
     """Lines that mean the relay failed on input: tracebacks, ERROR/CRITICAL lines."""
     found = [
@@ -273,9 +291,16 @@ class Mutator:
 
 
 def soak(
-    target: Target, count: int, seconds: float, *, allocations: int = 4, seed: int = 1
+    target: Target,
+    count: int,
+    seconds: float,
+    *,
+    allocations: int = 4,
+    seed: int = 1,
+    rate: float | None = None,
 ) -> Report:
-    """Set up allocations, send ``count`` hostile datagrams (at most ``seconds``), check."""
+    """Set up allocations, send ``count`` hostile datagrams (at most ``seconds``, at most
+    ``rate`` per second if given), check."""
     rng = random.Random(seed)
     server = (target.host, target.listen_port)
     report = Report()
@@ -321,11 +346,15 @@ def soak(
     mutator = Mutator(seeds, rng)
     binding_rtt(server, 5)  # warm up, then the baseline
     report.rss_before_kb = rss_kb(target.pid)
+    relay_ports = {target.listen_port, *(port for _, port in relayed)}
+    drops_before = kernel_drops(relay_ports)
     start = time.monotonic()
     deadline = start + seconds
     sent = 0
     try:
         while sent < count and time.monotonic() < deadline:
+            if rate:
+                time.sleep(max(0.0, start + sent / rate - time.monotonic()))
             for _ in range(512):
                 data = mutator.next()
                 roll = rng.randrange(10)
@@ -355,6 +384,7 @@ def soak(
         report.seconds = time.monotonic() - start
         for sock in [peer, *senders]:
             sock.close()
+    report.kernel_drops = kernel_drops(relay_ports) - drops_before
     report.alive = alive(target.pid)
     if report.alive:
         settle(server)
@@ -374,7 +404,7 @@ def soak(
 # -- the command ----------------------------------------------------------------------------------
 
 
-async def _run(count: int, seconds: float) -> Report:
+async def _run(count: int, seconds: float, rate: float | None) -> Report:
     from simulations.relay_process import start
 
     system = await start({"ports": 64})
@@ -389,7 +419,7 @@ async def _run(count: int, seconds: float) -> Report:
             system.proc.pid,
             system.log,
         )
-        return await asyncio.to_thread(soak, target, count, seconds)
+        return await asyncio.to_thread(soak, target, count, seconds, rate=rate)
     finally:
         await system.stop()
         system.cleanup()
@@ -399,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1_000_000, help="datagrams to send")
     parser.add_argument("--seconds", type=float, default=600.0, help="time bound of the soak")
+    parser.add_argument("--rate", type=float, default=None, help="datagrams/s (default: flat out)")
     args = parser.parse_args(argv)
-    report = asyncio.run(_run(args.count, args.seconds))
+    report = asyncio.run(_run(args.count, args.seconds, args.rate))
     for line in report.lines():
         print(line)
     p50 = statistics.median(report.binding_ms) if report.binding_ms else float("inf")
