@@ -6,8 +6,8 @@ Threads and who owns what:
   actors and the portal session actor (both loop-hosted, see ``actors.loop_actor``);
 * the XDP map manager is a pykka ``ThreadingActor`` (bcc calls block) that receives channel
   commands in batches;
-* the HTTP endpoints and the OpenTelemetry exporter run on threads of their own and only read
-  plain ints and thread-safe flags.
+* the HTTP endpoints serve on the loop (route handlers on a two-thread pool); they and the
+  OpenTelemetry exporter only read plain ints and thread-safe flags.
 
 Timers: after every input batch the core's earliest deadline (``poll_timeout``) is armed with
 ``loop.call_at``; nothing ever scans the allocations.
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from opentelemetry import trace
 from actors.allocation import AllocationActor
 from actors.dataplane import DataPlane
 from actors.http_endpoints import HttpEndpoint, parse_host_port
+from actors.limits import allocation_cap, open_fds, port_range_warning
 from actors.logs import LogFilter
 from actors.pipeline import Pipeline
 from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
@@ -92,7 +93,7 @@ class Relay:
         self.settings = settings
         self.log_filter = log_filter or LogFilter()
         self.loop = asyncio.get_running_loop()
-        config = settings.server
+        config = self._capped(settings.server)
         seed = settings.rng_seed
         rng = random.Random(seed) if seed is not None else random.Random(secrets.randbits(128))
         secret = settings.auth_secret
@@ -129,6 +130,21 @@ class Relay:
         self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+
+    @staticmethod
+    def _capped(config: ServerConfig) -> ServerConfig:
+        """Cap allocations by the port range and the descriptors left after the reserve, so
+        the endpoints, the portal and the log never run out of them (Allocate answers 508)."""
+        nofile = raise_nofile_limit()
+        families = (config.public_ip4 is not None) + (config.public_ip6 is not None)
+        size = config.highest_port - config.lowest_port + 1
+        cap = allocation_cap(size, nofile, open_fds(), families)
+        if config.max_allocations is not None and config.max_allocations <= cap:
+            return config
+        logger.info(
+            "at most %d allocations (%d ports in the range, descriptor limit %d)", cap, size, nofile
+        )
+        return dataclasses.replace(config, max_allocations=cap)
 
     # -- readiness ------------------------------------------------------------------------
 
@@ -170,7 +186,10 @@ class Relay:
             resource_attributes=self.settings.resource_attributes,
         )
         self._start_tracing()
-        self._start_endpoints()
+        warning = port_range_warning(config.lowest_port, config.highest_port)
+        if warning is not None:
+            logger.warning("%s", warning)
+        await self._start_endpoints()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self._start_fast_path()
         for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
@@ -239,6 +258,8 @@ class Relay:
             tasks = [t for t in asyncio.all_tasks() if t.get_name() == "portal"]
             if tasks:
                 await asyncio.wait(tasks, timeout=0.5)
+        self._stop_endpoints()
+        self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
 
     def finish(self) -> None:
@@ -383,7 +404,7 @@ class Relay:
 
     # -- endpoints, stats -----------------------------------------------------------------
 
-    def _start_endpoints(self) -> None:
+    async def _start_endpoints(self) -> None:
         s = self.settings
         if s.health_check_addr:
             self.endpoints.append(
@@ -406,15 +427,13 @@ class Relay:
                 )
             )
         for endpoint in self.endpoints:
-            endpoint.start()
+            await endpoint.start()
 
     def _stop_endpoints(self) -> None:
         endpoints, self.endpoints = self.endpoints, []
-        threads = [threading.Thread(target=e.stop, daemon=True) for e in endpoints]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(0.5)
+        for endpoint in endpoints:
+            with contextlib.suppress(Exception):  # after the loop ended: nothing left to close
+                endpoint.stop()
 
     def _readyz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         from actors.portal import relay_version
@@ -450,6 +469,7 @@ class Relay:
     def _log_stats(self) -> None:
         if self._stopping.is_set():
             return
+        self.log_filter.flush_suppressed()
         now = time.monotonic()
         total = self.server.stats.relayed_bytes_userspace
         then, before = self._last_stats

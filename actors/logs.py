@@ -4,6 +4,13 @@ A directive string is a comma-separated list of ``level`` (the default for every
 ``target=level`` items, e.g. ``info,relay=debug,relay.dataplane=trace``. Targets are Python logger
 names (``::`` is accepted for ``.``); levels are ``off, error, warn, info, debug, trace``.
 Directives can be replaced at run time (control endpoint ``POST /log_filter``).
+
+Nothing the network sends may flood the log or print a traceback (a TURN server is attacked by
+people without credentials), so the handler carries a :class:`FloodGuard`: each call site may
+write ``FLOOD_BURST`` warnings and errors (``FLOOD_BURST_INFO`` info lines, so a busy relay keeps
+its allocation lines) per ``FLOOD_INTERVAL`` seconds; the rest are counted and summarised
+("suppressed K"). An exception is rendered as one line (type, message and the innermost frame)
+unless its logger is enabled for DEBUG, where the full traceback helps.
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ import logging
 import re
 import sys
 import threading
+import time
+import traceback
 from typing import Any, TextIO
 
-__all__ = ["LogFilter", "configure", "parse_directives"]
+__all__ = ["FloodGuard", "LogFilter", "configure", "parse_directives"]
+
+#: lines one call site may log per interval (INFO and above) before it is suppressed
+FLOOD_BURST = 10
+FLOOD_BURST_INFO = 600
+FLOOD_INTERVAL = 60.0
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -68,6 +82,83 @@ def parse_directives(text: str) -> tuple[int, dict[str, int]]:
     return default, targets
 
 
+class FloodGuard(logging.Filter):
+    """Per call site rate limit for the log handler; thread-safe.
+
+    A site is ``(logger, file, line)``. DEBUG and TRACE lines pass untouched: an operator asked
+    for them. ``flush`` logs one summary line per site that was suppressed.
+    """
+
+    def __init__(
+        self,
+        burst: int = FLOOD_BURST,
+        interval: float = FLOOD_INTERVAL,
+        burst_info: int = FLOOD_BURST_INFO,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.burst_info = burst_info
+        self.interval = interval
+        self._lock = threading.Lock()
+        #: site -> [window start, lines in window, suppressed, message template]
+        self._sites: dict[tuple[str, str, int], list[Any]] = {}
+        self.suppressed_total = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = record.msg
+        if record.exc_info and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            _compact_exception(record)
+        if record.levelno < logging.INFO or record.name == "relay.logs":
+            return True
+        site = (record.name, record.pathname, record.lineno)
+        now = time.monotonic()
+        with self._lock:
+            state = self._sites.get(site)
+            if state is None:
+                if len(self._sites) >= 4096:  # bounded even against a bug that varies sites
+                    self._sites.clear()
+                state = self._sites[site] = [now, 0, 0, str(template)]
+            if now - state[0] >= self.interval:
+                if state[2]:
+                    record.msg = f"{record.msg} (suppressed {state[2]} like this before)"
+                state[0], state[1], state[2] = now, 0, 0
+            state[1] += 1
+            if state[1] <= (self.burst if record.levelno >= logging.WARNING else self.burst_info):
+                return True
+            state[2] += 1
+            self.suppressed_total += 1
+            return False
+
+    def flush(self) -> None:
+        """Log how many lines each site lost since its window began, and start anew."""
+        with self._lock:
+            lost = [(site, s[2], s[3]) for site, s in self._sites.items() if s[2]]
+            for site, *_ in lost:
+                self._sites[site][2] = 0
+        for (name, _, lineno), count, template in lost:
+            logging.getLogger("relay.logs").warning(
+                "suppressed %d log lines like %r (%s, line %d)", count, template[:200], name, lineno
+            )
+
+
+def _compact_exception(record: logging.LogRecord) -> None:
+    """Fold ``exc_info`` into the message as one line: no traceback in production logs."""
+    exc_info = record.exc_info
+    if not exc_info or exc_info[1] is None:
+        record.exc_info = None
+        return
+    exc = exc_info[1]
+    where = ""
+    frames = traceback.extract_tb(exc_info[2])
+    if frames:
+        last = frames[-1]
+        where = f" at {'/'.join(last.filename.rsplit('/', 2)[-2:])}:{last.lineno}"
+    record.msg = f"{record.getMessage()} [{type(exc).__name__}: {str(exc)[:200]!r}{where}]"
+    record.args = None
+    record.exc_info = None
+    record.exc_text = None
+
+
 class LogFilter:
     """Applies directive strings to Python loggers; safe to call from any thread."""
 
@@ -75,6 +166,12 @@ class LogFilter:
         self._lock = threading.Lock()
         self._touched: set[str] = set()
         self.current = ""
+        self.flood_guard: FloodGuard | None = None
+
+    def flush_suppressed(self) -> None:
+        """Summarise what the flood guard held back (stats timer and shutdown call this)."""
+        if self.flood_guard is not None:
+            self.flood_guard.flush()
 
     def apply(self, text: str) -> None:
         default, targets = parse_directives(text)  # raises before changing anything
@@ -131,8 +228,11 @@ def configure(fmt: str, directives: str, stream: TextIO | None = None) -> LogFil
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    guard = FloodGuard()
+    handler.addFilter(guard)
     root.addHandler(handler)
     log_filter = LogFilter()
+    log_filter.flood_guard = guard
     try:
         log_filter.apply(directives)
     except ValueError as exc:
