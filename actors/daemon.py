@@ -35,6 +35,7 @@ from actors.http_endpoints import HttpEndpoint, parse_host_port
 from actors.logs import LogFilter
 from actors.pipeline import Pipeline
 from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
+from actors.startup_errors import StartupError, binding
 from actors.telemetry import (
     BucketHistogram,
     BucketSource,
@@ -137,6 +138,10 @@ class Relay:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
         try:
             await self.start()
+        except StartupError as exc:  # already says what and where
+            logger.error("%s", exc)
+            self._stop_endpoints()
+            return 1
         except Exception as exc:
             logger.error("failed to start: %s", exc)
             self._stop_endpoints()
@@ -167,7 +172,8 @@ class Relay:
             if public is None:
                 continue
             host = self._bind_hosts[family]
-            sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
+            with binding("listen socket", host, config.listen_port):
+                sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
             self.dataplane.listen[int(family)] = sock
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
@@ -344,25 +350,25 @@ class Relay:
     def _start_endpoints(self) -> None:
         s = self.settings
         if s.health_check_addr:
-            self.endpoints.append(
-                HttpEndpoint(
-                    "health",
-                    parse_host_port(s.health_check_addr),
-                    {
-                        ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
-                        ("GET", "/readyz"): self._readyz,
-                        ("GET", "/metrics"): self._metrics,
-                    },
+            address = parse_host_port(s.health_check_addr)
+            with binding("health endpoint", *address):
+                self.endpoints.append(
+                    HttpEndpoint(
+                        "health",
+                        address,
+                        {
+                            ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
+                            ("GET", "/readyz"): self._readyz,
+                            ("GET", "/metrics"): self._metrics,
+                        },
+                    )
                 )
-            )
         if s.control_endpoint:
-            self.endpoints.append(
-                HttpEndpoint(
-                    "control",
-                    parse_host_port(s.control_endpoint),
-                    {("POST", "/log_filter"): self._log_filter},
+            address = parse_host_port(s.control_endpoint)
+            with binding("control endpoint", *address):
+                self.endpoints.append(
+                    HttpEndpoint("control", address, {("POST", "/log_filter"): self._log_filter})
                 )
-            )
         for endpoint in self.endpoints:
             endpoint.start()
 
