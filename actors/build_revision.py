@@ -1,7 +1,9 @@
-"""Build step: record the git revision in the package (``actors/revision.txt``), so an
-installed relay can say which commit it runs (``--version``, SOFTWARE, User-Agent).
+"""The build backend: setuptools' own, whose ``build_py`` also records the git revision in the
+package (``actors/revision.txt``), so an installed relay can say which commit it runs
+(``--version``, SOFTWARE, User-Agent).
 
-Hooked into setuptools' ``build_py`` from ``pyproject.toml``. ``GITHUB_SHA`` wins when set (CI);
+``pyproject.toml`` names this module as the backend (``backend-path = ["."]``, so the build
+can import it) and ``BuildPy`` as the ``build_py`` command. ``GITHUB_SHA`` wins when set (CI);
 outside a git checkout nothing is written and the version stays the package version.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks)
 from setuptools.command.build_py import build_py
 
 from actors.version import git_revision
