@@ -144,12 +144,19 @@ def test_prometheus_scrapes_allocations_and_packet_sizes(
         assert wait_until(
             lambda: prometheus.value("relay_active_allocations") == 1.0, 30, "1 allocation"
         )
-        bucket = 'relay_packet_size_bytes_bucket{relay_datapath="userspace",le="%s"}'
+
+        def buckets() -> dict[float, float]:
+            """Cumulative buckets by upper bound (the exposition writes ``le="200.0"``)."""
+            result = prometheus.api(
+                "query", query='relay_packet_size_bytes_bucket{relay_datapath="userspace"}'
+            )["result"]
+            return {float(r["metric"]["le"]): float(r["value"][1]) for r in result}
+
         assert wait_until(
-            lambda: prometheus.value(bucket % "200") == PACKETS, 30, "the packets in the histogram"
+            lambda: buckets().get(200.0) == PACKETS, 30, "the packets in the histogram"
         )
-        assert prometheus.value(bucket % "100") == 0.0
-        assert prometheus.value(bucket % "+Inf") == PACKETS
+        b = buckets()
+        assert b[100.0] == 0.0 and b[200.0] == b[1500.0] == b[float("inf")] == PACKETS
         count = 'relay_packet_size_bytes_count{relay_datapath="userspace"}'
         assert prometheus.value(count) == PACKETS
         total = 'relay_packet_size_bytes_sum{relay_datapath="userspace"}'
