@@ -297,7 +297,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ("--control-endpoint", args.control_endpoint),
     ):
         try:
-            value and parse_host_port(value)
+            if value:
+                parse_host_port(value)
         except ValueError as exc:
             raise ValueError(f"{flag}: {exc}") from None
     config = ServerConfig(
