@@ -128,3 +128,15 @@ def test_mandatory_xdp_that_cannot_start(tmp_path: Path) -> None:
     extra = ("--ebpf-offloading", "nosuchif0", "--ebpf-mandatory")
     res = run_cli(*relay_args(listen, health, control, *extra))
     fails_with(res, 1, "XDP offload on nosuchif0 is mandatory but unavailable")
+
+
+def test_a_listen_address_not_on_this_host() -> None:
+    listen = free_port()
+    health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    res = run_cli(*relay_args(listen, health, control, "--bind-ip4-addr", "192.0.2.1"))
+    fails_with(
+        res,
+        1,
+        f"cannot bind the listen socket on 192.0.2.1:{listen}: cannot assign requested address "
+        "(the address is not on any interface of this host)",
+    )
