@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install what the XDP fast path (bcc) and its integration tests need on a fresh Debian 12
 # machine, then check that bcc can compile an XDP program. Idempotent: safe to run again.
-# Recipe and rationale: ../shared/reference/xdp-on-this-machine.md §2 and §11.
+# Called by .ci/test, which runs every test on a fresh machine.
 #
 #   python3-bpfcc  bcc's Python bindings and libbcc (never `pip install bcc`: unrelated project)
 #   nftables       NAT in the test topology          ethtool  checksum offload off on test veths

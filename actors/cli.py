@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actors.version import relay_version, software
+
 __all__ = ["build_parser", "main", "settings_from_args"]
 
 
@@ -63,7 +65,10 @@ def _ip(version: int) -> Any:
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
     if not 0 < value <= 65535:
         raise argparse.ArgumentTypeError(f"not a port: {text}")
     return value
@@ -82,7 +87,10 @@ def _env_cidrs(name: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     a = p.add_argument
+    a("--version", action="version", version=f"%(prog)s {relay_version()}")
     a(
         "token",
         nargs="?",
@@ -409,6 +418,19 @@ def credentials_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def systemd_unit_main(argv: Sequence[str]) -> int:
+    """Print the systemd unit (or, with ``--env``, its environment file) shipped in the
+    package, to be copied to ``/etc/systemd/system/``."""
+    from importlib.resources import files
+
+    p = argparse.ArgumentParser(prog="firezone-relay systemd-unit", description=__doc__)
+    p.add_argument("--env", action="store_true", help="print the example environment file")
+    args = p.parse_args(argv)
+    name = "firezone-relay.env" if args.env else "firezone-relay.service"
+    sys.stdout.write(files("actors").joinpath("systemd", name).read_text())
+    return 0
+
+
 def _read_token(value: str | None) -> str | None:
     """The token, or the contents of the file it names (as docker-init-relay.sh allows)."""
     if not value:
@@ -430,6 +452,21 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     token = _read_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
+    if token is not None:
+        from protocol.phoenix import login_url
+
+        login_url(args.api_url, port=args.listen_port)  # ValueError names what is wrong
+    from actors.http_endpoints import parse_host_port
+
+    for flag, value in (
+        ("--health-check-addr", args.health_check_addr),
+        ("--control-endpoint", args.control_endpoint),
+    ):
+        try:
+            if value:
+                parse_host_port(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
     config = ServerConfig(
         public_ip4=args.public_ip4_addr,
         public_ip6=args.public_ip6_addr,
@@ -451,6 +488,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
         local_addresses=_local_addresses(),
         time_scale=args.time_scale,
+        software=software(),
     )
     return Settings(
         server=config,
@@ -478,7 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["credentials"]:
         return credentials_main(argv[1:])
-    parser = build_parser()
+    if argv[:1] == ["systemd-unit"]:
+        return systemd_unit_main(argv[1:])
+    try:
+        parser = build_parser()
+    except ValueError as exc:  # a numeric environment variable that is not a number
+        print(f"firezone-relay: error: bad environment variable value: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
 
     from actors.logs import configure
@@ -507,4 +551,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

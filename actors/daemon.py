@@ -37,6 +37,7 @@ from actors.limits import allocation_cap, open_fds, port_range_warning
 from actors.logs import LogFilter
 from actors.pipeline import Pipeline
 from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
+from actors.startup_errors import StartupError, binding
 from actors.telemetry import (
     BucketHistogram,
     BucketSource,
@@ -160,6 +161,10 @@ class Relay:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
         try:
             await self.start()
+        except StartupError as exc:  # already says what and where
+            logger.error("%s", exc)
+            self._stop_endpoints()
+            return 1
         except Exception as exc:
             self.tracing.end_startup(exc)
             logger.error("failed to start: %s", exc)
@@ -196,7 +201,8 @@ class Relay:
             if public is None:
                 continue
             host = self._bind_hosts[family]
-            sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
+            with binding("listen socket", host, config.listen_port):
+                sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
             self.dataplane.listen[int(family)] = sock
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
@@ -406,28 +412,22 @@ class Relay:
 
     async def _start_endpoints(self) -> None:
         s = self.settings
+        wanted: list[tuple[str, str, dict[tuple[str, str], Any]]] = []
         if s.health_check_addr:
-            self.endpoints.append(
-                HttpEndpoint(
-                    "health",
-                    parse_host_port(s.health_check_addr),
-                    {
-                        ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
-                        ("GET", "/readyz"): self._readyz,
-                        ("GET", "/metrics"): self._metrics,
-                    },
-                )
-            )
+            health = {
+                ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
+                ("GET", "/readyz"): self._readyz,
+                ("GET", "/metrics"): self._metrics,
+            }
+            wanted.append(("health", s.health_check_addr, health))
         if s.control_endpoint:
-            self.endpoints.append(
-                HttpEndpoint(
-                    "control",
-                    parse_host_port(s.control_endpoint),
-                    {("POST", "/log_filter"): self._log_filter},
-                )
-            )
-        for endpoint in self.endpoints:
-            await endpoint.start()
+            wanted.append(("control", s.control_endpoint, {("POST", "/log_filter"): self._log_filter}))
+        for name, text, routes in wanted:
+            address = parse_host_port(text)
+            with binding(f"{name} endpoint", *address):
+                endpoint = HttpEndpoint(name, address, routes)
+                await endpoint.start()
+            self.endpoints.append(endpoint)
 
     def _stop_endpoints(self) -> None:
         endpoints, self.endpoints = self.endpoints, []

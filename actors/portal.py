@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import platform
 import random
@@ -30,6 +29,7 @@ from opentelemetry.trace import Status, StatusCode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from actors.version import relay_version
 from protocol.phoenix import (
     BackoffConfig,
     Fatal,
@@ -85,13 +85,6 @@ class PortalConfig:
             ipv6=self.public_ip6,
             token=self.token if self.token_in_query else None,
         )
-
-
-def relay_version() -> str:
-    try:
-        return importlib.metadata.version("firezone-relay-py")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.1.0"
 
 
 def default_user_agent(version: str | None = None) -> str:

@@ -287,12 +287,16 @@ class Topology:
             run(["ip", "netns", "add", ns])
             self.ip(ns, "link", "set", "lo", "up")
             if not o.ipv6:
+                # quiet: no IPv6 at all on the links created next (``all`` misses new links)
                 self.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", 1)
+                self.sysctl(ns, "net.ipv6.conf.default.disable_ipv6", 1)
             else:
-                # no router solicitations or DAD delays: addresses are usable at once
+                # no router solicitations, RA autoconfiguration or DAD delays: addresses are
+                # usable at once and nothing but the test's own traffic is on the wire
                 self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
                 self.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
                 self.sysctl(ns, "net.ipv6.conf.default.router_solicitations", 0)
+                self.sysctl(ns, "net.ipv6.conf.default.accept_ra", 0)
         links = (
             (self.cli, self.client_dev, "r-cli"),
             (self.gw, self.gateway_dev, "r-gw"),

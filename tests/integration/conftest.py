@@ -87,6 +87,15 @@ class Netns:
         self.name = f"{PREFIX}-{role}{next(_counter)}"
         _run("ip", "netns", "add", self.name)
         self.ip("link", "set", "lo", "up")
+        # Quiet links: no router solicitations, RA autoconfiguration or DAD on what is created
+        # in here, so only a test's own packets reach the programs and sockets under test.
+        self.run(
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.default.router_solicitations=0",
+            "net.ipv6.conf.default.accept_ra=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        )
 
     def __repr__(self) -> str:
         return f"Netns({self.name!r})"

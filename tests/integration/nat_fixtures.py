@@ -34,6 +34,7 @@ import pytest
 from protocol.auth import make_credentials, portal_salt
 from simulations.signalling import Hub
 from simulations.topology import Topology, TopologyOptions
+from tests.required import REQUIRE_ALL
 
 REPO = Path(__file__).resolve().parents[2]
 BLOB_SIZE = 10_000_000
@@ -191,6 +192,8 @@ class RelayProcess:
             a.append("--allow-private-peers")
         if self.xdp:
             a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", "generic"]
+            if REQUIRE_ALL:  # CI: a machine that can run XDP must, or the relay exits
+                a.append("--ebpf-mandatory")
         options = self.topo.options
         if options.relay_behind_nat:  # allocate only where the router forwards
             low, high = options.relay_ports
@@ -227,13 +230,16 @@ class RelayProcess:
 
     def wait_offload(self, timeout: float = 60.0) -> None:
         """Wait until the relay says whether XDP offload runs; xfail the test if it cannot
-        (the XDP fast path is an accelerator: its absence is not a relay failure)."""
+        (the XDP fast path is an accelerator: its absence is not a relay failure), but fail it
+        under ``REQUIRE_ALL`` (CI), where the machine supports XDP."""
 
         def decided() -> re.Match[str] | None:
             return OFFLOAD.search(self.logs[-1].read_text(errors="replace"))
 
         found = wait_until(decided, timeout, "the relay's XDP offload decision", step=0.1)
         if found.group("reason") is not None:
+            if REQUIRE_ALL:
+                pytest.fail(f"XDP offload failed where it must work: {found.group('reason')}")
             pytest.xfail(f"XDP offload unavailable on this machine/build: {found.group('reason')}")
 
     def stop(self, timeout: float = 10.0) -> int | None:

@@ -98,7 +98,9 @@ def test_other_threads_reach_the_actor_through_the_loop() -> None:
                 ref.tell((k, i))
 
         await asyncio.gather(*(loop.run_in_executor(None, spam, k) for k in range(4)))
-        await asyncio.sleep(0.05)
+        # a barrier, not a pause: the mailbox is FIFO, so once this is answered every tell
+        # sent before it has been handled
+        assert await loop.run_in_executor(None, lambda: ref.ask("sync", timeout=5)) == "re:sync"
         got = [m for m in log if isinstance(m, tuple)]
         assert len(got) == 800
         for k in range(4):

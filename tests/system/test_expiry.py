@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -54,6 +55,13 @@ def _arrives(sock: socket.socket, timeout: float = 0.5) -> bytes | None:
         return None
 
 
+def wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail at the (monotonic) ``deadline``."""
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling step
+
+
 def test_channels_and_allocations_expire_on_the_daemons_timers(relay_factory) -> None:  # type: ignore[no-untyped-def]
     relay: RelayProcess = relay_factory("--time-scale", str(SCALE))
     client_sock, peer_a, peer_b = _udp(), _udp(), _udp()
@@ -69,7 +77,8 @@ def test_channels_and_allocations_expire_on_the_daemons_timers(relay_factory) ->
     client_sock.sendto(channel_data.encode(0x4000, b"bound"), ("127.0.0.1", relay.listen_port))
     assert _arrives(peer_a) == b"bound"
 
-    time.sleep(max(0.0, start + 3.3 - time.monotonic()))  # the channel (3 s) has expired
+    # the channel (3 s) expires on the relay's timer
+    wait_for(lambda: _metrics(relay)["relay_active_channels"] == 0, start + 30, "channel expiry")
     client_sock.sendto(channel_data.encode(0x4000, b"late"), ("127.0.0.1", relay.listen_port))
     assert _arrives(peer_a, 0.3) is None
     metrics = _metrics(relay)
@@ -78,13 +87,16 @@ def test_channels_and_allocations_expire_on_the_daemons_timers(relay_factory) ->
     # during the 1.5 s cooldown the number cannot go to another peer ...
     refused = _request(client_sock, relay, client.channel_bind(0x4000, peer_b.getsockname()))
     assert refused.get(Attr.ERROR_CODE)[0] == 400
-    time.sleep(max(0.0, start + 3.3 + 1.6 - time.monotonic()))
-    # ... after it, it can
-    rebound = _request(client_sock, relay, client.channel_bind(0x4000, peer_b.getsockname()))
-    assert rebound.cls == Class.SUCCESS
 
-    time.sleep(max(0.0, start + 6.4 - time.monotonic()))  # the allocation (6 s) has expired
-    assert _metrics(relay)["relay_active_allocations"] == 0
+    # ... after it, it can (each refused attempt changes nothing)
+    def rebind() -> bool:
+        answer = _request(client_sock, relay, client.channel_bind(0x4000, peer_b.getsockname()))
+        return bool(answer.cls == Class.SUCCESS)
+
+    wait_for(rebind, start + 30, "the end of the cooldown")
+
+    # the allocation (6 s) expires
+    wait_for(lambda: _metrics(relay)["relay_active_allocations"] == 0, start + 30, "expiry")
     gone = _request(client_sock, relay, client.refresh(600))
     assert gone.get(Attr.ERROR_CODE)[0] == 437
     assert "expired" in relay.log()
