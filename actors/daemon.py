@@ -421,7 +421,9 @@ class Relay:
             }
             wanted.append(("health", s.health_check_addr, health))
         if s.control_endpoint:
-            wanted.append(("control", s.control_endpoint, {("POST", "/log_filter"): self._log_filter}))
+            wanted.append(
+                ("control", s.control_endpoint, {("POST", "/log_filter"): self._log_filter})
+            )
         for name, text, routes in wanted:
             address = parse_host_port(text)
             with binding(f"{name} endpoint", *address):
