@@ -45,12 +45,16 @@ class DataPlane:
 
     def __init__(self, server: Server, after_input: Callable[[], None]) -> None:
         self.server = server
-        #: called after every drained socket: run the core's commands and re-arm its timer
+        #: called after a drained socket when the core may have queued commands or timers: run
+        #: them and re-arm its timer. A datagram the core routes queues neither (it only counts),
+        #: so a batch of nothing but relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
         #: (allocation port, family) -> socket; maintained by the allocation actors
         self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
+        rx = self._rx
+        self._rx_parts = (rx.recv, rx.slots, rx.views, rx.addrs, rx.lens, rx.buffer)
         #: the batch being sent: a flat [socket or None, data, address, ...]
         self._out: list[Any] = []
         # plain counters, read by telemetry
@@ -77,14 +81,14 @@ class DataPlane:
 
     def on_listen_readable(self, sock: socket.socket) -> None:
         """Drain a listen socket: STUN/TURN messages and ChannelData from clients."""
-        rx = self._rx
-        recv, views, addrs, lens, buf = rx.recv, rx.views, rx.addrs, rx.lens, rx.buffer
+        recv, _, views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_client_input
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
         now = time.monotonic()
         count = 0
+        core_busy = False  # a datagram the core did not route may have queued commands
         for _ in range(READ_BATCHES):
             try:
                 n = recv(sock)
@@ -101,6 +105,7 @@ class DataPlane:
                     self._input_failed(addr)
                     continue
                 if route is None:
+                    core_busy = True
                     continue
                 if len(route) == 4:
                     port, peer, start, end = route
@@ -118,26 +123,22 @@ class DataPlane:
             if n < BATCH:
                 break
         self.datagrams_in += count
-        self.after_input()
+        if core_busy:
+            self.after_input()
 
     # -- allocation sockets ---------------------------------------------------------------
 
     def on_peer_readable(self, sock: socket.socket, port: int, counters: list[int]) -> None:
         """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
-        rx = self._rx
-        recv, slots, views, addrs, lens, buf = (
-            rx.recv,
-            rx.slots,
-            rx.views,
-            rx.addrs,
-            rx.lens,
-            rx.buffer,
-        )
+        recv, slots, views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_peer_traffic
         to_client = self.listen_socket_for
         out = self._out
         now = time.monotonic()
         count = relayed = relayed_bytes = 0
+        core_busy = False
+        last_client: Addr | None = None
+        client_sock: socket.socket | None = None
         for _ in range(READ_BATCHES):
             try:
                 n = recv(sock)
@@ -155,10 +156,13 @@ class DataPlane:
                     self._input_failed(addr)
                     continue
                 if route is None:
+                    core_busy = True
                     continue
                 client, channel = route
+                if client is not last_client:  # one allocation socket: almost always one client
+                    last_client, client_sock = client, to_client(client)
                 _pack_header(buf, i * SLOT_BYTES, channel, length)
-                out += (to_client(client), slots[i][: length + HEADROOM], client)
+                out += (client_sock, slots[i][: length + HEADROOM], client)
                 relayed += 1
                 relayed_bytes += length
             if out:
@@ -168,7 +172,8 @@ class DataPlane:
         counters[0] += relayed
         counters[1] += relayed_bytes
         self.datagrams_in += count
-        self.after_input()
+        if core_busy:
+            self.after_input()
 
     # -- control plane --------------------------------------------------------------------
 
