@@ -530,7 +530,9 @@ def plot_delivered(
     fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(5 * len(DIRECTIONS), 4), sharey=True)
     for ax, direction in zip(axes, DIRECTIONS, strict=True):
         for name in relays:
-            rows = [table[(name, direction, rate)] for rate in rates]
+            rows = sorted(
+                (table[(name, direction, rate)] for rate in rates), key=lambda r: r["sent_per_s"]
+            )
             offered = [r["sent_per_s"] / 1000 for r in rows]
             ax.plot(offered, [r["delivered_per_s"] / 1000 for r in rows], "o-", label=name)
         top = max(table[(n, direction, r)]["sent_per_s"] for n in relays for r in rates) / 1000
