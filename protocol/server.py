@@ -130,13 +130,17 @@ class Stats:
         counters and ``relay.packet.size`` move together, on every relaying path."""
         self.relayed_packets_userspace += 1
         self.relayed_bytes_userspace += length
-        self.packet_size_buckets[size_bucket(length)] += 1
+        self.packet_size_buckets[_SIZE_BUCKET[length]] += 1
 
 
 def size_bucket(length: int) -> int:
     """The ``relay.packet.size`` bucket of a payload: 100 bytes wide, the last one (15) for
     1500 and more; the XDP program buckets the same way."""
     return length // 100 if length < 1500 else 15
+
+
+#: size_bucket of every UDP payload length, so the per-datagram count is one index
+_SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
 
 
 @dataclass(slots=True, eq=False)
