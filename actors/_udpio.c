@@ -406,7 +406,15 @@ send_batch(PyObject *module, PyObject *items)
         }
         int done = 0;
         while (done < n) {
-            int r = sendmmsg(fd, msgs + done, (unsigned int)(n - done), MSG_DONTWAIT);
+            int r;
+            if (n - done == 1) { /* a run of one: sendto skips sendmmsg's msghdr copies */
+                ssize_t sent = sendto(fd, iov[done].iov_base, iov[done].iov_len, MSG_DONTWAIT,
+                                      (struct sockaddr *)&names[done],
+                                      msgs[done].msg_hdr.msg_namelen);
+                r = sent < 0 ? -1 : 1;
+            } else {
+                r = sendmmsg(fd, msgs + done, (unsigned int)(n - done), MSG_DONTWAIT);
+            }
             if (r < 0) {
                 if (errno == EINTR) {
                     continue;
