@@ -132,8 +132,10 @@ static PyObject *
 Receiver_recv(Receiver *self, PyObject *sock)
 {
     int fd = fd_of(sock);
-    if (fd < 0) {
-        return NULL;
+    if (fd < 0) { /* a closed socket: the same error recvfrom_into would raise */
+        PyErr_Clear();
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     for (Py_ssize_t i = 0; i < self->count; i++) {
         self->msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
@@ -368,8 +370,11 @@ send_batch(PyObject *module, PyObject *items)
             continue;
         }
         int fd = fd_of(first_sock);
-        if (fd < 0) {
-            return NULL;
+        if (fd < 0) { /* closed meanwhile: a failed send, never an exception */
+            PyErr_Clear();
+            failed++;
+            i++;
+            continue;
         }
         Py_ssize_t consumed = 0;
         int n = 0;

@@ -104,3 +104,15 @@ def test_a_datagram_fills_its_slot_without_touching_the_next(
     assert rx.lens[:2] == [1024, 1]
     assert bytes(rx.views[0][:1024]) == b"x" * 1024
     assert bytes(rx.slots[1][:5]) == b"\x00\x00\x00\x00y"
+
+
+@pytest.mark.parametrize(("name", "receiver", "send_batch"), IMPLEMENTATIONS)
+def test_a_closed_socket_is_a_counted_failure_or_an_oserror(
+    name: str, receiver: Any, send_batch: Any, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.close()
+    assert send_batch([closed, b"x", a.getsockname(), b, b"y", a.getsockname()]) == (0, 1)
+    with pytest.raises(OSError):
+        receiver(2, 64, 0).recv(closed)
