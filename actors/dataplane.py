@@ -1,9 +1,12 @@
 """The per-packet path: reader callbacks that drain sockets into the core and send the result.
 
 Everything here runs on the event-loop thread and touches nothing but sockets, the core and plain
-ints: no actor, no thread hop, no OpenTelemetry call. Datagrams are received at offset 4 of one
-shared buffer so a peer datagram can become ChannelData by writing the 4-byte header in front of it,
-without copying the payload.
+ints: no actor, no thread hop, no OpenTelemetry call. A ready socket is read in batches
+(``recvmmsg`` through the compiled helper in ``actors/udpio.py`` when it is built) into the slots
+of one buffer, at offset 4 of each slot, so a peer datagram becomes ChannelData by writing the
+4-byte header in front of it without copying the payload. Each batch's output goes out in one
+``send_batch`` call (``sendmmsg`` per run of datagrams leaving through the same socket) before
+the next batch reuses the slots.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from actors.udpio import Receiver, send_batch
 from protocol.commands import SendMessage
 from protocol.types import Addr, Family
 
@@ -25,11 +29,12 @@ __all__ = ["DataPlane"]
 
 logger = logging.getLogger("relay.dataplane")
 
-#: Datagrams read from one ready socket per callback before yielding to the loop, so one busy
-#: socket cannot starve the others (or the timers).
-READ_BUDGET = 256
+#: Datagrams read per syscall, and batches read from one ready socket per callback before
+#: yielding to the loop, so one busy socket cannot starve the others (or the timers).
+BATCH = 64
+READ_BATCHES = 4
 HEADROOM = 4  # ChannelData header
-BUFFER_BYTES = 65536 + HEADROOM
+SLOT_BYTES = 65536 + HEADROOM
 
 _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
@@ -40,146 +45,143 @@ class DataPlane:
 
     def __init__(self, server: Server, after_input: Callable[[], None]) -> None:
         self.server = server
-        #: called after every drained batch: run the core's commands and re-arm its timer
+        #: called after a drained socket when the core may have queued commands or timers: run
+        #: them and re-arm its timer. A datagram the core routes queues neither (it only counts),
+        #: so a batch of nothing but relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
         #: (allocation port, family) -> socket; maintained by the allocation actors
         self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
-        self._buf = bytearray(BUFFER_BYTES)
-        self._full = memoryview(self._buf)
-        self._payload = self._full[HEADROOM:]
+        self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
+        rx = self._rx
+        self._rx_parts = (rx.recv, rx.slots, rx.views, rx.addrs, rx.lens, rx.buffer)
+        #: the batch being sent: a flat [socket or None, data, address, ...]
+        self._out: list[Any] = []
         # plain counters, read by telemetry
         self.send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
         self.send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
         self.datagrams_in = 0
 
+    def listen_socket_for(self, addr: Addr) -> socket.socket | None:
+        """The listen socket of ``addr``'s family: where everything to a client leaves from."""
+        return self.listen.get(_V6 if ":" in addr[0] else _V4)
+
+    def flush(self, out: list[Any]) -> int:
+        """Send a batch (flat ``[socket or None, data, address, ...]``), count what was dropped
+        or failed, and empty it; returns how many did not go out. Every send of the data plane
+        goes through here."""
+        dropped, failed = send_batch(out)
+        self.send_drops += dropped
+        self.send_errors += failed
+        out.clear()
+        return int(dropped + failed)
+
     # -- listen sockets -------------------------------------------------------------------
 
     def on_listen_readable(self, sock: socket.socket) -> None:
         """Drain a listen socket: STUN/TURN messages and ChannelData from clients."""
-        recv = sock.recvfrom_into
-        payload = self._payload
+        recv, _, views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_client_input
         sockets = self.allocation_sockets
-        listen = self.listen
-        buf = self._buf
+        to_client = self.listen_socket_for
+        out = self._out
         now = time.monotonic()
         count = 0
-        for _ in range(READ_BUDGET):
+        core_busy = False  # a datagram the core did not route may have queued commands
+        for _ in range(READ_BATCHES):
             try:
-                n, addr = recv(payload)
-            except BlockingIOError:
-                break
+                n = recv(sock)
             except OSError:
                 continue  # e.g. a queued ICMP error; the socket stays usable
-            count += 1
-            if len(addr) != 2:
-                addr = (addr[0], addr[1])
-            try:
-                out = handle(payload[:n], addr, now)
-            except Exception:
-                self._input_failed(addr)
-                continue
-            if out is None:
-                continue
-            if len(out) == 3:  # relay loop: ChannelData for another client of this relay
-                client, channel, length = out
-                _pack_header(buf, HEADROOM, channel, length)
-                self._send_to_client(listen, payload[: 4 + length], client)
-                continue
-            port, peer, start, end = out
-            out_sock = sockets.get((port, _V6 if ":" in peer[0] else _V4))
-            if out_sock is None:
-                self.send_drops += 1
-                continue
-            try:
-                out_sock.sendto(payload[start:end], peer)
-            except BlockingIOError:
-                self.send_drops += 1
-            except OSError:
-                self.send_errors += 1
+            if n < 0:
+                break
+            count += n
+            for i in range(n):
+                addr = addrs[i]
+                try:
+                    route = handle(views[i][: lens[i]], addr, now)
+                except Exception:
+                    self._input_failed(addr)
+                    continue
+                if route is None:
+                    core_busy = True
+                    continue
+                if len(route) == 4:
+                    port, peer, start, end = route
+                    out += (
+                        sockets.get((port, _V6 if ":" in peer[0] else _V4)),
+                        views[i][start:end],
+                        peer,
+                    )
+                else:  # relay loop: ChannelData for another client of this relay
+                    client, channel, length = route
+                    _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
+                    out += (to_client(client), views[i][: 4 + length], client)
+            if out:
+                self.flush(out)
+            if n < BATCH:
+                break
         self.datagrams_in += count
-        self.after_input()
+        if core_busy:
+            self.after_input()
 
     # -- allocation sockets ---------------------------------------------------------------
 
     def on_peer_readable(self, sock: socket.socket, port: int, counters: list[int]) -> None:
         """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
-        recv = sock.recvfrom_into
-        payload = self._payload
-        full = self._full
-        buf = self._buf
+        recv, slots, views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_peer_traffic
-        listen = self.listen
+        to_client = self.listen_socket_for
+        out = self._out
         now = time.monotonic()
-        count = 0
-        for _ in range(READ_BUDGET):
+        count = relayed = relayed_bytes = 0
+        core_busy = False
+        last_client: Addr | None = None
+        client_sock: socket.socket | None = None
+        for _ in range(READ_BATCHES):
             try:
-                n, addr = recv(payload)
-            except BlockingIOError:
+                n = recv(sock)
+            except OSError:
+                continue
+            if n < 0:
                 break
-            except OSError:
-                continue
-            count += 1
-            if len(addr) != 2:
-                addr = (addr[0], addr[1])
-            try:
-                out = handle(payload[:n], addr, port, now)
-            except Exception:
-                self._input_failed(addr)
-                continue
-            if out is None:
-                continue
-            client, channel = out
-            _pack_header(buf, 0, channel, n)
-            out_sock = listen.get(_V6 if ":" in client[0] else _V4)
-            if out_sock is None:
-                self.send_drops += 1
-                continue
-            try:
-                out_sock.sendto(full[: n + HEADROOM], client)
-            except BlockingIOError:
-                self.send_drops += 1
-                continue
-            except OSError:
-                self.send_errors += 1
-                continue
-            counters[0] += 1
-            counters[1] += n
+            count += n
+            for i in range(n):
+                addr = addrs[i]
+                length = lens[i]
+                try:
+                    route = handle(views[i][:length], addr, port, now)
+                except Exception:
+                    self._input_failed(addr)
+                    continue
+                if route is None:
+                    core_busy = True
+                    continue
+                client, channel = route
+                if client is not last_client:  # one allocation socket: almost always one client
+                    last_client, client_sock = client, to_client(client)
+                _pack_header(buf, i * SLOT_BYTES, channel, length)
+                out += (client_sock, slots[i][: length + HEADROOM], client)
+                relayed += 1
+                relayed_bytes += length
+            if out:
+                relayed -= self.flush(out)
+            if n < BATCH:
+                break
+        counters[0] += relayed
+        counters[1] += relayed_bytes
         self.datagrams_in += count
-        self.after_input()
-
-    def _send_to_client(
-        self, listen: dict[int, socket.socket], data: memoryview, client: Addr
-    ) -> None:
-        out_sock = listen.get(_V6 if ":" in client[0] else _V4)
-        if out_sock is None:
-            self.send_drops += 1
-            return
-        try:
-            out_sock.sendto(data, client)
-        except BlockingIOError:
-            self.send_drops += 1
-        except OSError:
-            self.send_errors += 1
+        if core_busy:
+            self.after_input()
 
     # -- control plane --------------------------------------------------------------------
 
     def send_message(self, command: SendMessage) -> None:
         """Carry out a SendMessage: from the listen socket of the recipient's family."""
         recipient: Addr = command.recipient
-        out_sock = self.listen.get(_V6 if ":" in recipient[0] else _V4)
-        if out_sock is None:
-            self.send_drops += 1
-            return
-        try:
-            out_sock.sendto(command.payload, recipient)
-        except BlockingIOError:
-            self.send_drops += 1
-        except OSError as exc:
-            self.send_errors += 1
-            logger.debug("send to %s failed: %s", recipient, exc)
+        if self.flush([self.listen_socket_for(recipient), command.payload, recipient]):
+            logger.debug("send to %s failed", recipient)
 
     def _input_failed(self, sender: Addr) -> None:
         self.input_errors += 1

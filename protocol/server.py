@@ -161,6 +161,23 @@ class Stats:
     allocations_created: int = 0
     internal_errors: int = 0
 
+    def count_relayed(self, length: int) -> None:
+        """One datagram of ``length`` payload bytes relayed in userspace: the packet and byte
+        counters and ``relay.packet.size`` move together, on every relaying path."""
+        self.relayed_packets_userspace += 1
+        self.relayed_bytes_userspace += length
+        self.packet_size_buckets[_SIZE_BUCKET[length]] += 1
+
+
+def size_bucket(length: int) -> int:
+    """The ``relay.packet.size`` bucket of a payload: 100 bytes wide, the last one (15) for
+    1500 and more; the XDP program buckets the same way."""
+    return length // 100 if length < 1500 else 15
+
+
+#: size_bucket of every UDP payload length, so the per-datagram count is one index
+_SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
+
 
 @dataclass(slots=True, eq=False)
 class Channel:
@@ -345,10 +362,7 @@ class Server:
                         return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.unroutable_datagrams += 1
                     return None
-                stats = self.stats
-                stats.relayed_packets_userspace += 1
-                stats.relayed_bytes_userspace += length
-                stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+                self.stats.count_relayed(length)
                 return route[0], route[1], 4, 4 + length
             if first < 0x04:
                 return self._handle_stun(data, sender, now)
@@ -365,11 +379,7 @@ class Server:
         sent to ``client`` as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
-            stats = self.stats
-            length = len(data)
-            stats.relayed_packets_userspace += 1
-            stats.relayed_bytes_userspace += length
-            stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+            self.stats.count_relayed(len(data))
             return route
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
@@ -405,8 +415,7 @@ class Server:
             self._token_bytes(12),
             [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)],
         )
-        self.stats.relayed_packets_userspace += 1
-        self.stats.relayed_bytes_userspace += len(data)
+        self.stats.count_relayed(len(data))
         self._commands.append(SendMessage(payload, allocation.client))
 
     # --- timers --------------------------------------------------------------------------
@@ -1001,8 +1010,7 @@ class Server:
             else:
                 self.stats.unroutable_datagrams += 1
             return None
-        self.stats.relayed_packets_userspace += 1
-        self.stats.relayed_bytes_userspace += end - start
+        self.stats.count_relayed(end - start)
         return allocation.port, peer, start, end
 
     # --- the relay loop ------------------------------------------------------------------
@@ -1016,17 +1024,14 @@ class Server:
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
         port, peer = self._c2c[(sender, channel)]
-        stats = self.stats
         if peer[1] not in self._by_port:
-            stats.unroutable_datagrams += 1
+            self.stats.unroutable_datagrams += 1
             return None
         target = self._p2c.get((peer[1], (peer[0], port)))
         if target is None:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
             return None
-        stats.relayed_packets_userspace += 1
-        stats.relayed_bytes_userspace += length
-        stats.packet_size_buckets[length // 100 if length < 1500 else 15] += 1
+        self.stats.count_relayed(length)
         return target[0], target[1], length
 
     def _deliver_to_allocation(self, data: bytes, peer: Addr, from_port: int, now: float) -> None:
@@ -1038,8 +1043,7 @@ class Server:
         if target is None:
             self._data_indication(data, source, peer[1], now)
             return
-        self.stats.relayed_packets_userspace += 1
-        self.stats.relayed_bytes_userspace += len(data)
+        self.stats.count_relayed(len(data))
         client, channel = target
         self._commands.append(SendMessage(struct.pack("!HH", channel, len(data)) + data, client))
 

@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aioice import stun
 
@@ -201,3 +202,74 @@ def channel_data(channel: int, payload: bytes) -> bytes:
 
 def random_payload(size: int) -> bytes:
     return os.urandom(size)
+
+
+# -- load generation and counting -----------------------------------------------------------------
+
+
+def batch_io() -> tuple[Callable[[list[object]], tuple[int, int]], type, str]:
+    """The data path's batch send and receive (compiled when built), used here so the load
+    generator and the sink cost as little of their shared core as possible."""
+    from actors.udpio import IMPLEMENTATION, Receiver, send_batch
+
+    return send_batch, Receiver, IMPLEMENTATION
+
+
+def blast(
+    items: list[object], rate: float | None, duration: float, per_call: int = 256
+) -> tuple[int, int]:
+    """Send the flat ``[sock, data, addr, ...]`` list round and round for ``duration`` seconds,
+    at ``rate`` datagrams/s (paced in 1 ms ticks) or flat out when ``rate`` is None.
+    Returns (datagrams the kernel accepted, elapsed seconds as ns)."""
+    send_batch, _, _ = batch_io()
+    total = len(items) // 3
+    sent = attempted = 0
+    pos = 0
+    t0 = time.monotonic()
+    end = t0 + duration
+    next_tick = t0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        due = per_call if rate is None else int((now - t0) * rate) - attempted
+        while due > 0:
+            take = min(due, total - pos, per_call)
+            dropped, failed = send_batch(items[3 * pos : 3 * (pos + take)])
+            sent += take - dropped - failed
+            attempted += take
+            due -= take
+            pos = (pos + take) % total
+        if rate is not None:
+            next_tick += 0.001
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    return sent, int((time.monotonic() - t0) * 1e9)
+
+
+def count_forever(conn: Any, socks: Sequence[socket.socket]) -> None:
+    """Child process: count datagrams arriving on ``socks``; answer every message on ``conn``
+    with the count so far, and stop on "stop". Bounded to ten minutes."""
+    _, receiver_type, _ = batch_io()
+    rx = receiver_type(64, 2048, 0)
+    recv = rx.recv
+    poller = select.epoll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
+    count = 0
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        for fd, _ in poller.poll(0.01):
+            s = by_fd[fd]
+            for _ in range(16):
+                n = recv(s)
+                if n < 0:
+                    break
+                count += n
+        if conn.poll():
+            message = conn.recv()
+            conn.send(count)
+            if message == "stop":
+                return

@@ -1,0 +1,87 @@
+"""Batched UDP receive and send for the data path, compiled when possible.
+
+``Receiver(count, slot, headroom)`` reads up to ``count`` datagrams per call into slots of one
+buffer (``recv(sock)`` returns how many, or -1 when none was ready); datagram ``i`` is
+``views[i][:lens[i]]`` from ``addrs[i]``, and ``slots[i]`` is the same slot with the headroom in
+front, where a ChannelData header can be written without copying the payload.
+``send_batch([sock, data, addr, ...])`` sends a flat list of datagrams and returns
+``(dropped, failed)``: dropped counts sends that would block and items whose socket is None
+(no socket for that port or family), failed any other error.
+
+The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
+``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
+``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
+caches sender tuples. Where it could not be built, the pure-Python classes below give the same
+behaviour with one syscall per datagram. ``IMPLEMENTATION`` says which one is in use.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["IMPLEMENTATION", "PyReceiver", "Receiver", "py_send_batch", "send_batch"]
+
+Addr = tuple[str, int]
+
+
+class PyReceiver:
+    """recvfrom_into per datagram, in the compiled Receiver's shape."""
+
+    def __init__(self, count: int, slot: int, headroom: int) -> None:
+        if not (0 < count <= 1024 and 0 <= headroom < slot):
+            raise ValueError("bad Receiver geometry")
+        self.buffer = bytearray(count * slot)
+        whole = memoryview(self.buffer)
+        self.slots = [whole[i * slot : (i + 1) * slot] for i in range(count)]
+        self.views = [s[headroom:] for s in self.slots]
+        self.addrs: list[Addr] = [("", 0)] * count
+        self.lens = [0] * count
+
+    def recv(self, sock: socket.socket) -> int:
+        addrs, lens = self.addrs, self.lens
+        recv = sock.recvfrom_into
+        n = 0
+        for view in self.views:
+            try:
+                length, addr = recv(view)
+            except BlockingIOError:
+                break
+            except OSError:
+                if n:
+                    break
+                raise
+            addrs[n] = addr if len(addr) == 2 else (addr[0], addr[1])
+            lens[n] = length
+            n += 1
+        return n if n else -1
+
+
+def py_send_batch(items: list[Any]) -> tuple[int, int]:
+    """sendto per datagram; counts what was dropped and what failed."""
+    blocked = failed = 0
+    for i in range(0, len(items), 3):
+        sock = items[i]
+        if sock is None:
+            blocked += 1
+            continue
+        try:
+            sock.sendto(items[i + 1], items[i + 2])
+        except (BlockingIOError, InterruptedError):
+            blocked += 1
+        except OSError:
+            failed += 1
+        except (TypeError, ValueError, OverflowError):
+            failed += 1
+    return blocked, failed
+
+
+Receiver: Any
+send_batch: Any
+try:
+    from _firezone_relay_udpio import Receiver, send_batch
+
+    IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
+except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
+    Receiver, send_batch = PyReceiver, py_send_batch
+    IMPLEMENTATION = "recvfrom/sendto (pure Python)"
