@@ -161,13 +161,10 @@ class Relay:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
         try:
             await self.start()
-        except StartupError as exc:  # already says what and where
-            logger.error("%s", exc)
-            self._stop_endpoints()
-            return 1
         except Exception as exc:
             self.tracing.end_startup(exc)
-            logger.error("failed to start: %s", exc)
+            # a StartupError already says what and where
+            logger.error("%s" if isinstance(exc, StartupError) else "failed to start: %s", exc)
             self._stop_endpoints()
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,7 @@ A bind error from the kernel says ``[Errno 98] Address already in use``; the ope
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,7 +35,8 @@ def binding(what: str, host: str, port: int) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
+        # asyncio's servers wrap the kernel's words in their own sentence: take the errno's
+        reason = (os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)).lower()
         hint = _HINTS.get(exc.errno or 0)
         message = f"cannot bind the {what} on {describe(host, port)}: {reason}"
         raise StartupError(f"{message} ({hint})" if hint else message) from None
