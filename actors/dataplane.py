@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from protocol.commands import SendMessage
+from protocol.routes import LoopToClient
 from protocol.types import Addr, Family
 
 if TYPE_CHECKING:
@@ -76,25 +77,26 @@ class DataPlane:
             count += 1
             if len(addr) != 2:
                 addr = (addr[0], addr[1])
+            data = payload[:n]
             try:
-                out = handle(payload[:n], addr, now)
+                out = handle(data, addr, now)
             except Exception:
                 self._input_failed(addr)
                 continue
             if out is None:
                 continue
-            if len(out) == 3:  # relay loop: ChannelData for another client of this relay
+            if type(out) is LoopToClient:  # relay loop: ChannelData for another client here
                 client, channel, length = out
                 _pack_header(buf, HEADROOM, channel, length)
                 self._send_to_client(listen, payload[: 4 + length], client)
                 continue
-            port, peer, start, end = out
+            port, peer, span = out
             out_sock = sockets.get((port, _V6 if ":" in peer[0] else _V4))
             if out_sock is None:
                 self.send_drops += 1
                 continue
             try:
-                out_sock.sendto(payload[start:end], peer)
+                out_sock.sendto(data[span], peer)
             except BlockingIOError:
                 self.send_drops += 1
             except OSError:
