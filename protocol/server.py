@@ -4,6 +4,11 @@ Inputs are datagrams with their addresses and a ``now`` (monotonic seconds); out
 commands (``next_command``), a deadline (``poll_timeout``) and, for relayed data, the
 return value of the two ``handle_*`` calls so the I/O layer forwards without copying.
 
+``Server`` keeps the entry points and the request and timer handlers; the state it works on
+lives in collaborators (``protocol.allocations``, ``protocol.ports``, ``protocol.timers``,
+``protocol.transactions``), and its outputs are typed (``protocol.commands``,
+``protocol.routes``, ``protocol.errors``).
+
 Where Firezone's relay departs from the RFCs we follow the RFC unless that could break
 Firezone's own clients; README.md lists each such choice.
 """
@@ -227,7 +232,21 @@ class _AllocateRequest:
 
 
 class Server:
-    """``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
+    """The TURN server: entry points, request handlers and timer handlers.
+
+    Entry points (the I/O layer calls only these): ``handle_client_input`` (listen port),
+    ``handle_peer_traffic`` (allocation ports), ``handle_timeout`` / ``poll_timeout``,
+    ``next_command``, ``handle_allocation_failed`` and ``free_all``.
+
+    Inputs are dispatched by two tables at the end of this module: ``_HANDLERS`` (STUN
+    request method -> ``_on_*`` handler) and ``_TIMER_HANDLERS`` (timer record type ->
+    ``_on_*_expiry``). The state lives in collaborators with one job each:
+    ``AllocationTable`` (allocations, channels, permissions, fast-path routes and their
+    invariants, see ``protocol.allocations``), ``PortAllocator`` (``protocol.ports``),
+    ``Timers`` (``protocol.timers``), ``TransactionCache`` (``protocol.transactions``),
+    ``Nonces`` (``protocol.auth``) and ``PeerPolicy`` (``protocol.policy``).
+
+    ``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
     auth secret, the nonce key, reservation tokens and transaction IDs come from
     ``token_bytes``, by default the OS's CSPRNG (``secrets``)."""
 
@@ -248,21 +267,7 @@ class Server:
         self._nonces = Nonces(
             token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
         )
-        self.policy = PeerPolicy(
-            allow_loopback=config.allow_loopback_peers,
-            allow_private=config.allow_private_peers,
-            own_addresses=frozenset(
-                str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
-            ),
-            host_addresses=frozenset(
-                str(ipaddress.ip_address(a.split("%")[0])) for a in config.local_addresses
-            ),
-            lowest_port=config.lowest_port,
-            highest_port=config.highest_port,
-            listen_port=config.listen_port,
-            allowed=networks(config.allowed_peer_ips),
-            denied=networks(config.denied_peer_ips),
-        )
+        self.policy = _peer_policy(config)
         self._families = tuple(
             f
             for f, ip in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6))
@@ -1113,6 +1118,24 @@ class Server:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
+
+
+def _peer_policy(config: ServerConfig) -> PeerPolicy:
+    return PeerPolicy(
+        allow_loopback=config.allow_loopback_peers,
+        allow_private=config.allow_private_peers,
+        own_addresses=frozenset(
+            str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
+        ),
+        host_addresses=frozenset(
+            str(ipaddress.ip_address(a.split("%")[0])) for a in config.local_addresses
+        ),
+        lowest_port=config.lowest_port,
+        highest_port=config.highest_port,
+        listen_port=config.listen_port,
+        allowed=networks(config.allowed_peer_ips),
+        denied=networks(config.denied_peer_ips),
+    )
 
 
 def _effective_lifetime(requested: int | None) -> int:
