@@ -46,6 +46,7 @@ from protocol.errors import ErrorCode
 from protocol.policy import PeerPolicy, Verdict, networks
 from protocol.ports import PortAllocator
 from protocol.ratelimit import RateLimiter
+from protocol.responses import Auth, Reject, Responder
 from protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
 from protocol.stun import Attr, Class, Message, Method
 from protocol.timers import (
@@ -86,14 +87,6 @@ _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
 
 __all__ = ["Allocation", "Channel", "ClientRoute", "Server", "ServerConfig", "Stats"]
-
-MESSAGE_TYPES = {
-    Method.BINDING: "binding",
-    Method.ALLOCATE: "allocate",
-    Method.REFRESH: "refresh",
-    Method.CHANNEL_BIND: "channelbind",
-    Method.CREATE_PERMISSION: "createpermission",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,30 +168,6 @@ class Stats:
     rate_limited: int = 0
     allocations_created: int = 0
     internal_errors: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Auth:
-    """How to sign a response: the request's key, MI flavour and FINGERPRINT wish."""
-
-    key: bytes | None
-    sha256: bool
-    fingerprint: bool
-    #: MESSAGE-INTEGRITY was verified with ``key``: the answer does not count against the
-    #: unauthenticated rate limit and goes into the retransmission cache
-    verified: bool = False
-
-
-class _Reject(Exception):
-    """Answer the request with this error code (signed with ``auth`` when given)."""
-
-    def __init__(
-        self, code: int, auth: _Auth | None = None, extra: tuple[tuple[int, object], ...] = ()
-    ):
-        super().__init__(code)
-        self.code = code
-        self.auth = auth
-        self.extra = extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,17 +264,22 @@ class Server:
         self._c2p = self._table.to_peer
         self._p2c = self._table.to_client
         self._c2c = self._table.looped
-        rate = config.unauthenticated_rate_limit
-        self._limiter = RateLimiter(rate) if rate else None
         single = config.single_allocation_per_username
         self.single_allocation_per_username = (
             config.auth_scheme == "firezone" if single is None else single
         )
-        self._input_time = 0.0  # the ``now`` of the request being answered
         self._transactions = TransactionCache(
             TRANSACTION_CACHE_TTL * self._scale, TRANSACTION_CACHE_SIZE, TRANSACTION_CACHE_BYTES
         )
         self._error_logged_at: float | None = None
+        rate = config.unauthenticated_rate_limit
+        self._responder = Responder(
+            config.software,
+            self._commands.append,
+            self.stats,
+            RateLimiter(rate) if rate else None,
+            self._transactions,
+        )
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -515,7 +489,7 @@ class Server:
         return None
 
     def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
-        self._input_time = now
+        self._responder.input_time = now
         cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
         if cached is not None:
             self._commands.append(SendMessage(cached, sender))
@@ -523,87 +497,36 @@ class Server:
         fingerprint = msg.fingerprint_offset is not None
         unknown = msg.unknown_comprehension_required()
         if unknown:
-            self._reply_error(
+            self._responder.reply_error(
                 msg,
                 sender,
                 ErrorCode.UNKNOWN_ATTRIBUTE,
-                _Auth(None, False, fingerprint),
+                Auth(None, False, fingerprint),
                 ((Attr.UNKNOWN_ATTRIBUTES, unknown),),
             )
             return
         handler = _HANDLERS.get(msg.method)
         if handler is None:
-            self._reply_error(msg, sender, ErrorCode.BAD_REQUEST, _Auth(None, False, fingerprint))
+            self._responder.reply_error(
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+            )
             return
         try:
             handler(self, msg, sender, now)
         except stun.BadAttribute as exc:
             log.debug("bad attribute from %s: %s", sender, exc)
-            self._reply_error(msg, sender, ErrorCode.BAD_REQUEST, _Auth(None, False, fingerprint))
-        except _Reject as reject:
-            auth = reject.auth or _Auth(None, False, fingerprint)
-            self._reply_error(msg, sender, reject.code, auth, reject.extra)
+            self._responder.reply_error(
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+            )
+        except Reject as reject:
+            auth = reject.auth or Auth(None, False, fingerprint)
+            self._responder.reply_error(msg, sender, reject.code, auth, reject.extra)
 
-    # --- replies -------------------------------------------------------------------------
-
-    def _count(self, cls: str, method: int, code: int | None) -> None:
-        key = (cls, MESSAGE_TYPES.get(method, "unknown"), code)
-        responses = self.stats.responses
-        responses[key] = responses.get(key, 0) + 1
-
-    def _reply(
-        self,
-        msg: Message,
-        sender: Addr,
-        cls: int,
-        attributes: list[tuple[int, object]],
-        auth: _Auth,
-        now: float | None = None,
-    ) -> SendMessage:
-        payload = stun.encode(
-            msg.method,
-            cls,
-            msg.transaction_id,
-            [(Attr.SOFTWARE, self.config.software), *attributes],
-            integrity_key=auth.key,
-            integrity_sha256=auth.sha256,
-            fingerprint=auth.fingerprint,
-        )
-        command = SendMessage(payload, sender)
-        limiter = self._limiter
-        if (
-            not auth.verified
-            and limiter is not None
-            and not limiter.allow(sender[0], self._input_time)
-        ):
-            self.stats.rate_limited += 1
-            return command  # not sent: a spoofed source must not make us reflect
-        self._commands.append(command)
-        self._count(
-            "success" if cls == Class.SUCCESS else "error",
-            msg.method,
-            None if cls == Class.SUCCESS else _error_code_of(attributes),
-        )
-        if now is not None and auth.verified:
-            # an authenticated answer: a retransmission gets the same one
-            self._transactions.store(sender, msg.transaction_id, msg.raw, payload, now)
-        return command
-
-    def _reply_error(
-        self,
-        msg: Message,
-        sender: Addr,
-        code: int,
-        auth: _Auth,
-        extra: tuple[tuple[int, object], ...] = (),
-    ) -> None:
-        attributes: list[tuple[int, object]] = [(Attr.ERROR_CODE, (code, stun.REASONS[code]))]
-        attributes.extend(extra)
-        self._reply(msg, sender, Class.ERROR, attributes, auth)
+    # --- authentication ------------------------------------------------------------------
 
     def _challenge(
-        self, msg: Message, sender: Addr, code: int, now: float, key: bytes | None
-    ) -> _Reject:
+        self, msg: Message, sender: Addr, code: ErrorCode, now: float, key: bytes | None
+    ) -> Reject:
         """401/438 with REALM and a nonce for this socket. Signed when we know the key and
         the scheme is firezone (connlib checks every response, and the portal's secret is
         random); unsigned with rest as RFC 8489 says, so a challenge gives nothing to test
@@ -613,15 +536,13 @@ class Server:
             key = None
         fingerprint = msg.fingerprint_offset is not None
         sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
-        return _Reject(
+        return Reject(
             code,
-            _Auth(key, sha256, fingerprint),
+            Auth(key, sha256, fingerprint),
             ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
         )
 
-    # --- authentication ------------------------------------------------------------------
-
-    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[_Auth, str, Identity]:
+    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[Auth, str, Identity]:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
@@ -654,38 +575,38 @@ class Server:
         self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
         fingerprint = msg.fingerprint_offset is not None
-        return _Auth(key, sha256, fingerprint, verified=True), username, identity
+        return Auth(key, sha256, fingerprint, verified=True), username, identity
 
     def _own_allocation(
-        self, sender: Addr, auth: _Auth, username: str, any_username: bool = False
+        self, sender: Addr, auth: Auth, username: str, any_username: bool = False
     ) -> Allocation:
         """The sender's allocation; 437 without one, 441 when it belongs to another
         username, unless ``any_username`` (valid credentials from the allocation's own
         5-tuple, which is how connlib deletes it after a credential rotation)."""
         allocation = self._allocations.get(sender)
         if allocation is None:
-            raise _Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
+            raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
         if allocation.username != username and not any_username:
-            raise _Reject(ErrorCode.WRONG_CREDENTIALS, auth)
+            raise Reject(ErrorCode.WRONG_CREDENTIALS, auth)
         return allocation
 
     # --- Binding -------------------------------------------------------------------------
 
     def _on_binding(self, msg: Message, sender: Addr, now: float) -> None:
-        auth = _Auth(None, False, msg.fingerprint_offset is not None)
-        self._reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
+        auth = Auth(None, False, msg.fingerprint_offset is not None)
+        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
 
     # --- Allocate ------------------------------------------------------------------------
 
     def _on_allocate(self, msg: Message, sender: Addr, now: float) -> None:
         request = _AllocateRequest.of(msg)
         if request.transport is None:
-            raise _Reject(ErrorCode.BAD_REQUEST)
+            raise Reject(ErrorCode.BAD_REQUEST)
         auth, username, identity = self._authenticate(msg, sender, now)
         existing = self._allocations.get(sender)
         if existing is not None:
             if existing.transaction_id != msg.transaction_id:
-                raise _Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
+                raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
             self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
             return
         families, address_error = self._check_allocate(request, auth)
@@ -721,22 +642,22 @@ class Server:
         self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
 
     def _check_allocate(
-        self, request: _AllocateRequest, auth: _Auth
+        self, request: _AllocateRequest, auth: Auth
     ) -> tuple[tuple[Family, ...], tuple[Family, int, str] | None]:
         """Transport and attribute combinations (RFC 8656 §7.2); the families to relay."""
         if request.transport != UDP:
-            raise _Reject(ErrorCode.UNSUPPORTED_TRANSPORT_PROTOCOL, auth)
+            raise Reject(ErrorCode.UNSUPPORTED_TRANSPORT_PROTOCOL, auth)
         if request.token is not None and (
             request.even_port is not None
             or request.requested_family is not None
             or request.additional_family is not None
         ):
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         if request.even_port and request.additional_family is not None:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         return self._derive_families(request.requested_family, request.additional_family, auth)
 
-    def _make_room(self, sender: Addr, username: str, user: str, auth: _Auth) -> None:
+    def _make_room(self, sender: Addr, username: str, user: str, auth: Auth) -> None:
         """Free the username's previous allocation (Firezone's rule), then the quotas."""
         previous = self._table.by_username.get(username)
         if previous is not None and self.single_allocation_per_username:
@@ -748,28 +669,28 @@ class Server:
             )
             self._table.remove(previous)
         if self._table.allocations_of(user) >= self.config.allocations_per_user_limit:
-            raise _Reject(ErrorCode.ALLOCATION_QUOTA_REACHED, auth)
+            raise Reject(ErrorCode.ALLOCATION_QUOTA_REACHED, auth)
         if len(self._table) >= self.config.allocation_limit:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
 
     def _choose_port(
-        self, request: _AllocateRequest, auth: _Auth, now: float
+        self, request: _AllocateRequest, auth: Auth, now: float
     ) -> tuple[int, bytes | None]:
         """The reserved port of a RESERVATION-TOKEN, or a free (even) one; with EVEN-PORT's
         R bit also a token reserving the next port."""
         if request.token is not None:
             reserved = self._ports.claim(request.token, now)
             if reserved is None:
-                raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+                raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
             return reserved, None
         port = self._ports.pick(even=request.even_port is not None)
         if port is None:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         if not request.even_port:
             return port, None
         token = self._ports.reserve_next(port, now)
         if token is None:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         return port, token
 
     def _install_allocation(self, allocation: Allocation, now: float) -> None:
@@ -786,7 +707,7 @@ class Server:
         self,
         msg: Message,
         allocation: Allocation,
-        auth: _Auth,
+        auth: Auth,
         now: float,
         extra: tuple[tuple[int, object], ...],
         lifetime: int | None,
@@ -800,7 +721,7 @@ class Server:
         attributes.append((Attr.XOR_MAPPED_ADDRESS, allocation.client))
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
-        allocation.pending_response = self._reply(
+        allocation.pending_response = self._responder.reply(
             msg, allocation.client, Class.SUCCESS, attributes, auth, now
         )
 
@@ -810,13 +731,13 @@ class Server:
         return ip
 
     def _derive_families(
-        self, requested: Family | None, additional: Family | None, auth: _Auth
+        self, requested: Family | None, additional: Family | None, auth: Auth
     ) -> tuple[tuple[Family, ...], tuple[Family, int, str] | None]:
         have = self._families
         if requested is not None and additional is not None:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         if additional == Family.V4:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         if additional == Family.V6:
             if have == (Family.V4, Family.V6):
                 return have, None
@@ -828,7 +749,7 @@ class Server:
             )
         wanted = requested or Family.V4
         if wanted not in have:
-            raise _Reject(ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED, auth)
+            raise Reject(ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED, auth)
         return (wanted,), None
 
     # --- Refresh -------------------------------------------------------------------------
@@ -840,7 +761,7 @@ class Server:
         deleting = lifetime_request == 0
         allocation = self._own_allocation(sender, auth, username, any_username=deleting)
         if requested_family is not None and requested_family not in allocation.families:
-            raise _Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
+            raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
         if deleting:
             if allocation.username != username:
                 log.info(
@@ -854,12 +775,12 @@ class Server:
             else:
                 log.info("%s deleted its allocation on port %d", sender, allocation.port)
                 self._table.remove(allocation)
-            self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
+            self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
             return
         lifetime = _effective_lifetime(lifetime_request)
         allocation.expires_at = now + lifetime * self._scale
         self._schedule_allocation(allocation, now)
-        self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
 
     # --- CreatePermission ----------------------------------------------------------------
 
@@ -867,24 +788,24 @@ class Server:
         peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
         auth, username, _ = self._authenticate(msg, sender, now)
         if not peers:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         allocation = self._own_allocation(sender, auth, username)
         hosts = list(dict.fromkeys(host for host, _ in peers))  # permissions are per address
         if len(hosts) > MAX_PEERS_PER_REQUEST:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             if Family.of(host) not in allocation.families:
-                raise _Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
+                raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
             # Judge the address alone, on a port of the allocation range: our own public
             # address passes (Send to it reaches only live allocations, inside the relay).
             if not self.policy.allows(host, self.config.lowest_port):
-                raise _Reject(ErrorCode.FORBIDDEN, auth)
+                raise Reject(ErrorCode.FORBIDDEN, auth)
         new = [host for host in hosts if host not in allocation.permissions]
         if len(allocation.permissions) + len(new) > self.config.max_permissions_per_allocation:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             self._permit(allocation, host, now)
-        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
         """Install or refresh a permission; a timer only for a new one (the timer re-arms
@@ -901,7 +822,7 @@ class Server:
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
-            raise _Reject(ErrorCode.BAD_REQUEST)
+            raise Reject(ErrorCode.BAD_REQUEST)
         auth, username, _ = self._authenticate(msg, sender, now)
         allocation = self._own_allocation(sender, auth, username)
         loop = self._check_channel_peer(allocation, peer, auth)
@@ -909,40 +830,40 @@ class Server:
         self._table.route(allocation, channel, loop)
         self._permit(allocation, peer[0], now)
         self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
-        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
 
-    def _check_channel_peer(self, allocation: Allocation, peer: Addr, auth: _Auth) -> bool:
+    def _check_channel_peer(self, allocation: Allocation, peer: Addr, auth: Auth) -> bool:
         """Whether the peer may be bound at all; True when it is another allocation of this
         relay (the relay loop)."""
         if Family.of(peer[0]) not in allocation.families:
-            raise _Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
+            raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
         verdict = self.policy.classify(*peer)
         if verdict is Verdict.REFUSE or (
             verdict is Verdict.LOOP
             and not (peer[0] in self._own_hosts and peer[1] in self._by_port)
         ):
             # our own address only in its canonical form, and only on a live allocation
-            raise _Reject(ErrorCode.FORBIDDEN, auth)
+            raise Reject(ErrorCode.FORBIDDEN, auth)
         return verdict is Verdict.LOOP
 
     def _channel_for(
-        self, allocation: Allocation, number: int, peer: Addr, auth: _Auth, now: float
+        self, allocation: Allocation, number: int, peer: Addr, auth: Auth, now: float
     ) -> Channel:
         """The channel to (re)bind: a new one, or the same number to the same peer
         refreshed (also during its rebind timeout); anything else is 400."""
         bound_number = allocation.channel_by_peer.get(peer)
         if bound_number is not None and bound_number != number:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         channel = allocation.channels.get(number)
         if channel is not None and channel.peer != peer:
-            raise _Reject(ErrorCode.BAD_REQUEST, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         expires_at = now + CHANNEL_LIFETIME * self._scale
         if channel is not None:
             channel.expires_at = expires_at
             channel.bound = True
             return channel
         if len(allocation.channels) >= self.config.max_channels_per_allocation:
-            raise _Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         channel = self._table.add_channel(allocation, number, peer, expires_at)
         log.info(
             "%s bound channel %#06x to %s on port %d",
@@ -1055,7 +976,7 @@ class Server:
             if pending is not None and queued:
                 self._fail_pending(allocation, pending)
         except Exception:
-            self._internal_error("handling a failed allocation", now or self._input_time)
+            self._internal_error("handling a failed allocation", now or self._responder.input_time)
 
     def _fail_pending(self, allocation: Allocation, pending: SendMessage) -> None:
         """Turn a still-queued Allocate success into 508 (signed alike), uncached."""
@@ -1143,14 +1064,6 @@ def _effective_lifetime(requested: int | None) -> int:
     if requested is None:
         return DEFAULT_LIFETIME
     return max(DEFAULT_LIFETIME, min(requested, MAX_LIFETIME))
-
-
-def _error_code_of(attributes: list[tuple[int, object]]) -> int | None:
-    for attr_type, value in attributes:
-        if attr_type == Attr.ERROR_CODE and isinstance(value, tuple):
-            code = value[0]
-            return code if isinstance(code, int) else None
-    return None
 
 
 def _readdress(payload: bytes, port: int, key: bytes) -> bytes:
