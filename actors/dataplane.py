@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.udpio import Receiver, send_batch
 from protocol.commands import SendMessage
+from protocol.routes import LoopToClient
 from protocol.types import Addr, Family
 
 if TYPE_CHECKING:
@@ -107,17 +108,17 @@ class DataPlane:
                 if route is None:
                     core_busy = True
                     continue
-                if len(route) == 4:
-                    port, peer, start, end = route
-                    out += (
-                        sockets.get((port, _V6 if ":" in peer[0] else _V4)),
-                        views[i][start:end],
-                        peer,
-                    )
-                else:  # relay loop: ChannelData for another client of this relay
+                if type(route) is LoopToClient:  # ChannelData for another client here
                     client, channel, length = route
                     _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
                     out += (to_client(client), views[i][: 4 + length], client)
+                else:
+                    port, peer, span = route  # span: within the datagram the core was given
+                    out += (
+                        sockets.get((port, _V6 if ":" in peer[0] else _V4)),
+                        views[i][: lens[i]][span],
+                        peer,
+                    )
             if out:
                 self.flush(out)
             if n < BATCH:

@@ -41,6 +41,7 @@ from protocol.stun import Attr
 from protocol.types import Addr, Family
 
 if TYPE_CHECKING:
+    from protocol.allocations import Allocation
     from protocol.server import Server
 
 __all__ = ["RelayTracing"]
@@ -54,7 +55,7 @@ Attributes = dict[str, Any]
 class _Tracked:
     """What the spans of one live allocation need after the core has forgotten it."""
 
-    allocation: Any  # protocol.server.Allocation: its expires_at moves on refresh
+    allocation: Allocation  # its expires_at moves on refresh
     context: SpanContext
     attributes: Attributes
     created: float
@@ -175,7 +176,7 @@ class RelayTracing:
         if self.on_timers or tracked.allocation.expires_at <= now:
             return "expired"
         current = _allocation_of_user(self._server, tracked.allocation.username)
-        single = getattr(self._server, "_single_allocation_per_username", True)
+        single = self._server.single_allocation_per_username
         if single and current is not None and current is not tracked.allocation:
             return "replaced"  # the same username allocated from another 5-tuple
         return "deleted"
@@ -264,11 +265,10 @@ def _channel_attributes(command: CreateChannelBinding | DeleteChannelBinding) ->
     }
 
 
-# The core has no public lookup of its allocations (it needs none); tracing reads its tables,
-# on the loop thread, after the command that concerns them.
-def _allocation_on(server: Server, port: int) -> Any:
-    return server._by_port.get(port)
+# Tracing reads the core's lookups on the loop thread, after the command that concerns them.
+def _allocation_on(server: Server, port: int) -> Allocation | None:
+    return server.allocation_on(port)
 
 
-def _allocation_of_user(server: Server, username: str) -> Any:
-    return server._by_username.get(username)
+def _allocation_of_user(server: Server, username: str) -> Allocation | None:
+    return server.allocation_of_username(username)

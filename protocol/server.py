@@ -4,13 +4,17 @@ Inputs are datagrams with their addresses and a ``now`` (monotonic seconds); out
 commands (``next_command``), a deadline (``poll_timeout``) and, for relayed data, the
 return value of the two ``handle_*`` calls so the I/O layer forwards without copying.
 
+``Server`` keeps the entry points and the request and timer handlers; the state it works on
+lives in collaborators (``protocol.allocations``, ``protocol.ports``, ``protocol.timers``,
+``protocol.transactions``), and its outputs are typed (``protocol.commands``,
+``protocol.routes``, ``protocol.errors``).
+
 Where Firezone's relay departs from the RFCs we follow the RFC unless that could break
 Firezone's own clients; README.md lists each such choice.
 """
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import logging
 import random
@@ -19,8 +23,10 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from protocol import stun
+from protocol.allocations import Allocation, AllocationTable, Channel
 from protocol.auth import (
     FIREZONE_REALM,
     Identity,
@@ -34,13 +40,24 @@ from protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
-    DeleteChannelBinding,
-    FreeAllocation,
     SendMessage,
 )
+from protocol.errors import ErrorCode
 from protocol.policy import PeerPolicy, Verdict, networks
+from protocol.ports import PortAllocator
 from protocol.ratelimit import RateLimiter
+from protocol.responses import Auth, Reject, Responder
+from protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
 from protocol.stun import Attr, Class, Message, Method
+from protocol.timers import (
+    AllocationExpiry,
+    ChannelExpiry,
+    PermissionExpiry,
+    QuarantineExpiry,
+    ReservationExpiry,
+    TimerRecord,
+    Timers,
+)
 from protocol.transactions import TransactionCache
 from protocol.types import Addr, Family
 
@@ -69,16 +86,7 @@ UDP = 17
 _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
 
-#: what ``handle_client_input`` returns: a route to a peer, or to a client (relay loop)
-ClientRoute = tuple[int, Addr, int, int] | tuple[Addr, int, int]
-
-MESSAGE_TYPES = {
-    Method.BINDING: "binding",
-    Method.ALLOCATE: "allocate",
-    Method.REFRESH: "refresh",
-    Method.CHANNEL_BIND: "channelbind",
-    Method.CREATE_PERMISSION: "createpermission",
-}
+__all__ = ["Allocation", "Channel", "ClientRoute", "Server", "ServerConfig", "Stats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,61 +187,52 @@ def size_bucket(length: int) -> int:
 _SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
 
 
-@dataclass(slots=True, eq=False)
-class Channel:
-    number: int
-    peer: Addr
-    expires_at: float
-    bound: bool = True
+class _AllocateRequest(NamedTuple):
+    """The attributes of an Allocate that decide what it gets (a NamedTuple: one per
+    Allocate, and a frozen dataclass costs microseconds to build)."""
 
+    transport: int | None
+    requested_family: Family | None
+    additional_family: Family | None
+    even_port: bool | None  # None: absent; else its R bit (reserve the next port)
+    token: bytes | None
+    lifetime: int | None
+    dont_fragment: bool
 
-@dataclass(slots=True, eq=False)
-class Allocation:
-    client: Addr
-    port: int
-    families: tuple[Family, ...]
-    username: str
-    user: str
-    key: bytes
-    expires_at: float
-    transaction_id: bytes
-    channels: dict[int, Channel] = field(default_factory=dict)
-    channel_by_peer: dict[Addr, int] = field(default_factory=dict)
-    permissions: dict[str, float] = field(default_factory=dict)
-    pending_response: SendMessage | None = None
-    dont_fragment: bool = False
-    #: the deadline of the expiry timer in the heap (refreshes only push an earlier one)
-    timer_at: float = 0.0
-    #: ports tried so far; None = no retry on a failed bind (EVEN-PORT, RESERVATION-TOKEN)
-    bind_attempts: int | None = 1
+    @staticmethod
+    def of(msg: Message) -> _AllocateRequest:
+        return _AllocateRequest(
+            transport=msg.get(Attr.REQUESTED_TRANSPORT),
+            requested_family=msg.get(Attr.REQUESTED_ADDRESS_FAMILY),
+            additional_family=msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY),
+            even_port=msg.get(Attr.EVEN_PORT),
+            token=msg.get(Attr.RESERVATION_TOKEN),
+            lifetime=msg.get(Attr.LIFETIME),
+            dont_fragment=msg.has(Attr.DONT_FRAGMENT),
+        )
 
-
-@dataclass(frozen=True, slots=True)
-class _Auth:
-    """How to sign a response: the request's key, MI flavour and FINGERPRINT wish."""
-
-    key: bytes | None
-    sha256: bool
-    fingerprint: bool
-    #: MESSAGE-INTEGRITY was verified with ``key``: the answer does not count against the
-    #: unauthenticated rate limit and goes into the retransmission cache
-    verified: bool = False
-
-
-class _Reject(Exception):
-    """Answer the request with this error code (signed with ``auth`` when given)."""
-
-    def __init__(
-        self, code: int, auth: _Auth | None = None, extra: tuple[tuple[int, object], ...] = ()
-    ):
-        super().__init__(code)
-        self.code = code
-        self.auth = auth
-        self.extra = extra
+    @property
+    def fixed_port(self) -> bool:
+        """The client chose the port (EVEN-PORT, RESERVATION-TOKEN): no retry elsewhere."""
+        return self.token is not None or self.even_port is not None
 
 
 class Server:
-    """``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
+    """The TURN server: entry points, request handlers and timer handlers.
+
+    Entry points (the I/O layer calls only these): ``handle_client_input`` (listen port),
+    ``handle_peer_traffic`` (allocation ports), ``handle_timeout`` / ``poll_timeout``,
+    ``next_command``, ``handle_allocation_failed`` and ``free_all``.
+
+    Inputs are dispatched by two tables at the end of this module: ``_HANDLERS`` (STUN
+    request method -> ``_on_*`` handler) and ``_TIMER_HANDLERS`` (timer record type ->
+    ``_on_*_expiry``). The state lives in collaborators with one job each:
+    ``AllocationTable`` (allocations, channels, permissions, fast-path routes and their
+    invariants, see ``protocol.allocations``), ``PortAllocator`` (``protocol.ports``),
+    ``Timers`` (``protocol.timers``), ``TransactionCache`` (``protocol.transactions``),
+    ``Nonces`` (``protocol.auth``) and ``PeerPolicy`` (``protocol.policy``).
+
+    ``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
     auth secret, the nonce key, reservation tokens and transaction IDs come from
     ``token_bytes``, by default the OS's CSPRNG (``secrets``)."""
 
@@ -254,55 +253,50 @@ class Server:
         self._nonces = Nonces(
             token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
         )
-        self.policy = PeerPolicy(
-            allow_loopback=config.allow_loopback_peers,
-            allow_private=config.allow_private_peers,
-            own_addresses=frozenset(
-                str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
-            ),
-            host_addresses=frozenset(
-                str(ipaddress.ip_address(a.split("%")[0])) for a in config.local_addresses
-            ),
-            lowest_port=config.lowest_port,
-            highest_port=config.highest_port,
-            listen_port=config.listen_port,
-            allowed=networks(config.allowed_peer_ips),
-            denied=networks(config.denied_peer_ips),
-        )
+        self.policy = _peer_policy(config)
         self._families = tuple(
             f
             for f, ip in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6))
             if ip is not None
         )
-        self._allocations: dict[Addr, Allocation] = {}
-        self._by_port: dict[int, Allocation] = {}
-        self._by_username: dict[str, Allocation] = {}
-        self._per_user: dict[str, int] = {}
-        self._reservations: dict[bytes, tuple[int, float]] = {}
-        self._reserved_ports: set[int] = set()
-        self._quarantined_ports: dict[int, float] = {}
-        # Fast paths, holding bound channels only.
-        self._c2p: dict[tuple[Addr, int], tuple[int, Addr]] = {}
-        self._p2c: dict[tuple[int, Addr], tuple[Addr, int]] = {}
-        # Bound channels whose peer is another allocation on this relay (the relay loop).
-        self._c2c: dict[tuple[Addr, int], tuple[int, Addr]] = {}
         self._own_hosts = frozenset(
             str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
         )
-        self._timers: list[tuple[float, int, object]] = []
-        self._timer_seq = 0
         self._commands: deque[Command] = deque()
-        rate = config.unauthenticated_rate_limit
-        self._limiter = RateLimiter(rate) if rate else None
+        self._timers = Timers()
+        self._table = AllocationTable(self._commands.append, config.max_channels_per_allocation)
+        self._ports = PortAllocator(
+            config.lowest_port,
+            config.highest_port,
+            rng,
+            token_bytes,
+            self._timers,
+            self._table.by_port,
+            RESERVATION_LIFETIME * self._scale,
+            FOREIGN_PORT_QUARANTINE * self._scale,
+        )
+        # The table's indexes under short names, for the per-datagram paths.
+        self._allocations = self._table.by_client
+        self._by_port = self._table.by_port
+        self._c2p = self._table.to_peer
+        self._p2c = self._table.to_client
+        self._c2c = self._table.looped
         single = config.single_allocation_per_username
-        self._single_allocation_per_username = (
+        self.single_allocation_per_username = (
             config.auth_scheme == "firezone" if single is None else single
         )
-        self._input_time = 0.0  # the ``now`` of the request being answered
         self._transactions = TransactionCache(
             TRANSACTION_CACHE_TTL * self._scale, TRANSACTION_CACHE_SIZE, TRANSACTION_CACHE_BYTES
         )
         self._error_logged_at: float | None = None
+        rate = config.unauthenticated_rate_limit
+        self._responder = Responder(
+            config.software,
+            self._commands.append,
+            self.stats,
+            RateLimiter(rate) if rate else None,
+            self._transactions,
+        )
 
     # --- accessors ---------------------------------------------------------------------
 
@@ -313,6 +307,22 @@ class Server:
     @property
     def num_active_channels(self) -> int:
         return len(self._p2c)
+
+    def allocation_on(self, port: int) -> Allocation | None:
+        """The live allocation on ``port`` (for observers such as tracing; read-only)."""
+        return self._by_port.get(port)
+
+    def allocation_of_username(self, username: str) -> Allocation | None:
+        """The latest live allocation made with ``username`` (read-only)."""
+        return self._table.by_username.get(username)
+
+    def check_invariants(self) -> None:
+        """Assert the invariants of the allocation table and the port allocator (tests)."""
+        self._table.check_invariants()
+        self._ports.check_invariants()
+        for allocation in self._allocations.values():
+            assert all(f in self._families for f in allocation.families)
+            assert len(allocation.permissions) <= self.config.max_permissions_per_allocation
 
     @property
     def public_ip4(self) -> str | None:
@@ -327,8 +337,9 @@ class Server:
 
     def poll_timeout(self) -> float | None:
         deadlines = []
-        if self._timers:
-            deadlines.append(self._timers[0][0])
+        timer = self._timers.next_deadline()
+        if timer is not None:
+            deadlines.append(timer)
         nonce_expiry = self._nonces.next_expiry()
         if nonce_expiry is not None:
             deadlines.append(nonce_expiry - self.unix_offset)
@@ -339,15 +350,9 @@ class Server:
     def handle_client_input(
         self, data: bytes | memoryview, sender: Addr, now: float
     ) -> ClientRoute | None:
-        """A datagram on the listen port. Returns
-
-        - ``(allocation_port, peer, start, end)``: relay ``data[start:end]`` to ``peer`` from
-          the allocation socket of the peer's family;
-        - ``(client, channel, length)``: the peer is another allocation on this relay (the
-          relay loop): rewrite the 4-byte ChannelData header at the start of ``data`` to
-          ``(channel, length)`` and send ``data[:4 + length]`` to ``client`` from the listen
-          socket of its family, without a trip through the network;
-        - None otherwise."""
+        """A datagram on the listen port. Returns a ``ToPeer`` (relay ``data[span]`` to a
+        peer), a ``LoopToClient`` (the peer is another allocation on this relay: hand the
+        data to that allocation's client without a trip through the network), or None."""
         try:
             size = len(data)
             if size < 4 or sender[1] == 0:
@@ -363,7 +368,9 @@ class Server:
                     self.stats.unroutable_datagrams += 1
                     return None
                 self.stats.count_relayed(length)
-                return route[0], route[1], 4, 4 + length
+                if 4 + length == size:
+                    return route  # unpadded: the channel's own route, built at bind time
+                return ToPeer(route.port, route.peer, slice(4, 4 + length))
             if first < 0x04:
                 return self._handle_stun(data, sender, now)
             self.stats.dropped_datagrams += 1
@@ -374,9 +381,9 @@ class Server:
 
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
-    ) -> tuple[Addr, int] | None:
-        """A datagram on an allocation port. Returns ``(client, channel)`` when it is to be
-        sent to ``client`` as ChannelData; Data indications come out as commands."""
+    ) -> ToClient | None:
+        """A datagram on an allocation port. Returns a ``ToClient`` when it is to be sent to
+        the client as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
             self.stats.count_relayed(len(data))
@@ -420,84 +427,62 @@ class Server:
 
     # --- timers --------------------------------------------------------------------------
 
-    def _schedule(self, deadline: float, item: object) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (deadline, self._timer_seq, item))
-
     def handle_timeout(self, now: float) -> None:
         try:
             self._nonces.expire(now + self.unix_offset)
-            timers = self._timers
-            while timers and timers[0][0] <= now:
-                _, _, item = heapq.heappop(timers)
-                if isinstance(item, Allocation):
-                    self._expire_allocation(item, now)
-                elif isinstance(item, tuple):
-                    self._expire_record(item, now)
+            for record in self._timers.pop_due(now):
+                _TIMER_HANDLERS[type(record)](self, record, now)
         except Exception:
             self._internal_error("handling timers", now)
-
-    def _expire_allocation(self, allocation: Allocation, now: float) -> None:
-        if self._by_port.get(allocation.port) is not allocation:
-            return
-        if allocation.expires_at <= now:
-            log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
-            self._delete_allocation(allocation)
-        else:  # refreshed since this timer was armed
-            self._schedule_allocation(allocation, now)
 
     def _schedule_allocation(self, allocation: Allocation, now: float) -> None:
         """Arm the expiry timer unless one at or before the deadline is still armed, so a
         client refreshing in a loop cannot grow the timer heap."""
         if allocation.timer_at <= now or allocation.expires_at < allocation.timer_at:
             allocation.timer_at = allocation.expires_at
-            self._schedule(allocation.expires_at, allocation)
+            self._timers.schedule(allocation.expires_at, AllocationExpiry(allocation))
 
-    def _expire_record(self, item: tuple[object, ...], now: float) -> None:
-        kind = item[0]
-        if kind == "channel":
-            _, allocation, channel = item
-            assert isinstance(allocation, Allocation) and isinstance(channel, Channel)
-            if allocation.channels.get(channel.number) is not channel:
-                return
-            if channel.bound and channel.expires_at <= now:
-                self._unbind(allocation, channel)
-                log.info("channel %#06x of %s expired", channel.number, allocation.client)
-                self._schedule(channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale, item)
-            elif channel.bound:  # refreshed since this timer was armed
-                self._schedule(channel.expires_at, item)
-            elif (
-                not channel.bound
-                and channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale <= now
-            ):
-                del allocation.channels[channel.number]
-                allocation.channel_by_peer.pop(channel.peer, None)
-        elif kind == "permission":
-            _, allocation, host = item
-            assert isinstance(allocation, Allocation) and isinstance(host, str)
-            expires = allocation.permissions.get(host)
-            if expires is not None and expires <= now:
-                del allocation.permissions[host]
-            elif expires is not None:  # refreshed since this timer was armed
-                self._schedule(expires, item)
-        elif kind == "reservation":
-            token = item[1]
-            assert isinstance(token, bytes)
-            reservation = self._reservations.get(token)
-            if reservation is not None and reservation[1] <= now:
-                del self._reservations[token]
-                self._reserved_ports.discard(reservation[0])
-        elif kind == "quarantine":
-            port = item[1]
-            assert isinstance(port, int)
-            if self._quarantined_ports.get(port, now + 1) <= now:
-                del self._quarantined_ports[port]
+    def _on_allocation_expiry(self, record: AllocationExpiry, now: float) -> None:
+        allocation = record.allocation
+        if self._by_port.get(allocation.port) is not allocation:
+            return
+        if allocation.expires_at <= now:
+            log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
+            self._table.remove(allocation)
+        else:  # refreshed since this timer was armed
+            self._schedule_allocation(allocation, now)
+
+    def _on_channel_expiry(self, record: ChannelExpiry, now: float) -> None:
+        allocation, channel = record.allocation, record.channel
+        if allocation.channels.get(channel.number) is not channel:
+            return
+        rebind_deadline = channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale
+        if channel.bound and channel.expires_at <= now:
+            self._table.unbind(allocation, channel)
+            log.info("channel %#06x of %s expired", channel.number, allocation.client)
+            self._timers.schedule(rebind_deadline, record)
+        elif channel.bound:  # refreshed since this timer was armed
+            self._timers.schedule(channel.expires_at, record)
+        elif rebind_deadline <= now:
+            self._table.forget(allocation, channel)
+
+    def _on_permission_expiry(self, record: PermissionExpiry, now: float) -> None:
+        permissions = record.allocation.permissions
+        expires = permissions.get(record.host)
+        if expires is not None and expires <= now:
+            del permissions[record.host]
+        elif expires is not None:  # refreshed since this timer was armed
+            self._timers.schedule(expires, record)
+
+    def _on_reservation_expiry(self, record: ReservationExpiry, now: float) -> None:
+        self._ports.on_reservation_expiry(record, now)
+
+    def _on_quarantine_expiry(self, record: QuarantineExpiry, now: float) -> None:
+        self._ports.on_quarantine_expiry(record, now)
 
     # --- STUN dispatch -------------------------------------------------------------------
 
-    def _handle_stun(
-        self, data: bytes | memoryview, sender: Addr, now: float
-    ) -> tuple[int, Addr, int, int] | None:
+    def _handle_stun(self, data: bytes | memoryview, sender: Addr, now: float) -> ToPeer | None:
         try:
             msg = stun.parse(data)
         except stun.ParseError as exc:
@@ -513,7 +498,7 @@ class Server:
         return None
 
     def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
-        self._input_time = now
+        self._responder.input_time = now
         cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
         if cached is not None:
             self._commands.append(SendMessage(cached, sender))
@@ -521,87 +506,36 @@ class Server:
         fingerprint = msg.fingerprint_offset is not None
         unknown = msg.unknown_comprehension_required()
         if unknown:
-            self._reply_error(
+            self._responder.reply_error(
                 msg,
                 sender,
-                420,
-                _Auth(None, False, fingerprint),
+                ErrorCode.UNKNOWN_ATTRIBUTE,
+                Auth(None, False, fingerprint),
                 ((Attr.UNKNOWN_ATTRIBUTES, unknown),),
             )
             return
         handler = _HANDLERS.get(msg.method)
         if handler is None:
-            self._reply_error(msg, sender, 400, _Auth(None, False, fingerprint))
+            self._responder.reply_error(
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+            )
             return
         try:
             handler(self, msg, sender, now)
         except stun.BadAttribute as exc:
             log.debug("bad attribute from %s: %s", sender, exc)
-            self._reply_error(msg, sender, 400, _Auth(None, False, fingerprint))
-        except _Reject as reject:
-            auth = reject.auth or _Auth(None, False, fingerprint)
-            self._reply_error(msg, sender, reject.code, auth, reject.extra)
+            self._responder.reply_error(
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+            )
+        except Reject as reject:
+            auth = reject.auth or Auth(None, False, fingerprint)
+            self._responder.reply_error(msg, sender, reject.code, auth, reject.extra)
 
-    # --- replies -------------------------------------------------------------------------
-
-    def _count(self, cls: str, method: int, code: int | None) -> None:
-        key = (cls, MESSAGE_TYPES.get(method, "unknown"), code)
-        responses = self.stats.responses
-        responses[key] = responses.get(key, 0) + 1
-
-    def _reply(
-        self,
-        msg: Message,
-        sender: Addr,
-        cls: int,
-        attributes: list[tuple[int, object]],
-        auth: _Auth,
-        now: float | None = None,
-    ) -> SendMessage:
-        payload = stun.encode(
-            msg.method,
-            cls,
-            msg.transaction_id,
-            [(Attr.SOFTWARE, self.config.software), *attributes],
-            integrity_key=auth.key,
-            integrity_sha256=auth.sha256,
-            fingerprint=auth.fingerprint,
-        )
-        command = SendMessage(payload, sender)
-        limiter = self._limiter
-        if (
-            not auth.verified
-            and limiter is not None
-            and not limiter.allow(sender[0], self._input_time)
-        ):
-            self.stats.rate_limited += 1
-            return command  # not sent: a spoofed source must not make us reflect
-        self._commands.append(command)
-        self._count(
-            "success" if cls == Class.SUCCESS else "error",
-            msg.method,
-            None if cls == Class.SUCCESS else _error_code_of(attributes),
-        )
-        if now is not None and auth.verified:
-            # an authenticated answer: a retransmission gets the same one
-            self._transactions.store(sender, msg.transaction_id, msg.raw, payload, now)
-        return command
-
-    def _reply_error(
-        self,
-        msg: Message,
-        sender: Addr,
-        code: int,
-        auth: _Auth,
-        extra: tuple[tuple[int, object], ...] = (),
-    ) -> None:
-        attributes: list[tuple[int, object]] = [(Attr.ERROR_CODE, (code, stun.REASONS[code]))]
-        attributes.extend(extra)
-        self._reply(msg, sender, Class.ERROR, attributes, auth)
+    # --- authentication ------------------------------------------------------------------
 
     def _challenge(
-        self, msg: Message, sender: Addr, code: int, now: float, key: bytes | None
-    ) -> _Reject:
+        self, msg: Message, sender: Addr, code: ErrorCode, now: float, key: bytes | None
+    ) -> Reject:
         """401/438 with REALM and a nonce for this socket. Signed when we know the key and
         the scheme is firezone (connlib checks every response, and the portal's secret is
         random); unsigned with rest as RFC 8489 says, so a challenge gives nothing to test
@@ -611,15 +545,13 @@ class Server:
             key = None
         fingerprint = msg.fingerprint_offset is not None
         sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
-        return _Reject(
+        return Reject(
             code,
-            _Auth(key, sha256, fingerprint),
+            Auth(key, sha256, fingerprint),
             ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
         )
 
-    # --- authentication ------------------------------------------------------------------
-
-    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[_Auth, str, Identity]:
+    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[Auth, str, Identity]:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
@@ -633,110 +565,63 @@ class Server:
             password = password_for(self.config.auth_scheme, self.auth_secret, username, identity)
             key = stun.long_term_key(username, self.config.realm, password)
         if not has_integrity or username is None or nonce is None or identity is None:
-            raise self._challenge(msg, sender, 401, now, key if has_integrity else None)
+            raise self._challenge(
+                msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
+            )
         assert key is not None
         unix_now = now + self.unix_offset
         check = self._nonces.validate(nonce, sender, unix_now)
         if check == NonceCheck.MALFORMED:
-            raise self._challenge(msg, sender, 401, now, key)
+            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         if check == NonceCheck.STALE:
-            raise self._challenge(msg, sender, 438, now, key)
+            raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
         if identity.expiry < unix_now:
             log.debug("credentials of %s expired", sender)
-            raise self._challenge(msg, sender, 401, now, key)
+            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         if not stun.verify_integrity(msg, key):
             log.debug("bad MESSAGE-INTEGRITY from %s", sender)
-            raise self._challenge(msg, sender, 401, now, key)
+            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
         fingerprint = msg.fingerprint_offset is not None
-        return _Auth(key, sha256, fingerprint, verified=True), username, identity
+        return Auth(key, sha256, fingerprint, verified=True), username, identity
 
     def _own_allocation(
-        self, sender: Addr, auth: _Auth, username: str, any_username: bool = False
+        self, sender: Addr, auth: Auth, username: str, any_username: bool = False
     ) -> Allocation:
         """The sender's allocation; 437 without one, 441 when it belongs to another
         username, unless ``any_username`` (valid credentials from the allocation's own
         5-tuple, which is how connlib deletes it after a credential rotation)."""
         allocation = self._allocations.get(sender)
         if allocation is None:
-            raise _Reject(437, auth)
+            raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
         if allocation.username != username and not any_username:
-            raise _Reject(441, auth)
+            raise Reject(ErrorCode.WRONG_CREDENTIALS, auth)
         return allocation
 
     # --- Binding -------------------------------------------------------------------------
 
     def _on_binding(self, msg: Message, sender: Addr, now: float) -> None:
-        auth = _Auth(None, False, msg.fingerprint_offset is not None)
-        self._reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
+        auth = Auth(None, False, msg.fingerprint_offset is not None)
+        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
 
     # --- Allocate ------------------------------------------------------------------------
 
     def _on_allocate(self, msg: Message, sender: Addr, now: float) -> None:
-        transport = msg.get(Attr.REQUESTED_TRANSPORT)
-        requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
-        additional_family = msg.get(Attr.ADDITIONAL_ADDRESS_FAMILY)
-        even_port = msg.get(Attr.EVEN_PORT)
-        token = msg.get(Attr.RESERVATION_TOKEN)
-        lifetime_request = msg.get(Attr.LIFETIME)
-        if transport is None:
-            raise _Reject(400)
+        request = _AllocateRequest.of(msg)
+        if request.transport is None:
+            raise Reject(ErrorCode.BAD_REQUEST)
         auth, username, identity = self._authenticate(msg, sender, now)
-
         existing = self._allocations.get(sender)
         if existing is not None:
-            if existing.transaction_id == msg.transaction_id:
-                self._allocate_success(msg, existing, auth, now, (), None)
-                return
-            raise _Reject(437, auth)
-        if transport != UDP:
-            raise _Reject(442, auth)
-        if token is not None and (
-            even_port is not None or requested_family is not None or additional_family is not None
-        ):
-            raise _Reject(400, auth)
-        if even_port and additional_family is not None:
-            raise _Reject(400, auth)
-        families, address_error = self._derive_families(requested_family, additional_family, auth)
-
-        previous = self._by_username.get(username)
-        if previous is not None and self._single_allocation_per_username:
-            log.info(
-                "%s allocates again from %s: freeing its allocation for %s",
-                username,
-                sender,
-                previous.client,
-            )
-            self._delete_allocation(previous)
-        if self._per_user.get(identity.user, 0) >= self.config.allocations_per_user_limit:
-            raise _Reject(486, auth)
-        if len(self._allocations) >= self.config.allocation_limit:
-            raise _Reject(508, auth)
-
-        reservation_token: bytes | None = None
-        if token is not None:
-            reserved = self._reservations.pop(token, None)
-            if reserved is None or reserved[1] <= now:
-                raise _Reject(508, auth)
-            port = reserved[0]
-            self._reserved_ports.discard(port)
-        else:
-            picked = self._pick_port(even=even_port is not None)
-            if picked is None:
-                raise _Reject(508, auth)
-            port = picked
-            if even_port:
-                if self._port_free(port + 1) and port + 1 <= self.config.highest_port:
-                    reservation_token = self._token_bytes(8)
-                    until = now + RESERVATION_LIFETIME * self._scale
-                    self._reservations[reservation_token] = (port + 1, until)
-                    self._reserved_ports.add(port + 1)
-                    self._schedule(until, ("reservation", reservation_token))
-                else:
-                    raise _Reject(508, auth)
-
-        lifetime = _effective_lifetime(lifetime_request)
+            if existing.transaction_id != msg.transaction_id:
+                raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
+            self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
+            return
+        families, address_error = self._check_allocate(request, auth)
+        self._make_room(sender, username, identity.user, auth)
+        port, reservation_token = self._choose_port(request, auth, now)
+        lifetime = _effective_lifetime(request.lifetime)
         allocation = Allocation(
             client=sender,
             port=port,
@@ -746,18 +631,10 @@ class Server:
             key=auth.key or b"",
             expires_at=now + lifetime * self._scale,
             transaction_id=msg.transaction_id,
-            bind_attempts=None if token is not None or even_port is not None else 1,
+            bind_attempts=None if request.fixed_port else 1,
+            dont_fragment=request.dont_fragment,
         )
-        self._allocations[sender] = allocation
-        self._by_port[port] = allocation
-        self._by_username[username] = allocation
-        self._per_user[identity.user] = self._per_user.get(identity.user, 0) + 1
-        self._schedule_allocation(allocation, now)
-        self.stats.allocations_created += 1
-        dont_fragment = msg.has(Attr.DONT_FRAGMENT)
-        allocation.dont_fragment = dont_fragment
-        for family in families:
-            self._commands.append(CreateAllocation(port, family, dont_fragment))
+        self._install_allocation(allocation, now)
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
             extra.append((Attr.RESERVATION_TOKEN, reservation_token))
@@ -773,11 +650,73 @@ class Server:
         )
         self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
 
+    def _check_allocate(
+        self, request: _AllocateRequest, auth: Auth
+    ) -> tuple[tuple[Family, ...], tuple[Family, int, str] | None]:
+        """Transport and attribute combinations (RFC 8656 §7.2); the families to relay."""
+        if request.transport != UDP:
+            raise Reject(ErrorCode.UNSUPPORTED_TRANSPORT_PROTOCOL, auth)
+        if request.token is not None and (
+            request.even_port is not None
+            or request.requested_family is not None
+            or request.additional_family is not None
+        ):
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
+        if request.even_port and request.additional_family is not None:
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
+        return self._derive_families(request.requested_family, request.additional_family, auth)
+
+    def _make_room(self, sender: Addr, username: str, user: str, auth: Auth) -> None:
+        """Free the username's previous allocation (Firezone's rule), then the quotas."""
+        previous = self._table.by_username.get(username)
+        if previous is not None and self.single_allocation_per_username:
+            log.info(
+                "%s allocates again from %s: freeing its allocation for %s",
+                username,
+                sender,
+                previous.client,
+            )
+            self._table.remove(previous)
+        if self._table.allocations_of(user) >= self.config.allocations_per_user_limit:
+            raise Reject(ErrorCode.ALLOCATION_QUOTA_REACHED, auth)
+        if len(self._table) >= self.config.allocation_limit:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+
+    def _choose_port(
+        self, request: _AllocateRequest, auth: Auth, now: float
+    ) -> tuple[int, bytes | None]:
+        """The reserved port of a RESERVATION-TOKEN, or a free (even) one; with EVEN-PORT's
+        R bit also a token reserving the next port."""
+        if request.token is not None:
+            reserved = self._ports.claim(request.token, now)
+            if reserved is None:
+                raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+            return reserved, None
+        port = self._ports.pick(even=request.even_port is not None)
+        if port is None:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+        if not request.even_port:
+            return port, None
+        token = self._ports.reserve_next(port, now)
+        if token is None:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+        return port, token
+
+    def _install_allocation(self, allocation: Allocation, now: float) -> None:
+        """Index it, arm its expiry, and bind its sockets (before the response goes out)."""
+        self._table.add(allocation)
+        self._schedule_allocation(allocation, now)
+        self.stats.allocations_created += 1
+        for family in allocation.families:
+            self._commands.append(
+                CreateAllocation(allocation.port, family, allocation.dont_fragment)
+            )
+
     def _allocate_success(
         self,
         msg: Message,
         allocation: Allocation,
-        auth: _Auth,
+        auth: Auth,
         now: float,
         extra: tuple[tuple[int, object], ...],
         lifetime: int | None,
@@ -791,7 +730,7 @@ class Server:
         attributes.append((Attr.XOR_MAPPED_ADDRESS, allocation.client))
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
-        allocation.pending_response = self._reply(
+        allocation.pending_response = self._responder.reply(
             msg, allocation.client, Class.SUCCESS, attributes, auth, now
         )
 
@@ -801,48 +740,26 @@ class Server:
         return ip
 
     def _derive_families(
-        self, requested: Family | None, additional: Family | None, auth: _Auth
+        self, requested: Family | None, additional: Family | None, auth: Auth
     ) -> tuple[tuple[Family, ...], tuple[Family, int, str] | None]:
         have = self._families
         if requested is not None and additional is not None:
-            raise _Reject(400, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         if additional == Family.V4:
-            raise _Reject(400, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         if additional == Family.V6:
             if have == (Family.V4, Family.V6):
                 return have, None
             missing = Family.V6 if have == (Family.V4,) else Family.V4
-            return have, (missing, 440, stun.REASONS[440])
+            return have, (
+                missing,
+                ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED,
+                ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED.reason,
+            )
         wanted = requested or Family.V4
         if wanted not in have:
-            raise _Reject(440, auth)
+            raise Reject(ErrorCode.ADDRESS_FAMILY_NOT_SUPPORTED, auth)
         return (wanted,), None
-
-    def _port_free(self, port: int, avoid: int | None = None) -> bool:
-        return (
-            port != avoid
-            and port not in self._by_port
-            and port not in self._reserved_ports
-            and port not in self._quarantined_ports
-        )
-
-    def _pick_port(self, even: bool, avoid: int | None = None) -> int | None:
-        low, high = self.config.lowest_port, self.config.highest_port
-        step = 2 if even else 1
-        first = low + (low % 2 if even else 0)
-        count = (high - first) // step + 1
-        if count <= 0:
-            return None
-        for _ in range(32):
-            port = first + self._rng.randrange(count) * step
-            if self._port_free(port, avoid):
-                return port
-        start = self._rng.randrange(count)
-        for i in range(count):
-            port = first + ((start + i) % count) * step
-            if self._port_free(port, avoid):
-                return port
-        return None
 
     # --- Refresh -------------------------------------------------------------------------
 
@@ -853,7 +770,7 @@ class Server:
         deleting = lifetime_request == 0
         allocation = self._own_allocation(sender, auth, username, any_username=deleting)
         if requested_family is not None and requested_family not in allocation.families:
-            raise _Reject(443, auth)
+            raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
         if deleting:
             if allocation.username != username:
                 log.info(
@@ -863,26 +780,16 @@ class Server:
                     username,
                 )
             if requested_family is not None and len(allocation.families) > 1:
-                allocation.families = tuple(f for f in allocation.families if f != requested_family)
-                self._commands.append(FreeAllocation(allocation.port, requested_family))
-                self._drop_family_channels(allocation, requested_family)
+                self._table.drop_family(allocation, requested_family)
             else:
                 log.info("%s deleted its allocation on port %d", sender, allocation.port)
-                self._delete_allocation(allocation)
-            self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
+                self._table.remove(allocation)
+            self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
             return
         lifetime = _effective_lifetime(lifetime_request)
         allocation.expires_at = now + lifetime * self._scale
         self._schedule_allocation(allocation, now)
-        self._reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
-
-    def _drop_family_channels(self, allocation: Allocation, family: Family) -> None:
-        for channel in list(allocation.channels.values()):
-            if Family.of(channel.peer[0]) == family:
-                if channel.bound:
-                    self._unbind(allocation, channel)
-                del allocation.channels[channel.number]
-                allocation.channel_by_peer.pop(channel.peer, None)
+        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
 
     # --- CreatePermission ----------------------------------------------------------------
 
@@ -890,24 +797,24 @@ class Server:
         peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
         auth, username, _ = self._authenticate(msg, sender, now)
         if not peers:
-            raise _Reject(400, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         allocation = self._own_allocation(sender, auth, username)
         hosts = list(dict.fromkeys(host for host, _ in peers))  # permissions are per address
         if len(hosts) > MAX_PEERS_PER_REQUEST:
-            raise _Reject(508, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             if Family.of(host) not in allocation.families:
-                raise _Reject(443, auth)
+                raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
             # Judge the address alone, on a port of the allocation range: our own public
             # address passes (Send to it reaches only live allocations, inside the relay).
             if not self.policy.allows(host, self.config.lowest_port):
-                raise _Reject(403, auth)
+                raise Reject(ErrorCode.FORBIDDEN, auth)
         new = [host for host in hosts if host not in allocation.permissions]
         if len(allocation.permissions) + len(new) > self.config.max_permissions_per_allocation:
-            raise _Reject(508, auth)
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             self._permit(allocation, host, now)
-        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
         """Install or refresh a permission; a timer only for a new one (the timer re-arms
@@ -916,7 +823,7 @@ class Server:
         fresh = host not in allocation.permissions
         allocation.permissions[host] = until
         if fresh:
-            self._schedule(until, ("permission", allocation, host))
+            self._timers.schedule(until, PermissionExpiry(allocation, host))
 
     # --- ChannelBind ---------------------------------------------------------------------
 
@@ -924,62 +831,63 @@ class Server:
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
-            raise _Reject(400)
+            raise Reject(ErrorCode.BAD_REQUEST)
         auth, username, _ = self._authenticate(msg, sender, now)
         allocation = self._own_allocation(sender, auth, username)
+        loop = self._check_channel_peer(allocation, peer, auth)
+        channel = self._channel_for(allocation, number, peer, auth, now)
+        self._table.route(allocation, channel, loop)
+        self._permit(allocation, peer[0], now)
+        self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
+
+    def _check_channel_peer(self, allocation: Allocation, peer: Addr, auth: Auth) -> bool:
+        """Whether the peer may be bound at all; True when it is another allocation of this
+        relay (the relay loop)."""
         if Family.of(peer[0]) not in allocation.families:
-            raise _Reject(443, auth)
+            raise Reject(ErrorCode.PEER_ADDRESS_FAMILY_MISMATCH, auth)
         verdict = self.policy.classify(*peer)
         if verdict is Verdict.REFUSE or (
             verdict is Verdict.LOOP
             and not (peer[0] in self._own_hosts and peer[1] in self._by_port)
         ):
             # our own address only in its canonical form, and only on a live allocation
-            raise _Reject(403, auth)
+            raise Reject(ErrorCode.FORBIDDEN, auth)
+        return verdict is Verdict.LOOP
+
+    def _channel_for(
+        self, allocation: Allocation, number: int, peer: Addr, auth: Auth, now: float
+    ) -> Channel:
+        """The channel to (re)bind: a new one, or the same number to the same peer
+        refreshed (also during its rebind timeout); anything else is 400."""
         bound_number = allocation.channel_by_peer.get(peer)
         if bound_number is not None and bound_number != number:
-            raise _Reject(400, auth)
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
         channel = allocation.channels.get(number)
         if channel is not None and channel.peer != peer:
-            raise _Reject(400, auth)
-        if channel is None:
-            if len(allocation.channels) >= self.config.max_channels_per_allocation:
-                raise _Reject(508, auth)
-            channel = Channel(number, peer, now + CHANNEL_LIFETIME * self._scale)
-            allocation.channels[number] = channel
-            allocation.channel_by_peer[peer] = number
-            log.info(
-                "%s bound channel %#06x to %s on port %d", sender, number, peer, allocation.port
-            )
-            # one timer per channel: it re-arms itself while the channel is refreshed
-            self._schedule(channel.expires_at, ("channel", allocation, channel))
-        else:
-            channel.expires_at = now + CHANNEL_LIFETIME * self._scale
+            raise Reject(ErrorCode.BAD_REQUEST, auth)
+        expires_at = now + CHANNEL_LIFETIME * self._scale
+        if channel is not None:
+            channel.expires_at = expires_at
             channel.bound = True
-        table = self._c2c if verdict is Verdict.LOOP else self._c2p
-        table[(sender, number)] = (allocation.port, peer)
-        self._p2c[(allocation.port, peer)] = (sender, number)
-        self._permit(allocation, peer[0], now)
-        self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
-        self._reply(msg, sender, Class.SUCCESS, [], auth, now)
-
-    def _unbind(self, allocation: Allocation, channel: Channel) -> None:
-        channel.bound = False
-        self._forget_routes(allocation, channel)
-        self._commands.append(
-            DeleteChannelBinding(allocation.client, channel.number, channel.peer, allocation.port)
+            return channel
+        if len(allocation.channels) >= self.config.max_channels_per_allocation:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+        channel = self._table.add_channel(allocation, number, peer, expires_at)
+        log.info(
+            "%s bound channel %#06x to %s on port %d",
+            allocation.client,
+            number,
+            peer,
+            allocation.port,
         )
-
-    def _forget_routes(self, allocation: Allocation, channel: Channel) -> None:
-        self._c2p.pop((allocation.client, channel.number), None)
-        self._c2c.pop((allocation.client, channel.number), None)
-        self._p2c.pop((allocation.port, channel.peer), None)
+        # one timer per channel: it re-arms itself while the channel is refreshed
+        self._timers.schedule(expires_at, ChannelExpiry(allocation, channel))
+        return channel
 
     # --- Send indication -----------------------------------------------------------------
 
-    def _handle_send(
-        self, msg: Message, sender: Addr, now: float
-    ) -> tuple[int, Addr, int, int] | None:
+    def _handle_send(self, msg: Message, sender: Addr, now: float) -> ToPeer | None:
         allocation = self._allocations.get(sender)
         if allocation is None or msg.unknown_comprehension_required():
             self.stats.dropped_datagrams += 1
@@ -1011,7 +919,7 @@ class Server:
                 self.stats.unroutable_datagrams += 1
             return None
         self.stats.count_relayed(end - start)
-        return allocation.port, peer, start, end
+        return ToPeer(allocation.port, peer, slice(start, end))
 
     # --- the relay loop ------------------------------------------------------------------
 
@@ -1023,7 +931,7 @@ class Server:
         needs the public address to be local (it is not behind a cloud NAT). A port of the
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
-        port, peer = self._c2c[(sender, channel)]
+        port, peer, _ = self._c2c[(sender, channel)]
         if peer[1] not in self._by_port:
             self.stats.unroutable_datagrams += 1
             return None
@@ -1032,7 +940,7 @@ class Server:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
             return None
         self.stats.count_relayed(length)
-        return target[0], target[1], length
+        return LoopToClient(target.client, target.channel, length)
 
     def _deliver_to_allocation(self, data: bytes, peer: Addr, from_port: int, now: float) -> None:
         """What the allocation on ``peer``'s port would do with ``data`` arriving from our
@@ -1047,31 +955,7 @@ class Server:
         client, channel = target
         self._commands.append(SendMessage(struct.pack("!HH", channel, len(data)) + data, client))
 
-    # --- deletion ------------------------------------------------------------------------
-
-    def _delete_allocation(self, allocation: Allocation) -> None:
-        for channel in allocation.channels.values():
-            channel.bound = False
-            self._forget_routes(allocation, channel)
-            self._commands.append(
-                DeleteChannelBinding(
-                    allocation.client, channel.number, channel.peer, allocation.port
-                )
-            )
-        allocation.channels.clear()
-        allocation.channel_by_peer.clear()
-        allocation.permissions.clear()
-        for family in allocation.families:
-            self._commands.append(FreeAllocation(allocation.port, family))
-        self._allocations.pop(allocation.client, None)
-        self._by_port.pop(allocation.port, None)
-        if self._by_username.get(allocation.username) is allocation:
-            del self._by_username[allocation.username]
-        remaining = self._per_user.get(allocation.user, 1) - 1
-        if remaining > 0:
-            self._per_user[allocation.user] = remaining
-        else:
-            self._per_user.pop(allocation.user, None)
+    # --- failed binds and shutdown -----------------------------------------------------
 
     def handle_allocation_failed(self, port: int, now: float | None = None) -> None:
         """The I/O layer could not bind ``port`` (another local socket holds it: Linux's
@@ -1085,33 +969,33 @@ class Server:
         try:
             allocation = self._by_port.get(port)
             if now is not None:
-                until = now + FOREIGN_PORT_QUARANTINE * self._scale
-                self._quarantined_ports[port] = until
-                self._schedule(until, ("quarantine", port))
+                self._ports.quarantine(port, now)
             if allocation is None:
                 return
             pending = allocation.pending_response
             queued = pending is not None and pending in self._commands
             if queued and self._move_allocation(allocation, port):
                 return
-            self._delete_allocation(allocation)
+            self._table.remove(allocation)
             if pending is not None and queued:
-                index = self._commands.index(pending)
-                parsed = stun.parse(pending.payload)
-                error = stun.encode(
-                    parsed.method,
-                    Class.ERROR,
-                    parsed.transaction_id,
-                    [
-                        (Attr.SOFTWARE, self.config.software),
-                        (Attr.ERROR_CODE, (508, stun.REASONS[508])),
-                    ],
-                    integrity_key=allocation.key or None,
-                )
-                self._commands[index] = SendMessage(error, pending.recipient)
-                self._transactions.discard(allocation.client, allocation.transaction_id)
+                self._fail_pending(allocation, pending)
         except Exception:
-            self._internal_error("handling a failed allocation", now or self._input_time)
+            self._internal_error("handling a failed allocation", now or self._responder.input_time)
+
+    def _fail_pending(self, allocation: Allocation, pending: SendMessage) -> None:
+        """Turn a still-queued Allocate success into 508 (signed alike), uncached."""
+        index = self._commands.index(pending)
+        parsed = stun.parse(pending.payload)
+        code = ErrorCode.INSUFFICIENT_CAPACITY
+        error = stun.encode(
+            parsed.method,
+            Class.ERROR,
+            parsed.transaction_id,
+            [(Attr.SOFTWARE, self.config.software), (Attr.ERROR_CODE, (code, code.reason))],
+            integrity_key=allocation.key or None,
+        )
+        self._commands[index] = SendMessage(error, pending.recipient)
+        self._transactions.discard(allocation.client, allocation.transaction_id)
 
     def _move_allocation(self, allocation: Allocation, failed: int) -> bool:
         """Re-home a just-made allocation whose port could not be bound; False if it may
@@ -1119,41 +1003,64 @@ class Server:
         attempts = allocation.bind_attempts
         if attempts is None or attempts >= MAX_BIND_ATTEMPTS:
             return False
-        port = self._pick_port(even=False, avoid=failed)
+        port = self._ports.pick(even=False, avoid=failed)
         pending = allocation.pending_response
         if port is None or pending is None:
             return False
         log.info("port %d is taken; allocation for %s moves to %d", failed, allocation.client, port)
         allocation.bind_attempts = attempts + 1
-        del self._by_port[failed]
-        allocation.port = port
-        self._by_port[port] = allocation
+        self._table.move(allocation, port)
         response = SendMessage(_readdress(pending.payload, port, allocation.key), pending.recipient)
         allocation.pending_response = response
         self._transactions.replace_response(
             allocation.client, allocation.transaction_id, response.payload
         )
-        # Drop the failed port's remaining binds (the actor gave up the whole port), and
-        # bind the new port right before the response, keeping "socket before response".
-        rebuilt: deque[Command] = deque()
+        self._requeue_binds(allocation, failed, pending, response)
+        return True
+
+    def _requeue_binds(
+        self, allocation: Allocation, failed: int, pending: SendMessage, response: SendMessage
+    ) -> None:
+        """Drop the failed port's remaining binds (the actor gave up the whole port), and
+        bind the new port right before the response, keeping "socket before response"."""
+        rebuilt: list[Command] = []
         for command in self._commands:
             if isinstance(command, CreateAllocation) and command.port == failed:
                 continue
             if command is pending:
                 rebuilt.extend(
-                    CreateAllocation(port, family, allocation.dont_fragment)
+                    CreateAllocation(allocation.port, family, allocation.dont_fragment)
                     for family in allocation.families
                 )
                 rebuilt.append(response)
             else:
                 rebuilt.append(command)
-        self._commands = rebuilt
-        return True
+        # in place: the allocation table holds the queue's append
+        self._commands.clear()
+        self._commands.extend(rebuilt)
 
     def free_all(self, now: float) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
-            self._delete_allocation(allocation)
+            self._table.remove(allocation)
+
+
+def _peer_policy(config: ServerConfig) -> PeerPolicy:
+    return PeerPolicy(
+        allow_loopback=config.allow_loopback_peers,
+        allow_private=config.allow_private_peers,
+        own_addresses=frozenset(
+            str(ipaddress.ip_address(a)) for a in (config.public_ip4, config.public_ip6) if a
+        ),
+        host_addresses=frozenset(
+            str(ipaddress.ip_address(a.split("%")[0])) for a in config.local_addresses
+        ),
+        lowest_port=config.lowest_port,
+        highest_port=config.highest_port,
+        listen_port=config.listen_port,
+        allowed=networks(config.allowed_peer_ips),
+        denied=networks(config.denied_peer_ips),
+    )
 
 
 def _effective_lifetime(requested: int | None) -> int:
@@ -1161,14 +1068,6 @@ def _effective_lifetime(requested: int | None) -> int:
     if requested is None:
         return DEFAULT_LIFETIME
     return max(DEFAULT_LIFETIME, min(requested, MAX_LIFETIME))
-
-
-def _error_code_of(attributes: list[tuple[int, object]]) -> int | None:
-    for attr_type, value in attributes:
-        if attr_type == Attr.ERROR_CODE and isinstance(value, tuple):
-            code = value[0]
-            return code if isinstance(code, int) else None
-    return None
 
 
 def _readdress(payload: bytes, port: int, key: bytes) -> bytes:
@@ -1207,10 +1106,21 @@ def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:
     return None
 
 
-_HANDLERS = {
+#: the requests the server answers (anything else is 400); Send indications and
+#: ChannelData take the data paths of ``handle_client_input``
+_HANDLERS: dict[int, Callable[[Server, Message, Addr, float], None]] = {
     Method.BINDING: Server._on_binding,
     Method.ALLOCATE: Server._on_allocate,
     Method.REFRESH: Server._on_refresh,
     Method.CREATE_PERMISSION: Server._on_create_permission,
     Method.CHANNEL_BIND: Server._on_channel_bind,
+}
+
+#: what a due timer record means: re-check the state it names and act (or re-arm)
+_TIMER_HANDLERS: dict[type[TimerRecord], Callable[[Server, Any, float], None]] = {
+    AllocationExpiry: Server._on_allocation_expiry,
+    ChannelExpiry: Server._on_channel_expiry,
+    PermissionExpiry: Server._on_permission_expiry,
+    ReservationExpiry: Server._on_reservation_expiry,
+    QuarantineExpiry: Server._on_quarantine_expiry,
 }

@@ -23,6 +23,7 @@ import pytest
 from protocol.auth import firezone_password
 from protocol.client import TurnClient
 from protocol.commands import Command, CreateAllocation
+from protocol.routes import LoopToClient
 from protocol.server import Server, ServerConfig
 from protocol.types import Addr, Family
 from tests.integration.conftest import Netns, require_bcc
@@ -176,14 +177,14 @@ class Relay:
             route = self.server.handle_client_input(p.payload, p.src, 0.0)
             if route is None:
                 return None
-            if len(route) == 3:
+            if isinstance(route, LoopToClient):
                 # relay loop: the core hands the data to the other allocation's client
                 client, channel, length = route
                 return self._expect(
                     p, client, LISTEN, channel_data(channel, p.payload[4 : 4 + length])
                 )
-            port, peer, start, end = route
-            return self._expect(p, peer, port, p.payload[start:end])
+            port, peer, span = route
+            return self._expect(p, peer, port, p.payload[span])
         back = self.server.handle_peer_traffic(p.payload, p.src, p.dst[1], 0.0)
         if back is None:
             return None

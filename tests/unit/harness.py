@@ -9,6 +9,7 @@ from protocol import stun
 from protocol.auth import firezone_password, rest_password
 from protocol.client import TurnClient
 from protocol.commands import Command, SendMessage
+from protocol.routes import ClientRoute
 from protocol.server import Server, ServerConfig
 from protocol.stun import Attr, Class, Message
 from protocol.types import Addr, Family
@@ -25,7 +26,7 @@ PEER6 = ("2001:4860:4860::8844", 5000)
 @dataclass
 class Outcome:
     commands: list[Command]
-    relay: tuple[int, Addr, int, int] | None = None
+    relay: ClientRoute | None = None
 
     @property
     def messages(self) -> list[Message]:

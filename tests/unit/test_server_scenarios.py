@@ -16,6 +16,7 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
+from protocol.routes import LoopToClient, ToClient, ToPeer
 from protocol.server import MAX_BIND_ATTEMPTS
 from protocol.stun import Attr, Class, Method
 from protocol.types import Family
@@ -418,11 +419,17 @@ def test_data_path_both_ways() -> None:
     _, port, _ = _bound(h)
     datagram = channel_data.encode(0x4000, b"hello") + b"\x00\x00\x00"  # padded
     out = h.send(datagram)
-    assert out.relay == (port, PEER, 4, 9) and out.commands == []
+    # padded ChannelData: the payload without the padding
+    assert out.relay == ToPeer(port, PEER, slice(4, 9)) and out.commands == []
     assert datagram[4:9] == b"hello"
     back = h.peer(b"world", PEER, port)
-    assert back.route == (CLIENT, 0x4000)  # type: ignore[attr-defined]
+    assert back.route == ToClient(CLIENT, 0x4000)  # type: ignore[attr-defined]
     assert h.server.stats.relayed_packets_userspace == 2
+    unpadded = channel_data.encode(0x4000, b"hello!!!")
+    route = h.send(unpadded).relay
+    # unpadded: the channel's route itself, built once when it was bound
+    assert route == ToPeer(port, PEER, slice(4, None)) and unpadded[route.span] == b"hello!!!"
+    assert h.send(unpadded).relay is route
 
 
 @pytest.mark.parametrize(
@@ -552,8 +559,9 @@ def test_send_and_data_indications_follow_permissions() -> None:
     assert is_success(response) and client.verify(response)
     out = h.send(indication)
     assert out.relay is not None
-    relay_port, peer, start, end = out.relay
-    assert (relay_port, peer, indication[start:end]) == (port, PEER, b"ping")
+    assert isinstance(out.relay, ToPeer)
+    relay_port, peer, span = out.relay
+    assert (relay_port, peer, indication[span]) == (port, PEER, b"ping")
     # any port of a permitted IP may answer; it arrives as a Data indication
     back = h.peer(b"pong", ("8.8.4.4", 6000), port)
     (message,) = back.messages
@@ -893,9 +901,10 @@ def test_relay_loop_channel_to_channel_is_delivered_in_place() -> None:
     assert is_success(h.send(a.channel_bind(0x4000, (PUBLIC4, port_b))).response)
     assert is_success(h.send(b.channel_bind(0x4ABC, (PUBLIC4, port_a)), CLIENT_B).response)
     out = h.send(channel_data.encode(0x4000, b"through the loop"))
-    assert out.relay == (CLIENT_B, 0x4ABC, len(b"through the loop")) and out.commands == []
+    assert out.relay == LoopToClient(CLIENT_B, 0x4ABC, len(b"through the loop"))
+    assert out.commands == []
     back = h.send(channel_data.encode(0x4ABC, b"and back"), CLIENT_B)
-    assert back.relay == (CLIENT, 0x4000, len(b"and back"))
+    assert back.relay == LoopToClient(CLIENT, 0x4000, len(b"and back"))
 
 
 def test_relay_loop_without_a_channel_on_the_far_side_uses_its_permissions() -> None:

@@ -1,0 +1,200 @@
+"""The allocation table: every live allocation, its channels and permissions, and the
+indexes and fast-path routes over them, kept in step in one place.
+
+Invariants (checked by ``check_invariants``, which the unit tests call after every step):
+
+1. ``by_client`` and ``by_port`` hold the same live allocations, each under its current
+   client 5-tuple and port; a deleted allocation is in neither and has no channels or
+   permissions left.
+2. ``by_username[u]`` is a live allocation with username ``u`` (the latest one made with it).
+3. ``per_user[user]`` counts the live allocations of ``user``; no zero entries.
+4. In an allocation, ``channels`` and ``channel_by_peer`` are inverse maps (number <-> peer),
+   every channel's peer is of one of the allocation's families, and there are at most
+   ``max_channels`` channels (bound or waiting out the rebind timeout).
+5. Routes exist for bound channels only, and for all of them: ``to_client[(port, peer)]``,
+   and exactly one of ``to_peer`` (a real peer) or ``looped`` (the peer is another
+   allocation of this relay) under ``(client, number)``, all naming the allocation's
+   current client and port.
+6. Every change of a channel's routes emits ``CreateChannelBinding`` /
+   ``DeleteChannelBinding``; every deletion of an allocation emits one ``FreeAllocation``
+   per family, after the channel deletions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.commands import Command, DeleteChannelBinding, FreeAllocation, SendMessage
+from protocol.routes import AFTER_HEADER, ToClient, ToPeer
+from protocol.types import Addr, Family
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    number: int
+    peer: Addr
+    expires_at: float
+    bound: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class Allocation:
+    client: Addr
+    port: int
+    families: tuple[Family, ...]
+    username: str
+    user: str
+    key: bytes
+    expires_at: float
+    transaction_id: bytes
+    channels: dict[int, Channel] = field(default_factory=dict)
+    channel_by_peer: dict[Addr, int] = field(default_factory=dict)
+    permissions: dict[str, float] = field(default_factory=dict)
+    pending_response: SendMessage | None = None
+    dont_fragment: bool = False
+    #: the deadline of the expiry timer in the heap (refreshes only push an earlier one)
+    timer_at: float = 0.0
+    #: ports tried so far; None = no retry on a failed bind (EVEN-PORT, RESERVATION-TOKEN)
+    bind_attempts: int | None = 1
+
+
+class AllocationTable:
+    def __init__(self, emit: Callable[[Command], None], max_channels: int = 1024) -> None:
+        self._emit = emit
+        self.max_channels = max_channels
+        self.by_client: dict[Addr, Allocation] = {}
+        self.by_port: dict[int, Allocation] = {}
+        self.by_username: dict[str, Allocation] = {}
+        self.per_user: dict[str, int] = {}
+        # The fast paths, holding bound channels only.
+        self.to_peer: dict[tuple[Addr, int], ToPeer] = {}
+        self.to_client: dict[tuple[int, Addr], ToClient] = {}
+        #: bound channels whose peer is another allocation on this relay (the relay loop)
+        self.looped: dict[tuple[Addr, int], ToPeer] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_client)
+
+    @property
+    def bound_channels(self) -> int:
+        return len(self.to_client)
+
+    def allocations_of(self, user: str) -> int:
+        return self.per_user.get(user, 0)
+
+    # --- allocations ---------------------------------------------------------------------
+
+    def add(self, allocation: Allocation) -> None:
+        self.by_client[allocation.client] = allocation
+        self.by_port[allocation.port] = allocation
+        self.by_username[allocation.username] = allocation
+        self.per_user[allocation.user] = self.per_user.get(allocation.user, 0) + 1
+
+    def remove(self, allocation: Allocation) -> None:
+        """Delete an allocation: unbind its channels, then free its sockets (commands)."""
+        for channel in allocation.channels.values():
+            self.unbind(allocation, channel)  # unbound ones too, as the Firezone relay does
+        allocation.channels.clear()
+        allocation.channel_by_peer.clear()
+        allocation.permissions.clear()
+        for family in allocation.families:
+            self._emit(FreeAllocation(allocation.port, family))
+        self.by_client.pop(allocation.client, None)
+        self.by_port.pop(allocation.port, None)
+        if self.by_username.get(allocation.username) is allocation:
+            del self.by_username[allocation.username]
+        remaining = self.per_user.get(allocation.user, 1) - 1
+        if remaining > 0:
+            self.per_user[allocation.user] = remaining
+        else:
+            self.per_user.pop(allocation.user, None)
+
+    def move(self, allocation: Allocation, port: int) -> None:
+        """Re-home an allocation that has no channels yet (its port could not be bound)."""
+        assert not allocation.channels
+        del self.by_port[allocation.port]
+        allocation.port = port
+        self.by_port[port] = allocation
+
+    def drop_family(self, allocation: Allocation, family: Family) -> None:
+        """Refresh deleting one family of a dual-stack allocation."""
+        allocation.families = tuple(f for f in allocation.families if f != family)
+        self._emit(FreeAllocation(allocation.port, family))
+        for channel in list(allocation.channels.values()):
+            if Family.of(channel.peer[0]) == family:
+                if channel.bound:
+                    self.unbind(allocation, channel)
+                self.forget(allocation, channel)
+
+    # --- channels ------------------------------------------------------------------------
+
+    def add_channel(
+        self, allocation: Allocation, number: int, peer: Addr, expires_at: float
+    ) -> Channel:
+        channel = Channel(number, peer, expires_at)
+        allocation.channels[number] = channel
+        allocation.channel_by_peer[peer] = number
+        return channel
+
+    def route(self, allocation: Allocation, channel: Channel, loop: bool) -> None:
+        """Install the fast-path routes of a (re)bound channel."""
+        key = (allocation.client, channel.number)
+        (self.to_peer if loop else self.looped).pop(key, None)
+        (self.looped if loop else self.to_peer)[key] = ToPeer(
+            allocation.port, channel.peer, AFTER_HEADER
+        )
+        self.to_client[(allocation.port, channel.peer)] = ToClient(
+            allocation.client, channel.number
+        )
+
+    def unbind(self, allocation: Allocation, channel: Channel) -> None:
+        """The channel stops relaying (it keeps its number and peer until ``forget``)."""
+        channel.bound = False
+        key = (allocation.client, channel.number)
+        self.to_peer.pop(key, None)
+        self.looped.pop(key, None)
+        self.to_client.pop((allocation.port, channel.peer), None)
+        self._emit(
+            DeleteChannelBinding(allocation.client, channel.number, channel.peer, allocation.port)
+        )
+
+    def forget(self, allocation: Allocation, channel: Channel) -> None:
+        """An unbound channel's number and peer become free for other bindings."""
+        del allocation.channels[channel.number]
+        allocation.channel_by_peer.pop(channel.peer, None)
+
+    # --- invariants ----------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Assert the invariants of the module docstring (tests; O(size of the table))."""
+        assert len(self.by_client) == len(self.by_port)
+        routes = 0
+        for client, allocation in self.by_client.items():
+            assert allocation.client == client
+            assert self.by_port.get(allocation.port) is allocation
+            assert len(allocation.channels) <= self.max_channels
+            assert len(allocation.channel_by_peer) == len(allocation.channels)
+            for number, channel in allocation.channels.items():
+                assert channel.number == number
+                assert allocation.channel_by_peer[channel.peer] == number
+                assert Family.of(channel.peer[0]) in allocation.families
+                key = (client, number)
+                to_client = self.to_client.get((allocation.port, channel.peer))
+                if channel.bound:
+                    routes += 1
+                    assert (key in self.to_peer) != (key in self.looped)
+                    route = self.to_peer.get(key) or self.looped[key]
+                    assert route == (allocation.port, channel.peer, AFTER_HEADER)
+                    assert to_client == (client, number)
+                else:
+                    assert key not in self.to_peer and key not in self.looped
+                    assert to_client is None
+        assert routes == len(self.to_client) == len(self.to_peer) + len(self.looped)
+        for username, allocation in self.by_username.items():
+            assert allocation.username == username
+            assert self.by_client.get(allocation.client) is allocation
+        users: dict[str, int] = {}
+        for allocation in self.by_client.values():
+            users[allocation.user] = users.get(allocation.user, 0) + 1
+        assert users == self.per_user
