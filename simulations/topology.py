@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from xdp.netns import netns as _enter_netns
 
@@ -95,6 +95,17 @@ def run(args: Sequence[str], *, input: str | None = None, check: bool = True) ->
 def list_netns() -> list[str]:
     out = run(["ip", "netns", "list"], check=False)
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+class _Sysctl(Protocol):
+    def sysctl(self, ns: str, key: str, value: object) -> None: ...
+
+
+def reserve_allocation_ports(topology: _Sysctl, ns: str) -> None:
+    """What the README asks of a relay's host: keep the kernel's ephemeral ports out of the
+    allocation range (per namespace), so no local socket takes a port the relay hands out and
+    the relay has nothing to warn about."""
+    topology.sysctl(ns, "net.ipv4.ip_local_reserved_ports", "49152-65535")
 
 
 def purge(prefix: str) -> None:
@@ -286,6 +297,7 @@ class Topology:
         for ns in self.namespaces:
             run(["ip", "netns", "add", ns])
             self.ip(ns, "link", "set", "lo", "up")
+            reserve_allocation_ports(self, ns)
             if not o.ipv6:
                 # quiet: no IPv6 at all on the links created next (``all`` misses new links)
                 self.sysctl(ns, "net.ipv6.conf.all.disable_ipv6", 1)
@@ -626,6 +638,7 @@ class LabTopology(Topology):
         for ns in self.namespaces:
             run(["ip", "netns", "add", ns])
             self.ip(ns, "link", "set", "lo", "up")
+            reserve_allocation_ports(self, ns)
             if ns in (self.cli, self.gw):
                 # IPv6 only inside (::1 for the web server, the tunnel's addresses); quiet
                 self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
