@@ -18,7 +18,7 @@ from setuptools.command.build_py import build_py
 from actors.version import git_revision
 
 
-class BuildPy(build_py):  # type: ignore[misc]
+class BuildPy(build_py):
     """setuptools' build_py plus ``revision.txt`` in the built ``actors`` package."""
 
     def run(self) -> None:

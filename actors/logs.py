@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import TextIO
 
 __all__ = ["FloodGuard", "LogFilter", "configure", "parse_directives"]
 
@@ -82,6 +83,16 @@ def parse_directives(text: str) -> tuple[int, dict[str, int]]:
     return default, targets
 
 
+@dataclass(slots=True)
+class _Site:
+    """One log call site's flood window."""
+
+    start: float  # when the window began
+    lines: int  # lines logged in the window
+    suppressed: int  # lines dropped since the last report
+    template: str  # the message, for the report
+
+
 class FloodGuard(logging.Filter):
     """Per call site rate limit for the log handler; thread-safe.
 
@@ -100,8 +111,7 @@ class FloodGuard(logging.Filter):
         self.burst_info = burst_info
         self.interval = interval
         self._lock = threading.Lock()
-        #: site -> [window start, lines in window, suppressed, message template]
-        self._sites: dict[tuple[str, str, int], list[Any]] = {}
+        self._sites: dict[tuple[str, str, int], _Site] = {}
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -117,24 +127,28 @@ class FloodGuard(logging.Filter):
             if state is None:
                 if len(self._sites) >= 4096:  # bounded even against a bug that varies sites
                     self._sites.clear()
-                state = self._sites[site] = [now, 0, 0, str(template)]
-            if now - state[0] >= self.interval:
-                if state[2]:
-                    record.msg = f"{record.msg} (suppressed {state[2]} like this before)"
-                state[0], state[1], state[2] = now, 0, 0
-            state[1] += 1
-            if state[1] <= (self.burst if record.levelno >= logging.WARNING else self.burst_info):
+                state = self._sites[site] = _Site(now, 0, 0, str(template))
+            if now - state.start >= self.interval:
+                if state.suppressed:
+                    record.msg = f"{record.msg} (suppressed {state.suppressed} like this before)"
+                state.start, state.lines, state.suppressed = now, 0, 0
+            state.lines += 1
+            if state.lines <= (
+                self.burst if record.levelno >= logging.WARNING else self.burst_info
+            ):
                 return True
-            state[2] += 1
+            state.suppressed += 1
             self.suppressed_total += 1
             return False
 
     def flush(self) -> None:
         """Log how many lines each site lost since its window began, and start anew."""
         with self._lock:
-            lost = [(site, s[2], s[3]) for site, s in self._sites.items() if s[2]]
+            lost = [
+                (site, s.suppressed, s.template) for site, s in self._sites.items() if s.suppressed
+            ]
             for site, *_ in lost:
-                self._sites[site][2] = 0
+                self._sites[site].suppressed = 0
         for (name, _, lineno), count, template in lost:
             logging.getLogger("relay.logs").warning(
                 "suppressed %d log lines like %r (%s, line %d)", count, template[:200], name, lineno
@@ -207,7 +221,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "timestamp": ts.isoformat().replace("+00:00", "Z"),
             "level": record.levelname,
             "target": record.name,

@@ -80,7 +80,7 @@ class _Http:
         req = urllib.request.Request(url, method=method, headers=dict(headers))
         try:
             with self.opener.open(req, timeout=remaining) as response:
-                body = response.read(MAX_BODY)
+                body: bytes = response.read(MAX_BODY)
                 got = {k.lower(): v for k, v in response.headers.items()}
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
@@ -100,22 +100,23 @@ class _Http:
 def _bounded(what: str, timeout: float, work: Callable[[], T]) -> T:
     """Run ``work`` on a thread and give up after ``timeout``: getaddrinfo has no timeout,
     and a relay outside the cloud must not hang on resolving the metadata host."""
-    box: dict[str, object] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            box["value"] = work()
+            values.append(work())
         except BaseException as exc:
-            box["error"] = exc
+            errors.append(exc)
 
     thread = threading.Thread(target=run, name="metadata", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
         raise MetadataError(f"{what}: no answer within {timeout:g} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 def _gce_root(env: Mapping[str, str]) -> str:

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -62,6 +61,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.util.types import Attributes, AttributeValue
 
 __all__ = [
     "BridgingExporter",
@@ -92,7 +92,7 @@ LOW_MEMORY: dict[type, AggregationTemporality] = {
 def make_resource(extra: Mapping[str, str] | None = None) -> Resource:
     """The relay's resource; ``extra`` (cloud metadata discovery) adds to
     OTEL_RESOURCE_ATTRIBUTES and wins over it, as Firezone's init script's export does."""
-    attrs: dict[str, Any] = {**(extra or {}), "service.namespace": "firezone"}
+    attrs: dict[str, AttributeValue] = {**(extra or {}), "service.namespace": "firezone"}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = "relay"
     return Resource.create(attrs)
@@ -236,7 +236,7 @@ class BridgingExporter(MetricExporter):
         self._previous_ns: int | None = None
 
     def export(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object
     ) -> MetricExportResult:
         snapshot = self.bridge.snapshot()
         metrics = self.bridge.metrics(self.temporality, self._previous, self._previous_ns, snapshot)
@@ -247,7 +247,7 @@ class BridgingExporter(MetricExporter):
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self.inner.force_flush(timeout_millis=timeout_millis)
 
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
         self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
@@ -263,7 +263,7 @@ def _prom_name(name: str, unit: str | None) -> str:
     return base
 
 
-def _labels(attributes: Any, extra: str = "") -> str:
+def _labels(attributes: Attributes, extra: str = "") -> str:
     items = []
     for key, value in (attributes or {}).items():
         k = "".join(c if c.isalnum() else "_" for c in str(key))
@@ -373,7 +373,10 @@ class Telemetry:
 
         def response_counts(_: CallbackOptions) -> Iterable[Observation]:
             for (klass, message_type, code), n in list(responses().items()):
-                attrs: dict[str, Any] = {"response_class": klass, "message_type": message_type}
+                attrs: dict[str, AttributeValue] = {
+                    "response_class": klass,
+                    "message_type": message_type,
+                }
                 if code is not None:
                     attrs["error_code"] = code
                 yield Observation(n, attrs)

@@ -23,10 +23,11 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from protocol import stun
 from protocol.commands import (
@@ -48,7 +49,7 @@ __all__ = ["RelayTracing"]
 
 log = logging.getLogger("relay.tracing")
 
-Attributes = dict[str, Any]
+Attributes = dict[str, AttributeValue]
 
 
 @dataclass(slots=True)
@@ -80,10 +81,12 @@ class RelayTracing:
 
     # -- startup and shutdown -------------------------------------------------------------
 
-    def begin_startup(self, attributes: Mapping[str, Any]) -> None:
+    def begin_startup(self, attributes: Mapping[str, AttributeValue]) -> None:
         self._startup = self.tracer.start_span("relay.startup", attributes=dict(attributes))
 
-    def end_startup(self, error: BaseException | None = None, **attributes: Any) -> None:
+    def end_startup(
+        self, error: BaseException | None = None, /, **attributes: AttributeValue
+    ) -> None:
         span, self._startup = self._startup, None
         if span is None:
             return
@@ -101,7 +104,7 @@ class RelayTracing:
             "relay.shutdown", attributes={"relay.shutdown.reason": reason or "signal"}
         )
 
-    def end_shutdown(self, **attributes: Any) -> None:
+    def end_shutdown(self, **attributes: AttributeValue) -> None:
         span, self._shutdown = self._shutdown, None
         if span is not None:
             span.set_attributes(attributes)

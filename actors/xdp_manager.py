@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pykka
 
@@ -28,6 +28,10 @@ from xdp import bpfsys, interface
 from xdp import netns as netns_mod
 from xdp.bindings import BindingTable
 from xdp.maps import STATS_SIZE, RouterConfig, XdpCounters
+
+if TYPE_CHECKING:
+    from actors.daemon import Settings
+    from xdp.loader import TurnRouter
 
 logger = logging.getLogger("relay.xdp")
 
@@ -117,7 +121,7 @@ class XdpManager(pykka.ThreadingActor):
     def __init__(self, options: XdpOptions) -> None:
         super().__init__()
         self.options = options
-        self._router: Any = None
+        self._router: TurnRouter | None = None
         self._table = BindingTable()
         self._reason: str | None = None
         self._full_warned = False
@@ -197,7 +201,7 @@ class XdpManager(pykka.ThreadingActor):
 
     # -- commands ------------------------------------------------------------------------
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> None:
         """``tell`` entry point: a tuple (or list) of commands, or a single command."""
         if isinstance(message, CreateChannelBinding | DeleteChannelBinding):
             message = (message,)
@@ -326,8 +330,10 @@ def start_offload(options: XdpOptions, timeout: float = 60.0) -> pykka.ActorRef[
     return None
 
 
-def options_from_settings(settings: Any) -> XdpOptions:
+def options_from_settings(settings: Settings) -> XdpOptions:
     """Build options from ``actors.daemon.Settings`` (and its ``ServerConfig``)."""
+    if settings.ebpf_offloading is None:
+        raise ValueError("no XDP interface configured (ebpf_offloading)")
     server = settings.server
     extra = getattr(settings, "extra", None) or {}
     return XdpOptions(
@@ -344,6 +350,6 @@ def options_from_settings(settings: Any) -> XdpOptions:
     )
 
 
-def start_from_settings(settings: Any) -> pykka.ActorRef[XdpManager] | None:
+def start_from_settings(settings: Settings) -> pykka.ActorRef[XdpManager] | None:
     """The daemon's entry point: :func:`start_offload` with the relay's settings."""
     return start_offload(options_from_settings(settings))

@@ -75,6 +75,7 @@ class TurnRouter:
         bcc = import_bcc()
         source = source or SOURCE
         try:
+            # Any: bcc is untyped (and imported at run time, so its BPF class is not known here)
             self._bpf: Any = bcc.BPF(
                 src_file=str(source).encode(),
                 cflags=[
