@@ -18,6 +18,7 @@ behaviour with one syscall per datagram. ``IMPLEMENTATION`` says which one is in
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["IMPLEMENTATION", "PyReceiver", "Receiver", "py_send_batch", "send_batch"]
@@ -57,6 +58,7 @@ class PyReceiver:
         return n if n else -1
 
 
+# Any: the items alternate between socket (or None), data and address, which no list type says
 def py_send_batch(items: list[Any]) -> tuple[int, int]:
     """sendto per datagram; counts what was dropped and what failed."""
     blocked = failed = 0
@@ -76,10 +78,11 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
     return blocked, failed
 
 
-Receiver: Any
-send_batch: Any
+# The compiled module has no stub; its Receiver has PyReceiver's shape.
+Receiver: type[PyReceiver]
+send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    from _firezone_relay_udpio import Receiver, send_batch
+    from _firezone_relay_udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
