@@ -25,7 +25,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pykka
 from opentelemetry import trace
@@ -49,6 +49,11 @@ from actors.tracing import RelayTracing
 from protocol.auth import secret_bits
 from protocol.server import Server, ServerConfig
 from protocol.types import Family
+
+if TYPE_CHECKING:
+    from actors.http_endpoints import Routes
+    from actors.portal_session import PortalSession
+    from actors.xdp_manager import CounterReader, XdpManager
 
 __all__ = ["Relay", "Settings", "run"]
 
@@ -84,7 +89,7 @@ class Settings:
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
     resource_attributes: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Relay:
@@ -113,9 +118,9 @@ class Relay:
         self.sockets_bound = False
         self.portal_joined = False
         self.standalone = settings.token is None
-        self.portal: pykka.ActorRef[Any] | None = None
-        self.fast_path: pykka.ActorRef[Any] | None = None
-        self._xdp_reader: Any = None
+        self.portal: pykka.ActorRef[PortalSession] | None = None
+        self.fast_path: pykka.ActorRef[XdpManager] | None = None
+        self._xdp_reader: CounterReader | None = None
         self.endpoints: list[HttpEndpoint] = []
         self._last_stats = (time.monotonic(), 0)
         stats = self.server.stats
@@ -398,10 +403,12 @@ class Relay:
         logger.info("eBPF offloading enabled on %s", iface)
 
     def _xdp_sizes(self) -> tuple[Sequence[int], float]:
+        assert self._xdp_reader is not None  # registered once the reader is there
         counters = self._xdp_reader.read()
         return counters.packet_size_buckets, counters.relayed_bytes
 
     def _xdp_durations(self) -> tuple[Sequence[int], float]:
+        assert self._xdp_reader is not None
         counters = self._xdp_reader.read()
         return counters.processing_ns_buckets, counters.processing_ns_total
 
@@ -409,7 +416,7 @@ class Relay:
 
     async def _start_endpoints(self) -> None:
         s = self.settings
-        wanted: list[tuple[str, str, dict[tuple[str, str], Any]]] = []
+        wanted: list[tuple[str, str, Routes]] = []
         if s.health_check_addr:
             health = {
                 ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
@@ -435,7 +442,7 @@ class Relay:
                 endpoint.stop()
 
     def _readyz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        from actors.portal import relay_version
+        from actors.version import relay_version
 
         body = f"{relay_version()}\n".encode()
         return (200 if self.ready else 503), "text/plain", body
