@@ -24,6 +24,7 @@ import collections
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import pykka
@@ -43,19 +44,21 @@ class LoopInbox:
     __slots__ = ("_drain", "_draining", "_items", "_loop", "_scheduled", "_thread_id")
 
     def __init__(self) -> None:
-        self._items: collections.deque[Envelope[Any]] = collections.deque()
+        self._items: collections.deque[Envelope[object]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain: Any = None
+        self._drain: Callable[[], None] | None = None
         self._thread_id: int | None = None
         self._scheduled = False
         self._draining = False
 
-    def bind(self, loop: asyncio.AbstractEventLoop, drain: Any, thread_id: int | None) -> None:
+    def bind(
+        self, loop: asyncio.AbstractEventLoop, drain: Callable[[], None], thread_id: int | None
+    ) -> None:
         self._loop = loop
         self._drain = drain
         self._thread_id = thread_id
 
-    def put(self, envelope: Envelope[Any], /) -> None:
+    def put(self, envelope: Envelope[object], /) -> None:
         self._items.append(envelope)
         if self._drain is None:  # not started yet: the start drains what is queued
             return
@@ -77,9 +80,10 @@ class LoopInbox:
         self._scheduled = False
         self._thread_id = threading.get_ident()
         if not self._draining:
+            assert self._drain is not None  # only put() after bind() schedules a wake-up
             self._drain()
 
-    def get(self) -> Envelope[Any]:
+    def get(self) -> Envelope[object]:
         return self._items.popleft()
 
     def empty(self) -> bool:
@@ -104,6 +108,7 @@ class LoopActor(pykka.Actor):
         super().__init__()
         self.actor_loop = loop if loop is not None else asyncio.get_running_loop()
 
+    # Any: pykka's signature; the arguments are the subclass constructor's
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> ActorRef[Self]:
         if cls.registered:
@@ -117,7 +122,7 @@ class LoopActor(pykka.Actor):
         return LoopInbox()
 
     @staticmethod
-    def _create_future() -> pykka.Future[Any]:
+    def _create_future() -> pykka.Future[Any]:  # Any: pykka's signature (any reply)
         return pykka.ThreadingFuture()
 
     def _start_actor_loop(self) -> None:
@@ -154,7 +159,7 @@ class LoopActor(pykka.Actor):
         if self.actor_stopped.is_set():
             self._actor_loop_teardown()  # answers what is left with ActorDeadError
 
-    def _handle_envelope(self, envelope: Envelope[Any]) -> None:
+    def _handle_envelope(self, envelope: Envelope[object]) -> None:
         # The same contract as pykka's threaded receive loop: a reply future gets the result or
         # the exception; an exception from a tell()ed message kills the actor.
         try:
@@ -177,6 +182,8 @@ class LoopActor(pykka.Actor):
             self._stop()
             raise
 
+    # Any: sys.exc_info()'s (type, value, traceback), handed to logging as they are; its
+    # exc_info type has no room for the all-None triple (pykka ignores the same error)
     def _handle_failure(self, *exc_info: Any) -> None:
         logger.error("Unhandled exception in %s:", self, exc_info=exc_info)
         if self.registered:
