@@ -12,7 +12,8 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 from actors.loop_actor import LoopActor
 from actors.sockets import bind_udp
@@ -40,7 +41,7 @@ class AllocationActor(LoopActor):
         port: int,
         dataplane: DataPlane,
         bind_hosts: dict[Family, str],
-        on_gone: Any,
+        on_gone: Callable[[int, AllocationActor], None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -53,7 +54,7 @@ class AllocationActor(LoopActor):
         #: datagrams and payload bytes relayed peer -> client through this allocation
         self.counters = [0, 0]
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         if isinstance(message, CreateAllocation):
             self._bind(message.family, message.dont_fragment)
         elif isinstance(message, FreeAllocation):
@@ -103,6 +104,6 @@ class AllocationActor(LoopActor):
         self._close_all()
         self._on_gone(self.port, self)
 
-    def on_failure(self, *exc_info: Any) -> None:
+    def on_failure(self, *exc_info: object) -> None:
         self._close_all()
         self._on_gone(self.port, self)

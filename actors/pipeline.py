@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import pykka
 
     from actors.allocation import AllocationActor
+    from actors.xdp_manager import XdpManager
     from protocol.server import Server
 
 __all__ = ["ROUTES", "Pipeline"]
@@ -54,7 +55,7 @@ class Pipeline:
         server: Server,
         send: Callable[[SendMessage], None],
         spawn_allocation: Callable[[int], pykka.ActorRef[AllocationActor]],
-        fast_path: pykka.ActorRef[Any] | None = None,
+        fast_path: pykka.ActorRef[XdpManager] | None = None,
     ) -> None:
         self._server = server
         self._send = send
@@ -63,6 +64,7 @@ class Pipeline:
         #: allocation port -> its actor; the actor removes itself when it stops
         self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
         self._fast_path_batch: list[Command] = []
+        # Any: each handler takes the command type it is keyed by, which no dict type can say
         targets: dict[str, Callable[[Any], None]] = {
             "send": self._send,
             "allocation": self._to_allocation,
