@@ -233,7 +233,7 @@ class PortalClient:
         ips = await self._resolver(self._host, self._port)
         if not ips:
             raise OSError(f"no addresses for {self._host}")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}  # Any: websockets' connect takes extra keywords as Any
         if self._secure:
             kwargs["ssl"] = self._config.ssl_context or ssl.create_default_context()
         last: OSError | None = None

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+
+from opentelemetry import trace
 
 from actors.loop_actor import LoopActor
 from actors.portal import PortalClient, PortalConfig
+from protocol.phoenix import Fatal
 
 __all__ = ["PortalSession"]
 
@@ -32,21 +34,21 @@ class PortalSession(LoopActor):
         on_fatal: Callable[[str], None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
-        tracer: Any = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         super().__init__(loop=loop)
         self.client = PortalClient(
             config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal, tracer=tracer
         )
         self._on_fatal = on_fatal
-        self._task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[Fatal] | None = None
 
     def on_start(self) -> None:
         logger.info("connecting to the portal at %s", self.client.url)
         self._task = self.actor_loop.create_task(self.client.run(), name="portal")
         self._task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
+    def _finished(self, task: asyncio.Task[Fatal]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
