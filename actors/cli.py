@@ -17,11 +17,14 @@ import secrets
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.version import relay_version, software
+
+if TYPE_CHECKING:
+    from actors.daemon import Settings
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -51,7 +54,7 @@ def _env_tristate(name: str) -> bool | None:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _ip(version: int) -> Any:
+def _ip(version: int) -> Callable[[str], str]:
     def parse(text: str) -> str:
         try:
             address = ipaddress.ip_address(text)
@@ -441,7 +444,7 @@ def _read_token(value: str | None) -> str | None:
     return value
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     from actors.daemon import Settings
     from protocol.server import ServerConfig
 
