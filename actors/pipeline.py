@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from protocol.commands import (
     Command,
@@ -124,10 +124,11 @@ class Pipeline:
             del self.allocations[port]
 
 
-def _then(
-    handler: Callable[[Any], None], observer: Callable[[Command], None]
-) -> Callable[[Any], None]:
-    def both(command: Any) -> None:
+C = TypeVar("C", bound=Command)
+
+
+def _then(handler: Callable[[C], None], observer: Callable[[Command], None]) -> Callable[[C], None]:
+    def both(command: C) -> None:
         handler(command)
         observer(command)
 
