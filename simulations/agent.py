@@ -50,10 +50,10 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Method
 from protocol.types import Addr, Family
 from simulations import tun
+from simulations.turn_client import TurnClient
 
 log = logging.getLogger("agent")
 

@@ -14,9 +14,9 @@ import time
 
 from protocol import channel_data, stun
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.commands import CreateAllocation, SendMessage
 from protocol.server import Server, ServerConfig
+from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
 

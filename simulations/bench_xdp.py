@@ -42,6 +42,7 @@ from typing import Any, cast
 from protocol import stun
 from protocol.commands import CreateChannelBinding
 from protocol.types import Addr
+from simulations.frames import channel_data, frame
 from simulations.netns_relay import (
     RelayCounters,
     RelayDaemon,
@@ -54,7 +55,6 @@ from simulations.netns_relay import (
 )
 from xdp import bpfsys
 from xdp.maps import RouterConfig, chan_key, peer_key
-from xdp.packets import channel_data, frame
 
 REPO = Path(__file__).resolve().parents[1]
 R4, R6 = "10.0.0.5", "fd00::5"  # interface addresses

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from protocol import stun
 from protocol.auth import make_credentials
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
+from simulations.turn_client import TurnClient
 
 __all__ = ["Report", "Target", "allocate", "binding_rtt", "exchange", "main", "soak"]
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from protocol import stun
 from protocol.auth import make_credentials
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
 from protocol.types import Addr
+from simulations.turn_client import TurnClient
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-xdp-secret"

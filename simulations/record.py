@@ -27,12 +27,12 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import encode as channel_data
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Message, Method
 from protocol.types import Addr, Family
 from simulations import relay_process, tracefile
 from simulations.relay_process import Credential, RelaySystem
 from simulations.tracefile import TRACE_LISTEN_PORT, Expectations, Frame, format_addr
+from simulations.turn_client import TurnClient
 
 ROLE_HOSTS = {"client": "127.0.0.2", "gateway": "127.0.0.3", "peer": "127.0.0.4"}
 OTHER_HOST = "127.0.0.5"

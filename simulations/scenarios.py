@@ -18,7 +18,6 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import encode as channel_data
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Message, Method
 from protocol.types import Addr, Family
 from simulations.record import (
@@ -31,6 +30,7 @@ from simulations.record import (
     expect_error,
     expect_success,
 )
+from simulations.turn_client import TurnClient
 
 PORTAL_DUAL = {"auth": "portal", "ip4": "127.0.0.1", "ip6": "::1"}
 STANDALONE = {"auth": "standalone", "ip4": "127.0.0.1"}

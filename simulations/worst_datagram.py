@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 from protocol import stun
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.server import Server, ServerConfig
 from protocol.stun import Attr, Class, Method
+from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
 CLIENT = ("93.184.216.34", 40000)

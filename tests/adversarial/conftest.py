@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from protocol import stun
-from protocol.client import TurnClient
 from protocol.stun import Message
 from simulations.relay_process import daemon_command
+from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, http, port_range
 
 __all__ = ["Attacker", "start"]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from simulations.frames import channel_data
 from simulations.netns_relay import SECRET, allocate_and_bind
 from tests.integration.conftest import Topology, require_bcc
-from xdp.packets import channel_data
 
 pytestmark = pytest.mark.integration
 
@@ -201,7 +201,7 @@ def test_relays_with_xdp_as_an_unprivileged_user(
 
 
 def relay_answers(sock: socket.socket, server: tuple[str, int]) -> bool:
-    from protocol.client import TurnClient
+    from simulations.turn_client import TurnClient
 
     sock.settimeout(0.2)
     sock.sendto(TurnClient("", "").binding(), server)

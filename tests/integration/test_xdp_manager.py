@@ -24,10 +24,10 @@ from actors.xdp_manager import (
 )
 from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from protocol.server import ServerConfig
+from simulations.frames import channel_data, frame
 from tests.integration.conftest import Netns, require_bcc
 from xdp import bpfsys
 from xdp.loader import XdpUnavailable
-from xdp.packets import channel_data, frame
 
 pytestmark = pytest.mark.integration
 

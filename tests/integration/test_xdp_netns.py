@@ -17,8 +17,8 @@ import pytest
 from actors.xdp_manager import XdpManager, XdpOptions, start_offload
 from protocol.commands import CreateChannelBinding, DeleteChannelBinding
 from protocol.types import Addr
+from simulations.frames import channel_data
 from tests.integration.conftest import Netns, Topology, require_bcc
-from xdp.packets import channel_data
 
 pytestmark = pytest.mark.integration
 

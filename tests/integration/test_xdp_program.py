@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.commands import Command, CreateAllocation
 from protocol.routes import LoopToClient
 from protocol.server import Server, ServerConfig
 from protocol.types import Addr, Family
+from simulations.frames import MAC_RELAY, MAC_ROUTER, channel_data, describe, frame
+from simulations.turn_client import TurnClient
 from tests.integration.conftest import Netns, require_bcc
 from xdp import bpfsys
 from xdp.bindings import BindingTable
 from xdp.maps import RouterConfig
-from xdp.packets import MAC_RELAY, MAC_ROUTER, channel_data, describe, frame
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ import pytest
 
 from actors.cli import build_parser, settings_from_args
 from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, parse
 from protocol.types import Family
+from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, http, port_range
 
 pytestmark = pytest.mark.system

@@ -18,9 +18,9 @@ import pytest
 from actors.portal import default_user_agent
 from actors.version import relay_version, software
 from protocol import stun
-from protocol.client import TurnClient
 from protocol.stun import Attr
 from simulations.relay_process import daemon_command
+from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, RelayProcess, free_port, port_range
 
 pytestmark = pytest.mark.system
