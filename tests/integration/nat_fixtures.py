@@ -1,5 +1,5 @@
 """The pieces of the masquerading-NAT suite: a relay daemon, a test portal, two TURN agents
-with a TUN tunnel, an HTTP server and curl, all in a ``simulations.topology`` network.
+with a TUN tunnel, an HTTP server and curl, all in a ``simulations.netns.topology`` network.
 
 :class:`NatRun` is a context manager that brings one scenario up (topology, signalling hub,
 relay, agents, web server), lets the test download a 10 MB blob through the tunnel (so through
@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from protocol.auth import make_credentials, portal_salt
-from simulations.signalling import Hub
-from simulations.topology import Topology, TopologyOptions
+from simulations.netns.signalling import Hub
+from simulations.netns.topology import Topology, TopologyOptions
 from tests.required import REQUIRE_ALL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -500,7 +500,7 @@ class NatRun:
         args = [
             sys.executable,
             "-m",
-            "simulations.agent",
+            "simulations.netns.agent",
             "--name",
             name,
             "--server",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from simulations.frames import channel_data
-from simulations.netns_relay import SECRET, allocate_and_bind
+from simulations.netns.relay import SECRET, allocate_and_bind
 from tests.integration.conftest import Topology, require_bcc
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """Benchmark of the sans-IO core alone: routing decisions and authenticated Allocates per second.
 
-    python -m simulations.bench_core [--seconds 2]
+    python -m simulations.bench.core [--seconds 2]
 
 Prints figures; asserts nothing. Targets from the issue: >= 1,000,000 ChannelData routing
 decisions per second in each direction on one core, >= 10,000 authenticated Allocates/s.

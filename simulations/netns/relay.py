@@ -1,6 +1,6 @@
 """The real relay daemon inside the XDP test topology, for benchmarks (root).
 
-Plumbing for :mod:`simulations.bench_xdp`: an owned copy of the integration tests' namespace
+Plumbing for :mod:`simulations.bench.xdp`: an owned copy of the integration tests' namespace
 topology that is deleted whatever happens, ``python -m actors.cli`` started in the relay
 namespace, a TURN client that allocates and binds a channel through the NAT with a socket
 living in the client namespace, a bounded UDP generator run inside a namespace (paced or flat
@@ -30,7 +30,7 @@ from protocol.stun import Attr, Class
 from protocol.types import Addr
 from simulations.turn_client import TurnClient
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "bench-xdp-secret"
 HEALTH_PORT = 8080  # inside the relay namespace, so no clash with anything else
 

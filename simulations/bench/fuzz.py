@@ -1,6 +1,6 @@
 """Fuzz soak: a million hostile datagrams at a live relay, then check it is still well.
 
-``python -m simulations.fuzz`` starts the daemon (as the simulator does), makes a few real
+``python -m simulations.bench.fuzz`` starts the daemon (as the simulator does), makes a few real
 allocations (with a permission and a channel to a peer socket of ours), then sends mutated and
 random datagrams, bounded in count and time, at the listen port and at the allocation ports:
 

@@ -20,7 +20,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    process's own CPU is printed too); with offload every packet delivered at the generator's
    top rate with the relay process idle.
 
-Run: ``python -m simulations.bench_xdp [--rates 20000,50000,100000,max] [--daemon-seconds S]
+Run: ``python -m simulations.bench.xdp [--rates 20000,50000,100000,max] [--daemon-seconds S]
 [--seconds S] [--mode generic|driver] [--skip-daemon] [--skip-topology]``. Numbers on a shared
 2-vCPU machine are noisy; compare them with each other.
 """
@@ -43,7 +43,7 @@ from protocol import stun
 from protocol.commands import CreateChannelBinding
 from protocol.types import Addr
 from simulations.frames import channel_data, frame
-from simulations.netns_relay import (
+from simulations.netns.relay import (
     RelayCounters,
     RelayDaemon,
     Sent,
@@ -56,7 +56,7 @@ from simulations.netns_relay import (
 from xdp import bpfsys
 from xdp.maps import RouterConfig, chan_key, peer_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 R4, R6 = "10.0.0.5", "fd00::5"  # interface addresses
 PUB4, PUB6 = "52.0.0.1", "2600:1f00::1"  # public addresses (relay-loop detection)
 LISTEN, A, B, PP = 3478, 49152, 49153, 50000

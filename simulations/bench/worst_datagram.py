@@ -1,7 +1,7 @@
 """Issue 9.1's figure: the CPU time the core spends on the most expensive 64 KB datagrams we
 could build, per datagram. Prints figures, asserts nothing.
 
-    python -m simulations.worst_datagram [--repeat N]
+    python -m simulations.bench.worst_datagram [--repeat N]
 
 Each candidate goes through ``Server.handle_client_input`` as the data plane would hand it
 over (the answer is built and queued; sending is not counted). The candidates:
