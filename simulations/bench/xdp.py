@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from protocol import stun
 from protocol.commands import CreateChannelBinding
@@ -50,9 +50,9 @@ from simulations.netns.relay import (
     allocate_and_bind,
     cpu_seconds,
     generate,
-    owned_topology,
     udp_receive_drops,
 )
+from simulations.netns.topology import Netns, Topology
 from xdp import bpfsys
 from xdp.maps import RouterConfig, chan_key, peer_key
 
@@ -157,20 +157,13 @@ def bench_program(repeat: int) -> list[tuple[str, float, int]]:
 def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, float, float, int]]:
     """(direction, offered pps, delivered pps, packets the program relayed)."""
     from actors.xdp_manager import XdpOptions, start_offload
-    from tests.integration.conftest import Netns, build_topology
-
-    created: list[Netns] = []
-
-    class Owned(Netns):
-        def __init__(self, role: str) -> None:
-            super().__init__(role)
-            created.append(self)
 
     results: list[tuple[str, float, float, int]] = []
     ref = None
     peer_prog = None
+    t = Topology()
     try:
-        t = build_topology(Owned)
+        t.build()
         if mode == "driver":  # native XDP on veth needs a program on the peer veth too
             from xdp.loader import import_bcc
 
@@ -242,8 +235,7 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
     finally:
         if ref is not None:
             ref.stop(block=True, timeout=10)
-        for ns in created:
-            ns.delete()
+        t.destroy()
         if peer_prog is not None:
             peer_prog.cleanup()
     return results
@@ -297,7 +289,7 @@ class ModeRun:
     error: str | None = None
 
 
-def _peer_pass_program(t: Any) -> Any:
+def _peer_pass_program(t: Topology) -> Any:
     """Native XDP on a veth needs an XDP program on its peer too (recipe §5.1)."""
     from xdp.loader import import_bcc
 
@@ -316,8 +308,7 @@ def bench_daemon(
     TURN client in the client namespace allocates and binds a channel to the peer, then each
     direction is flooded at every rate."""
     run = ModeRun(f"XDP {mode} on p0 (--ebpf-offloading p0)" if offload else "userspace", offload)
-    with owned_topology() as t, contextlib.ExitStack() as stack:
-        t = cast(Any, t)
+    with Topology() as t, contextlib.ExitStack() as stack:
         if offload and mode == "driver":
             stack.callback(_peer_pass_program(t).cleanup)
         relay = RelayDaemon(t, "p0" if offload else None, mode)
@@ -329,7 +320,7 @@ def bench_daemon(
             gw = stack.enter_context(t.gw.udp("0.0.0.0", PEER_PORT))
             cli = t.cli.udp("0.0.0.0", CLIENT_PORT)
             with cli:
-                relayed = allocate_and_bind(cli, server, CH, (t.gw_public4, PEER_PORT))
+                relayed = allocate_and_bind(cli, server, CH, (t.gateway_public4, PEER_PORT))
                 # the peer speaks first (opening its NAT mapping, as in real TURN), then the client
                 gw.sendto(b"probe from the peer", relayed)
                 if cli.recv(2048) != channel_data(CH, b"probe from the peer"):
@@ -342,11 +333,11 @@ def bench_daemon(
             def step(
                 direction: str,
                 rate: str,
-                ns: Any,
+                ns: Netns,
                 sport: int,
                 dst: Addr,
                 msg: bytes,
-                rx: tuple[Any, str],
+                rx: tuple[Netns, str],
             ) -> Step:
                 if time.monotonic() + seconds + DRAIN + 2 > deadline:
                     return Step(direction, rate)
