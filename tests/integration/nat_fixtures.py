@@ -9,7 +9,6 @@ wait is bounded; nothing outlives the ``with`` block.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -22,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ import pytest
 from protocol.auth import make_credentials, portal_salt
 from simulations.netns.signalling import Hub
 from simulations.netns.topology import Topology, TopologyOptions
+from simulations.portal_thread import PortalThread
 from tests.required import REQUIRE_ALL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,74 +299,6 @@ class RelayProcess:
         return [line for line in self.log().splitlines() if PROBLEM.search(line)]
 
 
-# -- the test portal, in a thread inside the relay namespace -------------------------------------
-
-
-class PortalThread:
-    """``simulations.portal.Portal`` on its own event loop, listening on the relay namespace's
-    loopback (the relay reaches it there; nothing else can)."""
-
-    def __init__(self, netns: str, token: str = "nat-relay-token") -> None:
-        self.netns = netns
-        self.token = token
-        self.portal: Any = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="portal", daemon=True)
-
-    def start(self) -> PortalThread:
-        self._thread.start()
-        if not self._ready.wait(10) or self._error is not None:
-            raise RuntimeError(f"portal did not start: {self._error!r}")
-        return self
-
-    def _main(self) -> None:
-        from simulations.portal import Portal
-        from xdp.netns import enter
-
-        try:
-            enter(self.netns)  # this thread only, for good
-            self.loop = asyncio.new_event_loop()
-            self.portal = Portal(self.token, host="127.0.0.1", port=0)
-            self.loop.run_until_complete(self.portal.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.portal.stop())
-        self.loop.close()
-
-    @property
-    def url(self) -> str:
-        return str(self.portal.url)
-
-    def call(self, make: Callable[[], Any], timeout: float = 10.0) -> Any:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
-
-    def stop_serving(self) -> None:
-        self.call(lambda: self.portal.stop())
-
-    def start_serving(self) -> None:
-        self.call(lambda: self.portal.start())
-
-    def joined_relays(self) -> list[Any]:
-        return list(self.portal.connected_relays())
-
-    def credentials(self, public_key: str) -> tuple[str, str]:
-        entries = self.portal.credentials(public_key)
-        assert entries, "no relay has joined the portal"
-        return entries[0]["username"], entries[0]["password"]
-
-    def close(self) -> None:
-        if self.loop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-
-
 # -- one scenario -------------------------------------------------------------------------------
 
 
@@ -450,7 +381,7 @@ class NatRun:
             Hub(os.path.join(hub_dir, "hub.sock"), pairs=[("client", "gateway")])
         )
         if self.portal:
-            self.portal_thread = PortalThread(self.topo.rly).start()
+            self.portal_thread = PortalThread("nat-relay-token", netns=self.topo.rly).start()
             self._stack.callback(self.portal_thread.close)
             self.relay = RelayProcess(
                 self.topo,
