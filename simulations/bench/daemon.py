@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.bench import daemon_client as tl
+from simulations.relay_process import spawn_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 COTURN_CONF = Path(__file__).resolve().parent / "coturn" / "bench.conf"
@@ -274,39 +275,28 @@ def wait_udp(port: int, timeout: float = 10.0) -> None:
 
 def start_ours(workdir: Path) -> Server:
     port = free_port()
-    log = open(workdir / "relay.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        pinned(
-            [
-                sys.executable,
-                "-m",
-                "actors.cli",
-                "--public-ip4-addr",
-                "127.0.0.1",
-                "--bind-ip4-addr",
-                "127.0.0.1",
-                "--allow-loopback-peers",
-                "--listen-port",
-                str(port),
-                "--lowest-port",
-                str(PORTS[0]),
-                "--highest-port",
-                str(PORTS[1]),
-                "--auth-secret",
-                SECRET,
-                "--health-check-addr",
-                f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
-                "--control-endpoint",
-                f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
-            ]
-        ),
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": "warn", "PYTHONPATH": str(ROOT)},
-    )
+    args = [
+        "--public-ip4-addr",
+        "127.0.0.1",
+        "--bind-ip4-addr",
+        "127.0.0.1",
+        "--allow-loopback-peers",
+        "--listen-port",
+        str(port),
+        "--lowest-port",
+        str(PORTS[0]),
+        "--highest-port",
+        str(PORTS[1]),
+        "--auth-secret",
+        SECRET,
+        "--health-check-addr",
+        f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+        "--control-endpoint",
+        f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+    ]
+    daemon = spawn_daemon(args, workdir / "relay.log", env={"RUST_LOG": "warn"}, wrapper=pinned([]))
     wait_udp(port)
-    return Server("python relay", proc, port, firezone_credentials, workdir)
+    return Server("python relay", daemon.proc, port, firezone_credentials, workdir)
 
 
 def start_coturn(workdir: Path) -> Server:

@@ -10,12 +10,11 @@ the relay's CPU time and its ``/metrics``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -28,9 +27,9 @@ from protocol.auth import make_credentials
 from protocol.stun import Attr, Class
 from protocol.types import Addr
 from simulations.netns.topology import Netns, Topology
+from simulations.relay_process import spawn_daemon
 from simulations.turn_client import TurnClient
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "bench-xdp-secret"
 HEALTH_PORT = 8080  # inside the relay namespace, so no clash with anything else
 
@@ -131,11 +130,8 @@ class RelayDaemon:
     def __init__(self, topo: Topology, offload: str | None, mode: str = "generic") -> None:
         self.topo = topo
         self.offload = offload
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-xdp-relay-", suffix=".log")  # noqa: SIM115
+        self._logdir = tempfile.TemporaryDirectory(prefix="bench-xdp-relay-")
         args = [
-            sys.executable,
-            "-m",
-            "actors.cli",
             "--public-ip4-addr",
             topo.relay4,
             "--listen-port",
@@ -146,7 +142,7 @@ class RelayDaemon:
             "49407",
             "--auth-secret",
             SECRET,
-            "--allow-private-peers",  # the topology's 172.31.113.0/24 is private
+            "--allow-private-peers",  # the topology's addresses are private
             "--health-check-addr",
             f"127.0.0.1:{HEALTH_PORT}",
             "--control-endpoint",
@@ -156,39 +152,33 @@ class RelayDaemon:
         ]
         if offload:
             args += ["--ebpf-offloading", offload, "--ebpf-attach-mode", mode, "--ebpf-mandatory"]
-        self.proc: subprocess.Popen[bytes] = topo.rly.popen(  # type: ignore[attr-defined]
-            *args,
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        )
+        log_path = Path(self._logdir.name) / "relay.log"
+        popen = functools.partial(topo.popen, topo.rly)
+        self.daemon = spawn_daemon(args, log_path, popen=popen)
+        self.proc = self.daemon.proc
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def log_tail(self, lines: int = 8) -> str:
-        text = Path(self.log.name).read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(self.daemon.log().strip().splitlines()[-lines:])
 
     def wait_ready(self, probe: socket.socket, timeout: float = 40.0) -> float:
         """Wait until a STUN Binding from ``probe`` is answered; returns the seconds taken."""
-        start = time.monotonic()
-        deadline = start + timeout
         request = TurnClient("", "").binding()
         probe.settimeout(0.2)
         server = (self.topo.relay4, 3478)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited ({self.proc.returncode}):\n{self.log_tail()}")
+
+        def answered() -> bool:
             probe.sendto(request, server)
             try:
                 probe.recv(2048)
-                return time.monotonic() - start
-            except OSError:
-                continue
-        raise RuntimeError(f"relay not answering after {timeout:g} s:\n{self.log_tail()}")
+            except TimeoutError:
+                return False
+            return True
+
+        return self.daemon.wait_ready(answered, timeout, step=0)
 
     def metrics(self) -> dict[str, float]:
         """The relay's /metrics, flattened to ``name{labels}`` -> value (empty on error)."""
@@ -213,14 +203,8 @@ class RelayDaemon:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(8)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        self.daemon.stop(timeout=8)
+        self._logdir.cleanup()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,13 @@ wait is bounded; nothing outlives the ``with`` block.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +33,7 @@ from protocol.auth import make_credentials, portal_salt
 from simulations.netns.signalling import Hub
 from simulations.netns.topology import Topology, TopologyOptions
 from simulations.portal_thread import PortalThread
+from simulations.relay_process import Daemon, spawn_daemon
 from tests.required import REQUIRE_ALL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,14 +165,12 @@ class RelayProcess:
         self.dual = dual
         self.allow_private = allow_private
         self.xdp = xdp
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
         self.logs: list[Path] = []
 
     def args(self) -> list[str]:
+        """The daemon's flags."""
         a = [
-            sys.executable,
-            "-m",
-            "actors.cli",
             "--public-ip4-addr",
             self.topo.relay4,
             "--health-check-addr",
@@ -200,32 +199,15 @@ class RelayProcess:
         return a
 
     def start(self, timeout: float = 30.0) -> None:
-        env = _env()
+        env = {}
         if self.token is not None:
             assert self.portal_url is not None
-            env["FIREZONE_TOKEN"] = self.token
-            env["FIREZONE_API_URL"] = self.portal_url
+            env = {"FIREZONE_TOKEN": self.token, "FIREZONE_API_URL": self.portal_url}
         path = self.log_dir / f"relay-{len(self.logs)}.log"
         self.logs.append(path)
-        with path.open("wb") as log:
-            self.proc = self.topo.popen(
-                self.topo.rly,
-                self.args(),
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                return self.http("GET", "/readyz")[0] == 200
-            return False
-
-        wait_until(ready, timeout, "the relay's /readyz", step=0.1)
+        popen = functools.partial(self.topo.popen, self.topo.rly)
+        self.daemon = spawn_daemon(self.args(), path, env=env, popen=popen)
+        self.daemon.wait_ready(lambda: self.http("GET", "/readyz")[0] == 200, timeout, step=0.1)
 
     def wait_offload(self, timeout: float = 60.0) -> None:
         """Wait until the relay says whether XDP offload runs; xfail the test if it cannot
@@ -243,17 +225,13 @@ class RelayProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait; SIGKILL past ``timeout``. Returns the exit code."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        daemon, self.daemon = self.daemon, None
+        if daemon is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise AssertionError(f"relay ignored SIGTERM for {timeout} s") from None
+        code, _ = daemon.stop(timeout=timeout)
+        if daemon.killed:
+            raise AssertionError(f"relay ignored SIGTERM for {timeout} s")
+        return code
 
     def http(self, method: str, path: str) -> tuple[int, str]:
         conn = http.client.HTTPConnection(*HEALTH, timeout=2.0)
