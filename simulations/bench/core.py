@@ -95,7 +95,7 @@ def bench_allocate(seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.core", description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     to_peer, to_client = bench_routing(args.seconds)

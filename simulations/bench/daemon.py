@@ -610,7 +610,11 @@ def main() -> None:
     if sys.argv[1:2] == ["client-allocate"]:
         client_allocate_main(sys.argv[2:])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.bench.daemon",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--sections", default="scale,throughput,latency")
     p.add_argument("--allocations", type=int, default=10_000)
     p.add_argument("--rates", default="20000,50000,max")

@@ -426,7 +426,9 @@ async def _run(count: int, seconds: float, rate: float | None) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.fuzz", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--count", type=int, default=1_000_000, help="datagrams to send")
     parser.add_argument("--seconds", type=float, default=600.0, help="time bound of the soak")
     parser.add_argument("--rate", type=float, default=None, help="datagrams/s (default: flat out)")

@@ -129,7 +129,9 @@ def measure(server: Server, make: Factory, repeat: int) -> tuple[float, int, int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.worst_datagram", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"{'datagram':<16}{'bytes':>8}{'ms CPU each':>14}{'commands':>10}")

@@ -7,7 +7,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    alternates with its reverse (channel->udp, udp->channel, ...) or is a fixed point (relay
    loop), and the figure is the mean of the two directions.
 2. The real daemon (``python -m actors.cli``) in the relay namespace of the topology of
-   tests/integration/conftest.py, once in userspace and once with ``--ebpf-offloading p0``: a
+   simulations/netns/topology.py, once in userspace and once with ``--ebpf-offloading p0``: a
    TURN client in the client namespace allocates and binds a channel to a peer behind the NAT
    (real handshake, Firezone credentials from the daemon's secret), then 100-byte payloads are
    sent client -> peer and peer -> client at increasing rates and flat out. Per step: offered
@@ -466,7 +466,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.xdp", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions")
     parser.add_argument("--seconds", type=float, default=3.0, help="per direct-map flood (max 5)")
     parser.add_argument(
