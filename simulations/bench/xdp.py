@@ -486,7 +486,7 @@ def main() -> None:
     parser.add_argument("--skip-daemon", action="store_true", help="no daemon comparison")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench_xdp needs root (BPF, network namespaces)")
+        sys.exit("simulations.bench.xdp needs root (BPF, network namespaces)")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # namespaces are deleted in `finally`s
     started = time.monotonic()
     deadline = started + min(args.budget, 90.0) - 1.0
