@@ -1,8 +1,13 @@
-"""The full system under test: the relay daemon as a subprocess, with the test portal when a
-trace needs portal-minted credentials (else standalone with ``--auth-secret``).
+"""The one way tests, simulations and benchmarks run the relay daemon: ``python -m actors.cli``
+as a subprocess, its output in a log file.
 
-Used by the replayer and the recorder. Everything here is asyncio-friendly: the portal lives
-on the caller's event loop, so nothing may block it for long.
+:func:`spawn_daemon` starts any command line, anywhere (a wrapper such as ``prlimit`` or
+``taskset``, or inside a network namespace through ``popen``) and returns a :class:`Daemon`
+handle (log, readiness wait, stop). :func:`start_local` is the loopback relay of the system
+and adversarial tests, on free ports (a :class:`LocalDaemon`: its addresses, endpoints and
+credentials). :func:`start` is the full system of the trace simulator and the fuzzer: that
+relay, with the test portal when a trace needs portal-minted credentials (else standalone
+with ``--auth-secret``); it is asyncio-friendly, as the portal lives on the caller's loop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +35,105 @@ from protocol.stun import long_term_key
 from protocol.types import Addr, Family
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Allocation ports come from here: below the kernel's ephemeral range (32768-60999), so the
-#: replayer's sockets never take a port the relay wants, and away from the 61000+ slices the
-#: system tests give their relays (they may run at the same time).
+#: Allocation ports of the simulator's relays: below the kernel's ephemeral range
+#: (32768-60999), so the replayer's sockets never take a port the relay wants, and away from
+#: the 61000+ slices the system tests give their relays (they may run at the same time).
 RANGE_LOW, RANGE_HIGH = 20000, 32000
 READY_TIMEOUT = 15.0
+#: Settings the daemon reads from its environment: a test runner's must not leak into it.
+CONFIG_ENV = (
+    "FIREZONE_TOKEN",
+    "FIREZONE_API_URL",
+    "AUTH_SECRET",
+    "RNG_SEED",
+    "ALLOWED_PEER_IP",
+    "DENIED_PEER_IP",
+)
+
+
+def daemon_env(overrides: Mapping[str, str] | None = None, inherit: bool = True) -> dict[str, str]:
+    """The caller's environment without the daemon's settings (or, unless ``inherit``, only
+    PATH, HOME and LANG, as in a container), the repository importable, output unbuffered (so
+    the log is current), then ``overrides``."""
+    if inherit:
+        env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV}
+    else:
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides or {})
+    return env
+
+
+@dataclass
+class Daemon:
+    """A running daemon process and its log."""
+
+    proc: subprocess.Popen[bytes]
+    args: list[str]  # the whole command line
+    log_path: Path
+    #: whether :meth:`stop` had to SIGKILL it (it outlived the signal's timeout)
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(
+        self, ready: Callable[[], object], timeout: float = READY_TIMEOUT, step: float = 0.05
+    ) -> float:
+        """Poll ``ready()`` until it is true; the seconds it took. Raises RuntimeError, with
+        the log, if the daemon exits first or ``timeout`` passes (it is killed then)."""
+        start = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                if ready():
+                    return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                self.stop(signal.SIGKILL)
+                raise RuntimeError(f"relay not ready after {timeout:g} s:\n{self.log()}")
+            time.sleep(step)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
+        """Signal the daemon and wait, SIGKILL past ``timeout``; returns (exit code, seconds it
+        took to exit)."""
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.killed = True
+            self.proc.kill()
+            code = self.proc.wait(5)
+        return code, time.monotonic() - start
+
+
+def spawn_daemon(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    inherit_env: bool = True,
+    wrapper: Sequence[str] = (),
+    popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+) -> Daemon:
+    """Start ``[*wrapper, python, -m, actors.cli, *args]`` from the repository, output to
+    ``log_path``, environment :func:`daemon_env` (``env`` on top). ``popen`` starts it
+    elsewhere, e.g. ``functools.partial(topology.popen, topology.rly)`` in a namespace."""
+    command = [*wrapper, sys.executable, "-m", "actors.cli", *args]
+    full_env = daemon_env(env, inherit_env)
+    with open(log_path, "wb") as log:
+        proc = popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    return Daemon(proc, command, log_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,29 +185,48 @@ def _http_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-@dataclass
-class RelaySystem:
-    """A running daemon (and portal). Create with :func:`start`, end with :meth:`stop`."""
+def port_range(size: int = 400) -> tuple[int, int]:
+    """A random slice of 61000-65499 for one relay's allocations: outside the kernel's
+    ephemeral range, so client sockets never collide with relay ports."""
+    low = random.randrange(61000, 65500 - size, 2)
+    return low, low + size - 1
 
-    spec: dict[str, Any]
-    proc: subprocess.Popen[bytes]
-    ip4: str | None
-    ip6: str | None
-    listen_port: int
-    health_port: int
-    lowest_port: int
-    highest_port: int
-    log_path: Path
-    scheme: str
-    secret: str | None = None
-    portal: Any = None
-    portal_relay: Any = None
-    _tmp: Any = None
-    _minted: dict[str, Credential] = field(default_factory=dict)
+
+def http(method: str, url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, body) of one request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@dataclass
+class LocalDaemon(Daemon):
+    """A daemon on loopback-style addresses of this host, with its ports and secret."""
+
+    ip4: str | None = None
+    ip6: str | None = None
+    listen_port: int = 0
+    health_port: int = 0
+    control_port: int = 0
+    lowest_port: int = 0
+    highest_port: int = 0
+    secret: str = ""
+    scheme: str = "firezone"
+
+    @classmethod
+    def of(cls, daemon: Daemon, **fields: Any) -> LocalDaemon:
+        """The handle of a daemon started otherwise, with its addresses and ports."""
+        return cls(daemon.proc, daemon.args, daemon.log_path, daemon.killed, **fields)
 
     @property
-    def ips(self) -> tuple[str, ...]:
-        return tuple(ip for ip in (self.ip4, self.ip6) if ip is not None)
+    def address(self) -> Addr:
+        """Where clients send: the listen port on the IPv4 address (else the IPv6 one)."""
+        host = self.ip4 or self.ip6
+        assert host is not None
+        return host, self.listen_port
 
     def listen(self, family: Family) -> Addr:
         host = self.ip4 if family == Family.V4 else self.ip6
@@ -115,11 +234,133 @@ class RelaySystem:
             raise ValueError(f"the relay has no {family.name} address")
         return host, self.listen_port
 
+    @property
+    def health(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def control(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def readyz(self) -> bool:
+        return http("GET", f"{self.health}/readyz", 1)[0] == 200
+
+    def credentials(self, user: str | None = None, ttl: int = 3600) -> tuple[str, str]:
+        """A username and password for this relay's secret, valid for ``ttl`` seconds."""
+        user = user or f"u{random.randrange(1 << 30)}"
+        return make_credentials(self.scheme, self.secret, int(time.time()) + ttl, user)
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+def start_local(
+    log_dir: Path,
+    *extra: str,
+    ip4: str | None = "127.0.0.1",
+    ip6: str | None = None,
+    ports: tuple[int, int] | None = None,
+    secret: str | None = None,
+    scheme: str = "firezone",
+    loopback_peers: bool = True,
+    env: Mapping[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+    ready: bool = True,
+) -> LocalDaemon:
+    """A relay on ``ip4`` / ``ip6`` (each bound to itself) on free listen, health and control
+    ports, allocating from ``ports`` (default: a :func:`port_range` slice), with
+    ``--auth-secret secret`` unless None, loopback peers allowed unless ``loopback_peers`` is
+    false, then ``extra``. With ``ready``, returns once ``/readyz`` says 200."""
+    hosts = tuple(h for h in (ip4, ip6) if h is not None)
+    listen = free_port(hosts)
+    health, control = free_port(), free_port()
+    low, high = ports or port_range()
+    args = daemon_args(listen, (low, high), health, control, scheme, ip4, ip6)
+    if not loopback_peers:
+        args.remove("--allow-loopback-peers")
+    if secret is not None:
+        args += ["--auth-secret", secret]
+    args += extra
+    daemon = LocalDaemon.of(
+        spawn_daemon(args, log_dir / f"relay-{listen}.log", env=env, wrapper=wrapper),
+        ip4=ip4,
+        ip6=ip6,
+        listen_port=listen,
+        health_port=health,
+        control_port=control,
+        lowest_port=low,
+        highest_port=high,
+        secret=secret or "",
+        scheme=scheme,
+    )
+    if ready:
+        daemon.wait_ready(daemon.readyz)
+    return daemon
+
+
+@dataclass
+class RelaySystem:
+    """A running daemon (and portal) for a trace. Create with :func:`start`, end with
+    :meth:`stop`."""
+
+    spec: dict[str, Any]
+    daemon: LocalDaemon
+    portal: Any = None
+    portal_relay: Any = None
+    _tmp: Any = None
+    _minted: dict[str, Credential] = field(default_factory=dict)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.daemon.proc
+
+    @property
+    def ip4(self) -> str | None:
+        return self.daemon.ip4
+
+    @property
+    def ip6(self) -> str | None:
+        return self.daemon.ip6
+
+    @property
+    def listen_port(self) -> int:
+        return self.daemon.listen_port
+
+    @property
+    def health_port(self) -> int:
+        return self.daemon.health_port
+
+    @property
+    def lowest_port(self) -> int:
+        return self.daemon.lowest_port
+
+    @property
+    def highest_port(self) -> int:
+        return self.daemon.highest_port
+
+    @property
+    def scheme(self) -> str:
+        return self.daemon.scheme
+
+    @property
+    def secret(self) -> str | None:
+        return self.daemon.secret or None
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return tuple(ip for ip in (self.ip4, self.ip6) if ip is not None)
+
+    def listen(self, family: Family) -> Addr:
+        return self.daemon.listen(family)
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.daemon.log()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.daemon.alive()
 
     def credential(self, spec: dict[str, Any]) -> Credential:
         """Mint the live credential a trace's credential ``spec`` stands for (cached, so every
@@ -148,19 +389,14 @@ class RelaySystem:
         return credential
 
     async def stop(self, timeout: float = 5.0) -> int:
-        """SIGTERM the daemon (and stop the portal); returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        """SIGTERM the daemon (and stop the portal); returns the exit code. The wait is in a
+        thread: the portal shares the caller's loop, and the daemon may talk to it on its way
+        out."""
+        code, _ = await asyncio.to_thread(self.daemon.stop, signal.SIGTERM, timeout)
         if self.portal is not None:
             with contextlib.suppress(Exception):
                 await self.portal.stop()
-        return int(self.proc.returncode)
+        return code
 
     def cleanup(self) -> None:
         if self._tmp is not None:
@@ -186,7 +422,7 @@ def merge_specs(specs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def daemon_command(
+def daemon_args(
     listen: int,
     ports: tuple[int, int],
     health: int,
@@ -196,13 +432,10 @@ def daemon_command(
     ip6: str | None,
     *extra: str,
 ) -> list[str]:
-    """The command line of a relay daemon on loopback-style test addresses: the given
-    listen port, allocation range and endpoints, loopback peers allowed, each configured
-    family bound to its public address. Shared by the simulator and the system tests."""
+    """The flags of a relay daemon on loopback-style test addresses: the given listen port,
+    allocation range and endpoints, loopback peers allowed, each configured family bound to
+    its public address."""
     args = [
-        sys.executable,
-        "-m",
-        "actors.cli",
         "--listen-port",
         str(listen),
         "--lowest-port",
@@ -231,43 +464,35 @@ async def start(spec: dict[str, Any], log_dir: Path | None = None) -> RelaySyste
     ip4, ip6 = spec.get("ip4"), spec.get("ip6")
     if ip4 is None and ip6 is None:
         ip4 = "127.0.0.1"
-    hosts = tuple(h for h in (ip4, ip6) if h is not None)
-    listen = free_port(hosts)
-    health = free_port(("127.0.0.1",))
-    control = free_port(("127.0.0.1",))
     size = max(16, int(spec.get("ports", 200)))
     low = random.randrange(RANGE_LOW, RANGE_HIGH - size)
-    high = low + size - 1
-    scheme = spec.get("scheme", "firezone")
     tmp = None
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="relay-sim-")
         log_dir = Path(tmp.name)
-    args = daemon_command(
-        listen, (low, high), health, control, scheme, ip4, ip6, *spec.get("args", [])
-    )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    for name in ("FIREZONE_TOKEN", "FIREZONE_API_URL", "AUTH_SECRET", "RNG_SEED"):
-        env.pop(name, None)
     portal = None
     secret = None
+    env: dict[str, str] = {}
     if spec.get("auth") == "portal":
         from simulations.portal import Portal
 
         portal = Portal(token=secrets.token_urlsafe(16))
         await portal.start()
-        env["FIREZONE_API_URL"] = portal.url
-        env["FIREZONE_TOKEN"] = portal.token
+        env = {"FIREZONE_API_URL": portal.url, "FIREZONE_TOKEN": portal.token}
     else:
         secret = secrets.token_hex(32)
-        args += ["--auth-secret", secret]
-    log_path = log_dir / f"relay-{listen}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    system = RelaySystem(
-        spec, proc, ip4, ip6, listen, health, low, high, log_path, scheme, secret, portal, None, tmp
+    daemon = start_local(
+        log_dir,
+        *spec.get("args", []),
+        ip4=ip4,
+        ip6=ip6,
+        ports=(low, low + size - 1),
+        secret=secret,
+        scheme=spec.get("scheme", "firezone"),
+        env=env,
+        ready=False,
     )
+    system = RelaySystem(spec, daemon, portal, None, tmp)
     try:
         await _wait_ready(system)
     except BaseException:
@@ -278,6 +503,7 @@ async def start(spec: dict[str, Any], log_dir: Path | None = None) -> RelaySyste
 
 
 async def _wait_ready(system: RelaySystem) -> None:
+    """/readyz, and in portal mode the join; polled from this loop, which the portal shares."""
     deadline = time.monotonic() + READY_TIMEOUT
     url = f"http://127.0.0.1:{system.health_port}/readyz"
     while True:

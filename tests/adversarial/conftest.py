@@ -4,12 +4,10 @@ that attacks it over real sockets."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from protocol import stun
-from protocol.client import TurnClient
 from protocol.stun import Message
-from simulations.relay_process import daemon_command
-from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, http, port_range
+from simulations.relay_process import start_local
+from simulations.turn_client import TurnClient
+from tests.system.conftest import SECRET, RelayProcess
 
 __all__ = ["Attacker", "start"]
 
@@ -36,36 +34,10 @@ def start(
 ) -> RelayProcess:
     """A relay on 127.0.0.1; unlike the system tests' relays, loopback peers are refused
     unless asked for, and ``secret=None`` lets the relay generate its own."""
-    listen = free_port()
-    health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
-    low, high = ports or port_range()
-    args = daemon_command(listen, (low, high), health, control, scheme, "127.0.0.1", None)
-    if not loopback_peers:
-        args.remove("--allow-loopback-peers")
-    if secret is not None:
-        args += ["--auth-secret", secret]
-    args += list(extra)
-    log_path = tmp_path / f"relay-{listen}.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    for name in ("FIREZONE_TOKEN", "AUTH_SECRET", "RNG_SEED", "ALLOWED_PEER_IP", "DENIED_PEER_IP"):
-        env.pop(name, None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    relay = RelayProcess(
-        proc, listen, health, control, low, high, log_path, secret or "", scheme, args
-    )
-    deadline = time.monotonic() + 15
-    while ready:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited with {proc.returncode}:\n{relay.log()}")
-        with contextlib.suppress(OSError):
-            if http("GET", f"{relay.health}/readyz", 1)[0] == 200:
-                break
-        if time.monotonic() > deadline:
-            relay.stop(signal.SIGKILL)
-            raise RuntimeError(f"relay not ready:\n{relay.log()}")
-        time.sleep(0.05)
-    return relay
+    return start_local(
+        tmp_path, *extra, ports=ports, secret=secret, scheme=scheme,
+        loopback_peers=loopback_peers, ready=ready,
+    )  # fmt: skip
 
 
 @pytest.fixture

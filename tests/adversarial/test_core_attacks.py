@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from protocol import channel_data, stun
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Method
+from simulations.turn_client import TurnClient
 from tests.adversarial.conftest import Attacker, error_code
 from tests.system.conftest import RelayProcess, port_range
 

@@ -20,7 +20,7 @@ from actors.http_endpoints import Limits
 from actors.logs import FLOOD_BURST
 from protocol import stun
 from protocol.stun import Attr, Class, Method
-from simulations import fuzz
+from simulations.bench import fuzz
 from tests.adversarial import daemon_fixtures
 from tests.adversarial.daemon_fixtures import RelayProcess, http
 

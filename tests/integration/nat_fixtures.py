@@ -1,5 +1,5 @@
 """The pieces of the masquerading-NAT suite: a relay daemon, a test portal, two TURN agents
-with a TUN tunnel, an HTTP server and curl, all in a ``simulations.topology`` network.
+with a TUN tunnel, an HTTP server and curl, all in a ``simulations.netns.topology`` network.
 
 :class:`NatRun` is a context manager that brings one scenario up (topology, signalling hub,
 relay, agents, web server), lets the test download a 10 MB blob through the tunnel (so through
@@ -9,20 +9,18 @@ wait is bounded; nothing outlives the ``with`` block.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import hashlib
 import http.client
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,8 +30,10 @@ from typing import Any
 import pytest
 
 from protocol.auth import make_credentials, portal_salt
-from simulations.signalling import Hub
-from simulations.topology import Topology, TopologyOptions
+from simulations.netns.signalling import Hub
+from simulations.netns.topology import Topology, TopologyOptions
+from simulations.portal_thread import PortalThread
+from simulations.relay_process import Daemon, spawn_daemon
 from tests.required import REQUIRE_ALL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,14 +165,12 @@ class RelayProcess:
         self.dual = dual
         self.allow_private = allow_private
         self.xdp = xdp
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
         self.logs: list[Path] = []
 
     def args(self) -> list[str]:
+        """The daemon's flags."""
         a = [
-            sys.executable,
-            "-m",
-            "actors.cli",
             "--public-ip4-addr",
             self.topo.relay4,
             "--health-check-addr",
@@ -201,32 +199,15 @@ class RelayProcess:
         return a
 
     def start(self, timeout: float = 30.0) -> None:
-        env = _env()
+        env = {}
         if self.token is not None:
             assert self.portal_url is not None
-            env["FIREZONE_TOKEN"] = self.token
-            env["FIREZONE_API_URL"] = self.portal_url
+            env = {"FIREZONE_TOKEN": self.token, "FIREZONE_API_URL": self.portal_url}
         path = self.log_dir / f"relay-{len(self.logs)}.log"
         self.logs.append(path)
-        with path.open("wb") as log:
-            self.proc = self.topo.popen(
-                self.topo.rly,
-                self.args(),
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                return self.http("GET", "/readyz")[0] == 200
-            return False
-
-        wait_until(ready, timeout, "the relay's /readyz", step=0.1)
+        popen = functools.partial(self.topo.popen, self.topo.rly)
+        self.daemon = spawn_daemon(self.args(), path, env=env, popen=popen)
+        self.daemon.wait_ready(lambda: self.http("GET", "/readyz")[0] == 200, timeout, step=0.1)
 
     def wait_offload(self, timeout: float = 60.0) -> None:
         """Wait until the relay says whether XDP offload runs; xfail the test if it cannot
@@ -244,17 +225,13 @@ class RelayProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait; SIGKILL past ``timeout``. Returns the exit code."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        daemon, self.daemon = self.daemon, None
+        if daemon is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise AssertionError(f"relay ignored SIGTERM for {timeout} s") from None
+        code, _ = daemon.stop(timeout=timeout)
+        if daemon.killed:
+            raise AssertionError(f"relay ignored SIGTERM for {timeout} s")
+        return code
 
     def http(self, method: str, path: str) -> tuple[int, str]:
         conn = http.client.HTTPConnection(*HEALTH, timeout=2.0)
@@ -298,74 +275,6 @@ class RelayProcess:
 
     def problems(self) -> list[str]:
         return [line for line in self.log().splitlines() if PROBLEM.search(line)]
-
-
-# -- the test portal, in a thread inside the relay namespace -------------------------------------
-
-
-class PortalThread:
-    """``simulations.portal.Portal`` on its own event loop, listening on the relay namespace's
-    loopback (the relay reaches it there; nothing else can)."""
-
-    def __init__(self, netns: str, token: str = "nat-relay-token") -> None:
-        self.netns = netns
-        self.token = token
-        self.portal: Any = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="portal", daemon=True)
-
-    def start(self) -> PortalThread:
-        self._thread.start()
-        if not self._ready.wait(10) or self._error is not None:
-            raise RuntimeError(f"portal did not start: {self._error!r}")
-        return self
-
-    def _main(self) -> None:
-        from simulations.portal import Portal
-        from xdp.netns import enter
-
-        try:
-            enter(self.netns)  # this thread only, for good
-            self.loop = asyncio.new_event_loop()
-            self.portal = Portal(self.token, host="127.0.0.1", port=0)
-            self.loop.run_until_complete(self.portal.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.portal.stop())
-        self.loop.close()
-
-    @property
-    def url(self) -> str:
-        return str(self.portal.url)
-
-    def call(self, make: Callable[[], Any], timeout: float = 10.0) -> Any:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
-
-    def stop_serving(self) -> None:
-        self.call(lambda: self.portal.stop())
-
-    def start_serving(self) -> None:
-        self.call(lambda: self.portal.start())
-
-    def joined_relays(self) -> list[Any]:
-        return list(self.portal.connected_relays())
-
-    def credentials(self, public_key: str) -> tuple[str, str]:
-        entries = self.portal.credentials(public_key)
-        assert entries, "no relay has joined the portal"
-        return entries[0]["username"], entries[0]["password"]
-
-    def close(self) -> None:
-        if self.loop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
 
 
 # -- one scenario -------------------------------------------------------------------------------
@@ -450,7 +359,7 @@ class NatRun:
             Hub(os.path.join(hub_dir, "hub.sock"), pairs=[("client", "gateway")])
         )
         if self.portal:
-            self.portal_thread = PortalThread(self.topo.rly).start()
+            self.portal_thread = PortalThread("nat-relay-token", netns=self.topo.rly).start()
             self._stack.callback(self.portal_thread.close)
             self.relay = RelayProcess(
                 self.topo,
@@ -500,7 +409,7 @@ class NatRun:
         args = [
             sys.executable,
             "-m",
-            "simulations.agent",
+            "simulations.netns.agent",
             "--name",
             name,
             "--server",

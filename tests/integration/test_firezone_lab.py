@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from simulations.signalling import Hub
-from simulations.topology import LAB_INTERNET, LabTopology, TopologyOptions
+from simulations.netns.signalling import Hub
+from simulations.netns.topology import LAB_INTERNET, LabTopology, TopologyOptions
 from tests.integration.nat_fixtures import (
     BLOB_SIZE,
     CLIENT_TUN,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.topology import (
+from simulations.netns.topology import (
     CLIENT_PUBLIC4,
     GATEWAY_PUBLIC4,
     RELAY_PRIVATE4,

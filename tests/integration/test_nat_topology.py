@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from simulations.topology import Loss, Topology, TopologyOptions, list_netns
+from simulations.netns.topology import Loss, Topology, TopologyOptions, list_netns
 from tests.integration.nat_fixtures import require_nat_tools
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.topology import Loss, TopologyOptions
+from simulations.netns.topology import Loss, TopologyOptions
 from tests.integration.nat_fixtures import (
     MODES,
     datapath,

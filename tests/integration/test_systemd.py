@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from simulations.netns_relay import SECRET, allocate_and_bind
-from tests.integration.conftest import Topology, require_bcc
-from xdp.packets import channel_data
+from simulations.frames import channel_data
+from simulations.netns.relay import SECRET, allocate_and_bind
+from simulations.netns.topology import Topology
+from tests.integration.conftest import require_bcc
 
 pytestmark = pytest.mark.integration
 
@@ -177,10 +178,10 @@ def test_relays_with_xdp_as_an_unprivileged_user(
         assert "prog/xdp" in t.rly.ip("-d", "link", "show", "dev", t.relay_dev)
 
         client = t.cli.udp("0.0.0.0", 40000)
-        peer = t.rtr.udp(t.gw_public4, 50000)  # a peer on the public segment
+        peer = t.rtr.udp(t.gateway_public4, 50000)  # a peer on the public segment
         server = (t.relay4, 3478)
         wait_for(lambda: relay_answers(client, server), 30, "the relay to answer STUN")
-        relayed = allocate_and_bind(client, server, 0x4000, (t.gw_public4, 50000))
+        relayed = allocate_and_bind(client, server, 0x4000, (t.gateway_public4, 50000))
         for i in range(200):  # until the binding is in the kernel's map (bounded)
             client.sendto(channel_data(0x4000, b"to peer %d" % i), server)
             data, src = peer.recvfrom(2048)
@@ -201,7 +202,7 @@ def test_relays_with_xdp_as_an_unprivileged_user(
 
 
 def relay_answers(sock: socket.socket, server: tuple[str, int]) -> bool:
-    from protocol.client import TurnClient
+    from simulations.turn_client import TurnClient
 
     sock.settimeout(0.2)
     sock.sendto(TurnClient("", "").binding(), server)

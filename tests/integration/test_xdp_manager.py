@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +24,11 @@ from actors.xdp_manager import (
 )
 from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from protocol.server import ServerConfig
-from tests.integration.conftest import Netns, require_bcc
+from simulations.frames import channel_data, frame
+from simulations.netns.topology import Netns
+from tests.integration.conftest import require_bcc
 from xdp import bpfsys
 from xdp.loader import XdpUnavailable
-from xdp.packets import channel_data, frame
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ RELAY = "10.9.0.1"
 
 
 @pytest.fixture
-def solo(make_netns: type[Netns]) -> Netns:
+def solo(make_netns: Callable[[str], Netns]) -> Netns:
     """A namespace with one veth pair (p0 <-> p1), nothing else."""
     require_bcc()
     ns = make_netns("solo")

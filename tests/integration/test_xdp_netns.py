@@ -1,6 +1,6 @@
 """The XDP router on a real veth, fed by the map manager, with traffic across a NAT.
 
-Topology (tests/integration/conftest.py): client and gateway namespaces behind a NAT router,
+Topology (simulations/netns/topology.py): client and gateway namespaces behind a NAT router,
 the relay namespace on the router's public segment with the program attached to ``p0``.
 Userspace sockets in the relay namespace stand in for the relay's listen and allocation
 sockets: they learn the clients' public addresses from the slow path, and must see none of
@@ -17,8 +17,9 @@ import pytest
 from actors.xdp_manager import XdpManager, XdpOptions, start_offload
 from protocol.commands import CreateChannelBinding, DeleteChannelBinding
 from protocol.types import Addr
-from tests.integration.conftest import Netns, Topology, require_bcc
-from xdp.packets import channel_data
+from simulations.frames import channel_data
+from simulations.netns.topology import Netns, Topology
+from tests.integration.conftest import require_bcc
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +145,7 @@ def test_ipv4_both_ways_and_unbinding(relay: Relay) -> None:
     gw = t.gw.udp("0.0.0.0", 50000)
     cli_pub = relay.learn(cli, t.relay4, LISTEN)
     gw_pub = relay.learn(gw, t.relay4, 49152)  # also opens gw's NAT mapping
-    assert cli_pub[0] == t.cli_public4 and gw_pub[0] == t.gw_public4
+    assert cli_pub[0] == t.client_public4 and gw_pub[0] == t.gateway_public4
     binding = (cli_pub, 0x4000, gw_pub, 49152)
     relay.apply(CreateChannelBinding(*binding))
     exchange(cli, gw, (t.relay4, LISTEN), (t.relay4, 49152), 0x4000)
@@ -168,7 +169,7 @@ def test_ipv6_both_ways(relay: Relay) -> None:
     gw = t.gw.udp("::", 50000)
     cli_pub = relay.learn(cli, t.relay6, LISTEN)
     gw_pub = relay.learn(gw, t.relay6, 49152)
-    assert cli_pub == (t.cli6, 40000) and gw_pub == (t.gw6, 50000)
+    assert cli_pub == (t.client_public6, 40000) and gw_pub == (t.gateway_public6, 50000)
     relay.apply(CreateChannelBinding(cli_pub, 0x4123, gw_pub, 49152))
     exchange(cli, gw, (t.relay6, LISTEN), (t.relay6, 49152), 0x4123)
     assert relay.all_silent()

@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.commands import Command, CreateAllocation
 from protocol.routes import LoopToClient
 from protocol.server import Server, ServerConfig
 from protocol.types import Addr, Family
-from tests.integration.conftest import Netns, require_bcc
+from simulations.frames import MAC_RELAY, MAC_ROUTER, channel_data, describe, frame
+from simulations.netns.topology import Netns
+from simulations.turn_client import TurnClient
+from tests.integration.conftest import require_bcc
 from xdp import bpfsys
 from xdp.bindings import BindingTable
 from xdp.maps import RouterConfig
-from xdp.packets import MAC_RELAY, MAC_ROUTER, channel_data, describe, frame
 
 pytestmark = pytest.mark.integration
 
@@ -567,7 +568,7 @@ def test_unconfigured_router_passes_everything(relay: Relay, router: object) -> 
     relay.check_passed(to_relay(C4, LISTEN, channel_data(0x4000, b"d")), "disabled")
 
 
-def test_never_grows_beyond_mtu(relay: Relay, make_netns: type[Netns]) -> None:
+def test_never_grows_beyond_mtu(relay: Relay, make_netns: Callable[[str], Netns]) -> None:
     """BPF_PROG_TEST_RUN runs on the loopback device of the caller's namespace: give it a
     1280-byte MTU and relay frames that would, or would not, outgrow it."""
     ns = make_netns("mtu")

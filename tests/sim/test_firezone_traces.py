@@ -1,6 +1,6 @@
 """Replay the traces built from Firezone's code (connlib's TURN client and the Firezone
 relay's own acceptance tests) against the full system, and check that they are what
-``simulations.connlib_traces`` builds from that description."""
+``simulations.traces.connlib`` builds from that description."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from simulations import connlib_traces, replay, tracefile
+from simulations.traces import connlib, replay, tracefile
 
 pytestmark = pytest.mark.sim
 
-TRACES = sorted(connlib_traces.OUT_DIR.glob("*.pcap"))
+TRACES = sorted(connlib.OUT_DIR.glob("*.pcap"))
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def _param(path: Path) -> Any:
 
 
 def test_every_builder_has_its_trace() -> None:
-    assert {p.stem for p in TRACES} == set(connlib_traces.BUILDERS)
+    assert {p.stem for p in TRACES} == set(connlib.BUILDERS)
 
 
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
@@ -42,8 +42,8 @@ def test_trace_says_where_it_comes_from(trace: Path) -> None:
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
 def test_trace_is_what_the_builder_writes(trace: Path, tmp_path: Path) -> None:
     """The pcap on disk is the builder's output, so the description in the code is the
-    trace (``python -m simulations.connlib_traces`` rewrites them)."""
-    built = connlib_traces.BUILDERS[trace.stem]().save(tmp_path)
+    trace (``python -m simulations.traces.connlib`` rewrites them)."""
+    built = connlib.BUILDERS[trace.stem]().save(tmp_path)
     assert tracefile.read_pcap(built) == tracefile.read_pcap(trace)
     assert _meta(built) == _meta(trace)
 
@@ -54,7 +54,7 @@ def test_connlib_requests_carry_connlibs_attributes() -> None:
     from protocol import stun
     from protocol.stun import Attr, Class, Method
 
-    trace = tracefile.load(connlib_traces.OUT_DIR / "connlib_allocate.pcap")
+    trace = tracefile.load(connlib.OUT_DIR / "connlib_allocate.pcap")
     seen = set()
     for frame in trace.frames:
         if frame.dst[1] != tracefile.TRACE_LISTEN_PORT or frame.payload[0] >= 0x40:

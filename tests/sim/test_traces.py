@@ -1,4 +1,4 @@
-"""Replay every trace in simulations/traces/ against the full system (daemon subprocess, test
+"""Replay every trace in simulations/traces/data/ against the full system (daemon subprocess, test
 portal where the trace needs one); a hostile trace runs beside the legit trace it names.
 Also: the replayer catches what it should, the recorder's traces replay, pcaps round-trip."""
 
@@ -17,9 +17,9 @@ import pytest
 from protocol import stun
 from protocol.channel_data import encode as channel_data
 from protocol.stun import Attr, Class
-from simulations import record, replay, tracefile
-from simulations.scenarios import STANDALONE, bind, ping_pong, relayed
-from simulations.tracefile import Frame, Trace
+from simulations.traces import record, replay, tracefile
+from simulations.traces.scenarios import STANDALONE, bind, ping_pong, relayed
+from simulations.traces.tracefile import Frame, Trace
 
 pytestmark = pytest.mark.sim
 
@@ -167,7 +167,7 @@ def test_record_then_replay(tmp_path: Path) -> None:
 def test_command_line(tmp_path: Path) -> None:
     trace = replay.TRACES_DIR / "stale_nonce.pcap"
     ok = subprocess.run(
-        [sys.executable, "-m", "simulations.replay", str(trace)],
+        [sys.executable, "-m", "simulations.traces.replay", str(trace)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -185,7 +185,7 @@ def test_command_line(tmp_path: Path) -> None:
     )
     tracefile.save(broken, frames, loaded.expectations)
     bad = subprocess.run(
-        [sys.executable, "-m", "simulations.replay", str(broken)],
+        [sys.executable, "-m", "simulations.traces.replay", str(broken)],
         cwd=ROOT,
         capture_output=True,
         text=True,

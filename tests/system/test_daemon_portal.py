@@ -7,42 +7,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from simulations.portal import Portal
+from simulations.portal_thread import PortalThread
 from tests.system.conftest import RelayProcess, http
 from tests.system.peers import echo_peer, run, turn_client
 
 pytestmark = pytest.mark.system
-
-
-class PortalThread:
-    """The fake portal on an event loop of its own, so the test body can stay synchronous."""
-
-    def __init__(self, token: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.portal = Portal(token)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> PortalThread:
-        self.loop.run_until_complete(self.portal.start())
-        self.thread.start()
-        return self
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        async def invoke() -> Any:
-            result = fn(*args)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(invoke(), self.loop).result(10)
-
-    def __exit__(self, *exc: object) -> None:
-        self.call(self.portal.stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import struct
 import pytest
 from aioice import stun
 
-from simulations.bench_daemon_client import Client, long_term_key, request
+from simulations.bench.daemon_client import Client, long_term_key, request
 from tests.system.conftest import RelayProcess
 
 pytestmark = pytest.mark.system

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from protocol import channel_data, stun
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
+from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, http
 
 pytestmark = pytest.mark.system

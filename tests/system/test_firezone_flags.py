@@ -10,13 +10,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from actors.cli import build_parser
-from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, http, port_range
+from simulations.relay_process import spawn_daemon
+from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, port_range
 from tests.system.peers import echo_peer, run, turn_client
 
 pytestmark = pytest.mark.system
@@ -183,10 +183,7 @@ def _start_from_env(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
     listen = free_port()
     health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     low, high = port_range()
-    full_env = {
-        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
+    config = {
         "PUBLIC_IP4_ADDR": "127.0.0.1",
         "BIND_IP4_ADDR": "127.0.0.1",
         "LISTEN_PORT": str(listen),
@@ -201,25 +198,18 @@ def _start_from_env(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
         **env,
     }
     log_path = tmp_path / f"relay-env-{listen}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli"],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-    relay = RelayProcess(proc, listen, health, control, low, high, log_path)
-    deadline = time.monotonic() + 15
-    while True:
-        assert proc.poll() is None, relay.log()
-        try:
-            if http("GET", f"{relay.health}/readyz", 1)[0] == 200:
-                return relay
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, relay.log()
-        time.sleep(0.05)
+    relay = RelayProcess.of(
+        spawn_daemon([], log_path, env=config, inherit_env=False),
+        ip4="127.0.0.1",
+        listen_port=listen,
+        health_port=health,
+        control_port=control,
+        lowest_port=low,
+        highest_port=high,
+        secret=SECRET,
+    )
+    relay.wait_ready(relay.readyz)
+    return relay
 
 
 @pytest.mark.parametrize("telemetry", ["TELEMETRY", "FIREZONE_TELEMETRY"])

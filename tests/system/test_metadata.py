@@ -4,12 +4,8 @@ token first, and the failures when there is no metadata service."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,10 +16,11 @@ import pytest
 
 from actors.cli import build_parser, settings_from_args
 from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, parse
 from protocol.types import Family
-from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, http, port_range
+from simulations.relay_process import spawn_daemon
+from simulations.turn_client import TurnClient
+from tests.system.conftest import SECRET, RelayProcess, free_port, http, port_range
 
 pytestmark = pytest.mark.system
 
@@ -242,10 +239,7 @@ def _spawn(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
     listen = free_port()
     health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     low, high = port_range()
-    full_env = {
-        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
+    config = {
         "BIND_IP4_ADDR": "127.0.0.1",
         "BIND_IP6_ADDR": "::1",
         "LISTEN_PORT": str(listen),
@@ -257,28 +251,20 @@ def _spawn(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
         **env,
     }
     log_path = tmp_path / f"relay-{listen}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli"],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-    return RelayProcess(proc, listen, health, control, low, high, log_path)
+    return RelayProcess.of(
+        spawn_daemon([], log_path, env=config, inherit_env=False),
+        ip4="127.0.0.1",
+        listen_port=listen,
+        health_port=health,
+        control_port=control,
+        lowest_port=low,
+        highest_port=high,
+        secret=SECRET,
+    )
 
 
 def _ready(relay: RelayProcess) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        assert relay.alive(), relay.log()
-        try:
-            if http("GET", f"{relay.health}/readyz", 1)[0] == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, relay.log()
-        time.sleep(0.05)
+    relay.wait_ready(relay.readyz)
 
 
 def _relayed_addresses(relay: RelayProcess) -> list[tuple[str, int]]:

@@ -18,9 +18,9 @@ import pytest
 from actors.portal import default_user_agent
 from actors.version import relay_version, software
 from protocol import stun
-from protocol.client import TurnClient
 from protocol.stun import Attr
-from simulations.relay_process import daemon_command
+from simulations.relay_process import daemon_args
+from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, RelayProcess, free_port, port_range
 
 pytestmark = pytest.mark.system
@@ -41,8 +41,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def relay_args(listen: int, health: int, control: int, *extra: str) -> list[str]:
     """A loopback relay's flags (without the interpreter) for these ports."""
-    cmd = daemon_command(listen, port_range(), health, control, "firezone", "127.0.0.1", None)
-    return [*cmd[3:], "--auth-secret", "s", *extra]
+    cmd = daemon_args(listen, port_range(), health, control, "firezone", "127.0.0.1", None)
+    return [*cmd, "--auth-secret", "s", *extra]
 
 
 def fails_with(res: subprocess.CompletedProcess[str], code: int, message: str) -> None:

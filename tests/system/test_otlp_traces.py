@@ -20,11 +20,12 @@ from opentelemetry.proto.collector.metrics.v1 import (
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, parse
+from simulations.portal_thread import PortalThread
+from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http
 from tests.system.peers import echo_peer, run, turn_client
-from tests.system.test_daemon_portal import PortalThread, _wait_status
+from tests.system.test_daemon_portal import _wait_status
 
 pytestmark = pytest.mark.system
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from protocol import stun
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
+from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port
 
 pytestmark = pytest.mark.system

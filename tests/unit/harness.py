@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from protocol import stun
 from protocol.auth import firezone_password, rest_password
-from protocol.client import TurnClient
 from protocol.commands import Command, SendMessage
 from protocol.routes import ClientRoute
 from protocol.server import Server, ServerConfig
 from protocol.stun import Attr, Class, Message
 from protocol.types import Addr, Family
+from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0  # the harness's clock doubles as wall clock (unix_offset = 0)
 PUBLIC4 = "52.0.0.1"

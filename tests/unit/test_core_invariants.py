@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import channel_data
-from protocol.client import TurnClient
 from protocol.commands import CreateAllocation
 from protocol.stun import Attr, Method
 from protocol.types import Addr, Family
+from simulations.turn_client import TurnClient
 from tests.unit.harness import PEER, PEER6, PUBLIC4, Harness
 
 SENDERS: list[Addr] = [("93.184.216.34", 40000 + i) for i in range(3)] + [

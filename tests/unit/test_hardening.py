@@ -8,7 +8,6 @@ import pytest
 
 from protocol import channel_data, stun
 from protocol.auth import Nonces, parse_username, secret_bits
-from protocol.client import TurnClient
 from protocol.commands import CreateAllocation
 from protocol.server import (
     DEFAULT_MAX_ALLOCATIONS_PER_USER,
@@ -18,6 +17,7 @@ from protocol.server import (
 )
 from protocol.stun import Attr, Class, Method
 from protocol.transactions import ENTRY_OVERHEAD, TransactionCache
+from simulations.turn_client import TurnClient
 from tests.unit.harness import CLIENT, PEER, PUBLIC4, Harness, error_code, is_success
 
 # --- 9.1 attribute parsing ------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Build packet traces from what Firezone's code says its clients and its relay do.
 
-The traces in ``simulations/traces/`` were recorded from this repository's own TURN client,
+The traces in ``simulations/traces/data/`` were recorded from this repository's own TURN client,
 so replaying them shows only that the relay agrees with that client. The traces built here
-(``simulations/traces/firezone/``) are written from Firezone's source instead:
+(``simulations/traces/data/firezone/``) are written from Firezone's source instead:
 
 * connlib's TURN client, ``rust/libs/connlib/snownet/src/allocation.rs`` of firezone/firezone:
   the attributes of each request (``MessagePrototype``: REQUESTED-TRANSPORT 17,
@@ -27,7 +27,7 @@ ADDRESS-ERROR-CODE on a partial dual-stack allocation). Time in these traces is 
 (seconds of its clock); they replay ``speed`` times faster against a relay started with
 ``--time-scale 1/speed``, so expiry and refresh deadlines fall where they would.
 
-``python -m simulations.connlib_traces`` writes them again (deterministic).
+``python -m simulations.traces.connlib`` writes them again (deterministic).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from protocol import stun
 from protocol.channel_data import encode as channel_data
 from protocol.stun import Attr, Class, Method, long_term_key
 from protocol.types import Addr, Family
-from simulations import tracefile
-from simulations.tracefile import Expectations, Frame
+from simulations.traces import tracefile
+from simulations.traces.tracefile import Expectations, Frame
 
-OUT_DIR = Path(__file__).resolve().parent / "traces" / "firezone"
+OUT_DIR = Path(__file__).resolve().parent / "data" / "firezone"
 REPO = "firezone/firezone"
 ALLOCATION_RS = "rust/libs/connlib/snownet/src/allocation.rs"
 ALLOCATIONS_RS = "rust/libs/connlib/snownet/src/node/allocations.rs"
@@ -985,7 +985,7 @@ BUILDERS: dict[str, Callable[[], Builder]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.connlib_traces",
+        prog="python -m simulations.traces.connlib",
         description="Write the traces built from Firezone's code.",
     )
     parser.add_argument("names", nargs="*", help=f"default all: {', '.join(BUILDERS)}")

@@ -1,5 +1,6 @@
-"""The scenarios behind the traces in simulations/traces/: live runs of TurnClient against the
-daemon, recorded with ``python -m simulations.record NAME`` (see simulations/record.py).
+"""The scenarios behind the traces in simulations/traces/data/: live runs of TurnClient
+against the daemon, recorded with ``python -m simulations.traces.record NAME`` (see
+``record.py``).
 
 Each scenario asserts what the relay answers while it records, so a trace is only written
 when the live relay behaved; the replayer then holds every later relay to the same answers.
@@ -18,10 +19,9 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import encode as channel_data
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Message, Method
 from protocol.types import Addr, Family
-from simulations.record import (
+from simulations.traces.record import (
     Endpoint,
     Scenario,
     ScenarioError,
@@ -31,6 +31,7 @@ from simulations.record import (
     expect_error,
     expect_success,
 )
+from simulations.turn_client import TurnClient
 
 PORTAL_DUAL = {"auth": "portal", "ip4": "127.0.0.1", "ip6": "::1"}
 STANDALONE = {"auth": "standalone", "ip4": "127.0.0.1"}
@@ -125,7 +126,7 @@ async def bursts(
 def signed_raw(tc: TurnClient, method: int, attrs: list[tuple[int, bytes]]) -> bytes:
     """A request signed like ``tc`` signs, with attribute values given as raw bytes (so they
     can be malformed on purpose)."""
-    from simulations.replay import build_message
+    from simulations.traces.replay import build_message
 
     raw: list[tuple[int, bytes]] = [
         (Attr.SOFTWARE, tc.software.encode()),

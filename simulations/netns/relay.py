@@ -1,57 +1,37 @@
-"""The real relay daemon inside the XDP test topology, for benchmarks (root).
+"""The real relay daemon inside a namespace topology, for benchmarks and tests (root).
 
-Plumbing for :mod:`simulations.bench_xdp`: an owned copy of the integration tests' namespace
-topology that is deleted whatever happens, ``python -m actors.cli`` started in the relay
-namespace, a TURN client that allocates and binds a channel through the NAT with a socket
-living in the client namespace, a bounded UDP generator run inside a namespace (paced or flat
-out), and readers for the relay's CPU time and its ``/metrics``.
+Plumbing for :mod:`simulations.bench.xdp` and the integration tests: ``python -m actors.cli``
+started in the relay namespace of a :class:`~simulations.netns.topology.Topology`, a TURN
+client that allocates and binds a channel through the NAT with a socket living in the client
+namespace, a bounded UDP generator run inside a namespace (paced or flat out), and readers for
+the relay's CPU time and its ``/metrics``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import stun
 from protocol.auth import make_credentials
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
 from protocol.types import Addr
+from simulations.netns.topology import Netns, Topology
+from simulations.relay_process import spawn_daemon
+from simulations.turn_client import TurnClient
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET = "bench-xdp-secret"
 HEALTH_PORT = 8080  # inside the relay namespace, so no clash with anything else
-
-
-@contextlib.contextmanager
-def owned_topology() -> Iterator[object]:
-    """tests/integration/conftest.py's four-namespace topology, deleted on any exit."""
-    from tests.integration.conftest import Netns, build_topology
-
-    created: list[Netns] = []
-
-    class Owned(Netns):
-        def __init__(self, role: str) -> None:
-            super().__init__(role)
-            created.append(self)
-
-    try:
-        yield build_topology(Owned)
-    finally:
-        for ns in created:
-            ns.delete()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,11 +40,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def udp_receive_drops(ns: object) -> int:
+def udp_receive_drops(ns: Netns) -> int:
     """UDP datagrams the namespace's sockets dropped for a full receive buffer (/proc/net/snmp)."""
     lines = [
         line.split()
-        for line in ns.run("cat", "/proc/net/snmp").splitlines()  # type: ignore[attr-defined]
+        for line in ns.run("cat", "/proc/net/snmp").splitlines()
         if line.startswith("Udp:")
     ]
     if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
@@ -122,10 +102,10 @@ class Sent:
 
 
 def generate(
-    ns: object, dst: Addr, sport: int, payload: bytes, seconds: float, limit: int, rate: float
+    ns: Netns, dst: Addr, sport: int, payload: bytes, seconds: float, limit: int, rate: float
 ) -> Sent:
     """Send ``payload`` from ``ns`` (pinned to CPU0) to ``dst``; ``rate`` 0 means flat out."""
-    out = ns.run(  # type: ignore[attr-defined]
+    out = ns.run(
         sys.executable,
         "-c",
         textwrap.dedent(GENERATOR),
@@ -147,16 +127,13 @@ def generate(
 class RelayDaemon:
     """``python -m actors.cli`` in the relay namespace, standalone, with a known secret."""
 
-    def __init__(self, topo: object, offload: str | None, mode: str = "generic") -> None:
+    def __init__(self, topo: Topology, offload: str | None, mode: str = "generic") -> None:
         self.topo = topo
         self.offload = offload
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-xdp-relay-", suffix=".log")  # noqa: SIM115
+        self._logdir = tempfile.TemporaryDirectory(prefix="bench-xdp-relay-")
         args = [
-            sys.executable,
-            "-m",
-            "actors.cli",
             "--public-ip4-addr",
-            topo.relay4,  # type: ignore[attr-defined]
+            topo.relay4,
             "--listen-port",
             "3478",
             "--lowest-port",
@@ -165,7 +142,7 @@ class RelayDaemon:
             "49407",
             "--auth-secret",
             SECRET,
-            "--allow-private-peers",  # the topology's 172.31.113.0/24 is private
+            "--allow-private-peers",  # the topology's addresses are private
             "--health-check-addr",
             f"127.0.0.1:{HEALTH_PORT}",
             "--control-endpoint",
@@ -175,44 +152,38 @@ class RelayDaemon:
         ]
         if offload:
             args += ["--ebpf-offloading", offload, "--ebpf-attach-mode", mode, "--ebpf-mandatory"]
-        self.proc: subprocess.Popen[bytes] = topo.rly.popen(  # type: ignore[attr-defined]
-            *args,
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        )
+        log_path = Path(self._logdir.name) / "relay.log"
+        popen = functools.partial(topo.popen, topo.rly)
+        self.daemon = spawn_daemon(args, log_path, popen=popen)
+        self.proc = self.daemon.proc
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def log_tail(self, lines: int = 8) -> str:
-        text = Path(self.log.name).read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(self.daemon.log().strip().splitlines()[-lines:])
 
     def wait_ready(self, probe: socket.socket, timeout: float = 40.0) -> float:
         """Wait until a STUN Binding from ``probe`` is answered; returns the seconds taken."""
-        start = time.monotonic()
-        deadline = start + timeout
         request = TurnClient("", "").binding()
         probe.settimeout(0.2)
-        server = (self.topo.relay4, 3478)  # type: ignore[attr-defined]
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited ({self.proc.returncode}):\n{self.log_tail()}")
+        server = (self.topo.relay4, 3478)
+
+        def answered() -> bool:
             probe.sendto(request, server)
             try:
                 probe.recv(2048)
-                return time.monotonic() - start
-            except OSError:
-                continue
-        raise RuntimeError(f"relay not answering after {timeout:g} s:\n{self.log_tail()}")
+            except TimeoutError:
+                return False
+            return True
+
+        return self.daemon.wait_ready(answered, timeout, step=0)
 
     def metrics(self) -> dict[str, float]:
         """The relay's /metrics, flattened to ``name{labels}`` -> value (empty on error)."""
         try:
-            s = self.topo.rly.socket(socket.AF_INET, socket.SOCK_STREAM)  # type: ignore[attr-defined]
+            s = self.topo.rly.socket(socket.AF_INET, socket.SOCK_STREAM)
             with s:
                 s.settimeout(3)
                 s.connect(("127.0.0.1", HEALTH_PORT))
@@ -232,14 +203,8 @@ class RelayDaemon:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(8)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        self.daemon.stop(timeout=8)
+        self._logdir.cleanup()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Benchmark of the sans-IO core alone: routing decisions and authenticated Allocates per second.
 
-    python -m simulations.bench_core [--seconds 2]
+    python -m simulations.bench.core [--seconds 2]
 
 Prints figures; asserts nothing. Targets from the issue: >= 1,000,000 ChannelData routing
 decisions per second in each direction on one core, >= 10,000 authenticated Allocates/s.
@@ -14,9 +14,9 @@ import time
 
 from protocol import channel_data, stun
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.commands import CreateAllocation, SendMessage
 from protocol.server import Server, ServerConfig
+from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
 
@@ -95,7 +95,7 @@ def bench_allocate(seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.core", description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     to_peer, to_client = bench_routing(args.seconds)

@@ -1,6 +1,6 @@
 """Replay packet traces against the full system and check every datagram that comes back.
 
-``python -m simulations.replay simulations/traces/client.pcap [more.pcap ...]``
+``python -m simulations.traces.replay simulations/traces/data/client.pcap [more.pcap ...]``
 
 For each trace the replayer starts the relay daemon (with the test portal when the trace's
 credentials come from a portal), binds one real UDP socket per trace endpoint on that role's
@@ -45,11 +45,12 @@ from typing import Any
 from protocol import stun
 from protocol.stun import Attr, Class, Message
 from protocol.types import Addr, Family
-from simulations import relay_process, tracefile
+from simulations import relay_process
 from simulations.relay_process import Credential, RelaySystem
-from simulations.tracefile import TRACE_LISTEN_PORT, Frame, Trace, format_addr
+from simulations.traces import tracefile
+from simulations.traces.tracefile import TRACE_LISTEN_PORT, Frame, Trace, format_addr
 
-TRACES_DIR = Path(__file__).resolve().parent / "traces"
+TRACES_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TIMEOUT = 2.0  # seconds an expected datagram may take
 GRACE = 0.3  # seconds to watch for stray datagrams after the last frame
 LIFETIME_SLACK = 2  # seconds of LIFETIME difference tolerated (retransmissions count down)
@@ -842,14 +843,14 @@ def run(paths: Sequence[Path | str], **kwargs: Any) -> RunResult:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.replay",
+        prog="python -m simulations.traces.replay",
         description="Replay TURN packet traces against the relay daemon and check the answers.",
     )
     parser.add_argument(
         "traces",
         nargs="*",
         type=Path,
-        help="pcap files (default: every trace in simulations/traces)",
+        help="pcap files (default: every trace in simulations/traces/data)",
     )
     parser.add_argument(
         "--alone",

@@ -3,7 +3,7 @@ TUN tunnel whose IP packets ride its TURN channel, so ordinary TCP runs through 
 
 Run inside a network namespace::
 
-    python -m simulations.agent --name client --server 10.99.0.10:3478 --dual \\
+    python -m simulations.netns.agent --name client --server 10.99.0.10:3478 --dual \\
         --username U --password P --tun fzt0 --tun-addr 100.64.0.1/24 \\
         --signal /tmp/hub.sock --peer-family 4
 
@@ -26,7 +26,7 @@ TURN behaviour, after connlib's ``snownet`` allocation:
 
 Without ``--allocate`` the agent only learns its server-reflexive address and exchanges raw
 UDP with the partner's relayed address (a gateway reachable through its NAT). The partner's
-addresses arrive from the signalling hub (``simulations.signalling``); the agent binds a
+addresses arrive from the signalling hub (``simulations.netns.signalling``); the agent binds a
 channel to the partner's relayed address (or server-reflexive address, if the partner does not
 allocate) in ``--peer-family``.
 """
@@ -50,10 +50,10 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Method
 from protocol.types import Addr, Family
-from simulations import tun
+from simulations.netns import tun
+from simulations.turn_client import TurnClient
 
 log = logging.getLogger("agent")
 
@@ -652,7 +652,7 @@ class Agent:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
-        prog="python -m simulations.agent",
+        prog="python -m simulations.netns.agent",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -41,6 +41,8 @@ import ctypes
 import os
 import re
 import signal
+import socket
+import socket as _socket  # the name ``socket`` is also a method of Netns
 import subprocess
 import threading
 import time
@@ -108,15 +110,19 @@ def reserve_allocation_ports(topology: _Sysctl, ns: str) -> None:
     topology.sysctl(ns, "net.ipv4.ip_local_reserved_ports", "49152-65535")
 
 
+def delete_netns(name: str) -> None:
+    """Kill what runs inside ``name`` (by pid) and delete it; errors ignored."""
+    for pid in run(["ip", "netns", "pids", name], check=False).split():
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            os.kill(int(pid), signal.SIGKILL)
+    run(["ip", "netns", "del", name], check=False)
+
+
 def purge(prefix: str) -> None:
     """Delete every namespace named ``<prefix>-*`` after killing what runs in it (by pid)."""
     for name in list_netns():
-        if not name.startswith(prefix + "-"):
-            continue
-        for pid in run(["ip", "netns", "pids", name], check=False).split():
-            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-                os.kill(int(pid), signal.SIGKILL)
-        run(["ip", "netns", "del", name], check=False)
+        if name.startswith(prefix + "-"):
+            delete_netns(name)
 
 
 def purge_stale() -> None:
@@ -125,6 +131,82 @@ def purge_stale() -> None:
         m = _OURS.match(name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             purge(name.rsplit("-", 1)[0])
+
+
+class Netns(str):
+    """A namespace by name (what ``ip netns`` takes, so it goes wherever a name does), with
+    the means to run commands and open sockets inside it."""
+
+    __slots__ = ()
+
+    @classmethod
+    def create(cls, name: str) -> Netns:
+        """Add the namespace, loopback up, and quiet: no router solicitations, RA
+        autoconfiguration or DAD on links created inside, so only a test's own packets are on
+        the wire. Delete it with :meth:`delete`."""
+        ns = cls(name)
+        run(["ip", "netns", "add", name])
+        ns.ip("link", "set", "lo", "up")
+        ns.run(
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.default.router_solicitations=0",
+            "net.ipv6.conf.default.accept_ra=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        )
+        return ns
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        return run(["ip", "-n", self, *args], check=check)
+
+    def run(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return run(["ip", "netns", "exec", self, *args], check=check, input=input)
+
+    def sysctl(self, key: str, value: object) -> None:
+        self.run("sysctl", "-qw", f"{key}={value}")
+
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside (argument list, never a shell); it dies with the namespace
+        (killed by pid on delete), and with the calling thread (``PR_SET_PDEATHSIG``)."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            ["ip", "netns", "exec", self, *args], preexec_fn=_die_with_parent, **kwargs
+        )
+        return proc
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the block with the calling thread inside (sockets created there stay)."""
+        with _enter_netns(self):
+            yield
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM) -> _socket.socket:
+        """A socket living in this namespace (it stays there after we switch back); IPv6
+        sockets are IPv6-only."""
+        with self.entered():
+            s = socket.socket(family, type)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return s
+
+    def udp(self, host: str, port: int, timeout: float = 2.0) -> _socket.socket:
+        """A UDP socket bound to ``host:port`` in this namespace."""
+        s = self.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.bind((host, port))
+        s.settimeout(timeout)
+        return s
+
+    def link_stats(self, dev: str) -> dict[str, int]:
+        """The kernel's counters of ``dev`` (``rx_packets``, ...)."""
+        base = f"/sys/class/net/{dev}/statistics"
+        out = self.run("sh", "-c", f"cd {base} && grep . *")
+        return {k: int(v) for k, v in (line.split(":", 1) for line in out.split())}
+
+    def delete(self) -> None:
+        delete_netns(self)
 
 
 @dataclass(frozen=True)
@@ -207,23 +289,23 @@ class Topology:
     # -- names -----------------------------------------------------------------------------
 
     @property
-    def cli(self) -> str:
-        return f"{self.prefix}-cli"
+    def cli(self) -> Netns:
+        return Netns(f"{self.prefix}-cli")
 
     @property
-    def gw(self) -> str:
-        return f"{self.prefix}-gw"
+    def gw(self) -> Netns:
+        return Netns(f"{self.prefix}-gw")
 
     @property
-    def rly(self) -> str:
-        return f"{self.prefix}-rly"
+    def rly(self) -> Netns:
+        return Netns(f"{self.prefix}-rly")
 
     @property
-    def rtr(self) -> str:
-        return f"{self.prefix}-rtr"
+    def rtr(self) -> Netns:
+        return Netns(f"{self.prefix}-rtr")
 
     @property
-    def namespaces(self) -> list[str]:
+    def namespaces(self) -> list[Netns]:
         return [self.cli, self.gw, self.rly, self.rtr]
 
     relay4 = RELAY4
@@ -234,6 +316,8 @@ class Topology:
     gateway6 = GATEWAY6
     client_public4 = CLIENT_PUBLIC4
     gateway_public4 = GATEWAY_PUBLIC4
+    client_public6 = CLIENT_PUBLIC6
+    gateway_public6 = GATEWAY_PUBLIC6
     client_roam4 = CLIENT_ROAM4
     client_roam_public4 = CLIENT_ROAM_PUBLIC4
 
@@ -332,7 +416,7 @@ class Topology:
                     self.rtr,
                 ]
             )
-        plan: list[tuple[str, str, list[str], list[str]]] = [
+        plan: list[tuple[Netns, str, list[str], list[str]]] = [
             (self.cli, self.client_dev, [f"{CLIENT4}/24"], [f"{CLIENT6}/64"]),
             (self.gw, self.gateway_dev, [f"{GATEWAY4}/24"], [f"{GATEWAY6}/64"]),
             (self.rly, self.relay_dev, [f"{self.relay_local4}/24"], [f"{self.relay_local6}/64"]),
@@ -577,39 +661,39 @@ class LabTopology(Topology):
     prefix: str = DEFAULT_PREFIX + "l"
 
     @property
-    def cli(self) -> str:
-        return f"{self.prefix}-lcli"
+    def cli(self) -> Netns:
+        return Netns(f"{self.prefix}-lcli")
 
     @property
-    def gw(self) -> str:
-        return f"{self.prefix}-lgw"
+    def gw(self) -> Netns:
+        return Netns(f"{self.prefix}-lgw")
 
     @property
-    def net(self) -> str:
-        return f"{self.prefix}-lnet"
+    def net(self) -> Netns:
+        return Netns(f"{self.prefix}-lnet")
 
     @property
-    def relay_a(self) -> str:
-        return f"{self.prefix}-lra"
+    def relay_a(self) -> Netns:
+        return Netns(f"{self.prefix}-lra")
 
     @property
-    def relay_b(self) -> str:
-        return f"{self.prefix}-lrb"
+    def relay_b(self) -> Netns:
+        return Netns(f"{self.prefix}-lrb")
 
     @property
-    def rly(self) -> str:
+    def rly(self) -> Netns:
         return self.relay_a
 
     @property
-    def rtr(self) -> str:
-        return f"{self.prefix}-lrc"
+    def rtr(self) -> Netns:
+        return Netns(f"{self.prefix}-lrc")
 
     @property
-    def rtr_gw(self) -> str:
-        return f"{self.prefix}-lrg"
+    def rtr_gw(self) -> Netns:
+        return Netns(f"{self.prefix}-lrg")
 
     @property
-    def namespaces(self) -> list[str]:
+    def namespaces(self) -> list[Netns]:
         return [self.cli, self.gw, self.rtr, self.rtr_gw, self.relay_a, self.relay_b, self.net]
 
     def public(self, host: int) -> str:

@@ -1,7 +1,7 @@
 """Issue 9.1's figure: the CPU time the core spends on the most expensive 64 KB datagrams we
 could build, per datagram. Prints figures, asserts nothing.
 
-    python -m simulations.worst_datagram [--repeat N]
+    python -m simulations.bench.worst_datagram [--repeat N]
 
 Each candidate goes through ``Server.handle_client_input`` as the data plane would hand it
 over (the answer is built and queued; sending is not counted). The candidates:
@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 from protocol import stun
 from protocol.auth import firezone_password
-from protocol.client import TurnClient
 from protocol.server import Server, ServerConfig
 from protocol.stun import Attr, Class, Method
+from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
 CLIENT = ("93.184.216.34", 40000)
@@ -129,7 +129,9 @@ def measure(server: Server, make: Factory, repeat: int) -> tuple[float, int, int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.worst_datagram", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"{'datagram':<16}{'bytes':>8}{'ms CPU each':>14}{'commands':>10}")

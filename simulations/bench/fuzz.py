@@ -1,6 +1,6 @@
 """Fuzz soak: a million hostile datagrams at a live relay, then check it is still well.
 
-``python -m simulations.fuzz`` starts the daemon (as the simulator does), makes a few real
+``python -m simulations.bench.fuzz`` starts the daemon (as the simulator does), makes a few real
 allocations (with a permission and a channel to a peer socket of ours), then sends mutated and
 random datagrams, bounded in count and time, at the listen port and at the allocation ports:
 
@@ -35,8 +35,8 @@ from pathlib import Path
 
 from protocol import stun
 from protocol.auth import make_credentials
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class
+from simulations.turn_client import TurnClient
 
 __all__ = ["Report", "Target", "allocate", "binding_rtt", "exchange", "main", "soak"]
 
@@ -426,7 +426,9 @@ async def _run(count: int, seconds: float, rate: float | None) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.fuzz", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--count", type=int, default=1_000_000, help="datagrams to send")
     parser.add_argument("--seconds", type=float, default=600.0, help="time bound of the soak")
     parser.add_argument("--rate", type=float, default=None, help="datagrams/s (default: flat out)")

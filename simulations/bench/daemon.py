@@ -1,6 +1,6 @@
 """Benchmarks of the relay daemon. Prints figures; asserts nothing.
 
-    python -m simulations.bench_daemon [--sections scale,throughput,latency] [--allocations 10000]
+    python -m simulations.bench.daemon [--sections scale,throughput,latency] [--allocations 10000]
                                        [--rates 20000,50000,max] [--duration 3] [--no-coturn]
 
 scale       10k allocations against an in-process relay (driven by a client *process*, so the
@@ -8,7 +8,7 @@ scale       10k allocations against an in-process relay (driven by a client *pro
             of them (the core's timer firing), then free_all at shutdown.
 throughput  100-byte ChannelData, one way, client -> relay -> sink, at fixed offered rates and
             flat out: delivered datagrams/s, loss, relay CPU, relay CPU per datagram. Our relay
-            and coturn (simulations/coturn/bench.conf, on free ports) are
+            and coturn (simulations/bench/coturn/bench.conf, on free ports) are
             run alternately under the same load generator; the ratio is printed.
 latency     sequential 100-byte ping-pong through a channel vs the same ping-pong direct; the
             relay-added latency per traversal is half the RTT difference.
@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations import bench_daemon_client as tl
+from simulations.bench import daemon_client as tl
+from simulations.relay_process import spawn_daemon
 
-ROOT = Path(__file__).resolve().parents[1]
-COTURN_CONF = ROOT / "simulations" / "coturn" / "bench.conf"
+ROOT = Path(__file__).resolve().parents[2]
+COTURN_CONF = Path(__file__).resolve().parent / "coturn" / "bench.conf"
 SECRET = "bench-secret"
 #: relay ports of the relays under test: below the kernel's ephemeral range, apart from the
 #: system tests' 61000+ slices and the simulator's 20000-32000 (they may run at the same time)
@@ -135,7 +136,7 @@ async def _run_client(server_port: int, n: int) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "simulations.bench_daemon",
+        "simulations.bench.daemon",
         "client-allocate",
         "--server",
         f"127.0.0.1:{server_port}",
@@ -274,39 +275,28 @@ def wait_udp(port: int, timeout: float = 10.0) -> None:
 
 def start_ours(workdir: Path) -> Server:
     port = free_port()
-    log = open(workdir / "relay.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        pinned(
-            [
-                sys.executable,
-                "-m",
-                "actors.cli",
-                "--public-ip4-addr",
-                "127.0.0.1",
-                "--bind-ip4-addr",
-                "127.0.0.1",
-                "--allow-loopback-peers",
-                "--listen-port",
-                str(port),
-                "--lowest-port",
-                str(PORTS[0]),
-                "--highest-port",
-                str(PORTS[1]),
-                "--auth-secret",
-                SECRET,
-                "--health-check-addr",
-                f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
-                "--control-endpoint",
-                f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
-            ]
-        ),
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": "warn", "PYTHONPATH": str(ROOT)},
-    )
+    args = [
+        "--public-ip4-addr",
+        "127.0.0.1",
+        "--bind-ip4-addr",
+        "127.0.0.1",
+        "--allow-loopback-peers",
+        "--listen-port",
+        str(port),
+        "--lowest-port",
+        str(PORTS[0]),
+        "--highest-port",
+        str(PORTS[1]),
+        "--auth-secret",
+        SECRET,
+        "--health-check-addr",
+        f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+        "--control-endpoint",
+        f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+    ]
+    daemon = spawn_daemon(args, workdir / "relay.log", env={"RUST_LOG": "warn"}, wrapper=pinned([]))
     wait_udp(port)
-    return Server("python relay", proc, port, firezone_credentials, workdir)
+    return Server("python relay", daemon.proc, port, firezone_credentials, workdir)
 
 
 def start_coturn(workdir: Path) -> Server:
@@ -620,7 +610,11 @@ def main() -> None:
     if sys.argv[1:2] == ["client-allocate"]:
         client_allocate_main(sys.argv[2:])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m simulations.bench.daemon",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--sections", default="scale,throughput,latency")
     p.add_argument("--allocations", type=int, default=10_000)
     p.add_argument("--rates", default="20000,50000,max")

@@ -7,7 +7,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    alternates with its reverse (channel->udp, udp->channel, ...) or is a fixed point (relay
    loop), and the figure is the mean of the two directions.
 2. The real daemon (``python -m actors.cli``) in the relay namespace of the topology of
-   tests/integration/conftest.py, once in userspace and once with ``--ebpf-offloading p0``: a
+   simulations/netns/topology.py, once in userspace and once with ``--ebpf-offloading p0``: a
    TURN client in the client namespace allocates and binds a channel to a peer behind the NAT
    (real handshake, Firezone credentials from the daemon's secret), then 100-byte payloads are
    sent client -> peer and peer -> client at increasing rates and flat out. Per step: offered
@@ -20,7 +20,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    process's own CPU is printed too); with offload every packet delivered at the generator's
    top rate with the relay process idle.
 
-Run: ``python -m simulations.bench_xdp [--rates 20000,50000,100000,max] [--daemon-seconds S]
+Run: ``python -m simulations.bench.xdp [--rates 20000,50000,100000,max] [--daemon-seconds S]
 [--seconds S] [--mode generic|driver] [--skip-daemon] [--skip-topology]``. Numbers on a shared
 2-vCPU machine are noisy; compare them with each other.
 """
@@ -37,26 +37,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from protocol import stun
 from protocol.commands import CreateChannelBinding
 from protocol.types import Addr
-from simulations.netns_relay import (
+from simulations.frames import channel_data, frame
+from simulations.netns.relay import (
     RelayCounters,
     RelayDaemon,
     Sent,
     allocate_and_bind,
     cpu_seconds,
     generate,
-    owned_topology,
     udp_receive_drops,
 )
+from simulations.netns.topology import Netns, Topology
 from xdp import bpfsys
 from xdp.maps import RouterConfig, chan_key, peer_key
-from xdp.packets import channel_data, frame
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 R4, R6 = "10.0.0.5", "fd00::5"  # interface addresses
 PUB4, PUB6 = "52.0.0.1", "2600:1f00::1"  # public addresses (relay-loop detection)
 LISTEN, A, B, PP = 3478, 49152, 49153, 50000
@@ -157,20 +157,13 @@ def bench_program(repeat: int) -> list[tuple[str, float, int]]:
 def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, float, float, int]]:
     """(direction, offered pps, delivered pps, packets the program relayed)."""
     from actors.xdp_manager import XdpOptions, start_offload
-    from tests.integration.conftest import Netns, build_topology
-
-    created: list[Netns] = []
-
-    class Owned(Netns):
-        def __init__(self, role: str) -> None:
-            super().__init__(role)
-            created.append(self)
 
     results: list[tuple[str, float, float, int]] = []
     ref = None
     peer_prog = None
+    t = Topology()
     try:
-        t = build_topology(Owned)
+        t.build()
         if mode == "driver":  # native XDP on veth needs a program on the peer veth too
             from xdp.loader import import_bcc
 
@@ -242,8 +235,7 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
     finally:
         if ref is not None:
             ref.stop(block=True, timeout=10)
-        for ns in created:
-            ns.delete()
+        t.destroy()
         if peer_prog is not None:
             peer_prog.cleanup()
     return results
@@ -297,7 +289,7 @@ class ModeRun:
     error: str | None = None
 
 
-def _peer_pass_program(t: Any) -> Any:
+def _peer_pass_program(t: Topology) -> Any:
     """Native XDP on a veth needs an XDP program on its peer too (recipe §5.1)."""
     from xdp.loader import import_bcc
 
@@ -316,8 +308,7 @@ def bench_daemon(
     TURN client in the client namespace allocates and binds a channel to the peer, then each
     direction is flooded at every rate."""
     run = ModeRun(f"XDP {mode} on p0 (--ebpf-offloading p0)" if offload else "userspace", offload)
-    with owned_topology() as t, contextlib.ExitStack() as stack:
-        t = cast(Any, t)
+    with Topology() as t, contextlib.ExitStack() as stack:
         if offload and mode == "driver":
             stack.callback(_peer_pass_program(t).cleanup)
         relay = RelayDaemon(t, "p0" if offload else None, mode)
@@ -329,7 +320,7 @@ def bench_daemon(
             gw = stack.enter_context(t.gw.udp("0.0.0.0", PEER_PORT))
             cli = t.cli.udp("0.0.0.0", CLIENT_PORT)
             with cli:
-                relayed = allocate_and_bind(cli, server, CH, (t.gw_public4, PEER_PORT))
+                relayed = allocate_and_bind(cli, server, CH, (t.gateway_public4, PEER_PORT))
                 # the peer speaks first (opening its NAT mapping, as in real TURN), then the client
                 gw.sendto(b"probe from the peer", relayed)
                 if cli.recv(2048) != channel_data(CH, b"probe from the peer"):
@@ -342,11 +333,11 @@ def bench_daemon(
             def step(
                 direction: str,
                 rate: str,
-                ns: Any,
+                ns: Netns,
                 sport: int,
                 dst: Addr,
                 msg: bytes,
-                rx: tuple[Any, str],
+                rx: tuple[Netns, str],
             ) -> Step:
                 if time.monotonic() + seconds + DRAIN + 2 > deadline:
                     return Step(direction, rate)
@@ -475,7 +466,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.xdp", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions")
     parser.add_argument("--seconds", type=float, default=3.0, help="per direct-map flood (max 5)")
     parser.add_argument(
@@ -493,7 +486,7 @@ def main() -> None:
     parser.add_argument("--skip-daemon", action="store_true", help="no daemon comparison")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench_xdp needs root (BPF, network namespaces)")
+        sys.exit("simulations.bench.xdp needs root (BPF, network namespaces)")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # namespaces are deleted in `finally`s
     started = time.monotonic()
     deadline = started + min(args.budget, 90.0) - 1.0

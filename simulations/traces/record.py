@@ -1,8 +1,8 @@
 """Record a trace from a live run: a scenario drives TurnClient against the real daemon, and
 every datagram its sockets send or receive becomes a pcap frame.
 
-``python -m simulations.record client relay_loop --out simulations/traces``
-``python -m simulations.record --all``
+``python -m simulations.traces.record client relay_loop --out simulations/traces/data``
+``python -m simulations.traces.record --all``
 
 The recording is taken at the scenario's sockets (timestamps on send and on arrival), so it
 needs no capture privileges. The relay's listen port is written as 3478 so tcpdump and tshark
@@ -27,17 +27,18 @@ from typing import Any
 
 from protocol import stun
 from protocol.channel_data import encode as channel_data
-from protocol.client import TurnClient
 from protocol.stun import Attr, Class, Message, Method
 from protocol.types import Addr, Family
-from simulations import relay_process, tracefile
+from simulations import relay_process
 from simulations.relay_process import Credential, RelaySystem
-from simulations.tracefile import TRACE_LISTEN_PORT, Expectations, Frame, format_addr
+from simulations.traces import tracefile
+from simulations.traces.tracefile import TRACE_LISTEN_PORT, Expectations, Frame, format_addr
+from simulations.turn_client import TurnClient
 
 ROLE_HOSTS = {"client": "127.0.0.2", "gateway": "127.0.0.3", "peer": "127.0.0.4"}
 OTHER_HOST = "127.0.0.5"
 V6_HOST = "::1"
-TRACES_DIR = Path(__file__).resolve().parent / "traces"
+TRACES_DIR = Path(__file__).resolve().parent / "data"
 
 
 class ScenarioError(AssertionError):
@@ -400,10 +401,10 @@ async def record(scenario: Scenario, out_dir: Path, log_dir: Path | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulations.scenarios import SCENARIOS
+    from simulations.traces.scenarios import SCENARIOS
 
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.record",
+        prog="python -m simulations.traces.record",
         description="Record scenarios against the live relay as pcap traces + expectations.",
     )
     parser.add_argument("names", nargs="*", help=f"scenarios: {', '.join(SCENARIOS)}")
