@@ -102,7 +102,6 @@ class FloodGuard(logging.Filter):
         self._lock = threading.Lock()
         #: site -> [window start, lines in window, suppressed, message template]
         self._sites: dict[tuple[str, str, int], list[Any]] = {}
-        self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         template = record.msg
@@ -126,7 +125,6 @@ class FloodGuard(logging.Filter):
             if state[1] <= (self.burst if record.levelno >= logging.WARNING else self.burst_info):
                 return True
             state[2] += 1
-            self.suppressed_total += 1
             return False
 
     def flush(self) -> None:
