@@ -205,6 +205,8 @@ class Relay:
             # a StartupError already says what and where
             logger.error("%s" if isinstance(exc, StartupError) else "failed to start: %s", exc)
             self._stop_endpoints()
+            with contextlib.suppress(pykka.ActorDeadError):
+                self.control.stop(block=False)
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -383,7 +385,6 @@ class Relay:
         self.portal_joined = False
 
     def _on_portal_fatal(self, message: PortalFatal) -> None:
-        self.portal_joined = False
         self.request_stop(1, f"portal: {message.reason}")
 
     def _on_shutdown(self, message: Shutdown) -> None:
