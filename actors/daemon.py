@@ -274,7 +274,8 @@ class Relay:
         )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
-        """Ask the daemon to shut down (loop thread only; signals and callbacks land here)."""
+        """Ask the daemon to shut down (loop thread only; the Shutdown and PortalFatal messages
+        land here)."""
         if self._stopping.is_set():
             return
         logger.info("shutting down%s", f" ({reason})" if reason else "")
