@@ -16,13 +16,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pykka
 
 from actors.control import (
     AllocationBindFailed,
     AllocationStopped,
+    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
     tell,
@@ -48,7 +49,7 @@ class AllocationActor(LoopActor):
     def __init__(
         self,
         port: int,
-        control: pykka.ActorRef[Any],
+        control: pykka.ActorRef[ControlActor],
         bind_hosts: dict[Family, str],
         on_readable: Callable[[socket.socket, int], None],
         *,
@@ -61,7 +62,7 @@ class AllocationActor(LoopActor):
         self._on_readable = on_readable  # the data plane's reader callback: (socket, port)
         self.sockets: dict[Family, socket.socket] = {}
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         if isinstance(message, CreateAllocation):
             self._bind(message.family, message.dont_fragment)
         elif isinstance(message, FreeAllocation):
@@ -109,6 +110,6 @@ class AllocationActor(LoopActor):
         self._close_all()
         tell(self._control, AllocationStopped(self.port, self.actor_ref))
 
-    def on_failure(self, *exc_info: Any) -> None:
+    def on_failure(self, *exc_info: object) -> None:
         self._close_all()
         tell(self._control, AllocationStopped(self.port, self.actor_ref))

@@ -20,12 +20,15 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
 from actors.loop_actor import LoopActor
 from protocol.types import Family
+
+if TYPE_CHECKING:
+    from actors.allocation import AllocationActor
 
 __all__ = [
     "AllocationBindFailed",
@@ -114,10 +117,10 @@ class AllocationStopped:
     """The allocation actor of ``port`` stopped; ``actor`` is its reference."""
 
     port: int
-    actor: pykka.ActorRef[Any]
+    actor: pykka.ActorRef[AllocationActor]
 
 
-def tell(ref: pykka.ActorRef[Any] | None, message: object) -> bool:
+def tell(ref: pykka.ActorRef[Any] | None, message: object) -> bool:  # Any: any actor
     """Tell ``message`` to ``ref`` unless it has stopped (during shutdown, late news is moot);
     returns whether it was delivered."""
     if ref is None:
@@ -137,14 +140,15 @@ class ControlActor(LoopActor):
 
     def __init__(
         self,
-        routes: Mapping[type[Any], Callable[[Any], None]],
+        # Any: each handler takes the message type it is keyed by, which no dict type can say
+        routes: Mapping[type[object], Callable[[Any], None]],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(loop=loop)
         self._routes = dict(routes)
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         handler = self._routes.get(type(message))
         if handler is None:
             logger.error("no route for control message %r", message)

@@ -110,7 +110,7 @@ class Settings:
 #: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
 #: allocations, whose actors must find the control actor idle (see
 #: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
-CONTROL_ROUTES: Final[Mapping[type[Any], str]] = {
+CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
     PortalJoined: "_on_portal_joined",
     PortalClosed: "_on_portal_closed",
     PortalFatal: "_on_portal_fatal",
@@ -139,7 +139,8 @@ class Relay:
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
-        routes: dict[type[Any], Callable[[Any], None]] = {
+        # Any: each handler takes the message type it is keyed by
+        routes: dict[type[object], Callable[[Any], None]] = {
             message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
         }
         self.control = ControlActor.start(routes, loop=self.loop)

@@ -120,7 +120,7 @@ class Pipeline:
         if self.fast_path is not None:
             self._fast_path_batch.append(command)
 
-    def allocation_gone(self, port: int, actor: pykka.ActorRef[Any]) -> None:
+    def allocation_gone(self, port: int, actor: pykka.ActorRef[AllocationActor]) -> None:
         """The allocation actor ``actor`` of ``port`` has stopped (a newer one may own the
         port already)."""
         if self.allocations.get(port) is actor:

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pykka
 from opentelemetry import trace
 
-from actors.control import PortalClosed, PortalConnect, PortalFatal, PortalJoined, Shutdown, tell
+from actors.control import (
+    ControlActor,
+    PortalClosed,
+    PortalConnect,
+    PortalFatal,
+    PortalJoined,
+    Shutdown,
+    tell,
+)
 from actors.loop_actor import LoopActor
 from actors.portal import PortalClient, PortalConfig
+from protocol.phoenix import Fatal
 
 __all__ = ["PortalSession"]
 
@@ -31,7 +39,7 @@ class PortalSession(LoopActor):
     def __init__(
         self,
         config: PortalConfig,
-        control: pykka.ActorRef[Any],
+        control: pykka.ActorRef[ControlActor],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         tracer: trace.Tracer | None = None,
@@ -40,9 +48,9 @@ class PortalSession(LoopActor):
         self._config = config
         self._control = control
         self._tracer = tracer
-        self._task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[Fatal] | None = None
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         if isinstance(message, PortalConnect):
             self._connect(message.stamp_secret)
         elif isinstance(message, Shutdown):
@@ -71,7 +79,7 @@ class PortalSession(LoopActor):
     def _fatal(self, reason: str) -> None:
         tell(self._control, PortalFatal(reason))
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
+    def _finished(self, task: asyncio.Task[Fatal]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
