@@ -1,9 +1,12 @@
 """One loop-hosted actor per allocation port: it owns the port's sockets, their registration
-with the loop, its counters and its teardown.
+with the loop and its teardown.
 
 The actor never sees a relayed datagram: the reader callback it registers is the data plane's
 ``on_peer_readable``, called by the loop directly. The actor only handles the control messages
-the pipeline routes to it (``CreateAllocation`` / ``FreeAllocation`` for each family).
+the pipeline routes to it (``CreateAllocation`` / ``FreeAllocation`` for each family), and
+reports what became of the port to the relay's control actor as messages
+(``PeerSocketOpened`` / ``PeerSocketClosed``, ``AllocationBindFailed``, ``AllocationStopped``):
+it touches neither the core nor the data plane's socket table.
 """
 
 from __future__ import annotations
@@ -13,15 +16,22 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
+import pykka
+
+from actors.control import (
+    AllocationBindFailed,
+    AllocationStopped,
+    ControlActor,
+    PeerSocketClosed,
+    PeerSocketOpened,
+    tell,
+)
 from actors.loop_actor import LoopActor
 from actors.sockets import bind_udp
 from protocol.commands import CreateAllocation, FreeAllocation
 from protocol.types import Family
-
-if TYPE_CHECKING:
-    from actors.dataplane import DataPlane
 
 __all__ = ["AllocationActor"]
 
@@ -32,27 +42,25 @@ IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 
 
 class AllocationActor(LoopActor):
-    """Sockets and counters of one allocation port (one socket per address family)."""
+    """The sockets of one allocation port (one per address family)."""
 
     registered: ClassVar[bool] = False  # tracked by the pipeline's port table instead
 
     def __init__(
         self,
         port: int,
-        dataplane: DataPlane,
+        control: pykka.ActorRef[ControlActor],
         bind_hosts: dict[Family, str],
-        on_gone: Callable[[int, AllocationActor], None],
+        on_readable: Callable[[socket.socket, int], None],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(loop=loop)
         self.port = port
-        self._dataplane = dataplane
+        self._control = control
         self._bind_hosts = bind_hosts
-        self._on_gone = on_gone  # called with (port, actor) once the actor has stopped
+        self._on_readable = on_readable  # the data plane's reader callback: (socket, port)
         self.sockets: dict[Family, socket.socket] = {}
-        #: datagrams and payload bytes relayed peer -> client through this allocation
-        self.counters = [0, 0]
 
     def on_receive(self, message: object) -> object:
         if isinstance(message, CreateAllocation):
@@ -78,21 +86,19 @@ class AllocationActor(LoopActor):
             logger.warning("allocation port %d/%s: bind failed: %s", self.port, family.name, exc)
             self._close_all()
             self.stop()
-            # Tell the core after this actor has let go of everything, so the Free commands the
-            # core may emit for this port find nothing left to do.
-            self._dataplane.server.handle_allocation_failed(self.port, time.monotonic())
+            # Report after this actor has let go of everything, so the Free commands the core
+            # may emit for this port find nothing left to do.
+            tell(self._control, AllocationBindFailed(self.port, time.monotonic()))
             return
         self.sockets[family] = sock
-        self._dataplane.allocation_sockets[(self.port, int(family))] = sock
-        self.actor_loop.add_reader(
-            sock.fileno(), self._dataplane.on_peer_readable, sock, self.port, self.counters
-        )
+        tell(self._control, PeerSocketOpened(self.port, family, sock))
+        self.actor_loop.add_reader(sock.fileno(), self._on_readable, sock, self.port)
 
     def _close(self, family: Family) -> None:
         sock = self.sockets.pop(family, None)
         if sock is None:
             return
-        self._dataplane.allocation_sockets.pop((self.port, int(family)), None)
+        tell(self._control, PeerSocketClosed(self.port, family))
         self.actor_loop.remove_reader(sock.fileno())
         sock.close()
 
@@ -102,8 +108,8 @@ class AllocationActor(LoopActor):
 
     def on_stop(self) -> None:
         self._close_all()
-        self._on_gone(self.port, self)
+        tell(self._control, AllocationStopped(self.port, self.actor_ref))
 
     def on_failure(self, *exc_info: object) -> None:
         self._close_all()
-        self._on_gone(self.port, self)
+        tell(self._control, AllocationStopped(self.port, self.actor_ref))

@@ -9,6 +9,7 @@ laptop: with no portal token the relay is standalone, and its credential secret 
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import os
@@ -19,7 +20,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from actors.version import relay_version, software
 
@@ -29,9 +30,22 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main", "settings_from_args"]
 
 
+class _EnvText(str):
+    """A default read from the environment variable ``name``. argparse runs string defaults
+    through the flag's own ``type=`` validator, so ``LISTEN_PORT=abc`` fails exactly like
+    ``--listen-port abc`` (exit 2), and the error names the variable."""
+
+    name: str
+
+    def __new__(cls, value: str, name: str) -> _EnvText:
+        text = super().__new__(cls, value)
+        text.name = name
+        return text
+
+
 def _env(name: str, default: Any = None) -> Any:
     value = os.environ.get(name)
-    return default if value is None or value == "" else value
+    return default if value is None or value == "" else _EnvText(value, name)
 
 
 def _env_bool(name: str) -> bool:
@@ -54,7 +68,29 @@ def _env_tristate(name: str) -> bool | None:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+_Parse = TypeVar("_Parse")
+
+
+def _validator(parse: Callable[[str], _Parse]) -> Callable[[str], _Parse]:
+    """A ``type=`` validator whose error, for a value from the environment, names the
+    variable (argparse reports it as ``argument --flag: ...`` and exits 2)."""
+
+    @functools.wraps(parse)
+    def checked(text: str) -> _Parse:
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as exc:
+            if isinstance(text, _EnvText):
+                raise argparse.ArgumentTypeError(
+                    f"bad environment variable value {text.name}={str(text)!r}: {exc}"
+                ) from None
+            raise
+
+    return checked
+
+
 def _ip(version: int) -> Callable[[str], str]:
+    @_validator
     def parse(text: str) -> str:
         try:
             address = ipaddress.ip_address(text)
@@ -67,16 +103,18 @@ def _ip(version: int) -> Callable[[str], str]:
     return parse
 
 
+@_validator
 def _port(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a port: {str(text)!r}") from None
     if not 0 < value <= 65535:
         raise argparse.ArgumentTypeError(f"not a port: {text}")
     return value
 
 
+@_validator
 def _cidr(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text.strip(), strict=False))
@@ -84,19 +122,93 @@ def _cidr(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _env_cidrs(name: str) -> list[str]:
-    """A comma-separated list of CIDRs from the environment (coturn-style peer lists)."""
-    return [_cidr(item) for item in str(_env(name, "")).split(",") if item.strip()]
+def _peer_ips(text: str) -> Any:
+    """One CIDR from a flag, or the comma-separated list of its environment variable."""
+    if isinstance(text, _EnvText):
+        return [
+            _cidr(_EnvText(item.strip(), text.name)) for item in text.split(",") if item.strip()
+        ]
+    return _cidr(text)
 
 
+class _AppendPeerIp(argparse.Action):
+    """``--allowed-peer-ip`` / ``--denied-peer-ip``: repeatable, and added to the list from the
+    environment (the default, checked by the same validator)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        try:
+            items = list(_peer_ips(current) if isinstance(current, str) else current or ())
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, [*items, values])
+
+
+@_validator
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {str(text)!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
+
+
+@_validator
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {str(text)!r}") from None
+
+
+@_validator
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {str(text)!r}") from None
+
+
+@_validator
+def _text(text: str) -> str:
+    return str(text)
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """For ``choices=`` flags: argparse checks choices on the command line only, this checks
+    the environment default too."""
+
+    @_validator
+    def parse(text: str) -> str:
+        if text not in choices:
+            wanted = ", ".join(repr(c) for c in choices)
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {str(text)!r} (choose from {wanted})"
+            )
+        return str(text)
+
+    return parse
+
+
+@_validator
+def _host_port(text: str) -> str:
+    """``host:port`` of an HTTP endpoint; empty turns the endpoint off."""
+    from actors.http_endpoints import parse_host_port
+
+    if text:
+        try:
+            parse_host_port(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "token",
         nargs="?",
+        type=_text,
         default=_env("FIREZONE_TOKEN"),
         metavar="TOKEN",
         help="portal token (or a file holding it); none = standalone mode",
@@ -118,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "name",
         nargs="?",
+        type=_text,
         default=_env("FIREZONE_NAME"),
         metavar="NAME",
         help="relay name for the portal",
@@ -134,33 +248,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("PUBLIC_IP6_ADDR"),
         help="public IPv6 address",
     )
-    a("--listen-port", type=_port, default=int(_env("LISTEN_PORT", 3478)))
-    a("--lowest-port", type=_port, default=int(_env("LOWEST_PORT", 49152)))
-    a("--highest-port", type=_port, default=int(_env("HIGHEST_PORT", 65535)))
+    a("--listen-port", type=_port, default=_env("LISTEN_PORT", 3478))
+    a("--lowest-port", type=_port, default=_env("LOWEST_PORT", 49152))
+    a("--highest-port", type=_port, default=_env("HIGHEST_PORT", 65535))
     a("--bind-ip4-addr", type=_ip(4), default=_env("BIND_IP4_ADDR", "0.0.0.0"))
     a("--bind-ip6-addr", type=_ip(6), default=_env("BIND_IP6_ADDR", "::"))
-    a("--api-url", default=_env("FIREZONE_API_URL"), help="portal URL")
+    a("--api-url", type=_text, default=_env("FIREZONE_API_URL"), help="portal URL")
     a(
         "--rng-seed",
-        type=int,
-        default=_env("RNG_SEED") and int(_env("RNG_SEED")),
+        type=_int,
+        default=_env("RNG_SEED"),
         help="make port choice deterministic (tests); secrets and nonces always come from the OS",
     )
-    a("--log-format", choices=("human", "json"), default=_env("LOG_FORMAT", "human"))
+    a(
+        "--log-format",
+        choices=("human", "json"),
+        type=_one_of("human", "json"),
+        default=_env("LOG_FORMAT", "human"),
+    )
     a(
         "--log-filter",
+        type=_text,
         default=_env("RUST_LOG", "info"),
         help="log directives, e.g. 'info,relay=debug'",
     )
     a(
         "--otlp-grpc-endpoint",
+        type=_text,
         default=_env("OTLP_GRPC_ENDPOINT"),
         help="host:port of an OTLP/gRPC collector for traces and metrics",
     )
-    a("--ebpf-offloading", default=_env("EBPF_OFFLOADING"), metavar="IFACE")
+    a("--ebpf-offloading", type=_text, default=_env("EBPF_OFFLOADING"), metavar="IFACE")
     a(
         "--ebpf-attach-mode",
         choices=("driver", "generic"),
+        type=_one_of("driver", "generic"),
         default=_env("EBPF_ATTACH_MODE", "driver"),
     )
     a(
@@ -171,17 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--ebpf-int4-addr", type=_ip(4), default=_env("EBPF_INT4_ADDR"))
     a("--ebpf-int6-addr", type=_ip(6), default=_env("EBPF_INT6_ADDR"))
-    a("--health-check-addr", default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
-    a("--control-endpoint", default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
+    a("--health-check-addr", type=_host_port, default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
+    a("--control-endpoint", type=_host_port, default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
     # standalone TURN server options
-    a("--auth-secret", default=_env("AUTH_SECRET"), help="credential secret")
+    a("--auth-secret", type=_text, default=_env("AUTH_SECRET"), help="credential secret")
     a(
         "--auth-scheme",
         choices=("firezone", "rest"),
+        type=_one_of("firezone", "rest"),
         default=_env("AUTH_SCHEME", "firezone"),
         help="firezone: <expiry>:<salt> / SHA-256; rest: coturn use-auth-secret",
     )
-    a("--realm", default=_env("REALM", "firezone"))
+    a("--realm", type=_text, default=_env("REALM", "firezone"))
     a("--allow-loopback-peers", action="store_true", default=_env_bool("ALLOW_LOOPBACK_PEERS"))
     a(
         "--allow-private-peers",
@@ -191,30 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--allowed-peer-ip",
-        action="append",
-        type=_cidr,
-        default=_env_cidrs("ALLOWED_PEER_IP"),
+        action=_AppendPeerIp,
+        type=_peer_ips,
+        default=_env("ALLOWED_PEER_IP", []),
         metavar="CIDR",
         help="always allow peers in CIDR (repeatable; overrides --denied-peer-ip and the "
         "built-in refusals, e.g. 203.0.113.0/24 for Firezone's lab; env: comma-separated)",
     )
     a(
         "--denied-peer-ip",
-        action="append",
-        type=_cidr,
-        default=_env_cidrs("DENIED_PEER_IP"),
+        action=_AppendPeerIp,
+        type=_peer_ips,
+        default=_env("DENIED_PEER_IP", []),
         metavar="CIDR",
         help="refuse peers in CIDR (repeatable; env: comma-separated)",
     )
     a(
         "--max-allocations",
         type=_positive,
-        default=_env("MAX_ALLOCATIONS") and int(_env("MAX_ALLOCATIONS")),
+        default=_env("MAX_ALLOCATIONS"),
     )
     a(
         "--max-allocations-per-user",
         type=_positive,
-        default=_env("MAX_ALLOCATIONS_PER_USER") and int(_env("MAX_ALLOCATIONS_PER_USER")),
+        default=_env("MAX_ALLOCATIONS_PER_USER"),
     )
     single = p.add_mutually_exclusive_group()
     single.add_argument(
@@ -236,16 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(single_allocation_per_username=_env_tristate("SINGLE_ALLOCATION_PER_USERNAME"))
     a(
         "--unauthenticated-rate-limit",
-        type=float,
-        default=_env("UNAUTHENTICATED_RATE_LIMIT") and float(_env("UNAUTHENTICATED_RATE_LIMIT")),
+        type=_float,
+        default=_env("UNAUTHENTICATED_RATE_LIMIT"),
         metavar="PER_SECOND",
         help="answers per second (burst: twice that) to one source IP before it authenticates "
         "(Binding, 401 challenges, errors): limits reflection; default no limit",
     )
     a(  # hidden: real-time expiry tests and simulations only
         "--time-scale",
-        type=float,
-        default=float(_env("TIME_SCALE", 1.0)),
+        type=_float,
+        default=_env("TIME_SCALE", 1.0),
         help=argparse.SUPPRESS,
     )
     a(
@@ -257,12 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--max-channels-per-allocation",
         type=_positive,
-        default=int(_env("MAX_CHANNELS_PER_ALLOCATION", 1024)),
+        default=_env("MAX_CHANNELS_PER_ALLOCATION", 1024),
     )
     a(
         "--max-permissions-per-allocation",
         type=_positive,
-        default=int(_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024)),
+        default=_env("MAX_PERMISSIONS_PER_ALLOCATION", 1024),
     )
     _add_firezone_extras(p)
     _show_env(p)
@@ -298,12 +421,14 @@ def _add_firezone_extras(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--google-cloud-project-id",
+        type=_text,
         default=_env("GOOGLE_CLOUD_PROJECT_ID"),
         help="Firezone's project ID for Google Cloud log records: accepted and ignored",
     )
     a(
         "--listen-address-discovery-method",
         choices=("gce_metadata", "aws_ec2_metadata"),
+        type=_one_of("gce_metadata", "aws_ec2_metadata"),
         default=_env("LISTEN_ADDRESS_DISCOVERY_METHOD"),
         help="fill a missing --public-ip4-addr/--public-ip6-addr from the cloud's metadata "
         "service (endpoint: GCE_METADATA_HOST, AWS_EC2_METADATA_SERVICE_ENDPOINT)",
@@ -311,6 +436,7 @@ def _add_firezone_extras(p: argparse.ArgumentParser) -> None:
     a(
         "--otel-metadata-discovery-method",
         choices=("gce_metadata",),
+        type=_one_of("gce_metadata"),
         default=_env("OTEL_METADATA_DISCOVERY_METHOD"),
         help="add service.instance.id, gcp.gce.instance.name and cloud.region from the "
         "metadata service to the OpenTelemetry resource",
@@ -393,10 +519,16 @@ def credentials_parser() -> argparse.ArgumentParser:
         description="Print a TURN username and password that a relay with this secret accepts.",
     )
     p.add_argument(
-        "--auth-secret", default=_env("AUTH_SECRET"), required=_env("AUTH_SECRET") is None
+        "--auth-secret",
+        type=_text,
+        default=_env("AUTH_SECRET"),
+        required=_env("AUTH_SECRET") is None,
     )
     p.add_argument(
-        "--auth-scheme", choices=("firezone", "rest"), default=_env("AUTH_SCHEME", "firezone")
+        "--auth-scheme",
+        choices=("firezone", "rest"),
+        type=_one_of("firezone", "rest"),
+        default=_env("AUTH_SCHEME", "firezone"),
     )
     p.add_argument("--ttl", type=_positive, default=3600, help="seconds until expiry")
     who = p.add_mutually_exclusive_group()
@@ -445,7 +577,13 @@ def _read_token(value: str | None) -> str | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The one place a parsed command line becomes configuration: the core's
+    ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
+    built here, once, from values the flags' validators already checked (environment
+    defaults included). Cross-flag checks raise ValueError (``main`` exits 2 with it)."""
     from actors.daemon import Settings
+    from actors.portal import PortalConfig
+    from actors.xdp_manager import XdpOptions
     from protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
@@ -455,22 +593,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     token = _read_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
-    if token is not None:
-        from protocol.phoenix import login_url
-
-        login_url(args.api_url, port=args.listen_port)  # ValueError names what is wrong
-    from actors.http_endpoints import parse_host_port
-
-    for flag, value in (
-        ("--health-check-addr", args.health_check_addr),
-        ("--control-endpoint", args.control_endpoint),
-    ):
-        try:
-            if value:
-                parse_host_port(value)
-        except ValueError as exc:
-            raise ValueError(f"{flag}: {exc}") from None
-    config = ServerConfig(
+    server = ServerConfig(
         public_ip4=args.public_ip4_addr,
         public_ip6=args.public_ip6_addr,
         listen_port=args.listen_port,
@@ -493,8 +616,36 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         time_scale=args.time_scale,
         software=software(),
     )
+    portal = None
+    if token is not None:
+        portal = PortalConfig(
+            api_url=args.api_url,
+            token=token,
+            listen_port=server.listen_port,
+            name=args.name,
+            public_ip4=server.public_ip4,
+            public_ip6=server.public_ip6,
+            token_in_query=args.token_in_query,
+        )
+        portal.url()  # ValueError names what is wrong with the URL
+    xdp = None
+    if args.ebpf_offloading:
+        xdp = XdpOptions(
+            interface=args.ebpf_offloading,
+            attach_mode=args.ebpf_attach_mode,
+            public_ip4=server.public_ip4,
+            public_ip6=server.public_ip6,
+            interface_ip4=args.ebpf_int4_addr,
+            interface_ip6=args.ebpf_int6_addr,
+            listen_port=server.listen_port,
+            lowest_port=server.lowest_port,
+            highest_port=server.highest_port,
+            mandatory=args.ebpf_mandatory,
+        )
     return Settings(
-        server=config,
+        server=server,
+        portal=portal,
+        xdp=xdp,
         bind_ip4=args.bind_ip4_addr,
         bind_ip6=args.bind_ip6_addr,
         rng_seed=args.rng_seed,
@@ -502,15 +653,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         otlp_grpc_endpoint=args.otlp_grpc_endpoint,
         health_check_addr=args.health_check_addr or None,
         control_endpoint=args.control_endpoint or None,
-        api_url=args.api_url,
-        token=token,
-        name=args.name,
-        ebpf_offloading=args.ebpf_offloading,
-        ebpf_attach_mode=args.ebpf_attach_mode,
-        ebpf_int4_addr=args.ebpf_int4_addr,
-        ebpf_int6_addr=args.ebpf_int6_addr,
-        token_in_query=args.token_in_query,
-        ebpf_mandatory=args.ebpf_mandatory,
         resource_attributes=dict(getattr(args, "resource_attributes", {})),
     )
 
@@ -521,11 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return credentials_main(argv[1:])
     if argv[:1] == ["systemd-unit"]:
         return systemd_unit_main(argv[1:])
-    try:
-        parser = build_parser()
-    except ValueError as exc:  # a numeric environment variable that is not a number
-        print(f"firezone-relay: error: bad environment variable value: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from actors.logs import configure

@@ -2,12 +2,19 @@
 
 Threads and who owns what:
 
-* the event-loop thread owns every socket, the core (``protocol.server.Server``), the allocation
-  actors and the portal session actor (both loop-hosted, see ``actors.loop_actor``);
+* the event-loop thread owns every socket, the core (``protocol.server.Server``), the control
+  actor, the allocation actors and the portal session actor (all loop-hosted, see
+  ``actors.loop_actor``);
 * the XDP map manager is a pykka ``ThreadingActor`` (bcc calls block) that receives channel
   commands in batches;
 * the HTTP endpoints serve on the loop (route handlers on a two-thread pool); they and the
   OpenTelemetry exporter only read plain ints and thread-safe flags.
+
+Inputs: datagrams go from the data plane's reader callbacks straight into the core, and the
+core's own timer is a loop callback (below). Everything else (the portal session's news,
+signals, what became of an allocation port) is a message to the control actor, dispatched
+through one table, ``CONTROL_ROUTES``. Outputs: the core's commands go through the pipeline's
+table, ``actors.pipeline.ROUTES``.
 
 Timers: after every input batch the core's earliest deadline (``poll_timeout``) is armed with
 ``loop.call_at``; nothing ever scans the allocations.
@@ -23,14 +30,27 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 import pykka
 from opentelemetry import trace
 
 from actors.allocation import AllocationActor
+from actors.control import (
+    AllocationBindFailed,
+    AllocationStopped,
+    ControlActor,
+    PeerSocketClosed,
+    PeerSocketOpened,
+    PortalClosed,
+    PortalConnect,
+    PortalFatal,
+    PortalJoined,
+    Shutdown,
+    tell,
+)
 from actors.dataplane import DataPlane
 from actors.http_endpoints import HttpEndpoint, parse_host_port
 from actors.limits import allocation_cap, open_fds, port_range_warning
@@ -51,11 +71,11 @@ from protocol.server import Server, ServerConfig
 from protocol.types import Family
 
 if TYPE_CHECKING:
-    from actors.http_endpoints import Routes
+    from actors.portal import PortalConfig
     from actors.portal_session import PortalSession
-    from actors.xdp_manager import CounterReader, XdpManager
+    from actors.xdp_manager import XdpManager, XdpOptions
 
-__all__ = ["Relay", "Settings", "run"]
+__all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
 
 logger = logging.getLogger("relay")
 
@@ -66,9 +86,12 @@ SHUTDOWN_BUDGET = 2.0  # SIGTERM to exit, seconds
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the daemon needs, already validated (built by ``actors.cli``)."""
+    """Everything the daemon needs, validated once by ``actors.cli.settings_from_args``: the
+    core's config, the portal's (None: standalone) and XDP's (None: userspace only)."""
 
     server: ServerConfig
+    portal: PortalConfig | None = None
+    xdp: XdpOptions | None = None
     bind_ip4: str = "0.0.0.0"
     bind_ip6: str = "::"
     rng_seed: int | None = None
@@ -76,20 +99,27 @@ class Settings:
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
-    api_url: str | None = None
-    token: str | None = None
-    name: str | None = None
-    ebpf_offloading: str | None = None
-    ebpf_attach_mode: str = "driver"
-    ebpf_int4_addr: str | None = None
-    ebpf_int6_addr: str | None = None
-    token_in_query: bool = False
-    ebpf_mandatory: bool = False
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
     resource_attributes: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, object] = field(default_factory=dict)
+
+
+#: The relay's control inputs: every message type its control actor receives, and the ``Relay``
+#: method that handles it. Adding an input means adding a row here (and the message to
+#: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
+#: allocations, whose actors must find the control actor idle (see
+#: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
+CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
+    PortalJoined: "_on_portal_joined",
+    PortalClosed: "_on_portal_closed",
+    PortalFatal: "_on_portal_fatal",
+    Shutdown: "_on_shutdown",
+    PeerSocketOpened: "_on_peer_socket_opened",
+    PeerSocketClosed: "_on_peer_socket_closed",
+    AllocationBindFailed: "_on_allocation_bind_failed",
+    AllocationStopped: "_on_allocation_stopped",
+}
 
 
 class Relay:
@@ -109,6 +139,11 @@ class Relay:
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
+        # Any: each handler takes the message type it is keyed by
+        routes: dict[type[object], Callable[[Any], None]] = {
+            message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
+        }
+        self.control = ControlActor.start(routes, loop=self.loop)
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
@@ -117,10 +152,10 @@ class Relay:
         # read from other threads (HTTP): plain attributes, written only on the loop
         self.sockets_bound = False
         self.portal_joined = False
-        self.standalone = settings.token is None
+        self.standalone = settings.portal is None
         self.portal: pykka.ActorRef[PortalSession] | None = None
         self.fast_path: pykka.ActorRef[XdpManager] | None = None
-        self._xdp_reader: CounterReader | None = None
+        self._xdp_reader: Any = None
         self.endpoints: list[HttpEndpoint] = []
         self._last_stats = (time.monotonic(), 0)
         stats = self.server.stats
@@ -171,10 +206,14 @@ class Relay:
             # a StartupError already says what and where
             logger.error("%s" if isinstance(exc, StartupError) else "failed to start: %s", exc)
             self._stop_endpoints()
+            with contextlib.suppress(pykka.ActorDeadError):
+                self.control.stop(block=False)
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(sig, self.request_stop, 0, signal.Signals(sig).name)
+                self.loop.add_signal_handler(
+                    sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
+                )
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
@@ -211,7 +250,7 @@ class Relay:
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
             )
         self.sockets_bound = True
-        if self.standalone:
+        if self.settings.portal is None:
             if self.settings.auth_secret is None:
                 logger.warning(
                     "standalone mode: generated auth secret %s (scheme %s); make credentials "
@@ -228,13 +267,16 @@ class Relay:
                         "can guess it offline; use e.g. `openssl rand -hex 32`"
                     )
         else:
-            self._start_portal()
+            self._start_portal(self.settings.portal)
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
         self._rearm()
-        self.tracing.end_startup(**{"relay.datapath": "xdp" if self.fast_path else "userspace"})
+        self.tracing.end_startup(
+            None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
+        )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
-        """Ask the daemon to shut down (loop thread only; signals and callbacks land here)."""
+        """Ask the daemon to shut down (loop thread only; the Shutdown and PortalFatal messages
+        land here)."""
         if self._stopping.is_set():
             return
         logger.info("shutting down%s", f" ({reason})" if reason else "")
@@ -260,12 +302,13 @@ class Relay:
         logger.info("freed %d allocations", freed)
         if self.portal is not None:
             portal, self.portal = self.portal, None
-            with contextlib.suppress(pykka.ActorDeadError):
-                portal.stop(block=False)
-            # on_stop cancelled the driver task; give it a moment to close the websocket
+            tell(portal, Shutdown(self.exit_code, self._stop_reason))
+            # it cancelled the driver task; give it a moment to close the websocket
             tasks = [t for t in asyncio.all_tasks() if t.get_name() == "portal"]
             if tasks:
                 await asyncio.wait(tasks, timeout=0.5)
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.control.stop(block=False)
         self._stop_endpoints()
         self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
@@ -311,11 +354,43 @@ class Relay:
 
     def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
         return AllocationActor.start(
-            port, self.dataplane, self._bind_hosts, self._allocation_gone, loop=self.loop
+            port, self.control, self._bind_hosts, self.dataplane.on_peer_readable, loop=self.loop
         )
 
-    def _allocation_gone(self, port: int, actor: AllocationActor) -> None:
-        self.pipeline.allocation_gone(port, actor)
+    # -- control messages (see CONTROL_ROUTES) --------------------------------------------
+
+    def _on_peer_socket_opened(self, message: PeerSocketOpened) -> None:
+        self.dataplane.add_peer_socket(message.port, message.family, message.sock)
+
+    def _on_peer_socket_closed(self, message: PeerSocketClosed) -> None:
+        self.dataplane.remove_peer_socket(message.port, message.family)
+
+    def _on_allocation_stopped(self, message: AllocationStopped) -> None:
+        self.pipeline.allocation_gone(message.port, message.actor)
+
+    def _on_allocation_bind_failed(self, message: AllocationBindFailed) -> None:
+        """The core moves the allocation to another port, or turns its queued success into
+        508. Both need the Allocate's response still queued, which holds because this runs
+        within the pipeline's drain that carried the ``CreateAllocation``: the pipeline tells
+        the allocation actor, which tells this actor, each loop-hosted and idle, so each
+        handles the message at once in the teller's stack (``actors.loop_actor``)."""
+        if not self.pipeline.draining:  # the invariant broke: the client was told success
+            logger.error(
+                "allocation port %d failed outside the drain that created it", message.port
+            )
+        self.server.handle_allocation_failed(message.port, message.at)
+
+    def _on_portal_joined(self, _message: PortalJoined) -> None:
+        self.portal_joined = True
+
+    def _on_portal_closed(self, _message: PortalClosed) -> None:
+        self.portal_joined = False
+
+    def _on_portal_fatal(self, message: PortalFatal) -> None:
+        self.request_stop(1, f"portal: {message.reason}")
+
+    def _on_shutdown(self, message: Shutdown) -> None:
+        self.request_stop(message.code, message.reason)
 
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
@@ -337,48 +412,25 @@ class Relay:
 
     # -- actors beside the data plane -----------------------------------------------------
 
-    def _start_portal(self) -> None:
-        from actors.portal import PortalConfig
+    def _start_portal(self, config: PortalConfig) -> None:
+        """The session joins with the core's secret and reports back to the control actor."""
         from actors.portal_session import PortalSession
 
-        config = self.settings.server
-        if not self.settings.api_url:
-            raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
-        assert self.settings.token is not None
-        portal_config = PortalConfig(
-            api_url=self.settings.api_url,
-            token=self.settings.token,
-            listen_port=config.listen_port,
-            name=self.settings.name,
-            public_ip4=config.public_ip4,
-            public_ip6=config.public_ip6,
-            token_in_query=self.settings.token_in_query,
-        )
         self.portal = PortalSession.start(
-            portal_config,
-            self.server.auth_secret,
-            self._on_portal_joined,
-            self._on_portal_fatal,
-            loop=self.loop,
-            tracer=self.tracing.tracer,
+            config, self.control, loop=self.loop, tracer=self.tracing.tracer
         )
-
-    def _on_portal_joined(self, joined: bool) -> None:
-        self.portal_joined = joined
-
-    def _on_portal_fatal(self, reason: str) -> None:
-        self.request_stop(1, f"portal: {reason}")
+        self.portal.tell(PortalConnect(self.server.auth_secret))
 
     async def _start_fast_path(self) -> None:
-        iface = self.settings.ebpf_offloading
-        if not iface:
+        options = self.settings.xdp
+        if options is None:
             return
         from actors import xdp_manager
 
         # Loading compiles and verifies the program (seconds of blocking bcc calls): do it on a
         # worker thread while the loop stays responsive. Unavailable offload returns None (one
         # warning logged) and the relay relays in userspace; mandatory offload raises.
-        ref = await self.loop.run_in_executor(None, xdp_manager.start_from_settings, self.settings)
+        ref = await self.loop.run_in_executor(None, xdp_manager.start_offload, options)
         if ref is None:
             return
         self.fast_path = ref
@@ -400,15 +452,13 @@ class Relay:
                     [BucketSource({}, self._xdp_durations)],
                 )
             )
-        logger.info("eBPF offloading enabled on %s", iface)
+        logger.info("eBPF offloading enabled on %s", options.interface)
 
     def _xdp_sizes(self) -> tuple[Sequence[int], float]:
-        assert self._xdp_reader is not None  # registered once the reader is there
         counters = self._xdp_reader.read()
         return counters.packet_size_buckets, counters.relayed_bytes
 
     def _xdp_durations(self) -> tuple[Sequence[int], float]:
-        assert self._xdp_reader is not None
         counters = self._xdp_reader.read()
         return counters.processing_ns_buckets, counters.processing_ns_total
 
@@ -416,7 +466,7 @@ class Relay:
 
     async def _start_endpoints(self) -> None:
         s = self.settings
-        wanted: list[tuple[str, str, Routes]] = []
+        wanted: list[tuple[str, str, dict[tuple[str, str], Any]]] = []
         if s.health_check_addr:
             health = {
                 ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),

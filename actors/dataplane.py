@@ -51,7 +51,7 @@ class DataPlane:
         #: so a batch of nothing but relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
-        #: (allocation port, family) -> socket; maintained by the allocation actors
+        #: (allocation port, family) -> socket; kept by ``add_peer_socket`` / ``remove_peer_socket``
         self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
@@ -62,7 +62,6 @@ class DataPlane:
         self.send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
         self.send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
-        self.datagrams_in = 0
 
     def listen_socket_for(self, addr: Addr) -> socket.socket | None:
         """The listen socket of ``addr``'s family: where everything to a client leaves from."""
@@ -88,7 +87,6 @@ class DataPlane:
         to_client = self.listen_socket_for
         out = self._out
         now = time.monotonic()
-        count = 0
         core_busy = False  # a datagram the core did not route may have queued commands
         for _ in range(READ_BATCHES):
             try:
@@ -97,7 +95,6 @@ class DataPlane:
                 continue  # e.g. a queued ICMP error; the socket stays usable
             if n < 0:
                 break
-            count += n
             for i in range(n):
                 addr = addrs[i]
                 try:
@@ -123,20 +120,26 @@ class DataPlane:
                 self.flush(out)
             if n < BATCH:
                 break
-        self.datagrams_in += count
         if core_busy:
             self.after_input()
 
     # -- allocation sockets ---------------------------------------------------------------
 
-    def on_peer_readable(self, sock: socket.socket, port: int, counters: list[int]) -> None:
+    def add_peer_socket(self, port: int, family: Family, sock: socket.socket) -> None:
+        """An allocation actor bound ``sock``: what clients send to peers of ``port`` leaves
+        through it."""
+        self.allocation_sockets[(port, int(family))] = sock
+
+    def remove_peer_socket(self, port: int, family: Family) -> None:
+        self.allocation_sockets.pop((port, int(family)), None)
+
+    def on_peer_readable(self, sock: socket.socket, port: int) -> None:
         """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
         recv, slots, views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_peer_traffic
         to_client = self.listen_socket_for
         out = self._out
         now = time.monotonic()
-        count = relayed = relayed_bytes = 0
         core_busy = False
         last_client: Addr | None = None
         client_sock: socket.socket | None = None
@@ -147,7 +150,6 @@ class DataPlane:
                 continue
             if n < 0:
                 break
-            count += n
             for i in range(n):
                 addr = addrs[i]
                 length = lens[i]
@@ -164,15 +166,10 @@ class DataPlane:
                     last_client, client_sock = client, to_client(client)
                 _pack_header(buf, i * SLOT_BYTES, channel, length)
                 out += (client_sock, slots[i][: length + HEADROOM], client)
-                relayed += 1
-                relayed_bytes += length
             if out:
-                relayed -= self.flush(out)
+                self.flush(out)
             if n < BATCH:
                 break
-        counters[0] += relayed
-        counters[1] += relayed_bytes
-        self.datagrams_in += count
         if core_busy:
             self.after_input()
 

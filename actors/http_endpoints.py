@@ -134,7 +134,6 @@ class HttpEndpoint:
         self._server: asyncio.AbstractServer | None = None
         #: open connections in the order they arrived (dicts keep insertion order)
         self._connections: dict[asyncio.Task[None], _Connection] = {}
-        self.refused = 0  # connections dropped because the endpoint was full
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -188,9 +187,7 @@ class HttpEndpoint:
                 del self._connections[task]
                 conn.writer.transport.abort()
                 task.cancel()
-                self.refused += 1
                 return
-        self.refused += 1
         writer.transport.abort()
 
     async def _one_request(

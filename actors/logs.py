@@ -112,7 +112,6 @@ class FloodGuard(logging.Filter):
         self.interval = interval
         self._lock = threading.Lock()
         self._sites: dict[tuple[str, str, int], _Site] = {}
-        self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         template = record.msg
@@ -138,7 +137,6 @@ class FloodGuard(logging.Filter):
             ):
                 return True
             state.suppressed += 1
-            self.suppressed_total += 1
             return False
 
     def flush(self) -> None:

@@ -73,22 +73,27 @@ class Pipeline:
         self._handlers: dict[type, Callable[[Any], None]] = {
             command_type: targets[target] for command_type, target in ROUTES.items()
         }
-        self.commands_routed = 0
+        #: True while ``drain`` runs: what a target reports back synchronously (an allocation
+        #: port that could not be bound) still finds the core's later commands queued
+        self.draining = False
 
     def drain(self) -> None:
         """Carry out everything the core has queued, in order."""
         next_command = self._server.next_command
         handlers = self._handlers
-        while (command := next_command()) is not None:
-            self.commands_routed += 1
-            handler = handlers.get(type(command))
-            if handler is None:
-                logger.error("no route for command %r", command)
-                continue
-            try:
-                handler(command)
-            except Exception:
-                logger.exception("carrying out %r failed", command)
+        self.draining = True
+        try:
+            while (command := next_command()) is not None:
+                handler = handlers.get(type(command))
+                if handler is None:
+                    logger.error("no route for command %r", command)
+                    continue
+                try:
+                    handler(command)
+                except Exception:
+                    logger.exception("carrying out %r failed", command)
+        finally:
+            self.draining = False
         if self._fast_path_batch:
             batch, self._fast_path_batch = tuple(self._fast_path_batch), []
             if self.fast_path is not None:
@@ -117,10 +122,10 @@ class Pipeline:
         if self.fast_path is not None:
             self._fast_path_batch.append(command)
 
-    def allocation_gone(self, port: int, actor: AllocationActor) -> None:
-        """Called by an allocation actor once it has stopped."""
-        ref = self.allocations.get(port)
-        if ref is not None and ref is actor.actor_ref:
+    def allocation_gone(self, port: int, actor: pykka.ActorRef[AllocationActor]) -> None:
+        """The allocation actor ``actor`` of ``port`` has stopped (a newer one may own the
+        port already)."""
+        if self.allocations.get(port) is actor:
             del self.allocations[port]
 
 

@@ -1,19 +1,29 @@
 """The portal session actor: hosts :class:`actors.portal.PortalClient` on the event loop.
 
 The client is an asyncio driver (websockets), so the actor is loop-hosted and runs
-``client.run()`` as a task it owns: started in ``on_start``, cancelled in ``on_stop``. The
-client's callbacks are forwarded to the daemon, which tracks readiness and exits with code 1 on
-a fatal portal error.
+``client.run()`` as a task it owns. It speaks only messages: told :class:`PortalConnect` it
+starts the driver with that stamp secret, told :class:`Shutdown` it cancels the driver and
+stops; it tells the relay's control actor :class:`PortalJoined`, :class:`PortalClosed` and
+:class:`PortalFatal` as the connection comes and goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
+import pykka
 from opentelemetry import trace
 
+from actors.control import (
+    ControlActor,
+    PortalClosed,
+    PortalConnect,
+    PortalFatal,
+    PortalJoined,
+    Shutdown,
+    tell,
+)
 from actors.loop_actor import LoopActor
 from actors.portal import PortalClient, PortalConfig
 from protocol.phoenix import Fatal
@@ -29,24 +39,45 @@ class PortalSession(LoopActor):
     def __init__(
         self,
         config: PortalConfig,
-        stamp_secret: str,
-        on_joined: Callable[[bool], None],
-        on_fatal: Callable[[str], None],
+        control: pykka.ActorRef[ControlActor],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         super().__init__(loop=loop)
-        self.client = PortalClient(
-            config, stamp_secret, on_joined=on_joined, on_fatal=on_fatal, tracer=tracer
-        )
-        self._on_fatal = on_fatal
+        self._config = config
+        self._control = control
+        self._tracer = tracer
         self._task: asyncio.Task[Fatal] | None = None
 
-    def on_start(self) -> None:
-        logger.info("connecting to the portal at %s", self.client.url)
-        self._task = self.actor_loop.create_task(self.client.run(), name="portal")
+    def on_receive(self, message: object) -> object:
+        if isinstance(message, PortalConnect):
+            self._connect(message.stamp_secret)
+        elif isinstance(message, Shutdown):
+            self.stop()  # on_stop cancels the driver
+        else:
+            return super().on_receive(message)
+        return None
+
+    def _connect(self, stamp_secret: str) -> None:
+        if self._task is not None:
+            return  # one session, one secret
+        client = PortalClient(
+            self._config,
+            stamp_secret,
+            on_joined=self._joined,
+            on_fatal=self._fatal,
+            tracer=self._tracer,
+        )
+        logger.info("connecting to the portal at %s", client.url)
+        self._task = self.actor_loop.create_task(client.run(), name="portal")
         self._task.add_done_callback(self._finished)
+
+    def _joined(self, joined: bool) -> None:
+        tell(self._control, PortalJoined() if joined else PortalClosed())
+
+    def _fatal(self, reason: str) -> None:
+        tell(self._control, PortalFatal(reason))
 
     def _finished(self, task: asyncio.Task[Fatal]) -> None:
         if task.cancelled():
@@ -54,7 +85,7 @@ class PortalSession(LoopActor):
         exc = task.exception()
         if exc is not None:  # the driver promises not to raise; treat it as fatal if it does
             logger.error("portal driver crashed: %r", exc)
-            self._on_fatal(f"portal driver crashed: {exc!r}")
+            self._fatal(f"portal driver crashed: {exc!r}")
 
     def on_stop(self) -> None:
         if self._task is not None and not self._task.done():

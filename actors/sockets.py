@@ -8,7 +8,7 @@ import socket
 
 from protocol.types import Family
 
-__all__ = ["bind_udp", "normalise", "raise_nofile_limit"]
+__all__ = ["bind_udp", "raise_nofile_limit"]
 
 logger = logging.getLogger("relay.sockets")
 
@@ -41,11 +41,6 @@ def bind_udp(
         sock.close()
         raise
     return sock
-
-
-def normalise(addr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
-    """Drop IPv6 flowinfo and scope id so addresses are the core's ``(host, port)``."""
-    return (addr[0], addr[1])
 
 
 def raise_nofile_limit(wanted: int = 1 << 20) -> int:

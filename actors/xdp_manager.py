@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pykka
 
@@ -29,10 +29,6 @@ from xdp import netns as netns_mod
 from xdp.bindings import BindingTable
 from xdp.maps import STATS_SIZE, RouterConfig, XdpCounters
 
-if TYPE_CHECKING:
-    from actors.daemon import Settings
-    from xdp.loader import TurnRouter
-
 logger = logging.getLogger("relay.xdp")
 
 __all__ = [
@@ -41,8 +37,6 @@ __all__ = [
     "XdpOffloadRequired",
     "XdpOptions",
     "XdpStatus",
-    "options_from_settings",
-    "start_from_settings",
     "start_offload",
 ]
 
@@ -53,7 +47,8 @@ class XdpOffloadRequired(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class XdpOptions:
-    """Where and how to run the XDP router; ports and public addresses are the relay's own."""
+    """Where and how to run the XDP router; ports and public addresses are the relay's own
+    (``actors.cli.settings_from_args`` copies them from the core's config)."""
 
     interface: str
     attach_mode: str = "driver"  # or "generic"
@@ -121,12 +116,10 @@ class XdpManager(pykka.ThreadingActor):
     def __init__(self, options: XdpOptions) -> None:
         super().__init__()
         self.options = options
-        self._router: TurnRouter | None = None
+        self._router: Any = None
         self._table = BindingTable()
         self._reason: str | None = None
         self._full_warned = False
-        self.commands_applied = 0
-        self.map_errors = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -201,7 +194,7 @@ class XdpManager(pykka.ThreadingActor):
 
     # -- commands ------------------------------------------------------------------------
 
-    def on_receive(self, message: object) -> None:
+    def on_receive(self, message: Any) -> Any:
         """``tell`` entry point: a tuple (or list) of commands, or a single command."""
         if isinstance(message, CreateChannelBinding | DeleteChannelBinding):
             message = (message,)
@@ -215,7 +208,6 @@ class XdpManager(pykka.ThreadingActor):
             commands = tuple(commands)
         except TypeError:
             return 0
-        self.commands_applied += len(commands)
         if self._router is None:
             return 0
         changes = self._table.plan(commands)
@@ -224,7 +216,6 @@ class XdpManager(pykka.ThreadingActor):
         try:
             self._router.delete(changes.delete_c2p, changes.delete_p2c)
         except Exception as exc:
-            self.map_errors += 1
             logger.warning("XDP map delete failed: %s", exc)
         for fd, entries, is_c2p in (
             (self._router.chan_to_peer_fd, changes.update_c2p, True),
@@ -256,7 +247,6 @@ class XdpManager(pykka.ThreadingActor):
                 bpfsys.map_update(fd, key, value)
             except bpfsys.BpfError as exc:
                 failed.append(key)
-                self.map_errors += 1
                 if not self._full_warned:
                     self._full_warned = True
                     logger.warning(
@@ -328,28 +318,3 @@ def start_offload(options: XdpOptions, timeout: float = 60.0) -> pykka.ActorRef[
             f"XDP offload on {options.interface} is mandatory but unavailable: {status.reason}"
         )
     return None
-
-
-def options_from_settings(settings: Settings) -> XdpOptions:
-    """Build options from ``actors.daemon.Settings`` (and its ``ServerConfig``)."""
-    if settings.ebpf_offloading is None:
-        raise ValueError("no XDP interface configured (ebpf_offloading)")
-    server = settings.server
-    extra = getattr(settings, "extra", None) or {}
-    return XdpOptions(
-        interface=settings.ebpf_offloading,
-        attach_mode=getattr(settings, "ebpf_attach_mode", "driver") or "driver",
-        public_ip4=server.public_ip4,
-        public_ip6=server.public_ip6,
-        interface_ip4=getattr(settings, "ebpf_int4_addr", None),
-        interface_ip6=getattr(settings, "ebpf_int6_addr", None),
-        listen_port=server.listen_port,
-        lowest_port=server.lowest_port,
-        highest_port=server.highest_port,
-        mandatory=bool(getattr(settings, "ebpf_mandatory", extra.get("ebpf_mandatory", False))),
-    )
-
-
-def start_from_settings(settings: Settings) -> pykka.ActorRef[XdpManager] | None:
-    """The daemon's entry point: :func:`start_offload` with the relay's settings."""
-    return start_offload(options_from_settings(settings))

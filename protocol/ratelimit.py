@@ -18,7 +18,6 @@ class RateLimiter:
         self.burst = burst if burst is not None else 2 * rate
         self.max_sources = max_sources
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self.refused = 0
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -37,7 +36,6 @@ class RateLimiter:
             buckets.move_to_end(source)
         if tokens < 1.0:
             buckets[source] = (tokens, now)
-            self.refused += 1
             return False
         buckets[source] = (tokens - 1.0, now)
         return True

@@ -166,7 +166,6 @@ class Stats:
     dropped_datagrams: int = 0  # malformed or not for us
     unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
     rate_limited: int = 0
-    allocations_created: int = 0
     internal_errors: int = 0
 
     def count_relayed(self, length: int) -> None:
@@ -706,7 +705,6 @@ class Server:
         """Index it, arm its expiry, and bind its sockets (before the response goes out)."""
         self._table.add(allocation)
         self._schedule_allocation(allocation, now)
-        self.stats.allocations_created += 1
         for family in allocation.families:
             self._commands.append(
                 CreateAllocation(allocation.port, family, allocation.dont_fragment)

@@ -18,7 +18,6 @@ from typing import Any
 from xdp import bpfsys, interface
 from xdp.maps import (
     CONFIG_SIZE,
-    KEY_SIZE,
     STATS_SIZE,
     RouterConfig,
     XdpCounters,
@@ -194,12 +193,6 @@ class TurnRouter:
                     keys = keys[e.done :]
             for k in keys:
                 bpfsys.map_delete(fd, k)
-
-    def lookup_c2p(self, key: bytes) -> bytes | None:
-        return bpfsys.map_lookup(self.chan_to_peer_fd, key, KEY_SIZE)
-
-    def lookup_p2c(self, key: bytes) -> bytes | None:
-        return bpfsys.map_lookup(self.peer_to_chan_fd, key, KEY_SIZE)
 
     # -- observation ---------------------------------------------------------------------
 

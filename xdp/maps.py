@@ -52,11 +52,6 @@ def addr16(host: str | None) -> bytes:
     return ip.packed
 
 
-def host_of(raw: bytes) -> str:
-    ip = ipaddress.IPv6Address(raw)
-    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
-
-
 def chan_key(client: Addr, channel: int) -> bytes:
     """``struct chan_key``: (client address, client port, channel)."""
     return addr16(client[0]) + struct.pack("!HH", client[1], channel)

@@ -83,8 +83,8 @@ def xdp_unavailable() -> str | None:
         from actors import xdp_manager
     except ImportError as exc:
         return f"actors.xdp_manager not importable: {exc}"
-    if not hasattr(xdp_manager, "start_from_settings"):
-        return "actors.xdp_manager has no start_from_settings yet"
+    if not hasattr(xdp_manager, "start_offload"):
+        return "actors.xdp_manager has no start_offload yet"
     return None
 
 

@@ -19,11 +19,9 @@ from actors.xdp_manager import (
     XdpManager,
     XdpOffloadRequired,
     XdpOptions,
-    options_from_settings,
     start_offload,
 )
 from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
-from protocol.server import ServerConfig
 from simulations.frames import channel_data, frame
 from simulations.netns.topology import Netns
 from tests.integration.conftest import require_bcc
@@ -263,22 +261,23 @@ def test_counters_are_plain_numbers(manager: object) -> None:
     reader.close()
 
 
-def test_options_from_settings() -> None:
-    from actors.daemon import Settings
+def test_options_from_the_command_line() -> None:
+    from actors.cli import build_parser, settings_from_args
 
-    settings = Settings(
-        server=ServerConfig(
-            public_ip4="52.0.0.1",
-            public_ip6="2600::1",
-            listen_port=3479,
-            lowest_port=50000,
-            highest_port=50100,
-        ),
-        ebpf_offloading="eth0",
-        ebpf_attach_mode="generic",
-        ebpf_int4_addr="10.0.0.5",
+    args = build_parser().parse_args(
+        [
+            "--public-ip4-addr=52.0.0.1",
+            "--public-ip6-addr=2600::1",
+            "--listen-port=3479",
+            "--lowest-port=50000",
+            "--highest-port=50100",
+            "--ebpf-offloading=eth0",
+            "--ebpf-attach-mode=generic",
+            "--ebpf-int4-addr=10.0.0.5",
+        ]
     )
-    o = options_from_settings(settings)
+    o = settings_from_args(args).xdp
+    assert o is not None
     assert (o.interface, o.attach_mode, o.listen_port, o.lowest_port, o.highest_port) == (
         "eth0",
         "generic",

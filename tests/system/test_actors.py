@@ -194,7 +194,7 @@ def test_pipeline_routes_each_command_to_its_target() -> None:
                     self.stop()
 
             def on_stop(self) -> None:
-                pipeline.allocation_gone(self.port, self)
+                pipeline.allocation_gone(self.port, self.actor_ref)
 
         def spawn(port: int) -> Any:
             spawned[port] = []

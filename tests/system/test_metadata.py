@@ -229,7 +229,8 @@ def test_a_token_naming_a_file_is_read(tmp_path: Path) -> None:
     args = build_parser().parse_args(
         ["--public-ip4-addr", "192.0.2.1", "--api-url", "ws://127.0.0.1:1", str(token_file)]
     )
-    assert settings_from_args(args).token == "secret-relay-token"
+    portal = settings_from_args(args).portal
+    assert portal is not None and portal.token == "secret-relay-token"
 
 
 # -- the daemon ----------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""Flags that shape the core and the portal session reach them."""
+"""Flags that shape the core and the portal session reach them; environment defaults go
+through the flags' own validators."""
 
 from __future__ import annotations
 
+import pytest
+
 from actors.cli import build_parser, settings_from_args
+from actors.daemon import Settings
 
 
-def _settings(*argv: str):  # type: ignore[no-untyped-def]
+def _settings(*argv: str) -> Settings:
     return settings_from_args(build_parser().parse_args(["--public-ip4-addr", "127.0.0.1", *argv]))
 
 
@@ -13,7 +17,7 @@ def test_defaults_keep_firezone_behaviour() -> None:
     settings = _settings()
     assert settings.server.single_allocation_per_username is None  # the scheme decides
     assert settings.server.auth_scheme == "firezone" and settings.server.realm == "firezone"
-    assert not settings.token_in_query
+    assert settings.portal is None and settings.xdp is None  # standalone, userspace
 
 
 def test_opt_outs() -> None:
@@ -26,9 +30,12 @@ def test_opt_outs() -> None:
         "example.org",
         "--max-allocations",
         "5",
+        "--api-url",
+        "ws://127.0.0.1:1",
+        "token-value",
     )
     assert not settings.server.single_allocation_per_username
-    assert settings.token_in_query
+    assert settings.portal is not None and settings.portal.token_in_query
     assert settings.server.auth_scheme == "rest" and settings.server.realm == "example.org"
     assert settings.server.max_allocations == 5
 
@@ -41,7 +48,7 @@ def test_single_allocation_flag_is_tri_state() -> None:
     )
 
 
-def test_peer_lists_from_flags_and_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_peer_lists_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOWED_PEER_IP", "203.0.113.0/24, 198.51.100.7")
     monkeypatch.setenv("DENIED_PEER_IP", "8.8.8.0/24")
     settings = _settings("--allowed-peer-ip", "10.9.0.0/16", "--denied-peer-ip", "1.1.1.1")
@@ -53,3 +60,109 @@ def test_private_peers_default_follows_the_mode() -> None:
     assert not _settings().server.allow_private_peers  # standalone: stricter
     portal = _settings("--api-url", "ws://127.0.0.1:1", "token-value")
     assert portal.server.allow_private_peers  # portal mode: as Firezone's relay
+
+
+def test_one_source_for_the_portal_and_xdp() -> None:
+    settings = _settings(
+        "--public-ip6-addr",
+        "::1",
+        "--listen-port",
+        "3479",
+        "--lowest-port",
+        "50000",
+        "--highest-port",
+        "50100",
+        "--api-url",
+        "wss://portal.example",
+        "--ebpf-offloading",
+        "eth0",
+        "--ebpf-mandatory",
+        "token-value",
+        "relay-7",
+    )
+    portal, xdp = settings.portal, settings.xdp
+    assert portal is not None and xdp is not None
+    assert (portal.api_url, portal.token, portal.name) == (
+        "wss://portal.example",
+        "token-value",
+        "relay-7",
+    )
+    for copy in (portal, xdp):
+        assert (copy.public_ip4, copy.public_ip6, copy.listen_port) == ("127.0.0.1", "::1", 3479)
+    assert (xdp.interface, xdp.lowest_port, xdp.highest_port, xdp.mandatory) == (
+        "eth0",
+        50000,
+        50100,
+        True,
+    )
+    assert not hasattr(settings, "extra")
+
+
+def test_environment_defaults_are_parsed_like_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "LISTEN_PORT": "3479",
+        "MAX_ALLOCATIONS": "7",
+        "RNG_SEED": "42",
+        "UNAUTHENTICATED_RATE_LIMIT": "2.5",
+        "BIND_IP6_ADDR": "::1",
+        "LOG_FORMAT": "json",
+        "HEALTH_CHECK_ADDR": "[::1]:8081",
+    }.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["--public-ip4-addr", "127.0.0.1"])
+    assert (args.listen_port, args.max_allocations, args.rng_seed) == (3479, 7, 42)
+    assert args.unauthenticated_rate_limit == 2.5 and args.log_format == "json"
+    assert (args.bind_ip6_addr, args.health_check_addr) == ("::1", "[::1]:8081")
+    # plain values, not the environment's wrapper type
+    assert type(args.bind_ip6_addr) is str and type(args.health_check_addr) is str
+    # a flag overrides the environment
+    assert build_parser().parse_args(["--listen-port", "4000"]).listen_port == 4000
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "flag", "why"),
+    [
+        ("LISTEN_PORT", "abc", "--listen-port", "not a port: 'abc'"),
+        ("LOWEST_PORT", "70000", "--lowest-port", "not a port: 70000"),
+        ("MAX_ALLOCATIONS", "0", "--max-allocations", "must be positive: 0"),
+        ("MAX_CHANNELS_PER_ALLOCATION", "many", "--max-channels-per-allocation", "not a number"),
+        ("RNG_SEED", "x", "--rng-seed", "not an integer: 'x'"),
+        ("TIME_SCALE", "fast", "--time-scale", "not a number: 'fast'"),
+        ("PUBLIC_IP6_ADDR", "1.2.3.4", "--public-ip6-addr", "not an IPv6 address: 1.2.3.4"),
+        ("LOG_FORMAT", "xml", "--log-format", "invalid choice: 'xml'"),
+        ("EBPF_ATTACH_MODE", "skb", "--ebpf-attach-mode", "invalid choice: 'skb'"),
+        ("AUTH_SCHEME", "ldap", "--auth-scheme", "invalid choice: 'ldap'"),
+        ("HEALTH_CHECK_ADDR", "8080", "--health-check-addr", "expected host:port"),
+        ("DENIED_PEER_IP", "nonsense", "--denied-peer-ip", "nonsense"),
+    ],
+)
+def test_a_bad_environment_value_fails_like_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    flag: str,
+    why: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--public-ip4-addr", "127.0.0.1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: bad environment variable value {name}={value!r}" in err
+    assert why in err
+    monkeypatch.delenv(name)
+    with pytest.raises(SystemExit) as exited:  # the same value as a flag: the same reason
+        build_parser().parse_args(["--public-ip4-addr", "127.0.0.1", flag, value])
+    assert exited.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+def test_a_bad_environment_list_fails_even_beside_the_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ALLOWED_PEER_IP", "10.0.0.0/8, 300.1.1.1")
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--allowed-peer-ip", "192.0.2.0/24"])
+    assert exited.value.code == 2
+    assert "bad environment variable value ALLOWED_PEER_IP='300.1.1.1'" in capsys.readouterr().err
