@@ -14,12 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from simulations.relay_process import ROOT, http, port_range, start_local
+from simulations.relay_process import ROOT, http, port_range, spawn_daemon, start_local
 from simulations.relay_process import LocalDaemon as RelayProcess
 
 SECRET = "system-test-secret"
 
-__all__ = ["ROOT", "SECRET", "RelayProcess", "free_port", "http", "port_range", "start_relay"]
+__all__ = [
+    "ROOT",
+    "SECRET",
+    "RelayProcess",
+    "free_port",
+    "http",
+    "port_range",
+    "start_from_env",
+    "start_relay",
+]
 
 pytestmark = pytest.mark.system
 
@@ -56,6 +65,34 @@ def start_relay(
         tmp_path, *extra, ip4=ip4, ip6=ip6, ports=ports, secret=SECRET, scheme=scheme, env=env,
         ready=wait_ready,
     )  # fmt: skip
+
+
+def start_from_env(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
+    """The relay with no flag at all, configured only by its environment, as in a container:
+    free ports, loopback binds, the suite's secret, then ``env`` on top. Not waited for."""
+    listen = free_port()
+    health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    low, high = port_range()
+    config = {
+        "BIND_IP4_ADDR": "127.0.0.1",
+        "LISTEN_PORT": str(listen),
+        "LOWEST_PORT": str(low),
+        "HIGHEST_PORT": str(high),
+        "HEALTH_CHECK_ADDR": f"127.0.0.1:{health}",
+        "CONTROL_ENDPOINT": f"127.0.0.1:{control}",
+        "AUTH_SECRET": SECRET,
+        **env,
+    }
+    return RelayProcess.of(
+        spawn_daemon([], tmp_path / f"relay-env-{listen}.log", env=config, inherit_env=False),
+        ip4="127.0.0.1",
+        listen_port=listen,
+        health_port=health,
+        control_port=control,
+        lowest_port=low,
+        highest_port=high,
+        secret=SECRET,
+    )
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from actors.cli import build_parser
-from simulations.relay_process import spawn_daemon
-from tests.system.conftest import ROOT, SECRET, RelayProcess, free_port, port_range
+from tests.system.conftest import ROOT, RelayProcess, start_from_env
 from tests.system.peers import echo_peer, run, turn_client
 
 pytestmark = pytest.mark.system
@@ -179,34 +177,15 @@ def test_no_warning_without_them(relay_factory) -> None:  # type: ignore[no-unty
 
 
 def _start_from_env(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
-    """The relay with no flag at all: everything from the environment, as in a container."""
-    listen = free_port()
-    health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
-    low, high = port_range()
-    config = {
-        "PUBLIC_IP4_ADDR": "127.0.0.1",
-        "BIND_IP4_ADDR": "127.0.0.1",
-        "LISTEN_PORT": str(listen),
-        "LOWEST_PORT": str(low),
-        "HIGHEST_PORT": str(high),
-        "HEALTH_CHECK_ADDR": f"127.0.0.1:{health}",
-        "CONTROL_ENDPOINT": f"127.0.0.1:{control}",
-        "AUTH_SECRET": SECRET,
-        "ALLOW_LOOPBACK_PEERS": "true",
-        "LOG_FORMAT": "json",
-        "RUST_LOG": "info",
-        **env,
-    }
-    log_path = tmp_path / f"relay-env-{listen}.log"
-    relay = RelayProcess.of(
-        spawn_daemon([], log_path, env=config, inherit_env=False),
-        ip4="127.0.0.1",
-        listen_port=listen,
-        health_port=health,
-        control_port=control,
-        lowest_port=low,
-        highest_port=high,
-        secret=SECRET,
+    relay = start_from_env(
+        tmp_path,
+        {
+            "PUBLIC_IP4_ADDR": "127.0.0.1",
+            "ALLOW_LOOPBACK_PEERS": "true",
+            "LOG_FORMAT": "json",
+            "RUST_LOG": "info",
+            **env,
+        },
     )
     relay.wait_ready(relay.readyz)
     return relay

@@ -18,9 +18,8 @@ from actors.cli import build_parser, settings_from_args
 from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
 from protocol.stun import Attr, Class, parse
 from protocol.types import Family
-from simulations.relay_process import spawn_daemon
 from simulations.turn_client import TurnClient
-from tests.system.conftest import SECRET, RelayProcess, free_port, http, port_range
+from tests.system.conftest import RelayProcess, free_port, http, start_from_env
 
 pytestmark = pytest.mark.system
 
@@ -237,31 +236,7 @@ def test_a_token_naming_a_file_is_read(tmp_path: Path) -> None:
 
 
 def _spawn(tmp_path: Path, env: dict[str, str]) -> RelayProcess:
-    listen = free_port()
-    health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
-    low, high = port_range()
-    config = {
-        "BIND_IP4_ADDR": "127.0.0.1",
-        "BIND_IP6_ADDR": "::1",
-        "LISTEN_PORT": str(listen),
-        "LOWEST_PORT": str(low),
-        "HIGHEST_PORT": str(high),
-        "HEALTH_CHECK_ADDR": f"127.0.0.1:{health}",
-        "CONTROL_ENDPOINT": f"127.0.0.1:{control}",
-        "AUTH_SECRET": SECRET,
-        **env,
-    }
-    log_path = tmp_path / f"relay-{listen}.log"
-    return RelayProcess.of(
-        spawn_daemon([], log_path, env=config, inherit_env=False),
-        ip4="127.0.0.1",
-        listen_port=listen,
-        health_port=health,
-        control_port=control,
-        lowest_port=low,
-        highest_port=high,
-        secret=SECRET,
-    )
+    return start_from_env(tmp_path, {"BIND_IP6_ADDR": "::1", **env})
 
 
 def _ready(relay: RelayProcess) -> None:
