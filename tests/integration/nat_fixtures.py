@@ -3,8 +3,9 @@ with a TUN tunnel, an HTTP server and curl, all in a ``simulations.netns.topolog
 
 :class:`NatRun` is a context manager that brings one scenario up (topology, signalling hub,
 relay, agents, web server), lets the test download a 10 MB blob through the tunnel (so through
-the relay) and disturb things meanwhile, and tears everything down, whatever happens. Every
-wait is bounded; nothing outlives the ``with`` block.
+the relay) and disturb things meanwhile (the web server can hold the transfer at an exact byte,
+:meth:`NatRun.hold_web_at`, so "meanwhile" never depends on timing), and tears everything
+down, whatever happens. Every wait is bounded; nothing outlives the ``with`` block.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import http.client
 import os
 import random
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -294,13 +296,19 @@ class Download:
             return 0
 
     def wait_for_bytes(self, count: int, timeout: float) -> None:
+        """Until ``count`` bytes are in the file; curl having ended only counts as a failure
+        if they are not (it writes everything before it exits)."""
+
         def enough() -> bool:
-            if self.proc.poll() is not None:
+            ended = self.proc.poll() is not None
+            if self.received() >= count:
+                return True
+            if ended:
                 raise AssertionError(
-                    f"curl ended early ({self.proc.returncode}): "
-                    f"{self.log.read_text(errors='replace')}"
+                    f"curl ended ({self.proc.returncode}) after {self.received()} of "
+                    f"{count} bytes: {self.log.read_text(errors='replace')}"
                 )
-            return self.received() >= count
+            return False
 
         wait_until(enough, timeout, f"{count} bytes of the download", step=0.02)
 
@@ -336,6 +344,7 @@ class NatRun:
     secret: str = field(init=False, default="")
     _stack: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
     _agents: dict[str, subprocess.Popen[bytes]] = field(init=False, default_factory=dict)
+    _web: subprocess.Popen[bytes] = field(init=False)
 
     # -- bring up --------------------------------------------------------------------------
 
@@ -448,28 +457,54 @@ class NatRun:
             ) from None
 
     def _start_web(self) -> None:
-        directory = self.blob[0].parent
+        """The gated file server (:mod:`tests.integration.gated_web`) in the gateway's
+        namespace; its stdin/stdout are the control channel of :meth:`hold_web_at`."""
         log = (self.tmp / "web.log").open("wb")
         self._stack.callback(log.close)
         proc = self.topo.popen(
             self.topo.gw,
-            [
-                sys.executable,
-                "-m",
-                "http.server",
-                str(WEB_PORT),
-                "--bind",
-                "::",
-                "--directory",
-                str(directory),
-            ],
+            [sys.executable, "-m", "tests.integration.gated_web", str(WEB_PORT), str(self.blob[0])],
             cwd=REPO,
             env=_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            bufsize=0,
         )
+        self._web = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self._stack.callback(proc.stdin.close)
+        self._stack.callback(proc.stdout.close)
         self._stack.callback(self._stop_process, proc)
         wait_until(lambda: self._connects(self.topo.gw, "::1", 0.2), 15, "the web server")
+
+    def hold_web_at(self, offset: int) -> None:
+        """From now on the web server sends at most ``offset`` bytes of a body, then waits
+        (until :meth:`release_web`, or a later hold further on). Given before the download
+        starts, the transfer stops at exactly that byte, however fast it runs."""
+        self._web_command(f"hold {offset}")
+
+    def release_web(self) -> None:
+        """Let held responses run to the end."""
+        self._web_command("release")
+
+    def _web_command(self, line: str, timeout: float = 10.0) -> None:
+        """Send one command and wait for the server's ``ok`` (the command is in force)."""
+        proc = self._web
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line.encode() + b"\n")
+        fd = proc.stdout.fileno()
+        reply = b""
+        deadline = time.monotonic() + timeout
+        while not reply.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"the web server did not acknowledge {line!r} in {timeout} s")
+            chunk = os.read(fd, 256)
+            if not chunk:
+                raise AssertionError(f"the web server exited ({proc.poll()}) on {line!r}")
+            reply += chunk
+        assert reply == b"ok\n", f"the web server answered {line!r} with {reply!r}"
 
     def _connects(self, ns: str, host: str, timeout: float) -> bool:
         with self.topo.entered(ns):
@@ -525,6 +560,7 @@ class NatRun:
             "--silent",
             "--show-error",
             "--fail",
+            "--no-buffer",  # every received byte is in the file at once: received() is exact
             "--max-time",
             f"{max_time:g}",
             "--output",

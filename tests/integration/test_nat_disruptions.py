@@ -1,7 +1,8 @@
 """Transfers that something interrupts half-way: the client changes networks, the portal goes
-away and comes back, the relay restarts with a new secret. The 10 MB download (rate-limited to
-2 MB/s so the disruption lands mid-transfer) must still complete with the right checksum, and
-the relay's log must stay free of warnings and errors.
+away and comes back, the relay restarts with a new secret. The web server holds the 10 MB
+download at an exact byte (``NatRun.hold_web_at``) while the disruption happens, so it lands
+mid-transfer however fast the transfer runs; once released, the download must complete with
+the right checksum, and the relay's log must stay free of warnings and errors.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from tests.integration.nat_fixtures import (
 
 pytestmark = pytest.mark.integration
 
-RATE = "2M"  # curl --limit-rate: about 5 s for the whole blob
-MIDWAY = 2_000_000
+MIDWAY = 2_000_000  # where the web server holds the download while a test disrupts it
 
 
 @pytest.fixture
@@ -43,12 +43,15 @@ def test_client_roams_to_a_new_network_mid_transfer(
     per username). The gateway follows the client's new relayed address."""
     with nat_run(tmp_path, blob, xdp=datapath(mode), gateway_allocates=False) as run:
         before = run.hub.wait_event("client", "allocated", 1)
-        download = run.download(limit_rate=RATE, max_time=60)
+        run.hold_web_at(MIDWAY)
+        download = run.download(max_time=60)
         download.wait_for_bytes(MIDWAY, 20)
+        assert download.received() == MIDWAY
         since = len(run.hub.events)
         local = run.topo.move_client()
         run.hub.send("client", {"type": "roam", "bind": local})
         after = run.hub.wait_event("client", "allocated", 20, since=since)
+        run.release_web()
         run.finish(download)
 
         assert after["local"].startswith(local + ":")
@@ -66,24 +69,30 @@ def test_portal_stops_and_restarts_mid_transfer(
     """The relay joined the test portal, which minted the agents' credentials. The portal
     goes down mid-transfer: relaying carries on, TURN refreshes still authenticate (the
     relay keeps its secret), the relay reports not-ready, then rejoins with the same stamp
-    secret once the portal is back."""
+    secret once the portal is back. The web server lets the download move from ``MIDWAY`` to
+    ``2 * MIDWAY`` only while the portal is down (and the agents have refreshed without it),
+    then holds it there until the portal is back."""
     with nat_run(tmp_path, blob, xdp=datapath(mode), portal=True, gateway_allocates=False) as run:
         portal = run.portal_thread
         assert portal is not None
         (first,) = portal.joined_relays()
-        download = run.download(limit_rate="1M", max_time=60)  # about 10 s
-        download.wait_for_bytes(MIDWAY // 2, 20)
+        run.hold_web_at(MIDWAY)
+        download = run.download(max_time=120)
+        download.wait_for_bytes(MIDWAY, 20)
+        assert download.received() == MIDWAY
 
         portal.stop_serving()
         since = len(run.hub.events)
         wait_until(lambda: run.relay.http("GET", "/readyz")[0] == 503, 10, "the relay to notice")
-        received = download.received()
         run.hub.wait_event("client", "refreshed", 10, since=since)  # every 3 s in tests
         run.hub.wait_event("client", "channel_refreshed", 10, since=since)
-        assert download.received() > received  # relaying without the portal
-        assert download.proc.poll() is None, "the download finished while the portal was down"
+        run.hold_web_at(2 * MIDWAY)  # relaying without the portal
+        download.wait_for_bytes(2 * MIDWAY, 20)
+        assert download.received() == 2 * MIDWAY
+        assert download.proc.poll() is None
         portal.start_serving()
         wait_until(portal.joined_relays, 20, "the relay to rejoin the portal", step=0.1)
+        run.release_web()
         run.finish(download)
 
         (second,) = portal.joined_relays()
@@ -107,8 +116,10 @@ def test_relay_restarts_mid_transfer(
 
     Either way they exchange their new relayed addresses and the download resumes."""
     with nat_run(tmp_path, blob, xdp=datapath(mode)) as run:
-        download = run.download(limit_rate=RATE, max_time=60)
+        run.hold_web_at(MIDWAY)
+        download = run.download(max_time=60)
         download.wait_for_bytes(MIDWAY, 20)
+        assert download.received() == MIDWAY
         since = len(run.hub.events)
         assert run.relay.stop() == 0  # a clean shutdown on SIGTERM
         if secret == "new":
@@ -126,6 +137,7 @@ def test_relay_restarts_mid_transfer(
                 )
         for name in ("client", "gateway"):
             run.hub.wait_event(name, "allocated", 20, since=since)
+        run.release_web()
         run.finish(download)
         assert run.relay.metric("relay_active_allocations") == 2
         for name in ("client", "gateway"):

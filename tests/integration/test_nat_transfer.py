@@ -1,10 +1,10 @@
 """10 MB over TURN between a client and a gateway behind masquerading NATs.
 
 Each test runs the real relay daemon in its namespace, two TURN agents with TUN tunnels, and
-curl fetching a blob from ``python -m http.server`` on the gateway side, through the tunnel, so
-through the relay; the kernel's TCP handles loss. Userspace relaying and XDP offload (generic
-mode on the relay's veth) each run every scenario. Afterwards the relay's log must hold no
-warning and no error (Firezone's integration tests check the same).
+curl fetching a blob from a small HTTP server (``gated_web``) on the gateway side, through the
+tunnel, so through the relay; the kernel's TCP handles loss. Userspace relaying and XDP offload
+(generic mode on the relay's veth) each run every scenario. Afterwards the relay's log must hold
+no warning and no error (Firezone's integration tests check the same).
 """
 
 from __future__ import annotations
