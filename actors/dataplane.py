@@ -7,6 +7,14 @@ of one buffer, at offset 4 of each slot, so a peer datagram becomes ChannelData 
 4-byte header in front of it without copying the payload. Each batch's output goes out in one
 ``send_batch`` call (``sendmmsg`` per run of datagrams leaving through the same socket) before
 the next batch reuses the slots.
+
+Bound-channel traffic does not even enter this loop when the compiled helper is there: its
+``Receiver`` keeps a mirror of the core's channel routes (``sync_channel``, fed by the pipeline
+on every ``CreateChannelBinding`` / ``DeleteChannelBinding``), relays what the mirror routes in
+C, and hands the rest of a batch, from the first datagram it does not route, to the loops below
+and so to the core. The core stays the source of truth: every change of its routes comes with
+one of those commands (the allocation table's invariant 6), the pipeline drains them before the
+next batch is read, and a route whose socket leaves the socket table leaves the mirror with it.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actors.udpio import Receiver, send_batch
-from protocol.commands import SendMessage
+from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from protocol.routes import LoopToClient
 from protocol.types import Addr, Family
 
@@ -41,6 +49,24 @@ _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
 
 
+class _SocketTable(dict[tuple[int, int], socket.socket]):
+    """(allocation port, family) -> socket; a socket taken out (to be closed) takes every
+    mirrored route through it along, so no route outlives its socket's file descriptor."""
+
+    def __init__(self, forget_fd: Callable[[int], object]) -> None:
+        super().__init__()
+        self._forget_fd = forget_fd
+
+    def pop(self, key: tuple[int, int], default: Any = None) -> Any:
+        sock = super().pop(key, default)
+        if isinstance(sock, socket.socket):
+            self._forget_fd(sock.fileno())
+        return sock
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        self.pop(key)
+
+
 class DataPlane:
     """Listen sockets, the allocation-socket table, and the reader callbacks over them."""
 
@@ -51,16 +77,16 @@ class DataPlane:
         #: so a batch of nothing but relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
-        #: (allocation port, family) -> socket; maintained by the allocation actors
-        self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
-        self._rx_parts = (rx.recv, rx.slots, rx.views, rx.addrs, rx.lens, rx.buffer)
+        self._rx_parts = (rx.views, rx.addrs, rx.lens, rx.buffer)
+        #: (allocation port, family) -> socket; maintained by the allocation actors
+        self.allocation_sockets: dict[tuple[int, int], socket.socket] = _SocketTable(rx.drop_fd)
         #: the batch being sent: a flat [socket or None, data, address, ...]
         self._out: list[Any] = []
-        # plain counters, read by telemetry
-        self.send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
-        self.send_errors = 0  # any other send failure (unreachable, bad address ...)
+        # plain counters, read by telemetry (with the mirror's, see send_drops/send_errors)
+        self._send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
+        self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
         self.datagrams_in = 0
 
@@ -73,32 +99,91 @@ class DataPlane:
         or failed, and empty it; returns how many did not go out. Every send of the data plane
         goes through here."""
         dropped, failed = send_batch(out)
-        self.send_drops += dropped
-        self.send_errors += failed
+        self._send_drops += dropped
+        self._send_errors += failed
         out.clear()
         return int(dropped + failed)
+
+    @property
+    def send_drops(self) -> int:
+        """Sends that would block (socket buffer full) or had no socket for the port."""
+        return self._send_drops + int(self._rx.send_drops)
+
+    @property
+    def send_errors(self) -> int:
+        """Any other send failure (unreachable, bad address ...)."""
+        return self._send_errors + int(self._rx.send_errors)
+
+    # -- the route mirror -----------------------------------------------------------------
+
+    def sync_channel(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
+        """Make the mirror's two routes of the channel in ``command`` what the core's are now
+        (none where the core has none, or where the socket to send from is not there: those
+        datagrams go to the core). Re-reading the core, rather than replaying the command,
+        keeps the mirror right whatever order the commands of one drain come in."""
+        rx = self._rx
+        client, channel, peer, port = (
+            command.client,
+            command.channel,
+            command.peer,
+            command.allocation_port,
+        )
+        to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
+        out = None
+        if to_peer is not None:
+            family = _V6 if ":" in to_peer.peer[0] else _V4
+            out = self.allocation_sockets.get((to_peer.port, family))
+        if (
+            to_peer is None
+            or out is None
+            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer)
+        ):
+            rx.drop_to_peer(client, channel)
+        listen = None if to_client is None else self.listen_socket_for(to_client.client)
+        if (
+            to_client is None
+            or listen is None
+            or not rx.set_to_client(
+                port, peer, listen.fileno(), to_client.client, to_client.channel
+            )
+        ):
+            rx.drop_to_client(port, peer)
+
+    @property
+    def mirrored_routes(self) -> tuple[int, int]:
+        """How many (client -> peer, peer -> client) routes the C mirror holds."""
+        routes: tuple[int, int] = self._rx.routes
+        return routes
 
     # -- listen sockets -------------------------------------------------------------------
 
     def on_listen_readable(self, sock: socket.socket) -> None:
         """Drain a listen socket: STUN/TURN messages and ChannelData from clients."""
-        recv, _, views, addrs, lens, buf = self._rx_parts
-        handle = self.server.handle_client_input
+        views, addrs, lens, buf = self._rx_parts
+        relay = self._rx.relay_clients
+        server = self.server
+        stats = server.stats
+        handle = server.handle_client_input
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
-        now = time.monotonic()
+        now = 0.0
         count = 0
         core_busy = False  # a datagram the core did not route may have queued commands
         for _ in range(READ_BATCHES):
+            if core_busy:  # carry out what the core queued (mirror updates) before reading on
+                core_busy = False
+                self.after_input()
             try:
-                n = recv(sock)
+                n, k = relay(sock, stats)
             except OSError:
                 continue  # e.g. a queued ICMP error; the socket stays usable
             if n < 0:
                 break
             count += n
-            for i in range(n):
+            if k < n and not now:
+                now = time.monotonic()
+            for i in range(k, n):
                 addr = addrs[i]
                 try:
                     route = handle(views[i][: lens[i]], addr, now)
@@ -131,24 +216,33 @@ class DataPlane:
 
     def on_peer_readable(self, sock: socket.socket, port: int, counters: list[int]) -> None:
         """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
-        recv, slots, views, addrs, lens, buf = self._rx_parts
-        handle = self.server.handle_peer_traffic
+        views, addrs, lens, buf = self._rx_parts
+        slots = self._rx.slots
+        relay = self._rx.relay_peers
+        server = self.server
+        stats = server.stats
+        handle = server.handle_peer_traffic
         to_client = self.listen_socket_for
         out = self._out
-        now = time.monotonic()
+        now = 0.0
         count = relayed = relayed_bytes = 0
         core_busy = False
         last_client: Addr | None = None
         client_sock: socket.socket | None = None
         for _ in range(READ_BATCHES):
+            if core_busy:
+                core_busy = False
+                self.after_input()
             try:
-                n = recv(sock)
+                n, k = relay(sock, port, stats, counters)
             except OSError:
                 continue
             if n < 0:
                 break
             count += n
-            for i in range(n):
+            if k < n and not now:
+                now = time.monotonic()
+            for i in range(k, n):
                 addr = addrs[i]
                 length = lens[i]
                 try:

@@ -8,6 +8,15 @@ front, where a ChannelData header can be written without copying the payload.
 ``(dropped, failed)``: dropped counts sends that would block and items whose socket is None
 (no socket for that port or family), failed any other error.
 
+The route mirror: a ``Receiver`` also holds a copy of the core's bound-channel routes
+(``set_to_peer`` / ``set_to_client`` / ``drop_to_peer`` / ``drop_to_client`` / ``drop_fd``),
+and ``relay_clients(sock, stats)`` / ``relay_peers(sock, port, stats, counters)`` read a batch,
+relay datagrams ``[0, k)`` that the mirror routes (counting them in ``stats`` as the core's
+``Stats.count_relayed`` would, and peer -> client ones in the allocation's ``counters``) and
+return ``(n, k)``: datagrams ``[k, n)`` (from the first one the mirror does not route, so
+nothing overtakes a datagram the core has yet to see) are in ``addrs``/``lens`` for the core.
+Drops and errors of the sends it makes are in ``send_drops`` / ``send_errors``.
+
 The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
 ``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
 ``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
@@ -55,6 +64,38 @@ class PyReceiver:
             lens[n] = length
             n += 1
         return n if n else -1
+
+    # The route mirror: this fallback routes nothing, so everything goes to the core.
+
+    routes = (0, 0)
+    send_drops = 0
+    send_errors = 0
+
+    def relay_clients(self, sock: socket.socket, stats: object) -> tuple[int, int]:
+        return self.recv(sock), 0
+
+    def relay_peers(
+        self, sock: socket.socket, port: int, stats: object, counters: list[int]
+    ) -> tuple[int, int]:
+        return self.recv(sock), 0
+
+    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+        return False
+
+    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+        return False
+
+    def drop_to_peer(self, client: Addr, channel: int) -> None:
+        pass
+
+    def drop_to_client(self, port: int, peer: Addr) -> None:
+        pass
+
+    def drop_fd(self, fd: int) -> int:
+        return 0
+
+    def clear_routes(self) -> None:
+        pass
 
 
 def py_send_batch(items: list[Any]) -> tuple[int, int]:
