@@ -238,7 +238,7 @@ typedef struct {
     struct mmsghdr *out_msgs;
     struct iovec *out_iov;
     int *out_fd;
-    unsigned long long send_drops, send_errors;
+    unsigned long long send_drops, send_errors, datagrams_in;
 } Receiver;
 
 static PyObject *
@@ -533,16 +533,12 @@ relay_result(int n, int k)
 /* relay_clients(sock, stats) -> (n, k): read a batch from a listen socket; relay datagrams
  * [0, k) (ChannelData on channels the mirror knows) to their peers, counting them in stats;
  * datagrams [k, n) are left, in addrs/lens, for the core. n is -1 when nothing was ready. */
-static PyObject *
-Receiver_relay_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+static int
+relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, int *kp)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "relay_clients(sock, stats)");
-        return NULL;
-    }
-    int n = receive(self, args[0]);
+    int n = receive(self, sock);
     if (n == -2) {
-        return NULL;
+        return -1;
     }
     int k = 0;
     unsigned long long bytes = 0;
@@ -569,11 +565,27 @@ Receiver_relay_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
             buckets[size_bucket(length)]++;
         }
         send_out(self, k);
-        if (count_relayed(args[1], k, bytes, buckets) < 0) {
-            return NULL;
+        if (count_relayed(stats, k, bytes, buckets) < 0) {
+            return -1;
         }
     }
     if (n > 0 && publish(self, k, n) < 0) {
+        return -1;
+    }
+    *np = n;
+    *kp = k;
+    return 0;
+}
+
+static PyObject *
+Receiver_relay_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int n, k;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "relay_clients(sock, stats)");
+        return NULL;
+    }
+    if (relay_clients_batch(self, args[0], args[1], &n, &k) < 0) {
         return NULL;
     }
     return relay_result(n, k);
@@ -584,24 +596,17 @@ Receiver_relay_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
  * as ChannelData, with the header written in the headroom, counting them in stats and in
  * counters ([datagrams, payload bytes] of the allocation; datagrams that did not go out are
  * not counted there); datagrams [k, n) are left for the core. */
-static PyObject *
-Receiver_relay_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+static int
+relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats,
+                  PyObject *counters, int *np, int *kp)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "relay_peers(sock, port, stats, counters)");
-        return NULL;
-    }
-    long port = PyLong_AsLong(args[1]);
-    if (port == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     if (self->headroom < 4) {
         PyErr_SetString(PyExc_ValueError, "relay_peers needs 4 bytes of headroom");
-        return NULL;
+        return -1;
     }
-    int n = receive(self, args[0]);
+    int n = receive(self, sock);
     if (n == -2) {
-        return NULL;
+        return -1;
     }
     int k = 0;
     unsigned long long bytes = 0;
@@ -627,16 +632,128 @@ Receiver_relay_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
             buckets[size_bucket(length)]++;
         }
         int lost = send_out(self, k);
-        if (count_relayed(args[2], k, bytes, buckets) < 0 ||
-            (k > 0 && (add_item(args[3], 0, k - lost) < 0 ||
-                       add_item(args[3], 1, (long long)bytes) < 0))) {
-            return NULL;
+        if (count_relayed(stats, k, bytes, buckets) < 0 ||
+            (k > 0 && (add_item(counters, 0, k - lost) < 0 ||
+                       add_item(counters, 1, (long long)bytes) < 0))) {
+            return -1;
         }
     }
     if (n > 0 && publish(self, k, n) < 0) {
+        return -1;
+    }
+    *np = n;
+    *kp = k;
+    return 0;
+}
+
+static PyObject *
+Receiver_relay_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int n, k;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "relay_peers(sock, port, stats, counters)");
+        return NULL;
+    }
+    long port = PyLong_AsLong(args[1]);
+    if ((port == -1 && PyErr_Occurred()) ||
+        relay_peers_batch(self, args[0], port, args[2], args[3], &n, &k) < 0) {
         return NULL;
     }
     return relay_result(n, k);
+}
+
+/* The reader callbacks: up to READ_BATCHES batches from one ready socket (then back to the
+ * loop, so one busy socket cannot starve the others or the timers). What the mirror does not
+ * route is handed to handoff(sock, ..., n, k) for the core. A receive error (e.g. a queued
+ * ICMP error) skips to the next batch: the socket stays usable. No Python frame runs for a
+ * batch the mirror routes whole. */
+#define READ_BATCHES 4
+
+static int
+handed_off(PyObject *handoff, PyObject *const *args, size_t nargs, int n, int k)
+{
+    PyObject *call[7];
+    for (size_t i = 0; i < nargs; i++) {
+        call[i] = args[i];
+    }
+    PyObject *pn = PyLong_FromLong(n), *pk = PyLong_FromLong(k);
+    PyObject *r = NULL;
+    if (pn != NULL && pk != NULL) {
+        call[nargs] = pn;
+        call[nargs + 1] = pk;
+        r = PyObject_Vectorcall(handoff, call, nargs + 2, NULL);
+    }
+    Py_XDECREF(pn);
+    Py_XDECREF(pk);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* drain_clients(stats, handoff, sock): the listen socket's reader; handoff(sock, n, k). */
+static PyObject *
+Receiver_drain_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "drain_clients(stats, handoff, sock)");
+        return NULL;
+    }
+    for (int b = 0; b < READ_BATCHES; b++) {
+        int n, k;
+        if (relay_clients_batch(self, args[2], args[0], &n, &k) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+            continue;
+        }
+        if (n < 0) {
+            break;
+        }
+        self->datagrams_in += (unsigned long long)n;
+        if (k < n && handed_off(args[1], args + 2, 1, n, k) < 0) {
+            return NULL;
+        }
+        if (n < self->count) {
+            break;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* drain_peers(stats, handoff, sock, port, counters): an allocation socket's reader;
+ * handoff(sock, port, counters, n, k). */
+static PyObject *
+Receiver_drain_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "drain_peers(stats, handoff, sock, port, counters)");
+        return NULL;
+    }
+    long port = PyLong_AsLong(args[3]);
+    if (port == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    for (int b = 0; b < READ_BATCHES; b++) {
+        int n, k;
+        if (relay_peers_batch(self, args[2], port, args[0], args[4], &n, &k) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+            continue;
+        }
+        if (n < 0) {
+            break;
+        }
+        self->datagrams_in += (unsigned long long)n;
+        if (k < n && handed_off(args[1], args + 2, 3, n, k) < 0) {
+            return NULL;
+        }
+        if (n < self->count) {
+            break;
+        }
+    }
+    Py_RETURN_NONE;
 }
 
 /* -- keeping the mirror ---------------------------------------------------------------------- */
@@ -836,6 +953,12 @@ static PyMethodDef Receiver_methods[] = {
      "through the mirror; [k, n) is left in addrs/lens for the core."},
     {"relay_peers", (PyCFunction)(void (*)(void))Receiver_relay_peers, METH_FASTCALL,
      "relay_peers(sock, port, stats, counters) -> (n, k): the same for an allocation socket."},
+    {"drain_clients", (PyCFunction)(void (*)(void))Receiver_drain_clients, METH_FASTCALL,
+     "drain_clients(stats, handoff, sock): a listen socket's reader callback; batches the\n"
+     "mirror does not route whole go on with handoff(sock, n, k)."},
+    {"drain_peers", (PyCFunction)(void (*)(void))Receiver_drain_peers, METH_FASTCALL,
+     "drain_peers(stats, handoff, sock, port, counters): an allocation socket's reader\n"
+     "callback; the rest of a batch goes on with handoff(sock, port, counters, n, k)."},
     {"set_to_peer", (PyCFunction)Receiver_set_to_peer, METH_VARARGS,
      "set_to_peer(client, channel, fd, peer) -> installed: ChannelData from client on channel\n"
      "goes to peer through fd."},
@@ -860,6 +983,11 @@ static PyObject *
 Receiver_get_send_drops(Receiver *self, void *c)
 {
     return PyLong_FromUnsignedLongLong(self->send_drops);
+}
+static PyObject *
+Receiver_get_datagrams_in(Receiver *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong(self->datagrams_in);
 }
 static PyObject *
 Receiver_get_send_errors(Receiver *self, void *c)
@@ -903,6 +1031,7 @@ static PyGetSetDef Receiver_getset[] = {
     {"send_drops", (getter)Receiver_get_send_drops, NULL, "relayed sends that would block",
      NULL},
     {"send_errors", (getter)Receiver_get_send_errors, NULL, "relayed sends that failed", NULL},
+    {"datagrams_in", (getter)Receiver_get_datagrams_in, NULL, "datagrams read by drain_*", NULL},
     {NULL}};
 
 static PyTypeObject ReceiverType = {

@@ -19,6 +19,7 @@ next batch is read, and a route whose socket leaves the socket table leaves the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import struct
@@ -38,10 +39,8 @@ __all__ = ["DataPlane"]
 
 logger = logging.getLogger("relay.dataplane")
 
-#: Datagrams read per syscall, and batches read from one ready socket per callback before
-#: yielding to the loop, so one busy socket cannot starve the others (or the timers).
+#: Datagrams read per syscall (batches per ready socket and callback: ``udpio.READ_BATCHES``)
 BATCH = 64
-READ_BATCHES = 4
 HEADROOM = 4  # ChannelData header
 SLOT_BYTES = 65536 + HEADROOM
 
@@ -79,6 +78,15 @@ class DataPlane:
         self.listen: dict[int, socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
+        stats = server.stats
+        #: the reader callbacks, (sock) and (sock, port, counters): C when compiled, so a
+        #: batch the mirror routes whole runs no Python frame; the rest goes to _from_*
+        self.on_listen_readable: Callable[[socket.socket], None] = functools.partial(
+            rx.drain_clients, stats, self._from_clients
+        )
+        self.on_peer_readable: Callable[[socket.socket, int, list[int]], None] = functools.partial(
+            rx.drain_peers, stats, self._from_peers
+        )
         self._rx_parts = (rx.views, rx.addrs, rx.lens, rx.buffer)
         #: (allocation port, family) -> socket; maintained by the allocation actors
         self.allocation_sockets: dict[tuple[int, int], socket.socket] = _SocketTable(rx.drop_fd)
@@ -88,7 +96,6 @@ class DataPlane:
         self._send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
         self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
-        self.datagrams_in = 0
 
     def listen_socket_for(self, addr: Addr) -> socket.socket | None:
         """The listen socket of ``addr``'s family: where everything to a client leaves from."""
@@ -103,6 +110,11 @@ class DataPlane:
         self._send_errors += failed
         out.clear()
         return int(dropped + failed)
+
+    @property
+    def datagrams_in(self) -> int:
+        """Datagrams read from every socket of the data plane."""
+        return int(self._rx.datagrams_in)
 
     @property
     def send_drops(self) -> int:
@@ -157,116 +169,81 @@ class DataPlane:
 
     # -- listen sockets -------------------------------------------------------------------
 
-    def on_listen_readable(self, sock: socket.socket) -> None:
-        """Drain a listen socket: STUN/TURN messages and ChannelData from clients."""
+    def _from_clients(self, sock: socket.socket, n: int, k: int) -> None:
+        """Datagrams ``[k, n)`` of a listen socket's batch, which the mirror did not route:
+        STUN/TURN messages and ChannelData, through the core."""
         views, addrs, lens, buf = self._rx_parts
-        relay = self._rx.relay_clients
-        server = self.server
-        stats = server.stats
-        handle = server.handle_client_input
+        handle = self.server.handle_client_input
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
-        now = 0.0
-        count = 0
+        now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
-        for _ in range(READ_BATCHES):
-            if core_busy:  # carry out what the core queued (mirror updates) before reading on
-                core_busy = False
-                self.after_input()
+        for i in range(k, n):
+            addr = addrs[i]
             try:
-                n, k = relay(sock, stats)
-            except OSError:
-                continue  # e.g. a queued ICMP error; the socket stays usable
-            if n < 0:
-                break
-            count += n
-            if k < n and not now:
-                now = time.monotonic()
-            for i in range(k, n):
-                addr = addrs[i]
-                try:
-                    route = handle(views[i][: lens[i]], addr, now)
-                except Exception:
-                    self._input_failed(addr)
-                    continue
-                if route is None:
-                    core_busy = True
-                    continue
-                if type(route) is LoopToClient:  # ChannelData for another client here
-                    client, channel, length = route
-                    _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
-                    out += (to_client(client), views[i][: 4 + length], client)
-                else:
-                    port, peer, span = route  # span: within the datagram the core was given
-                    out += (
-                        sockets.get((port, _V6 if ":" in peer[0] else _V4)),
-                        views[i][: lens[i]][span],
-                        peer,
-                    )
-            if out:
-                self.flush(out)
-            if n < BATCH:
-                break
-        self.datagrams_in += count
-        if core_busy:
+                route = handle(views[i][: lens[i]], addr, now)
+            except Exception:
+                self._input_failed(addr)
+                continue
+            if route is None:
+                core_busy = True
+                continue
+            if type(route) is LoopToClient:  # ChannelData for another client here
+                client, channel, length = route
+                _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
+                out += (to_client(client), views[i][: 4 + length], client)
+            else:
+                port, peer, span = route  # span: within the datagram the core was given
+                out += (
+                    sockets.get((port, _V6 if ":" in peer[0] else _V4)),
+                    views[i][: lens[i]][span],
+                    peer,
+                )
+        if out:
+            self.flush(out)
+        if core_busy:  # carried out before the next batch is read (and mirrored)
             self.after_input()
 
     # -- allocation sockets ---------------------------------------------------------------
 
-    def on_peer_readable(self, sock: socket.socket, port: int, counters: list[int]) -> None:
-        """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
+    def _from_peers(
+        self, sock: socket.socket, port: int, counters: list[int], n: int, k: int
+    ) -> None:
+        """Datagrams ``[k, n)`` of an allocation socket's batch, which the mirror did not
+        route, through the core: relayed to the client as ChannelData, or Data indications."""
         views, addrs, lens, buf = self._rx_parts
         slots = self._rx.slots
-        relay = self._rx.relay_peers
-        server = self.server
-        stats = server.stats
-        handle = server.handle_peer_traffic
+        handle = self.server.handle_peer_traffic
         to_client = self.listen_socket_for
         out = self._out
-        now = 0.0
-        count = relayed = relayed_bytes = 0
+        now = time.monotonic()
+        relayed = relayed_bytes = 0
         core_busy = False
         last_client: Addr | None = None
         client_sock: socket.socket | None = None
-        for _ in range(READ_BATCHES):
-            if core_busy:
-                core_busy = False
-                self.after_input()
+        for i in range(k, n):
+            addr = addrs[i]
+            length = lens[i]
             try:
-                n, k = relay(sock, port, stats, counters)
-            except OSError:
+                route = handle(views[i][:length], addr, port, now)
+            except Exception:
+                self._input_failed(addr)
                 continue
-            if n < 0:
-                break
-            count += n
-            if k < n and not now:
-                now = time.monotonic()
-            for i in range(k, n):
-                addr = addrs[i]
-                length = lens[i]
-                try:
-                    route = handle(views[i][:length], addr, port, now)
-                except Exception:
-                    self._input_failed(addr)
-                    continue
-                if route is None:
-                    core_busy = True
-                    continue
-                client, channel = route
-                if client is not last_client:  # one allocation socket: almost always one client
-                    last_client, client_sock = client, to_client(client)
-                _pack_header(buf, i * SLOT_BYTES, channel, length)
-                out += (client_sock, slots[i][: length + HEADROOM], client)
-                relayed += 1
-                relayed_bytes += length
-            if out:
-                relayed -= self.flush(out)
-            if n < BATCH:
-                break
+            if route is None:
+                core_busy = True
+                continue
+            client, channel = route
+            if client is not last_client:  # one allocation socket: almost always one client
+                last_client, client_sock = client, to_client(client)
+            _pack_header(buf, i * SLOT_BYTES, channel, length)
+            out += (client_sock, slots[i][: length + HEADROOM], client)
+            relayed += 1
+            relayed_bytes += length
+        if out:
+            relayed -= self.flush(out)
         counters[0] += relayed
         counters[1] += relayed_bytes
-        self.datagrams_in += count
         if core_busy:
             self.after_input()
 

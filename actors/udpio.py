@@ -16,6 +16,10 @@ relay datagrams ``[0, k)`` that the mirror routes (counting them in ``stats`` as
 return ``(n, k)``: datagrams ``[k, n)`` (from the first one the mirror does not route, so
 nothing overtakes a datagram the core has yet to see) are in ``addrs``/``lens`` for the core.
 Drops and errors of the sends it makes are in ``send_drops`` / ``send_errors``.
+``drain_clients(stats, handoff, sock)`` / ``drain_peers(stats, handoff, sock, port, counters)``
+are whole reader callbacks: up to ``READ_BATCHES`` batches, each relayed as above, with the
+rest of a batch handed to ``handoff(sock, [port, counters,] n, k)``; with the compiled helper no
+Python frame runs for a batch the mirror routes whole. ``datagrams_in`` counts what they read.
 
 The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
 ``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
@@ -32,6 +36,10 @@ from typing import Any
 __all__ = ["IMPLEMENTATION", "PyReceiver", "Receiver", "py_send_batch", "send_batch"]
 
 Addr = tuple[str, int]
+
+#: batches read from one ready socket per reader callback before yielding to the loop, so one
+#: busy socket cannot starve the others (or the timers); the compiled helper's is the same
+READ_BATCHES = 4
 
 
 class PyReceiver:
@@ -70,6 +78,28 @@ class PyReceiver:
     routes = (0, 0)
     send_drops = 0
     send_errors = 0
+    datagrams_in = 0
+
+    def drain_clients(self, stats: object, handoff: Any, sock: socket.socket) -> None:
+        self._drain(handoff, (sock,), sock)
+
+    def drain_peers(
+        self, stats: object, handoff: Any, sock: socket.socket, port: int, counters: list[int]
+    ) -> None:
+        self._drain(handoff, (sock, port, counters), sock)
+
+    def _drain(self, handoff: Any, args: tuple[Any, ...], sock: socket.socket) -> None:
+        for _ in range(READ_BATCHES):
+            try:
+                n = self.recv(sock)
+            except OSError:
+                continue  # e.g. a queued ICMP error; the socket stays usable
+            if n < 0:
+                break
+            self.datagrams_in += n
+            handoff(*args, n, 0)
+            if n < len(self.views):
+                break
 
     def relay_clients(self, sock: socket.socket, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
