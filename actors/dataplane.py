@@ -56,8 +56,8 @@ class _SocketTable(dict[tuple[int, int], socket.socket]):
         super().__init__()
         self._forget_fd = forget_fd
 
-    def pop(self, key: tuple[int, int], default: Any = None) -> Any:
-        sock = super().pop(key, default)
+    def pop(self, key: tuple[int, int], *default: Any) -> Any:
+        sock = super().pop(key, *default)
         if isinstance(sock, socket.socket):
             self._forget_fd(sock.fileno())
         return sock
@@ -65,15 +65,20 @@ class _SocketTable(dict[tuple[int, int], socket.socket]):
     def __delitem__(self, key: tuple[int, int]) -> None:
         self.pop(key)
 
+    def clear(self) -> None:
+        for key in list(self):
+            self.pop(key)
+
 
 class DataPlane:
     """Listen sockets, the allocation-socket table, and the reader callbacks over them."""
 
     def __init__(self, server: Server, after_input: Callable[[], None]) -> None:
         self.server = server
-        #: called after a drained socket when the core may have queued commands or timers: run
-        #: them and re-arm its timer. A datagram the core routes queues neither (it only counts),
-        #: so a batch of nothing but relayed data skips it.
+        #: called after a batch when the core may have queued commands or timers: run them
+        #: (mirror updates among them, before the next batch is read) and re-arm its timer. A
+        #: datagram the core routes queues neither (it only counts), so a batch of nothing but
+        #: relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
