@@ -388,3 +388,45 @@ def test_the_data_plane_mirrors_the_cores_channels_until_they_expire(
         assert stats.relayed_packets_userspace == 2
     finally:
         relay.close()
+
+
+@needs_compiled
+def test_the_mirror_table_agrees_with_a_dict_through_adds_drops_and_closes(
+    sockets: dict[str, socket.socket],
+) -> None:
+    """The mirror's open addressing (growth, backward-shift deletion, removal by socket) against
+    a plain dict: after a seeded mix of operations, exactly the dict's channels are relayed."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    rx = COMPILED[0](8, 2052, 4)
+    rng = random.Random(5769)
+    model: dict[int, socket.socket] = {}
+    me = client.getsockname()
+    try:
+        for _ in range(3000):
+            channel = 0x4000 + rng.randrange(600)
+            action = rng.random()
+            if action < 0.55:
+                out = allocation if rng.random() < 0.5 else other
+                assert rx.set_to_peer(me, channel, out.fileno(), peer.getsockname())
+                model[channel] = out
+            elif action < 0.995:
+                rx.drop_to_peer(me, channel)
+                model.pop(channel, None)
+            else:
+                gone = other if rng.random() < 0.5 else allocation
+                removed = rx.drop_fd(gone.fileno())
+                assert removed == sum(1 for s in model.values() if s is gone)
+                model = {c: s for c, s in model.items() if s is not gone}
+            assert rx.routes == (len(model), 0)
+        stats = Counted()
+        for channel in range(0x4000, 0x4000 + 600):
+            client.sendto(_channel_data(channel, b"x"), listen.getsockname())
+            n, k = rx.relay_clients(listen, stats)
+            assert (n, k) == (1, 1 if channel in model else 0), hex(channel)
+        assert stats.relayed_packets_userspace == len(model)
+    finally:
+        other.close()
