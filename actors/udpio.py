@@ -15,7 +15,9 @@ relay datagrams ``[0, k)`` that the mirror routes (counting them in ``stats`` as
 ``Stats.count_relayed`` would, and peer -> client ones in the allocation's ``counters``) and
 return ``(n, k)``: datagrams ``[k, n)`` (from the first one the mirror does not route, so
 nothing overtakes a datagram the core has yet to see) are in ``addrs``/``lens`` for the core.
-Drops and errors of the sends it makes are in ``send_drops`` / ``send_errors``.
+Drops and errors of the sends it makes are in ``send_drops`` / ``send_errors``. A run of
+relayed datagrams of one size to one destination (peer traffic for one client) leaves as one
+UDP GSO send (``gso``, ``gso_sends``), where the kernel takes it.
 ``drain_clients(stats, handoff, sock)`` / ``drain_peers(stats, handoff, sock, port, counters)``
 are whole reader callbacks: up to ``READ_BATCHES`` batches, each relayed as above, with the
 rest of a batch handed to ``handoff(sock, [port, counters,] n, k)``; with the compiled helper no
@@ -76,6 +78,8 @@ class PyReceiver:
     # The route mirror: this fallback routes nothing, so everything goes to the core.
 
     routes = (0, 0)
+    gso = False
+    gso_sends = 0
     send_drops = 0
     send_errors = 0
     datagrams_in = 0

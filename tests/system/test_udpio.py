@@ -430,3 +430,30 @@ def test_the_mirror_table_agrees_with_a_dict_through_adds_drops_and_closes(
         assert stats.relayed_packets_userspace == len(model)
     finally:
         other.close()
+
+
+@needs_compiled
+@pytest.mark.parametrize("gso", [True, False])
+def test_a_run_to_one_client_arrives_as_separate_datagrams_in_order(
+    gso: bool, sockets: dict[str, socket.socket]
+) -> None:
+    """Peer traffic for one client leaves as one UDP GSO send where the kernel takes it; the
+    client sees the same datagrams either way, then a datagram of another size after them."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](64, 2052, 4)
+    rx.gso = gso
+    port = allocation.getsockname()[1]
+    rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(), 0x4002)
+    payloads = [bytes([i]) * 100 for i in range(40)] + [b"short"]
+    for payload in payloads:
+        peer.sendto(payload, allocation.getsockname())
+    counters = [0, 0]
+    assert rx.relay_peers(allocation, port, Counted(), counters) == (41, 41)
+    assert _arrived(client) == [(_channel_data(0x4002, p), listen.getsockname()) for p in payloads]
+    assert counters == [41, 4005]
+    if gso:
+        assert rx.gso_sends == 1 or not rx.gso  # off only where the kernel refused it
+    else:
+        assert rx.gso_sends == 0
