@@ -144,6 +144,7 @@ class Relay:
             message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
         }
         self.control = ControlActor.start(routes, loop=self.loop)
+        self.pipeline.mirror = self.dataplane.sync_channel
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None

@@ -7,10 +7,19 @@ of one buffer, at offset 4 of each slot, so a peer datagram becomes ChannelData 
 4-byte header in front of it without copying the payload. Each batch's output goes out in one
 ``send_batch`` call (``sendmmsg`` per run of datagrams leaving through the same socket) before
 the next batch reuses the slots.
+
+Bound-channel traffic does not even enter this loop when the compiled helper is there: its
+``Receiver`` keeps a mirror of the core's channel routes (``sync_channel``, fed by the pipeline
+on every ``CreateChannelBinding`` / ``DeleteChannelBinding``), relays what the mirror routes in
+C, and hands the rest of a batch, from the first datagram it does not route, to the loops below
+and so to the core. The core stays the source of truth: every change of its routes comes with
+one of those commands (the allocation table's invariant 6), the pipeline drains them before the
+next batch is read, and a route whose socket leaves the socket table leaves the mirror with it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import struct
@@ -19,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from actors.udpio import Receiver, send_batch
-from protocol.commands import SendMessage
+from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from protocol.routes import LoopToClient
 from protocol.types import Addr, Family
 
@@ -30,10 +39,8 @@ __all__ = ["DataPlane"]
 
 logger = logging.getLogger("relay.dataplane")
 
-#: Datagrams read per syscall, and batches read from one ready socket per callback before
-#: yielding to the loop, so one busy socket cannot starve the others (or the timers).
+#: Datagrams read per syscall (batches per ready socket and callback: ``udpio.READ_BATCHES``)
 BATCH = 64
-READ_BATCHES = 4
 HEADROOM = 4  # ChannelData header
 SLOT_BYTES = 65536 + HEADROOM
 
@@ -41,26 +48,58 @@ _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
 
 
+class _SocketTable(dict[tuple[int, int], socket.socket]):
+    """(allocation port, family) -> socket; a socket taken out (to be closed) takes every
+    mirrored route through it along, so no route outlives its socket's file descriptor."""
+
+    def __init__(self, forget_fd: Callable[[int], object]) -> None:
+        super().__init__()
+        self._forget_fd = forget_fd
+
+    def pop(self, key: tuple[int, int], *default: Any) -> Any:
+        sock = super().pop(key, *default)
+        if isinstance(sock, socket.socket):
+            self._forget_fd(sock.fileno())
+        return sock
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        self.pop(key)
+
+    def clear(self) -> None:
+        for key in list(self):
+            self.pop(key)
+
+
 class DataPlane:
     """Listen sockets, the allocation-socket table, and the reader callbacks over them."""
 
     def __init__(self, server: Server, after_input: Callable[[], None]) -> None:
         self.server = server
-        #: called after a drained socket when the core may have queued commands or timers: run
-        #: them and re-arm its timer. A datagram the core routes queues neither (it only counts),
-        #: so a batch of nothing but relayed data skips it.
+        #: called after a batch when the core may have queued commands or timers: run them
+        #: (mirror updates among them, before the next batch is read) and re-arm its timer. A
+        #: datagram the core routes queues neither (it only counts), so a batch of nothing but
+        #: relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
-        #: (allocation port, family) -> socket; kept by ``add_peer_socket`` / ``remove_peer_socket``
-        self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
-        self._rx_parts = (rx.recv, rx.slots, rx.views, rx.addrs, rx.lens, rx.buffer)
+        stats = server.stats
+        #: the reader callbacks, (sock) and (sock, port): C when compiled, so a
+        #: batch the mirror routes whole runs no Python frame; the rest goes to _from_*
+        self.on_listen_readable: Callable[[socket.socket], None] = functools.partial(
+            rx.drain_clients, stats, self._from_clients
+        )
+        self.on_peer_readable: Callable[[socket.socket, int], None] = functools.partial(
+            rx.drain_peers, stats, self._from_peers
+        )
+        self._rx_parts = (rx.views, rx.addrs, rx.lens, rx.buffer)
+        #: (allocation port, family) -> socket; kept by ``add_peer_socket`` / ``remove_peer_socket``
+        self.allocation_sockets: dict[tuple[int, int], socket.socket] = _SocketTable(rx.drop_fd)
         #: the batch being sent: a flat [socket or None, data, address, ...]
         self._out: list[Any] = []
-        # plain counters, read by telemetry
-        self.send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
-        self.send_errors = 0  # any other send failure (unreachable, bad address ...)
+        # plain counters, read by telemetry (with the mirror's, see send_drops/send_errors)
+        self._send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
+        self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
 
     def listen_socket_for(self, addr: Addr) -> socket.socket | None:
@@ -72,55 +111,98 @@ class DataPlane:
         or failed, and empty it; returns how many did not go out. Every send of the data plane
         goes through here."""
         dropped, failed = send_batch(out)
-        self.send_drops += dropped
-        self.send_errors += failed
+        self._send_drops += dropped
+        self._send_errors += failed
         out.clear()
         return int(dropped + failed)
 
+    @property
+    def send_drops(self) -> int:
+        """Sends that would block (socket buffer full) or had no socket for the port."""
+        return self._send_drops + int(self._rx.send_drops)
+
+    @property
+    def send_errors(self) -> int:
+        """Any other send failure (unreachable, bad address ...)."""
+        return self._send_errors + int(self._rx.send_errors)
+
+    # -- the route mirror -----------------------------------------------------------------
+
+    def sync_channel(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
+        """Make the mirror's two routes of the channel in ``command`` what the core's are now
+        (none where the core has none, or where the socket to send from is not there: those
+        datagrams go to the core). Re-reading the core, rather than replaying the command,
+        keeps the mirror right whatever order the commands of one drain come in."""
+        rx = self._rx
+        client, channel, peer, port = (
+            command.client,
+            command.channel,
+            command.peer,
+            command.allocation_port,
+        )
+        to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
+        out = None
+        if to_peer is not None:
+            family = _V6 if ":" in to_peer.peer[0] else _V4
+            out = self.allocation_sockets.get((to_peer.port, family))
+        if (
+            to_peer is None
+            or out is None
+            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer)
+        ):
+            rx.drop_to_peer(client, channel)
+        listen = None if to_client is None else self.listen_socket_for(to_client.client)
+        if (
+            to_client is None
+            or listen is None
+            or not rx.set_to_client(
+                port, peer, listen.fileno(), to_client.client, to_client.channel
+            )
+        ):
+            rx.drop_to_client(port, peer)
+
+    @property
+    def mirrored_routes(self) -> tuple[int, int]:
+        """How many (client -> peer, peer -> client) routes the C mirror holds."""
+        routes: tuple[int, int] = self._rx.routes
+        return routes
+
     # -- listen sockets -------------------------------------------------------------------
 
-    def on_listen_readable(self, sock: socket.socket) -> None:
-        """Drain a listen socket: STUN/TURN messages and ChannelData from clients."""
-        recv, _, views, addrs, lens, buf = self._rx_parts
+    def _from_clients(self, sock: socket.socket, n: int, k: int) -> None:
+        """Datagrams ``[k, n)`` of a listen socket's batch, which the mirror did not route:
+        STUN/TURN messages and ChannelData, through the core."""
+        views, addrs, lens, buf = self._rx_parts
         handle = self.server.handle_client_input
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
         now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
-        for _ in range(READ_BATCHES):
+        for i in range(k, n):
+            addr = addrs[i]
             try:
-                n = recv(sock)
-            except OSError:
-                continue  # e.g. a queued ICMP error; the socket stays usable
-            if n < 0:
-                break
-            for i in range(n):
-                addr = addrs[i]
-                try:
-                    route = handle(views[i][: lens[i]], addr, now)
-                except Exception:
-                    self._input_failed(addr)
-                    continue
-                if route is None:
-                    core_busy = True
-                    continue
-                if type(route) is LoopToClient:  # ChannelData for another client here
-                    client, channel, length = route
-                    _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
-                    out += (to_client(client), views[i][: 4 + length], client)
-                else:
-                    port, peer, span = route  # span: within the datagram the core was given
-                    out += (
-                        sockets.get((port, _V6 if ":" in peer[0] else _V4)),
-                        views[i][: lens[i]][span],
-                        peer,
-                    )
-            if out:
-                self.flush(out)
-            if n < BATCH:
-                break
-        if core_busy:
+                route = handle(views[i][: lens[i]], addr, now)
+            except Exception:
+                self._input_failed(addr)
+                continue
+            if route is None:
+                core_busy = True
+                continue
+            if type(route) is LoopToClient:  # ChannelData for another client here
+                client, channel, length = route
+                _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
+                out += (to_client(client), views[i][: 4 + length], client)
+            else:
+                port, peer, span = route  # span: within the datagram the core was given
+                out += (
+                    sockets.get((port, _V6 if ":" in peer[0] else _V4)),
+                    views[i][: lens[i]][span],
+                    peer,
+                )
+        if out:
+            self.flush(out)
+        if core_busy:  # carried out before the next batch is read (and mirrored)
             self.after_input()
 
     # -- allocation sockets ---------------------------------------------------------------
@@ -131,11 +213,14 @@ class DataPlane:
         self.allocation_sockets[(port, int(family))] = sock
 
     def remove_peer_socket(self, port: int, family: Family) -> None:
+        """The socket is closing: its mirrored routes leave with it (``_SocketTable``)."""
         self.allocation_sockets.pop((port, int(family)), None)
 
-    def on_peer_readable(self, sock: socket.socket, port: int) -> None:
-        """Drain an allocation socket: traffic from peers, relayed to the client as ChannelData."""
-        recv, slots, views, addrs, lens, buf = self._rx_parts
+    def _from_peers(self, sock: socket.socket, port: int, n: int, k: int) -> None:
+        """Datagrams ``[k, n)`` of an allocation socket's batch, which the mirror did not
+        route, through the core: relayed to the client as ChannelData, or Data indications."""
+        views, addrs, lens, buf = self._rx_parts
+        slots = self._rx.slots
         handle = self.server.handle_peer_traffic
         to_client = self.listen_socket_for
         out = self._out
@@ -143,33 +228,24 @@ class DataPlane:
         core_busy = False
         last_client: Addr | None = None
         client_sock: socket.socket | None = None
-        for _ in range(READ_BATCHES):
+        for i in range(k, n):
+            addr = addrs[i]
+            length = lens[i]
             try:
-                n = recv(sock)
-            except OSError:
+                route = handle(views[i][:length], addr, port, now)
+            except Exception:
+                self._input_failed(addr)
                 continue
-            if n < 0:
-                break
-            for i in range(n):
-                addr = addrs[i]
-                length = lens[i]
-                try:
-                    route = handle(views[i][:length], addr, port, now)
-                except Exception:
-                    self._input_failed(addr)
-                    continue
-                if route is None:
-                    core_busy = True
-                    continue
-                client, channel = route
-                if client is not last_client:  # one allocation socket: almost always one client
-                    last_client, client_sock = client, to_client(client)
-                _pack_header(buf, i * SLOT_BYTES, channel, length)
-                out += (client_sock, slots[i][: length + HEADROOM], client)
-            if out:
-                self.flush(out)
-            if n < BATCH:
-                break
+            if route is None:
+                core_busy = True
+                continue
+            client, channel = route
+            if client is not last_client:  # one allocation socket: almost always one client
+                last_client, client_sock = client, to_client(client)
+            _pack_header(buf, i * SLOT_BYTES, channel, length)
+            out += (client_sock, slots[i][: length + HEADROOM], client)
+        if out:
+            self.flush(out)
         if core_busy:
             self.after_input()
 

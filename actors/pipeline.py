@@ -9,7 +9,8 @@ Targets:
 ``send``        loop handler: send the payload from the listen socket (``DataPlane.send_message``)
 ``allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
 ``fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
-                over one drain and told to it as one tuple; without offload they are no-ops
+                over one drain and told to it as one tuple; and ``mirror`` (the data plane's
+                copy of the channel routes), called at once, on the loop, for each
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Pipeline:
         self._send = send
         self._spawn_allocation = spawn_allocation
         self.fast_path = fast_path
+        #: keeps the data plane's route mirror in step (``DataPlane.sync_channel``)
+        self.mirror: Callable[[CreateChannelBinding | DeleteChannelBinding], None] | None = None
         #: allocation port -> its actor; the actor removes itself when it stops
         self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
         self._fast_path_batch: list[Command] = []
@@ -119,6 +122,8 @@ class Pipeline:
         ref.tell(command)
 
     def _to_fast_path(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
+        if self.mirror is not None:
+            self.mirror(command)
         if self.fast_path is not None:
             self._fast_path_batch.append(command)
 

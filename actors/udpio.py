@@ -8,6 +8,21 @@ front, where a ChannelData header can be written without copying the payload.
 ``(dropped, failed)``: dropped counts sends that would block and items whose socket is None
 (no socket for that port or family), failed any other error.
 
+The route mirror: a ``Receiver`` also holds a copy of the core's bound-channel routes
+(``set_to_peer`` / ``set_to_client`` / ``drop_to_peer`` / ``drop_to_client`` / ``drop_fd``),
+and ``relay_clients(sock, stats)`` / ``relay_peers(sock, port, stats)`` read a batch, relay
+datagrams ``[0, k)`` that the mirror routes (counting them in ``stats`` as the core's
+``Stats.count_relayed`` would) and return ``(n, k)``: datagrams ``[k, n)`` (from the first one
+the mirror does not route, so nothing overtakes a datagram the core has yet to see) are in
+``addrs``/``lens`` for the core.
+Drops and errors of the sends it makes are in ``send_drops`` / ``send_errors``. A run of
+relayed datagrams of one size to one destination (peer traffic for one client) leaves as one
+UDP GSO send (``gso``, ``gso_sends``), where the kernel takes it.
+``drain_clients(stats, handoff, sock)`` / ``drain_peers(stats, handoff, sock, port)``
+are whole reader callbacks: up to ``READ_BATCHES`` batches, each relayed as above, with the
+rest of a batch handed to ``handoff(sock, [port,] n, k)``; with the compiled helper no
+Python frame runs for a batch the mirror routes whole. ``datagrams_in`` counts what they read.
+
 The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
 ``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
 ``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
@@ -24,6 +39,10 @@ from typing import Any
 __all__ = ["IMPLEMENTATION", "PyReceiver", "Receiver", "py_send_batch", "send_batch"]
 
 Addr = tuple[str, int]
+
+#: batches read from one ready socket per reader callback before yielding to the loop, so one
+#: busy socket cannot starve the others (or the timers); the compiled helper's is the same
+READ_BATCHES = 4
 
 
 class PyReceiver:
@@ -56,6 +75,58 @@ class PyReceiver:
             lens[n] = length
             n += 1
         return n if n else -1
+
+    # The route mirror: this fallback routes nothing, so everything goes to the core.
+
+    routes = (0, 0)
+    gso = False
+    gso_sends = 0
+    send_drops = 0
+    send_errors = 0
+    datagrams_in = 0
+
+    def drain_clients(self, stats: object, handoff: Any, sock: socket.socket) -> None:
+        self._drain(handoff, (sock,), sock)
+
+    def drain_peers(self, stats: object, handoff: Any, sock: socket.socket, port: int) -> None:
+        self._drain(handoff, (sock, port), sock)
+
+    def _drain(self, handoff: Any, args: tuple[Any, ...], sock: socket.socket) -> None:
+        for _ in range(READ_BATCHES):
+            try:
+                n = self.recv(sock)
+            except OSError:
+                continue  # e.g. a queued ICMP error; the socket stays usable
+            if n < 0:
+                break
+            self.datagrams_in += n
+            handoff(*args, n, 0)
+            if n < len(self.views):
+                break
+
+    def relay_clients(self, sock: socket.socket, stats: object) -> tuple[int, int]:
+        return self.recv(sock), 0
+
+    def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
+        return self.recv(sock), 0
+
+    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+        return False
+
+    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+        return False
+
+    def drop_to_peer(self, client: Addr, channel: int) -> None:
+        pass
+
+    def drop_to_client(self, port: int, peer: Addr) -> None:
+        pass
+
+    def drop_fd(self, fd: int) -> int:
+        return 0
+
+    def clear_routes(self) -> None:
+        pass
 
 
 # Any: the items alternate between socket (or None), data and address, which no list type says

@@ -378,6 +378,13 @@ class Server:
             self._internal_error("handling a datagram", now)
             return None
 
+    def channel_routes(
+        self, client: Addr, channel: int, port: int, peer: Addr
+    ) -> tuple[ToPeer | None, ToClient | None]:
+        """The routes the core holds now under a channel's two keys, for a route cache in the
+        I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
+        return self._c2p.get((client, channel)), self._p2c.get((port, peer))
+
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
     ) -> ToClient | None:

@@ -222,10 +222,14 @@ def test_pipeline_routes_each_command_to_its_target() -> None:
         assert batches == [(script[1], script[3])]  # one tuple per drain, in order
         fast_path.stop()
 
-        # offload off: channel commands are no-ops
+        # offload off: channel commands are no-ops for the fast path; the data plane's route
+        # mirror, when there is one, sees each at once, in order
         pipeline.fast_path = None
+        mirrored: list[Command] = []
+        pipeline.mirror = mirrored.append
         core.commands.extend([script[1], script[3]])
         pipeline.drain()
+        assert mirrored == [script[1], script[3]]
 
     _on_loop(body)
 

@@ -4,7 +4,9 @@ behave the same on real sockets, and the installed package carries the compiled 
 from __future__ import annotations
 
 import importlib.util
+import random
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -116,3 +118,339 @@ def test_a_closed_socket_is_a_counted_failure_or_an_oserror(
     assert send_batch([closed, b"x", a.getsockname(), b, b"y", a.getsockname()]) == (0, 1)
     with pytest.raises(OSError):
         receiver(2, 64, 0).recv(closed)
+
+
+# -- the route mirror ------------------------------------------------------------------------
+
+COMPILED = [r for name, r, _ in IMPLEMENTATIONS if name == "compiled"]
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled helper is not built")
+
+
+class Counted:
+    """The counters of ``protocol.server.Stats`` that the relaying calls bump."""
+
+    def __init__(self) -> None:
+        self.relayed_packets_userspace = 0
+        self.relayed_bytes_userspace = 0
+        self.packet_size_buckets = [0] * 16
+
+
+@pytest.fixture
+def sockets() -> Iterator[dict[str, socket.socket]]:
+    """A relay's listen and allocation sockets, a client and a peer, all on loopback."""
+    socks = {}
+    for name in ("listen", "allocation", "client", "peer"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks[name] = s
+    yield socks
+    for s in socks.values():
+        s.close()
+
+
+def _arrived(sock: socket.socket) -> list[tuple[bytes, Any]]:
+    """What is queued on ``sock`` now (everything sent on loopback is queued on return)."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recvfrom(70000))
+        except BlockingIOError:
+            return out
+
+
+def _channel_data(channel: int, payload: bytes, padding: int = 0) -> bytes:
+    return channel.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload + b"\0" * padding
+
+
+@needs_compiled
+def test_a_mirrored_channel_is_relayed_both_ways_and_counted(
+    sockets: dict[str, socket.socket],
+) -> None:
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](8, 65540, 4)
+    port = allocation.getsockname()[1]
+    assert rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), peer.getsockname())
+    assert rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(), 0x4000)
+    assert rx.routes == (1, 1)
+    stats = Counted()
+
+    client.sendto(_channel_data(0x4000, b"hello"), listen.getsockname())
+    client.sendto(_channel_data(0x4000, b"padded", padding=2), listen.getsockname())
+    client.sendto(_channel_data(0x4000, b"x" * 1600), listen.getsockname())
+    assert rx.relay_clients(listen, stats) == (3, 3)
+    assert _arrived(peer) == [
+        (b"hello", allocation.getsockname()),
+        (b"padded", allocation.getsockname()),
+        (b"x" * 1600, allocation.getsockname()),
+    ]
+    assert stats.relayed_packets_userspace == 3
+    assert stats.relayed_bytes_userspace == 5 + 6 + 1600
+    assert stats.packet_size_buckets[0] == 2 and stats.packet_size_buckets[15] == 1
+
+    peer.sendto(b"back", allocation.getsockname())
+    assert rx.relay_peers(allocation, port, stats) == (1, 1)
+    assert _arrived(client) == [(_channel_data(0x4000, b"back"), listen.getsockname())]
+    assert stats.relayed_packets_userspace == 4 and stats.packet_size_buckets[0] == 3
+    assert rx.relay_clients(listen, stats) == (-1, 0)  # nothing ready
+
+
+@pytest.mark.parametrize("receiver", [r for _, r, _ in IMPLEMENTATIONS])
+def test_what_the_mirror_does_not_know_is_left_for_the_core_in_order(
+    receiver: Any, sockets: dict[str, socket.socket]
+) -> None:
+    """From the first datagram the mirror cannot route, the rest of the batch is the core's:
+    it may change the routes (a Refresh to 0), so nothing after it is relayed ahead of it."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = receiver(8, 2052, 4)
+    rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), peer.getsockname())
+    stats = Counted()
+    stun_like = b"\x00\x01\x00\x00" + b"\0" * 16
+    for data in (
+        _channel_data(0x4000, b"first"),
+        stun_like,
+        _channel_data(0x4000, b"after the STUN message"),
+        _channel_data(0x4001, b"unknown channel"),
+    ):
+        client.sendto(data, listen.getsockname())
+    n, k = rx.relay_clients(listen, stats)
+    assert n == 4
+    routed = 1 if receiver in COMPILED else 0  # the fallback routes nothing
+    assert k == routed
+    assert [p for p, _ in _arrived(peer)] == [b"first"][:routed]
+    assert stats.relayed_packets_userspace == routed
+    assert [rx.lens[i] for i in range(k, n)] == [5 + 4, 20, 22 + 4, 15 + 4][k:]
+    assert rx.addrs[k:n] == [client.getsockname()] * (n - k)
+    assert bytes(rx.views[1][: rx.lens[1]]) == stun_like
+
+    peer.sendto(b"no channel", allocation.getsockname())
+    port = allocation.getsockname()[1]
+    assert rx.relay_peers(allocation, port, stats, [0, 0]) == (1, 0)
+    assert bytes(rx.views[0][: rx.lens[0]]) == b"no channel"
+    assert rx.addrs[0] == peer.getsockname()
+
+
+@needs_compiled
+def test_dropped_routes_go_to_the_core(sockets: dict[str, socket.socket]) -> None:
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](8, 2052, 4)
+    port = allocation.getsockname()[1]
+    stats = Counted()
+    for channel in range(0x4000, 0x4100):  # enough entries to grow and shift the table
+        rx.set_to_peer(client.getsockname(), channel, allocation.fileno(), peer.getsockname())
+    assert rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(), 1)
+    assert rx.routes == (256, 1)
+    rx.drop_to_peer(client.getsockname(), 0x4000)
+    rx.drop_to_peer(client.getsockname(), 0x4000)  # twice: nothing to drop the second time
+    client.sendto(_channel_data(0x4000, b"deleted"), listen.getsockname())
+    client.sendto(_channel_data(0x40FF, b"still bound"), listen.getsockname())
+    assert rx.relay_clients(listen, stats) == (2, 0)
+    assert _arrived(peer) == []
+    client.sendto(_channel_data(0x40FF, b"still bound"), listen.getsockname())
+    assert rx.relay_clients(listen, stats) == (1, 1)
+    assert [p for p, _ in _arrived(peer)] == [b"still bound"]
+
+    # the allocation socket is closing: every route through it goes
+    assert rx.drop_fd(allocation.fileno()) == 255
+    assert rx.routes == (0, 1)
+    rx.drop_to_client(port, peer.getsockname())
+    assert rx.routes == (0, 0)
+    peer.sendto(b"x", allocation.getsockname())
+    assert rx.relay_peers(allocation, port, stats, [0, 0]) == (1, 0)
+    # an address no socket can send to is not installed
+    assert not rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), ("nowhere", 1))
+    assert rx.routes == (0, 0)
+
+
+# -- the mirror behind the data plane, with the real core --------------------------------------
+
+
+class InProcessRelay:
+    """The data plane and the core over real loopback sockets, with a plain command drain in
+    place of the actors (what the daemon's pipeline does, on one thread)."""
+
+    def __init__(self) -> None:
+        from actors.dataplane import DataPlane
+        from actors.sockets import bind_udp
+        from protocol.server import Server, ServerConfig
+        from protocol.types import Family
+        from tests.system.conftest import port_range
+
+        self._bind = bind_udp
+        self.listen = bind_udp(Family.V4, "127.0.0.1", 0)
+        low, high = port_range(40)
+        config = ServerConfig(
+            public_ip4="127.0.0.1",
+            listen_port=self.listen.getsockname()[1],
+            lowest_port=low,
+            highest_port=high,
+            allow_loopback_peers=True,
+        )
+        self.server = Server(config, random.Random(7), "secret")
+        self.dataplane = DataPlane(self.server, self.drain)
+        self.dataplane.listen[int(Family.V4)] = self.listen
+        self.core_calls = 0
+        handle = self.server.handle_client_input
+
+        def counted(*args: Any) -> Any:
+            self.core_calls += 1
+            return handle(*args)
+
+        self.server.handle_client_input = counted  # type: ignore[method-assign]
+
+    def drain(self) -> None:
+        from protocol.commands import CreateAllocation, FreeAllocation, SendMessage
+
+        sockets = self.dataplane.allocation_sockets
+        while (command := self.server.next_command()) is not None:
+            if isinstance(command, SendMessage):
+                self.dataplane.send_message(command)
+            elif isinstance(command, CreateAllocation):
+                key = (command.port, int(command.family))
+                sockets[key] = self._bind(command.family, "127.0.0.1", command.port)
+            elif isinstance(command, FreeAllocation):
+                sockets.pop((command.port, int(command.family))).close()
+            else:
+                self.dataplane.sync_channel(command)
+
+    def from_client(self, client: socket.socket, data: bytes) -> None:
+        client.sendto(data, self.listen.getsockname())
+        self.dataplane.on_listen_readable(self.listen)
+
+    def close(self) -> None:
+        for sock in [self.listen, *self.dataplane.allocation_sockets.values()]:
+            sock.close()
+
+
+def test_the_data_plane_mirrors_the_cores_channels_until_they_expire(
+    sockets: dict[str, socket.socket],
+) -> None:
+    from protocol.auth import firezone_password
+    from protocol.stun import Attr, Class, parse
+    from protocol.types import Family
+    from simulations.turn_client import TurnClient
+
+    client, peer = sockets["client"], sockets["peer"]
+    client.settimeout(2)
+    relay = InProcessRelay()
+    try:
+        expiry = int(time.time()) + 3600
+        turn = TurnClient(f"{expiry}:alice", firezone_password("secret", expiry, "alice"))
+
+        def request(data: bytes) -> Any:
+            relay.from_client(client, data)
+            return parse(client.recv(2048))
+
+        turn.learn(request(turn.allocate()))
+        allocated = request(turn.allocate())
+        assert allocated.cls == Class.SUCCESS
+        port = allocated.get(Attr.XOR_RELAYED_ADDRESS)[1]
+        assert relay.dataplane.mirrored_routes == (0, 0)
+        bound = request(turn.channel_bind(0x4000, peer.getsockname()))
+        assert bound.cls == Class.SUCCESS
+        assert relay.dataplane.mirrored_routes == (1, 1)
+
+        # bound: relayed by the mirror, counted as the core counts, without entering the core
+        stats = relay.server.stats
+        calls = relay.core_calls
+        relay.from_client(client, _channel_data(0x4000, b"to the peer"))
+        assert relay.core_calls == calls
+        assert [p for p, _ in _arrived(peer)] == [b"to the peer"]
+        assert (stats.relayed_packets_userspace, stats.relayed_bytes_userspace) == (1, 11)
+        assert stats.packet_size_buckets[0] == 1
+
+        allocation = relay.dataplane.allocation_sockets[(port, int(Family.V4))]
+        peer.sendto(b"to the client", allocation.getsockname())
+        relay.dataplane.on_peer_readable(allocation, port)
+        assert client.recv(2048) == _channel_data(0x4000, b"to the client")
+        assert (stats.relayed_packets_userspace, stats.relayed_bytes_userspace) == (2, 24)
+
+        # an unknown channel goes to the core, which finds no route
+        relay.from_client(client, _channel_data(0x4001, b"unbound"))
+        assert relay.core_calls == calls + 1 and stats.unroutable_datagrams == 1
+
+        # the channel expires on the core's timer: the mirror lets go, the core drops
+        relay.server.handle_timeout(time.monotonic() + 700)
+        relay.drain()
+        assert relay.dataplane.mirrored_routes == (0, 0)
+        relay.from_client(client, _channel_data(0x4000, b"late"))
+        assert relay.core_calls == calls + 2 and stats.unroutable_datagrams == 2
+        assert _arrived(peer) == []
+        assert stats.relayed_packets_userspace == 2
+    finally:
+        relay.close()
+
+
+@needs_compiled
+def test_the_mirror_table_agrees_with_a_dict_through_adds_drops_and_closes(
+    sockets: dict[str, socket.socket],
+) -> None:
+    """The mirror's open addressing (growth, backward-shift deletion, removal by socket) against
+    a plain dict: after a seeded mix of operations, exactly the dict's channels are relayed."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    rx = COMPILED[0](8, 2052, 4)
+    rng = random.Random(5769)
+    model: dict[int, socket.socket] = {}
+    me = client.getsockname()
+    try:
+        for _ in range(3000):
+            channel = 0x4000 + rng.randrange(600)
+            action = rng.random()
+            if action < 0.55:
+                out = allocation if rng.random() < 0.5 else other
+                assert rx.set_to_peer(me, channel, out.fileno(), peer.getsockname())
+                model[channel] = out
+            elif action < 0.995:
+                rx.drop_to_peer(me, channel)
+                model.pop(channel, None)
+            else:
+                gone = other if rng.random() < 0.5 else allocation
+                removed = rx.drop_fd(gone.fileno())
+                assert removed == sum(1 for s in model.values() if s is gone)
+                model = {c: s for c, s in model.items() if s is not gone}
+            assert rx.routes == (len(model), 0)
+        stats = Counted()
+        for channel in range(0x4000, 0x4000 + 600):
+            client.sendto(_channel_data(channel, b"x"), listen.getsockname())
+            n, k = rx.relay_clients(listen, stats)
+            assert (n, k) == (1, 1 if channel in model else 0), hex(channel)
+        assert stats.relayed_packets_userspace == len(model)
+    finally:
+        other.close()
+
+
+@needs_compiled
+@pytest.mark.parametrize("gso", [True, False])
+def test_a_run_to_one_client_arrives_as_separate_datagrams_in_order(
+    gso: bool, sockets: dict[str, socket.socket]
+) -> None:
+    """Peer traffic for one client leaves as one UDP GSO send where the kernel takes it; the
+    client sees the same datagrams either way, then a datagram of another size after them."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](64, 2052, 4)
+    rx.gso = gso
+    port = allocation.getsockname()[1]
+    rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(), 0x4002)
+    payloads = [bytes([i]) * 100 for i in range(40)] + [b"short"]
+    for payload in payloads:
+        peer.sendto(payload, allocation.getsockname())
+    stats = Counted()
+    assert rx.relay_peers(allocation, port, stats) == (41, 41)
+    assert _arrived(client) == [(_channel_data(0x4002, p), listen.getsockname()) for p in payloads]
+    assert (stats.relayed_packets_userspace, stats.relayed_bytes_userspace) == (41, 4005)
+    if gso:
+        assert rx.gso_sends == 1 or not rx.gso  # off only where the kernel refused it
+    else:
+        assert rx.gso_sends == 0
