@@ -229,7 +229,7 @@ def test_what_the_mirror_does_not_know_is_left_for_the_core_in_order(
 
     peer.sendto(b"no channel", allocation.getsockname())
     port = allocation.getsockname()[1]
-    assert rx.relay_peers(allocation, port, stats, [0, 0]) == (1, 0)
+    assert rx.relay_peers(allocation, port, stats) == (1, 0)
     assert bytes(rx.views[0][: rx.lens[0]]) == b"no channel"
     assert rx.addrs[0] == peer.getsockname()
 
@@ -262,7 +262,7 @@ def test_dropped_routes_go_to_the_core(sockets: dict[str, socket.socket]) -> Non
     rx.drop_to_client(port, peer.getsockname())
     assert rx.routes == (0, 0)
     peer.sendto(b"x", allocation.getsockname())
-    assert rx.relay_peers(allocation, port, stats, [0, 0]) == (1, 0)
+    assert rx.relay_peers(allocation, port, stats) == (1, 0)
     # an address no socket can send to is not installed
     assert not rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), ("nowhere", 1))
     assert rx.routes == (0, 0)
