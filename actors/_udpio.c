@@ -625,6 +625,24 @@ relay_result(int n, int k)
     return Py_BuildValue("(ii)", n, k);
 }
 
+/* The end of a relay batch: send datagrams [0, k), count them, and publish [k, n) (their
+ * senders and lengths) for the core. */
+static int
+finish_batch(Receiver *self, PyObject *stats, int n, int k, unsigned long long bytes,
+             const long *buckets, int *np, int *kp)
+{
+    send_out(self, k);
+    if (count_relayed(stats, k, bytes, buckets) < 0) {
+        return -1;
+    }
+    if (n > 0 && publish(self, k, n) < 0) {
+        return -1;
+    }
+    *np = n;
+    *kp = k;
+    return 0;
+}
+
 /* relay_clients(sock, stats) -> (n, k): read a batch from a listen socket; relay datagrams
  * [0, k) (ChannelData on channels the mirror knows) to their peers, counting them in stats;
  * datagrams [k, n) are left, in addrs/lens, for the core. n is -1 when nothing was ready. */
@@ -659,17 +677,8 @@ relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, in
             bytes += length;
             buckets[size_bucket(length)]++;
         }
-        send_out(self, k);
-        if (count_relayed(stats, k, bytes, buckets) < 0) {
-            return -1;
-        }
     }
-    if (n > 0 && publish(self, k, n) < 0) {
-        return -1;
-    }
-    *np = n;
-    *kp = k;
-    return 0;
+    return finish_batch(self, stats, n, k, bytes, buckets, np, kp);
 }
 
 static PyObject *
@@ -725,17 +734,8 @@ relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats, in
             bytes += length;
             buckets[size_bucket(length)]++;
         }
-        send_out(self, k);
-        if (count_relayed(stats, k, bytes, buckets) < 0) {
-            return -1;
-        }
     }
-    if (n > 0 && publish(self, k, n) < 0) {
-        return -1;
-    }
-    *np = n;
-    *kp = k;
-    return 0;
+    return finish_batch(self, stats, n, k, bytes, buckets, np, kp);
 }
 
 static PyObject *
