@@ -781,17 +781,17 @@ handed_off(PyObject *handoff, PyObject *const *args, size_t nargs, int n, int k)
     return r == NULL ? -1 : 0;
 }
 
-/* drain_clients(stats, handoff, sock): the listen socket's reader; handoff(sock, n, k). */
+/* The loop shared by both readers: args are (stats, handoff, sock[, port]); port < 0 reads a
+ * listen socket (client traffic), otherwise the allocation socket on port (peer traffic). The
+ * handoff gets the reader's arguments after handoff, then n and k. */
 static PyObject *
-Receiver_drain_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+drain(Receiver *self, PyObject *const *args, size_t handed, long port)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "drain_clients(stats, handoff, sock)");
-        return NULL;
-    }
     for (int b = 0; b < READ_BATCHES; b++) {
         int n, k;
-        if (relay_clients_batch(self, args[2], args[0], &n, &k) < 0) {
+        int rc = port < 0 ? relay_clients_batch(self, args[2], args[0], &n, &k)
+                          : relay_peers_batch(self, args[2], port, args[0], &n, &k);
+        if (rc < 0) {
             if (!PyErr_ExceptionMatches(PyExc_OSError)) {
                 return NULL;
             }
@@ -802,7 +802,7 @@ Receiver_drain_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         self->datagrams_in += (unsigned long long)n;
-        if (k < n && handed_off(args[1], args + 2, 1, n, k) < 0) {
+        if (k < n && handed_off(args[1], args + 2, handed, n, k) < 0) {
             return NULL;
         }
         if (n < self->count) {
@@ -810,6 +810,17 @@ Receiver_drain_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     Py_RETURN_NONE;
+}
+
+/* drain_clients(stats, handoff, sock): the listen socket's reader; handoff(sock, n, k). */
+static PyObject *
+Receiver_drain_clients(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "drain_clients(stats, handoff, sock)");
+        return NULL;
+    }
+    return drain(self, args, 1, -1);
 }
 
 /* drain_peers(stats, handoff, sock, port): an allocation socket's reader;
@@ -825,27 +836,11 @@ Receiver_drain_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
     if (port == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    for (int b = 0; b < READ_BATCHES; b++) {
-        int n, k;
-        if (relay_peers_batch(self, args[2], port, args[0], &n, &k) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_OSError)) {
-                return NULL;
-            }
-            PyErr_Clear();
-            continue;
-        }
-        if (n < 0) {
-            break;
-        }
-        self->datagrams_in += (unsigned long long)n;
-        if (k < n && handed_off(args[1], args + 2, 2, n, k) < 0) {
-            return NULL;
-        }
-        if (n < self->count) {
-            break;
-        }
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "drain_peers: port out of range");
+        return NULL;
     }
-    Py_RETURN_NONE;
+    return drain(self, args, 2, port);
 }
 
 /* -- keeping the mirror ---------------------------------------------------------------------- */
