@@ -23,8 +23,8 @@ are whole reader callbacks: up to ``READ_BATCHES`` batches, each relayed as abov
 rest of a batch handed to ``handoff(sock, [port,] n, k)``; with the compiled helper no
 Python frame runs for a batch the mirror routes whole. ``datagrams_in`` counts what they read.
 
-The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
-``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
+The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as
+``firezone_relay.actors._udpio``) does this with one
 ``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
 caches sender tuples. Where it could not be built, the pure-Python classes below give the same
 behaviour with one syscall per datagram. ``IMPLEMENTATION`` says which one is in use.
@@ -153,7 +153,7 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    from _firezone_relay_udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
+    from firezone_relay.actors._udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
