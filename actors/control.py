@@ -3,9 +3,9 @@
 Everything that changes the daemon's state, other than a datagram, arrives as one of these
 frozen messages told to the relay's :class:`ControlActor`: the portal session says it joined,
 lost or gave up on the portal; allocation actors say a socket opened, closed or could not be
-bound, and that they stopped; a signal says stop. The actor looks the message's type up in one
-table (``actors.daemon.CONTROL_ROUTES``) and calls the handler it names. Datagrams never come
-this way: the data plane's reader callbacks call the core directly.
+bound, and that they stopped; a signal says stop or reload. The actor looks the message's type
+up in one table (``actors.daemon.CONTROL_ROUTES``) and calls the handler it names. Datagrams
+never come this way: the data plane's reader callbacks call the core directly.
 
 The actor is hosted on the event loop (:mod:`actors.loop_actor`), so a message told from the
 loop thread while it is idle is handled at once, in the teller's stack. The 508 swap relies on
@@ -40,6 +40,7 @@ __all__ = [
     "PortalConnect",
     "PortalFatal",
     "PortalJoined",
+    "Reload",
     "Shutdown",
     "tell",
 ]
@@ -71,6 +72,14 @@ class PortalClosed:
 @dataclass(frozen=True, slots=True)
 class PortalFatal:
     """From the portal session: the portal cannot be reached or refused us; the relay exits 1."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """To the control actor (SIGHUP, ``systemctl reload``): re-read what can change without a
+    restart; the relay keeps running."""
 
     reason: str
 
