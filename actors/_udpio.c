@@ -1220,7 +1220,7 @@ static PyGetSetDef Receiver_getset[] = {
     {NULL}};
 
 static PyTypeObject ReceiverType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_firezone_relay_udpio.Receiver",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "firezone_relay.actors._udpio.Receiver",
     .tp_basicsize = sizeof(Receiver),
     .tp_dealloc = (destructor)Receiver_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1467,11 +1467,11 @@ static PyMethodDef module_methods[] = {
     {NULL}};
 
 static struct PyModuleDef udpio_module = {
-    PyModuleDef_HEAD_INIT, "_firezone_relay_udpio",
+    PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",
     "recvmmsg/sendmmsg batches for the relay's userspace data path", -1, module_methods};
 
 PyMODINIT_FUNC
-PyInit__firezone_relay_udpio(void)
+PyInit__udpio(void)
 {
     str_packets = PyUnicode_InternFromString("relayed_packets_userspace");
     str_bytes = PyUnicode_InternFromString("relayed_bytes_userspace");

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from actors.version import relay_version, software
+from firezone_relay.actors.version import relay_version, software
 
 if TYPE_CHECKING:
-    from actors.daemon import Settings
+    from firezone_relay.actors.daemon import Settings
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -53,7 +53,7 @@ def _env_bool(name: str) -> bool:
 
 
 def _local_addresses() -> frozenset[str]:
-    from actors.sockets import local_addresses
+    from firezone_relay.actors.sockets import local_addresses
 
     try:
         return local_addresses()
@@ -201,7 +201,7 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 @_validator
 def _host_port(text: str) -> str:
     """``host:port`` of an HTTP endpoint; empty turns the endpoint off."""
-    from actors.http_endpoints import parse_host_port
+    from firezone_relay.actors.http_endpoints import parse_host_port
 
     if text:
         try:
@@ -470,7 +470,11 @@ def discover(args: argparse.Namespace) -> None:
     when asked to discover the public address and none can be found."""
     import logging
 
-    from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
+    from firezone_relay.actors.metadata import (
+        MetadataError,
+        fill_public_ips,
+        otel_resource_attributes,
+    )
 
     log = logging.getLogger("relay")
     method = args.listen_address_discovery_method
@@ -539,7 +543,7 @@ def credentials_parser() -> argparse.ArgumentParser:
 
 
 def credentials_main(argv: Sequence[str]) -> int:
-    from protocol.auth import make_credentials
+    from firezone_relay.protocol.auth import make_credentials
 
     args = credentials_parser().parse_args(argv)
     user = args.salt or args.user or secrets.token_urlsafe(12)
@@ -562,7 +566,7 @@ def systemd_unit_main(argv: Sequence[str]) -> int:
     p.add_argument("--env", action="store_true", help="print the example environment file")
     args = p.parse_args(argv)
     name = "firezone-relay.env" if args.env else "firezone-relay.service"
-    sys.stdout.write(files("actors").joinpath("systemd", name).read_text())
+    sys.stdout.write(files("firezone_relay.actors").joinpath("systemd", name).read_text())
     return 0
 
 
@@ -581,10 +585,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
     built here, once, from values the flags' validators already checked (environment
     defaults included). Cross-flag checks raise ValueError (``main`` exits 2 with it)."""
-    from actors.daemon import Settings
-    from actors.portal import PortalConfig
-    from actors.xdp_manager import XdpOptions
-    from protocol.server import ServerConfig
+    from firezone_relay.actors.daemon import Settings
+    from firezone_relay.actors.portal import PortalConfig
+    from firezone_relay.actors.xdp_manager import XdpOptions
+    from firezone_relay.protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
         raise ValueError(
@@ -666,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from actors.logs import configure
+    from firezone_relay.actors.logs import configure
 
     log_filter = configure(args.log_format, args.log_filter)
     warn_unsupported(args)
@@ -681,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "firezone-relay starting (rng seed %s)",
         args.rng_seed if args.rng_seed is not None else "from entropy",
     )
-    from actors.daemon import run
+    from firezone_relay.actors.daemon import run
 
     code = run(settings, log_filter)
     logging.shutdown()

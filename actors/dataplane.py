@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from actors.udpio import Receiver, send_batch
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
-from protocol.routes import LoopToClient
-from protocol.types import Addr, Family
+from firezone_relay.actors.udpio import Receiver, send_batch
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
+from firezone_relay.protocol.routes import LoopToClient
+from firezone_relay.protocol.types import Addr, Family
 
 if TYPE_CHECKING:
-    from protocol.server import Server
+    from firezone_relay.protocol.server import Server
 
 __all__ = ["DataPlane"]
 

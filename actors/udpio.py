@@ -25,8 +25,8 @@ Python frame runs for a batch the mirror routes whole. ``datagrams_in`` counts w
 ``debug_routes()`` lists every route the mirror holds (a walk of the table: for soaks and tests
 that compare the mirror with the core, never for the data path).
 
-The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as the top-level module
-``_firezone_relay_udpio``, so a source-tree run finds the installed one too) does this with one
+The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as
+``firezone_relay.actors._udpio``) does this with one
 ``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
 caches sender tuples. Where it could not be built, the pure-Python classes below give the same
 behaviour with one syscall per datagram. ``IMPLEMENTATION`` says which one is in use.
@@ -160,7 +160,7 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    from _firezone_relay_udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
+    from firezone_relay.actors._udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from actors import udpio
+from firezone_relay.actors import udpio
 
 pytestmark = pytest.mark.system
 
 IMPLEMENTATIONS: list[tuple[str, Any, Callable[[list[Any]], tuple[int, int]]]] = [
     ("python", udpio.PyReceiver, udpio.py_send_batch)
 ]
-if importlib.util.find_spec("_firezone_relay_udpio") is not None:
-    import _firezone_relay_udpio as compiled
+if importlib.util.find_spec("firezone_relay.actors._udpio") is not None:
+    from firezone_relay.actors import _udpio as compiled
 
     IMPLEMENTATIONS.append(("compiled", compiled.Receiver, compiled.send_batch))
 
@@ -276,10 +276,10 @@ class InProcessRelay:
     place of the actors (what the daemon's pipeline does, on one thread)."""
 
     def __init__(self) -> None:
-        from actors.dataplane import DataPlane
-        from actors.sockets import bind_udp
-        from protocol.server import Server, ServerConfig
-        from protocol.types import Family
+        from firezone_relay.actors.dataplane import DataPlane
+        from firezone_relay.actors.sockets import bind_udp
+        from firezone_relay.protocol.server import Server, ServerConfig
+        from firezone_relay.protocol.types import Family
         from tests.system.conftest import port_range
 
         self._bind = bind_udp
@@ -305,7 +305,7 @@ class InProcessRelay:
         self.server.handle_client_input = counted  # type: ignore[method-assign]
 
     def drain(self) -> None:
-        from protocol.commands import CreateAllocation, FreeAllocation, SendMessage
+        from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation, SendMessage
 
         sockets = self.dataplane.allocation_sockets
         while (command := self.server.next_command()) is not None:
@@ -331,9 +331,9 @@ class InProcessRelay:
 def test_the_data_plane_mirrors_the_cores_channels_until_they_expire(
     sockets: dict[str, socket.socket],
 ) -> None:
-    from protocol.auth import firezone_password
-    from protocol.stun import Attr, Class, parse
-    from protocol.types import Family
+    from firezone_relay.protocol.auth import firezone_password
+    from firezone_relay.protocol.stun import Attr, Class, parse
+    from firezone_relay.protocol.types import Family
     from simulations.turn_client import TurnClient
 
     client, peer = sockets["client"], sockets["peer"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.cli import build_parser, settings_from_args
-from actors.daemon import Settings
+from firezone_relay.actors.cli import build_parser, settings_from_args
+from firezone_relay.actors.daemon import Settings
 
 
 def _settings(*argv: str) -> Settings:

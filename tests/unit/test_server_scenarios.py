@@ -7,19 +7,19 @@ import struct
 
 import pytest
 
-from protocol import channel_data, stun
-from protocol.auth import firezone_password
-from protocol.commands import (
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.auth import firezone_password
+from firezone_relay.protocol.commands import (
     CreateAllocation,
     CreateChannelBinding,
     DeleteChannelBinding,
     FreeAllocation,
     SendMessage,
 )
-from protocol.routes import LoopToClient, ToClient, ToPeer
-from protocol.server import MAX_BIND_ATTEMPTS
-from protocol.stun import Attr, Class, Method
-from protocol.types import Family
+from firezone_relay.protocol.routes import LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.server import MAX_BIND_ATTEMPTS
+from firezone_relay.protocol.stun import Attr, Class, Method
+from firezone_relay.protocol.types import Family
 from tests.unit.harness import (
     CLIENT,
     CLIENT6,
@@ -875,7 +875,7 @@ def test_unauthenticated_answers_are_rate_limited_per_source() -> None:
 
 
 def test_rate_limiter_memory_is_bounded() -> None:
-    from protocol.ratelimit import RateLimiter
+    from firezone_relay.protocol.ratelimit import RateLimiter
 
     limiter = RateLimiter(1.0, max_sources=100)
     for i in range(10_000):
