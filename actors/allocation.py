@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import pykka
 
-from actors.control import (
+from firezone_relay.actors.control import (
     AllocationBindFailed,
     AllocationStopped,
     ControlActor,
@@ -28,10 +28,10 @@ from actors.control import (
     PeerSocketOpened,
     tell,
 )
-from actors.loop_actor import LoopActor
-from actors.sockets import bind_udp
-from protocol.commands import CreateAllocation, FreeAllocation
-from protocol.types import Family
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.sockets import bind_udp
+from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation
+from firezone_relay.protocol.types import Family
 
 __all__ = ["AllocationActor"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks)
 from setuptools.command.build_py import build_py
 
-from actors.version import git_revision
+from .version import git_revision
 
 
 class BuildPy(build_py):
@@ -26,6 +26,6 @@ class BuildPy(build_py):
         sha = os.environ.get("GITHUB_SHA", "")[:8]
         rev = sha or git_revision(Path.cwd())
         if rev:
-            target = Path(self.build_lib) / "actors" / "revision.txt"
+            target = Path(self.build_lib) / "firezone_relay" / "actors" / "revision.txt"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(rev + "\n")

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from actors.version import relay_version, software
+from firezone_relay.actors.version import relay_version, software
 
 if TYPE_CHECKING:
-    from actors.daemon import Settings
+    from firezone_relay.actors.daemon import Settings
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -53,7 +53,7 @@ def _env_bool(name: str) -> bool:
 
 
 def _local_addresses() -> frozenset[str]:
-    from actors.sockets import local_addresses
+    from firezone_relay.actors.sockets import local_addresses
 
     try:
         return local_addresses()
@@ -201,7 +201,7 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 @_validator
 def _host_port(text: str) -> str:
     """``host:port`` of an HTTP endpoint; empty turns the endpoint off."""
-    from actors.http_endpoints import parse_host_port
+    from firezone_relay.actors.http_endpoints import parse_host_port
 
     if text:
         try:
@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--max-channels-per-allocation",
         type=_positive,
-        default=_env("MAX_CHANNELS_PER_ALLOCATION", 1024),
+        default=_env("MAX_CHANNELS_PER_ALLOCATION"),
+        help="channels (bound or cooling down) per allocation; default 1024 standalone, "
+        "and in portal mode the whole channel-number space (4096), so connlib never meets it",
     )
     a(
         "--max-permissions-per-allocation",
@@ -470,7 +472,11 @@ def discover(args: argparse.Namespace) -> None:
     when asked to discover the public address and none can be found."""
     import logging
 
-    from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
+    from firezone_relay.actors.metadata import (
+        MetadataError,
+        fill_public_ips,
+        otel_resource_attributes,
+    )
 
     log = logging.getLogger("relay")
     method = args.listen_address_discovery_method
@@ -539,7 +545,7 @@ def credentials_parser() -> argparse.ArgumentParser:
 
 
 def credentials_main(argv: Sequence[str]) -> int:
-    from protocol.auth import make_credentials
+    from firezone_relay.protocol.auth import make_credentials
 
     args = credentials_parser().parse_args(argv)
     user = args.salt or args.user or secrets.token_urlsafe(12)
@@ -562,7 +568,7 @@ def systemd_unit_main(argv: Sequence[str]) -> int:
     p.add_argument("--env", action="store_true", help="print the example environment file")
     args = p.parse_args(argv)
     name = "firezone-relay.env" if args.env else "firezone-relay.service"
-    sys.stdout.write(files("actors").joinpath("systemd", name).read_text())
+    sys.stdout.write(files("firezone_relay.actors").joinpath("systemd", name).read_text())
     return 0
 
 
@@ -576,15 +582,33 @@ def _read_token(value: str | None) -> str | None:
     return value
 
 
+def _check_portal_pins(args: argparse.Namespace) -> None:
+    """Portal mode serves connlib, which only speaks the ``firezone`` scheme in realm
+    ``firezone``: anything else would lock every client out, so it is refused at start."""
+    from firezone_relay.protocol.auth import FIREZONE_REALM
+
+    if args.auth_scheme != "firezone":
+        raise ValueError(
+            f"AUTH_SCHEME / --auth-scheme {args.auth_scheme!r} cannot be used with "
+            "FIREZONE_TOKEN: portal mode needs the firezone scheme (connlib's credentials)"
+        )
+    if args.realm != FIREZONE_REALM:
+        raise ValueError(
+            f"REALM / --realm {args.realm!r} cannot be used with FIREZONE_TOKEN: portal "
+            f"mode needs realm {FIREZONE_REALM!r} (connlib signs with it)"
+        )
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The one place a parsed command line becomes configuration: the core's
     ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
     built here, once, from values the flags' validators already checked (environment
     defaults included). Cross-flag checks raise ValueError (``main`` exits 2 with it)."""
-    from actors.daemon import Settings
-    from actors.portal import PortalConfig
-    from actors.xdp_manager import XdpOptions
-    from protocol.server import ServerConfig
+    from firezone_relay.actors.daemon import Settings
+    from firezone_relay.actors.portal import PortalConfig
+    from firezone_relay.actors.xdp_manager import XdpOptions
+    from firezone_relay.protocol.channel_data import CHANNEL_NUMBERS
+    from firezone_relay.protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
         raise ValueError(
@@ -593,6 +617,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     token = _read_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
+    if token is not None:
+        _check_portal_pins(args)
+    max_channels = args.max_channels_per_allocation
+    if max_channels is None:
+        max_channels = CHANNEL_NUMBERS if token is not None else 1024
     server = ServerConfig(
         public_ip4=args.public_ip4_addr,
         public_ip6=args.public_ip6_addr,
@@ -608,7 +637,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         denied_peer_ips=tuple(args.denied_peer_ip or ()),
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
-        max_channels_per_allocation=args.max_channels_per_allocation,
+        max_channels_per_allocation=max_channels,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
@@ -666,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from actors.logs import configure
+    from firezone_relay.actors.logs import configure
 
     log_filter = configure(args.log_format, args.log_filter)
     warn_unsupported(args)
@@ -681,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "firezone-relay starting (rng seed %s)",
         args.rng_seed if args.rng_seed is not None else "from entropy",
     )
-    from actors.daemon import run
+    from firezone_relay.actors.daemon import run
 
     code = run(settings, log_filter)
     logging.shutdown()

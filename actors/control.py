@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.loop_actor import LoopActor
-from protocol.types import Family
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
-    from actors.allocation import AllocationActor
+    from firezone_relay.actors.allocation import AllocationActor
 
 __all__ = [
     "AllocationBindFailed",

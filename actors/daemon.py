@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Final
 import pykka
 from opentelemetry import trace
 
-from actors.allocation import AllocationActor
-from actors.control import (
+from firezone_relay.actors.allocation import AllocationActor
+from firezone_relay.actors.control import (
     AllocationBindFailed,
     AllocationStopped,
     ControlActor,
@@ -51,29 +51,29 @@ from actors.control import (
     Shutdown,
     tell,
 )
-from actors.dataplane import DataPlane
-from actors.http_endpoints import HttpEndpoint, parse_host_port
-from actors.limits import allocation_cap, open_fds, port_range_warning
-from actors.logs import LogFilter
-from actors.pipeline import Pipeline
-from actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
-from actors.startup_errors import StartupError, binding
-from actors.telemetry import (
+from firezone_relay.actors.dataplane import DataPlane
+from firezone_relay.actors.http_endpoints import HttpEndpoint, parse_host_port
+from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
+from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.pipeline import Pipeline
+from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
+from firezone_relay.actors.startup_errors import StartupError, binding
+from firezone_relay.actors.telemetry import (
     BucketHistogram,
     BucketSource,
     HistogramBridge,
     Telemetry,
     packet_size_histogram,
 )
-from actors.tracing import RelayTracing
-from protocol.auth import secret_bits
-from protocol.server import Server, ServerConfig
-from protocol.types import Family
+from firezone_relay.actors.tracing import RelayTracing
+from firezone_relay.protocol.auth import secret_bits
+from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
-    from actors.portal import PortalConfig
-    from actors.portal_session import PortalSession
-    from actors.xdp_manager import XdpManager, XdpOptions
+    from firezone_relay.actors.portal import PortalConfig
+    from firezone_relay.actors.portal_session import PortalSession
+    from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
 
@@ -415,7 +415,7 @@ class Relay:
 
     def _start_portal(self, config: PortalConfig) -> None:
         """The session joins with the core's secret and reports back to the control actor."""
-        from actors.portal_session import PortalSession
+        from firezone_relay.actors.portal_session import PortalSession
 
         self.portal = PortalSession.start(
             config, self.control, loop=self.loop, tracer=self.tracing.tracer
@@ -426,7 +426,7 @@ class Relay:
         options = self.settings.xdp
         if options is None:
             return
-        from actors import xdp_manager
+        from firezone_relay.actors import xdp_manager
 
         # Loading compiles and verifies the program (seconds of blocking bcc calls): do it on a
         # worker thread while the loop stays responsive. Unavailable offload returns None (one
@@ -493,7 +493,7 @@ class Relay:
                 endpoint.stop()
 
     def _readyz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        from actors.version import relay_version
+        from firezone_relay.actors.version import relay_version
 
         body = f"{relay_version()}\n".encode()
         return (200 if self.ready else 503), "text/plain", body
@@ -543,7 +543,7 @@ class Relay:
 
 def _xdp_ns_bounds() -> tuple[float, ...]:
     """The XDP program's processing-time buckets: bucket 0 is 0 ns, bucket i [2^(i-1), 2^i)."""
-    from xdp.maps import NUM_NS_BUCKETS
+    from firezone_relay.xdp.maps import NUM_NS_BUCKETS
 
     return (0.0, *(float(1 << i) for i in range(1, NUM_NS_BUCKETS - 1)))
 

@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from actors.udpio import Receiver, send_batch
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
-from protocol.routes import LoopToClient
-from protocol.types import Addr, Family
+from firezone_relay.actors.udpio import Receiver, send_batch
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
+from firezone_relay.protocol.routes import LoopToClient
+from firezone_relay.protocol.types import Addr, Family
 
 if TYPE_CHECKING:
-    from protocol.server import Server
+    from firezone_relay.protocol.server import Server
 
 __all__ = ["DataPlane"]
 
@@ -160,6 +160,12 @@ class DataPlane:
             )
         ):
             rx.drop_to_client(port, peer)
+
+    def debug_routes(self) -> list[tuple[Any, ...]]:
+        """Every route the C mirror holds, sorted, as plain tuples (``Receiver.debug_routes``):
+        for soaks and tests that check the mirror against the core."""
+        routes: list[tuple[Any, ...]] = self._rx.debug_routes()
+        return routes
 
     @property
     def mirrored_routes(self) -> tuple[int, int]:

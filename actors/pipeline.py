@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from protocol.commands import (
+from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
@@ -31,9 +31,9 @@ from protocol.commands import (
 if TYPE_CHECKING:
     import pykka
 
-    from actors.allocation import AllocationActor
-    from actors.xdp_manager import XdpManager
-    from protocol.server import Server
+    from firezone_relay.actors.allocation import AllocationActor
+    from firezone_relay.actors.xdp_manager import XdpManager
+    from firezone_relay.protocol.server import Server
 
 __all__ = ["ROUTES", "Pipeline"]
 

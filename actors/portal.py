@@ -29,8 +29,8 @@ from opentelemetry.trace import Status, StatusCode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from actors.version import relay_version
-from protocol.phoenix import (
+from firezone_relay.actors.version import relay_version
+from firezone_relay.protocol.phoenix import (
     BackoffConfig,
     Fatal,
     HeartbeatSent,

@@ -15,7 +15,7 @@ import logging
 import pykka
 from opentelemetry import trace
 
-from actors.control import (
+from firezone_relay.actors.control import (
     ControlActor,
     PortalClosed,
     PortalConnect,
@@ -24,9 +24,9 @@ from actors.control import (
     Shutdown,
     tell,
 )
-from actors.loop_actor import LoopActor
-from actors.portal import PortalClient, PortalConfig
-from protocol.phoenix import Fatal
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.portal import PortalClient, PortalConfig
+from firezone_relay.protocol.phoenix import Fatal
 
 __all__ = ["PortalSession"]
 

@@ -6,7 +6,7 @@ import logging
 import resource
 import socket
 
-from protocol.types import Family
+from firezone_relay.protocol.types import Family
 
 __all__ = ["bind_udp", "raise_nofile_limit"]
 
@@ -60,7 +60,7 @@ def raise_nofile_limit(wanted: int = 1 << 20) -> int:
 def local_addresses() -> frozenset[str]:
     """Every address on this host's interfaces (the primary IPv4 and the global IPv6 ones of
     each), so the peer filter can refuse the relay's own private addresses too."""
-    from xdp import interface
+    from firezone_relay.xdp import interface
 
     found: set[str] = set()
     for _, name in socket.if_nameindex():

@@ -29,8 +29,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from protocol import stun
-from protocol.commands import (
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
@@ -38,12 +38,12 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from protocol.stun import Attr
-from protocol.types import Addr, Family
+from firezone_relay.protocol.stun import Attr
+from firezone_relay.protocol.types import Addr, Family
 
 if TYPE_CHECKING:
-    from protocol.allocations import Allocation
-    from protocol.server import Server
+    from firezone_relay.protocol.allocations import Allocation
+    from firezone_relay.protocol.server import Server
 
 __all__ = ["RelayTracing"]
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import pykka
 
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding
-from xdp import bpfsys, interface
-from xdp import netns as netns_mod
-from xdp.bindings import BindingTable
-from xdp.maps import STATS_SIZE, RouterConfig, XdpCounters
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.xdp import bpfsys, interface
+from firezone_relay.xdp import netns as netns_mod
+from firezone_relay.xdp.bindings import BindingTable
+from firezone_relay.xdp.maps import STATS_SIZE, RouterConfig, XdpCounters
 
 logger = logging.getLogger("relay.xdp")
 
@@ -137,7 +137,7 @@ class XdpManager(pykka.ThreadingActor):
                 )
 
     def _load(self) -> None:
-        from xdp.loader import TurnRouter
+        from firezone_relay.xdp.loader import TurnRouter
 
         o = self.options
         if o.netns is not None:

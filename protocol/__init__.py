@@ -1,6 +1,6 @@
 """Sans-IO STUN/TURN core: bytes, addresses and time in; commands and deadlines out."""
 
-from protocol.commands import (
+from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
@@ -8,7 +8,7 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family
 
 __all__ = [
     "Addr",

@@ -25,9 +25,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protocol.commands import Command, DeleteChannelBinding, FreeAllocation, SendMessage
-from protocol.routes import AFTER_HEADER, ToClient, ToPeer
-from protocol.types import Addr, Family
+from firezone_relay.protocol.commands import (
+    Command,
+    DeleteChannelBinding,
+    FreeAllocation,
+    SendMessage,
+)
+from firezone_relay.protocol.routes import AFTER_HEADER, ToClient, ToPeer
+from firezone_relay.protocol.types import Addr, Family
 
 
 @dataclass(slots=True, eq=False)

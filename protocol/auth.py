@@ -18,7 +18,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from protocol.types import Addr
+from firezone_relay.protocol.types import Addr
 
 FIREZONE_REALM = "firezone"
 

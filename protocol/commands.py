@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family
 
 
 @dataclass(frozen=True, slots=True)

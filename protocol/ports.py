@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Container
 
-from protocol.timers import QuarantineExpiry, ReservationExpiry, Timers
+from firezone_relay.protocol.timers import QuarantineExpiry, ReservationExpiry, Timers
 
 
 class PortAllocator:

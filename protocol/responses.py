@@ -8,13 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol import stun
-from protocol.commands import Command, SendMessage
-from protocol.errors import ErrorCode
-from protocol.ratelimit import RateLimiter
-from protocol.stun import Attr, Class, Message, Method
-from protocol.transactions import TransactionCache
-from protocol.types import Addr
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.commands import Command, SendMessage
+from firezone_relay.protocol.errors import ErrorCode
+from firezone_relay.protocol.ratelimit import RateLimiter
+from firezone_relay.protocol.stun import Attr, Class, Message, Method
+from firezone_relay.protocol.transactions import TransactionCache
+from firezone_relay.protocol.types import Addr
 
 #: the ``message_type`` label of ``relay.responses``
 MESSAGE_TYPES = {

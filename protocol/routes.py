@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, final
 
-from protocol.types import Addr
+from firezone_relay.protocol.types import Addr
 
 #: the payload of unpadded ChannelData: everything after the 4-byte header
 AFTER_HEADER = slice(4, None)

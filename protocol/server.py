@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from protocol import stun
-from protocol.allocations import Allocation, AllocationTable, Channel
-from protocol.auth import (
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.allocations import Allocation, AllocationTable, Channel
+from firezone_relay.protocol.auth import (
     FIREZONE_REALM,
     Identity,
     NonceCheck,
@@ -35,21 +35,21 @@ from protocol.auth import (
     parse_username,
     password_for,
 )
-from protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
-from protocol.commands import (
+from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
     SendMessage,
 )
-from protocol.errors import ErrorCode
-from protocol.policy import PeerPolicy, Verdict, networks
-from protocol.ports import PortAllocator
-from protocol.ratelimit import RateLimiter
-from protocol.responses import Auth, Reject, Responder
-from protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
-from protocol.stun import Attr, Class, Message, Method
-from protocol.timers import (
+from firezone_relay.protocol.errors import ErrorCode
+from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
+from firezone_relay.protocol.ports import PortAllocator
+from firezone_relay.protocol.ratelimit import RateLimiter
+from firezone_relay.protocol.responses import Auth, Reject, Responder
+from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.stun import Attr, Class, Message, Method
+from firezone_relay.protocol.timers import (
     AllocationExpiry,
     ChannelExpiry,
     PermissionExpiry,
@@ -58,8 +58,8 @@ from protocol.timers import (
     TimerRecord,
     Timers,
 )
-from protocol.transactions import TransactionCache
-from protocol.types import Addr, Family
+from firezone_relay.protocol.transactions import TransactionCache
+from firezone_relay.protocol.types import Addr, Family
 
 log = logging.getLogger("relay")
 
@@ -321,7 +321,10 @@ class Server:
         self._ports.check_invariants()
         for allocation in self._allocations.values():
             assert all(f in self._families for f in allocation.families)
-            assert len(allocation.permissions) <= self.config.max_permissions_per_allocation
+            # CreatePermission adds up to its cap, each channel (ChannelBind) one more
+            assert len(allocation.permissions) <= (
+                self.config.max_permissions_per_allocation + self.config.max_channels_per_allocation
+            )
 
     @property
     def public_ip4(self) -> str | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family
 
 MAGIC_COOKIE = 0x2112A442
 COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)

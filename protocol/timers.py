@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from protocol.allocations import Allocation, Channel
+    from firezone_relay.protocol.allocations import Allocation, Channel
 
 
 @dataclass(frozen=True, slots=True, eq=False)

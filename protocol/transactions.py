@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from protocol.types import Addr
+from firezone_relay.protocol.types import Addr
 
 #: bytes an entry costs beyond its response (key tuple, digest, OrderedDict node), roughly
 ENTRY_OVERHEAD = 240

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from protocol.types import Addr
+from firezone_relay.protocol.types import Addr
 
 MAC_ROUTER = "02:00:00:00:00:01"
 MAC_RELAY = "02:00:00:00:00:10"

@@ -29,7 +29,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from protocol.auth import firezone_password, portal_salt
+from firezone_relay.protocol.auth import firezone_password, portal_salt
 
 log = logging.getLogger("simulations.portal")
 

@@ -47,7 +47,7 @@ class PortalThread:
     def _main(self) -> None:
         try:
             if self.netns is not None:
-                from xdp.netns import enter
+                from firezone_relay.xdp.netns import enter
 
                 enter(self.netns)  # this thread only, for good
             self.loop = asyncio.new_event_loop()

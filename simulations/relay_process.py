@@ -1,4 +1,4 @@
-"""The one way tests, simulations and benchmarks run the relay daemon: ``python -m actors.cli``
+"""The one way tests, simulations and benchmarks run the relay daemon: ``firezone-relay``
 as a subprocess, its output in a log file.
 
 :func:`spawn_daemon` starts any command line, anywhere (a wrapper such as ``prlimit`` or
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.auth import make_credentials
-from protocol.stun import long_term_key
-from protocol.types import Addr, Family
+from firezone_relay.protocol.auth import make_credentials
+from firezone_relay.protocol.stun import long_term_key
+from firezone_relay.protocol.types import Addr, Family
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Allocation ports of the simulator's relays: below the kernel's ephemeral range
@@ -129,7 +129,7 @@ def spawn_daemon(
     """Start ``[*wrapper, python, -m, actors.cli, *args]`` from the repository, output to
     ``log_path``, environment :func:`daemon_env` (``env`` on top). ``popen`` starts it
     elsewhere, e.g. ``functools.partial(topology.popen, topology.rly)`` in a namespace."""
-    command = [*wrapper, sys.executable, "-m", "actors.cli", *args]
+    command = [*wrapper, sys.executable, "-m", "firezone_relay.actors.cli", *args]
     full_env = daemon_env(env, inherit_env)
     with open(log_path, "wb") as log:
         proc = popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from protocol import stun
-from protocol.stun import Attr, Class, Message, Method
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr, Class, Message, Method
+from firezone_relay.protocol.types import Addr, Family
 
 
 @dataclass(slots=True)

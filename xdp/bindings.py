@@ -11,8 +11,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding
-from xdp.maps import binding_entries
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.xdp.maps import binding_entries
 
 
 @dataclass(slots=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from xdp import bpfsys, interface
-from xdp.maps import (
+from firezone_relay.xdp import bpfsys, interface
+from firezone_relay.xdp.maps import (
     CONFIG_SIZE,
     STATS_SIZE,
     RouterConfig,

@@ -10,7 +10,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from protocol.types import Addr
+from firezone_relay.protocol.types import Addr
 
 #: Counter slots of ``struct relay_stats`` (order matters).
 PATHS = ("channel_to_udp", "udp_to_channel", "channel_to_channel")

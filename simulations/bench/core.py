@@ -12,10 +12,10 @@ import argparse
 import random
 import time
 
-from protocol import channel_data, stun
-from protocol.auth import firezone_password
-from protocol.commands import CreateAllocation, SendMessage
-from protocol.server import Server, ServerConfig
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.auth import firezone_password
+from firezone_relay.protocol.commands import CreateAllocation, SendMessage
+from firezone_relay.protocol.server import Server, ServerConfig
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0

@@ -50,27 +50,9 @@ PORTS = (16000, 19999)
 
 
 def ensure_helper() -> str:
-    """Build the compiled data-path helper in place when this is a source tree without it (the
-    relay under test runs from ROOT), so a clean clone benchmarks what `pip install .` ships."""
-    import importlib.util
-    import sysconfig
-
-    if importlib.util.find_spec("_firezone_relay_udpio") is None and shutil.which("gcc"):
-        target = ROOT / f"_firezone_relay_udpio{sysconfig.get_config_var('EXT_SUFFIX')}"
-        subprocess.run(
-            [
-                "gcc",
-                "-O2",
-                "-shared",
-                "-fPIC",
-                f"-I{sysconfig.get_paths()['include']}",
-                str(ROOT / "actors" / "_udpio.c"),
-                "-o",
-                str(target),
-            ],
-            check=False,
-        )
-    from actors.udpio import IMPLEMENTATION
+    """The data path of the installed relay under test (`pip install .` builds the compiled
+    helper; benchmarks measure what a clone installs)."""
+    from firezone_relay.actors.udpio import IMPLEMENTATION
 
     return IMPLEMENTATION
 
@@ -105,7 +87,7 @@ def rss_kb(pid: int | None = None) -> int:
 
 
 def firezone_credentials(i: int, secret: str = SECRET) -> tuple[str, str]:
-    from protocol.auth import make_credentials
+    from firezone_relay.protocol.auth import make_credentials
 
     return make_credentials("firezone", secret, int(time.time()) + 3600, f"bench{i}")
 
@@ -155,8 +137,8 @@ def bench_scale(n: int) -> None:
 
     import uvloop
 
-    from actors.daemon import Relay, Settings
-    from protocol.server import ServerConfig
+    from firezone_relay.actors.daemon import Relay, Settings
+    from firezone_relay.protocol.server import ServerConfig
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)

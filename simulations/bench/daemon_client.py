@@ -210,7 +210,7 @@ def random_payload(size: int) -> bytes:
 def batch_io() -> tuple[Callable[[list[object]], tuple[int, int]], type, str]:
     """The data path's batch send and receive (compiled when built), used here so the load
     generator and the sink cost as little of their shared core as possible."""
-    from actors.udpio import IMPLEMENTATION, Receiver, send_batch
+    from firezone_relay.actors.udpio import IMPLEMENTATION, Receiver, send_batch
 
     return send_batch, Receiver, IMPLEMENTATION
 

@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol import stun
-from protocol.auth import make_credentials
-from protocol.stun import Attr, Class
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.auth import make_credentials
+from firezone_relay.protocol.stun import Attr, Class
 from simulations.turn_client import TurnClient
 
 __all__ = ["Report", "Target", "allocate", "binding_rtt", "exchange", "main", "soak"]

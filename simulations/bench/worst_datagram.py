@@ -25,10 +25,10 @@ import random
 import time
 from collections.abc import Callable
 
-from protocol import stun
-from protocol.auth import firezone_password
-from protocol.server import Server, ServerConfig
-from protocol.stun import Attr, Class, Method
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.auth import firezone_password
+from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.stun import Attr, Class, Method
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0

@@ -13,7 +13,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    cycle, and an empty program (XDP_PASS) on the same frame; printed as ratios with issue 24's
    targets (same-family channel<->udp <= 1.2x the minimal router, cross-family and relay loop
    <= 1.5x, passing to userspace <= 2x the empty program).
-2. The real daemon (``python -m actors.cli``) in the relay namespace of the topology of
+2. The real daemon (``firezone-relay``) in the relay namespace of the topology of
    simulations/netns/topology.py, once in userspace and once with ``--ebpf-offloading p0``: a
    TURN client in the client namespace allocates and binds a channel to a peer behind the NAT
    (real handshake, Firezone credentials from the daemon's secret), then 100-byte payloads are
@@ -48,9 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import stun
-from protocol.commands import CreateChannelBinding
-from protocol.types import Addr
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.commands import CreateChannelBinding
+from firezone_relay.protocol.types import Addr
+from firezone_relay.xdp import bpfsys
+from firezone_relay.xdp.maps import RouterConfig, chan_key, peer_key
 from simulations.frames import channel_data, frame
 from simulations.netns.relay import (
     RelayCounters,
@@ -62,8 +64,6 @@ from simulations.netns.relay import (
     udp_receive_drops,
 )
 from simulations.netns.topology import Netns, Topology
-from xdp import bpfsys
-from xdp.maps import RouterConfig, chan_key, peer_key
 
 REPO = Path(__file__).resolve().parents[2]
 R4, R6 = "10.0.0.5", "fd00::5"  # interface addresses
@@ -116,7 +116,7 @@ def bench_program(repeat: int) -> tuple[list[PathCost], bool]:
     """Every path of the program beside the minimal router and the empty program, interleaved
     run by run (best of five each), and whether the minimal router's output equals ours on the
     IPv4 channel<->udp cycle (the floor must do the same work)."""
-    from xdp.loader import TurnRouter, import_bcc
+    from firezone_relay.xdp.loader import TurnRouter, import_bcc
 
     router = TurnRouter(max_bindings=1024)
     router.configure(
@@ -252,7 +252,7 @@ def print_program(program: list[PathCost], same: bool) -> None:
 
 def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, float, float, int]]:
     """(direction, offered pps, delivered pps, packets the program relayed)."""
-    from actors.xdp_manager import XdpOptions, start_offload
+    from firezone_relay.actors.xdp_manager import XdpOptions, start_offload
 
     results: list[tuple[str, float, float, int]] = []
     ref = None
@@ -261,7 +261,7 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
     try:
         t.build()
         if mode == "driver":  # native XDP on veth needs a program on the peer veth too
-            from xdp.loader import import_bcc
+            from firezone_relay.xdp.loader import import_bcc
 
             bcc = import_bcc()
             peer_prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
@@ -387,7 +387,7 @@ class ModeRun:
 
 def _peer_pass_program(t: Topology) -> Any:
     """Native XDP on a veth needs an XDP program on its peer too (recipe §5.1)."""
-    from xdp.loader import import_bcc
+    from firezone_relay.xdp.loader import import_bcc
 
     bcc = import_bcc()
     prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
@@ -400,7 +400,7 @@ def _peer_pass_program(t: Topology) -> Any:
 def bench_daemon(
     offload: bool, mode: str, seconds: float, rates: list[str], limit: int, deadline: float
 ) -> ModeRun:
-    """``python -m actors.cli`` in the relay namespace (with or without XDP offload on p0); a
+    """``firezone-relay`` in the relay namespace (with or without XDP offload on p0); a
     TURN client in the client namespace allocates and binds a channel to the peer, then each
     direction is flooded at every rate."""
     run = ModeRun(f"XDP {mode} on p0 (--ebpf-offloading p0)" if offload else "userspace", offload)
@@ -600,7 +600,7 @@ def main() -> None:
     if not args.skip_daemon:
         seconds = min(args.daemon_seconds, 4.0)
         print(
-            f"\nthe daemon (python -m actors.cli) in the relay namespace of the topology, a TURN "
+            f"\nthe daemon (firezone-relay) in the relay namespace of the topology, a TURN "
             f"client in the client namespace (Allocate, ChannelBind to the peer), 100-byte "
             f"payloads, {seconds:g} s per step, Python sender on CPU0; delivered = rx_packets at "
             f"the receiving veth; relay CPU = utime+stime of the relay process over flood + "

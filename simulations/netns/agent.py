@@ -48,10 +48,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import stun
-from protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
-from protocol.stun import Attr, Class, Method
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from firezone_relay.protocol.stun import Attr, Class, Method
+from firezone_relay.protocol.types import Addr, Family
 from simulations.netns import tun
 from simulations.turn_client import TurnClient
 

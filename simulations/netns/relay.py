@@ -1,6 +1,6 @@
 """The real relay daemon inside a namespace topology, for benchmarks and tests (root).
 
-Plumbing for :mod:`simulations.bench.xdp` and the integration tests: ``python -m actors.cli``
+Plumbing for :mod:`simulations.bench.xdp` and the integration tests: ``firezone-relay``
 started in the relay namespace of a :class:`~simulations.netns.topology.Topology`, a TURN
 client that allocates and binds a channel through the NAT with a socket living in the client
 namespace, a bounded UDP generator run inside a namespace (paced or flat out), and readers for
@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import stun
-from protocol.auth import make_credentials
-from protocol.stun import Attr, Class
-from protocol.types import Addr
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.auth import make_credentials
+from firezone_relay.protocol.stun import Attr, Class
+from firezone_relay.protocol.types import Addr
 from simulations.netns.topology import Netns, Topology
 from simulations.relay_process import spawn_daemon
 from simulations.turn_client import TurnClient
@@ -125,7 +125,7 @@ def generate(
 
 
 class RelayDaemon:
-    """``python -m actors.cli`` in the relay namespace, standalone, with a known secret."""
+    """``firezone-relay`` in the relay namespace, standalone, with a known secret."""
 
     def __init__(self, topo: Topology, offload: str | None, mode: str = "generic") -> None:
         self.topo = topo

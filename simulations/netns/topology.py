@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal, Protocol
 
-from xdp.netns import netns as _enter_netns
+from firezone_relay.xdp.netns import netns as _enter_netns
 
 NatKind = Literal["cone", "symmetric"]
 Side = Literal["client", "gateway"]

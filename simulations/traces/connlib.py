@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import stun
-from protocol.channel_data import encode as channel_data
-from protocol.stun import Attr, Class, Method, long_term_key
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.channel_data import encode as channel_data
+from firezone_relay.protocol.stun import Attr, Class, Method, long_term_key
+from firezone_relay.protocol.types import Addr, Family
 from simulations.traces import tracefile
 from simulations.traces.tracefile import Expectations, Frame
 

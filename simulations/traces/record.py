@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import stun
-from protocol.channel_data import encode as channel_data
-from protocol.stun import Attr, Class, Message, Method
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.channel_data import encode as channel_data
+from firezone_relay.protocol.stun import Attr, Class, Message, Method
+from firezone_relay.protocol.types import Addr, Family
 from simulations import relay_process
 from simulations.relay_process import Credential, RelaySystem
 from simulations.traces import tracefile

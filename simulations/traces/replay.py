@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import stun
-from protocol.stun import Attr, Class, Message
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr, Class, Message
+from firezone_relay.protocol.types import Addr, Family
 from simulations import relay_process
 from simulations.relay_process import Credential, RelaySystem
 from simulations.traces import tracefile

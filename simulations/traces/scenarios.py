@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from protocol import stun
-from protocol.channel_data import encode as channel_data
-from protocol.stun import Attr, Class, Message, Method
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.channel_data import encode as channel_data
+from firezone_relay.protocol.stun import Attr, Class, Message, Method
+from firezone_relay.protocol.types import Addr, Family
 from simulations.traces.record import (
     Endpoint,
     Scenario,

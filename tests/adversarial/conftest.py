@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import stun
-from protocol.stun import Message
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Message
 from simulations.relay_process import start_local
 from simulations.turn_client import TurnClient
 from tests.system.conftest import SECRET, RelayProcess

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import channel_data, stun
-from protocol.stun import Attr, Class, Method
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.stun import Attr, Class, Method
 from simulations.turn_client import TurnClient
 from tests.adversarial.conftest import Attacker, error_code
 from tests.system.conftest import RelayProcess, port_range
@@ -95,7 +95,7 @@ def test_loopback_service_in_the_allocation_range_is_unreachable(relays: Factory
 
 
 def test_host_interface_address_is_unreachable(relays: Factory) -> None:
-    from actors.sockets import local_addresses
+    from firezone_relay.actors.sockets import local_addresses
 
     host = next(
         (a for a in sorted(local_addresses()) if ":" not in a and not a.startswith("127.")), None

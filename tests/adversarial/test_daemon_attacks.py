@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.http_endpoints import Limits
-from actors.logs import FLOOD_BURST
-from protocol import stun
-from protocol.stun import Attr, Class, Method
+from firezone_relay.actors.http_endpoints import Limits
+from firezone_relay.actors.logs import FLOOD_BURST
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr, Class, Method
 from simulations.bench import fuzz
 from tests.adversarial import daemon_fixtures
 from tests.adversarial.daemon_fixtures import RelayProcess, http

@@ -7,8 +7,13 @@ import io
 import logging
 from pathlib import Path
 
-from actors.limits import FD_RESERVE, allocation_cap, ephemeral_overlap, port_range_warning
-from actors.logs import FLOOD_BURST, FloodGuard, HumanFormatter
+from firezone_relay.actors.limits import (
+    FD_RESERVE,
+    allocation_cap,
+    ephemeral_overlap,
+    port_range_warning,
+)
+from firezone_relay.actors.logs import FLOOD_BURST, FloodGuard, HumanFormatter
 
 
 def test_allocation_cap_keeps_the_reserve() -> None:

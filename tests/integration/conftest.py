@@ -55,7 +55,7 @@ def require_root_tools(*tools: str) -> None:
 def require_bcc() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (loading BPF programs)")
-    from xdp.loader import XdpUnavailable, import_bcc
+    from firezone_relay.xdp.loader import XdpUnavailable, import_bcc
 
     try:
         import_bcc()

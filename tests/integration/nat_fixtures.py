@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from protocol.auth import make_credentials, portal_salt
+from firezone_relay.protocol.auth import make_credentials, portal_salt
 from simulations.netns.signalling import Hub
 from simulations.netns.topology import Topology, TopologyOptions
 from simulations.portal_thread import PortalThread
@@ -74,7 +74,7 @@ def require_nat_tools() -> None:
 def xdp_unavailable() -> str | None:
     """Why the relay cannot offload to XDP here, or None if it should be able to."""
     try:
-        from xdp.loader import XdpUnavailable, import_bcc
+        from firezone_relay.xdp.loader import XdpUnavailable, import_bcc
     except ImportError as exc:
         return f"XDP loader not importable: {exc}"
     try:
@@ -82,7 +82,7 @@ def xdp_unavailable() -> str | None:
     except XdpUnavailable as exc:
         return str(exc)
     try:
-        from actors import xdp_manager
+        from firezone_relay.actors import xdp_manager
     except ImportError as exc:
         return f"actors.xdp_manager not importable: {exc}"
     if not hasattr(xdp_manager, "start_offload"):
@@ -145,7 +145,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: fl
 
 
 class RelayProcess:
-    """``python -m actors.cli`` in the relay namespace, its log in a file."""
+    """``firezone-relay`` in the relay namespace, its log in a file."""
 
     def __init__(
         self,

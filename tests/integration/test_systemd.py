@@ -71,7 +71,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
 def test_cli_prints_the_unit_and_its_environment_file() -> None:
     for args, name in (([], "firezone-relay.service"), (["--env"], "firezone-relay.env")):
         out = subprocess.run(
-            [sys.executable, "-m", "actors.cli", "systemd-unit", *args],
+            [sys.executable, "-m", "firezone_relay.actors.cli", "systemd-unit", *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -147,7 +147,7 @@ def test_relays_with_xdp_as_an_unprivileged_user(
             *("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"),
             *("--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", caps),
             "--no-new-privs",
-            *(python, "-m", "actors.cli", "--public-ip4-addr", t.relay4),
+            *(python, "-m", "firezone_relay.actors.cli", "--public-ip4-addr", t.relay4),
             *("--lowest-port", "49152", "--highest-port", "49407", "--auth-secret", SECRET),
             *("--allow-private-peers", "--health-check-addr", f"127.0.0.1:{HEALTH}"),
             *("--ebpf-offloading", t.relay_dev, "--ebpf-attach-mode", "generic"),

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from actors.xdp_manager import (
+from firezone_relay.actors.xdp_manager import (
     XdpManager,
     XdpOffloadRequired,
     XdpOptions,
     start_offload,
 )
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
+from firezone_relay.xdp import bpfsys
+from firezone_relay.xdp.loader import XdpUnavailable
 from simulations.frames import channel_data, frame
 from simulations.netns.topology import Netns
 from tests.integration.conftest import require_bcc
-from xdp import bpfsys
-from xdp.loader import XdpUnavailable
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_attaches_and_detaches_on_stop(solo: Netns) -> None:
 
 CHILD = """
 import sys, time
-from actors.xdp_manager import XdpOptions, start_offload
+from firezone_relay.actors.xdp_manager import XdpOptions, start_offload
 ref = start_offload(XdpOptions(interface="p0", attach_mode="generic", public_ip4="10.9.0.1",
                                mandatory=True, netns=sys.argv[1]))
 print("attached", ref.proxy().status().get().prog_id, flush=True)
@@ -135,7 +135,7 @@ def test_detached_when_the_process_is_killed(solo: Netns) -> None:
 @pytest.mark.parametrize("mode", ["generic", "driver"])
 def test_replaces_a_stale_program(solo: Netns, mode: str, caplog: pytest.LogCaptureFixture) -> None:
     """A program left attached through netlink (e.g. by an older relay or `ip link`)."""
-    from xdp.loader import import_bcc
+    from firezone_relay.xdp.loader import import_bcc
 
     bcc = import_bcc()
     stale = bcc.BPF(text=b"int stale(struct xdp_md *ctx) { return XDP_DROP; }")
@@ -185,7 +185,7 @@ def test_missing_bcc(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureF
     def no_bcc() -> None:
         raise XdpUnavailable("bcc is not installed (Debian: apt-get install python3-bpfcc)")
 
-    monkeypatch.setattr("xdp.loader.import_bcc", no_bcc)
+    monkeypatch.setattr("firezone_relay.xdp.loader.import_bcc", no_bcc)
     with caplog.at_level(logging.WARNING):
         assert start_offload(opts(None, interface="lo")) is None
     assert "bcc is not installed" in one_warning(caplog)
@@ -203,7 +203,7 @@ def test_kernel_refuses_the_program(
         "    return p[100];  /* no bounds check: the verifier says no */\n"
         "}\n"
     )
-    monkeypatch.setattr("xdp.loader.SOURCE", bad)
+    monkeypatch.setattr("firezone_relay.xdp.loader.SOURCE", bad)
     with caplog.at_level(logging.WARNING, logger="relay.xdp"):
         assert start_offload(opts(solo)) is None
     assert "refused" in one_warning(caplog)
@@ -262,7 +262,7 @@ def test_counters_are_plain_numbers(manager: object) -> None:
 
 
 def test_options_from_the_command_line() -> None:
-    from actors.cli import build_parser, settings_from_args
+    from firezone_relay.actors.cli import build_parser, settings_from_args
 
     args = build_parser().parse_args(
         [
@@ -299,8 +299,8 @@ def test_options_from_the_command_line() -> None:
 
 
 def test_binding_table_coalesces_a_batch() -> None:
-    from xdp.bindings import BindingTable
-    from xdp.maps import binding_entries
+    from firezone_relay.xdp.bindings import BindingTable
+    from firezone_relay.xdp.maps import binding_entries
 
     t = BindingTable()
     a = CreateChannelBinding(("100.64.0.1", 40000), 0x4000, ("8.8.4.4", 5000), 49152)
@@ -329,7 +329,7 @@ def test_binding_table_coalesces_a_batch() -> None:
 
 
 def test_router_config_is_validated() -> None:
-    from xdp.maps import RouterConfig
+    from firezone_relay.xdp.maps import RouterConfig
 
     RouterConfig(public_ip4="52.0.0.1", public_ip6="2600::1").pack()
     for bad in (
@@ -346,7 +346,7 @@ def test_router_config_is_validated() -> None:
 def test_counters_sum_over_cpus() -> None:
     import struct
 
-    from xdp.maps import STATS_SIZE, XdpCounters
+    from firezone_relay.xdp.maps import STATS_SIZE, XdpCounters
 
     words = STATS_SIZE // 8
     cpu0 = struct.pack(f"={words}Q", *range(words))

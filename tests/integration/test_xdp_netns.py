@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from actors.xdp_manager import XdpManager, XdpOptions, start_offload
-from protocol.commands import CreateChannelBinding, DeleteChannelBinding
-from protocol.types import Addr
+from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions, start_offload
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.protocol.types import Addr
 from simulations.frames import channel_data
 from simulations.netns.topology import Netns, Topology
 from tests.integration.conftest import require_bcc
@@ -82,7 +82,7 @@ class Relay:
 
 def attach_pass_program(ns: Netns, dev: str) -> object:
     """Native XDP on veth needs an XDP program on the peer too (recipe §5.1)."""
-    from xdp.loader import import_bcc
+    from firezone_relay.xdp.loader import import_bcc
 
     bcc = import_bcc()
     b = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")

@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from protocol.auth import firezone_password
-from protocol.commands import Command, CreateAllocation
-from protocol.routes import LoopToClient
-from protocol.server import Server, ServerConfig
-from protocol.types import Addr, Family
+from firezone_relay.protocol.auth import firezone_password
+from firezone_relay.protocol.commands import Command, CreateAllocation
+from firezone_relay.protocol.routes import LoopToClient
+from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.xdp import bpfsys
+from firezone_relay.xdp.bindings import BindingTable
+from firezone_relay.xdp.maps import RouterConfig
 from simulations.frames import MAC_RELAY, MAC_ROUTER, channel_data, describe, frame
 from simulations.netns.topology import Netns
 from simulations.turn_client import TurnClient
 from tests.integration.conftest import require_bcc
-from xdp import bpfsys
-from xdp.bindings import BindingTable
-from xdp.maps import RouterConfig
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def relay_ip(v6: bool) -> str:
 @pytest.fixture(scope="module")
 def router() -> Iterator[object]:
     require_bcc()
-    from xdp.loader import TurnRouter
+    from firezone_relay.xdp.loader import TurnRouter
 
     r = TurnRouter(max_bindings=4096, timing_sample=1)
     try:
@@ -143,7 +143,7 @@ class Relay:
             firezone_password(self.server.auth_secret, expiry, salt),
             rng=random.Random(salt),
         )
-        from protocol import stun
+        from firezone_relay.protocol import stun
 
         self.server.handle_client_input(tc.allocate(transport=0), client, 0.0)
         for c in self._drain():
@@ -386,7 +386,7 @@ def pass_cases(relay: Relay) -> list[tuple[str, str, bytes]]:
     from scapy.layers.l2 import ARP, Dot1Q, Ether
     from scapy.packet import Raw
 
-    from protocol import stun
+    from firezone_relay.protocol import stun
 
     port = relay.ports[C4]
     relay.bind(C4, 0x4000, P4)

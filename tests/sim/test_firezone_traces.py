@@ -51,8 +51,8 @@ def test_trace_is_what_the_builder_writes(trace: Path, tmp_path: Path) -> None:
 def test_connlib_requests_carry_connlibs_attributes() -> None:
     """Allocate and Refresh as MessagePrototype builds them: REQUESTED-TRANSPORT,
     ADDITIONAL-ADDRESS-FAMILY, SOFTWARE, then the credentials; no LIFETIME except 0."""
-    from protocol import stun
-    from protocol.stun import Attr, Class, Method
+    from firezone_relay.protocol import stun
+    from firezone_relay.protocol.stun import Attr, Class, Method
 
     trace = tracefile.load(connlib.OUT_DIR / "connlib_allocate.pcap")
     seen = set()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from protocol import stun
-from protocol.channel_data import encode as channel_data
-from protocol.stun import Attr, Class
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.channel_data import encode as channel_data
+from firezone_relay.protocol.stun import Attr, Class
 from simulations.traces import record, replay, tracefile
 from simulations.traces.scenarios import STANDALONE, bind, ping_pong, relayed
 from simulations.traces.tracefile import Frame, Trace

@@ -13,9 +13,9 @@ import pykka
 import pytest
 import uvloop
 
-from actors.loop_actor import LoopActor
-from actors.pipeline import ROUTES, Pipeline
-from protocol.commands import (
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.pipeline import ROUTES, Pipeline
+from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
@@ -23,7 +23,7 @@ from protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from protocol.types import Family
+from firezone_relay.protocol.types import Family
 
 pytestmark = pytest.mark.system
 

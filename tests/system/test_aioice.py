@@ -68,7 +68,7 @@ def test_cli_credentials_are_accepted(relay: RelayProcess) -> None:
         [
             sys.executable,
             "-m",
-            "actors.cli",
+            "firezone_relay.actors.cli",
             "credentials",
             "--auth-secret",
             relay.secret,
@@ -99,7 +99,7 @@ def test_rest_scheme_credentials(relay_factory) -> None:  # type: ignore[no-unty
         [
             sys.executable,
             "-m",
-            "actors.cli",
+            "firezone_relay.actors.cli",
             "credentials",
             "--auth-secret",
             relay.secret,

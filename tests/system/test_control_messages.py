@@ -16,7 +16,7 @@ import aioice.stun
 import pytest
 import uvloop
 
-from actors.control import (
+from firezone_relay.actors.control import (
     AllocationBindFailed,
     AllocationStopped,
     PeerSocketClosed,
@@ -27,12 +27,12 @@ from actors.control import (
     Shutdown,
     tell,
 )
-from actors.daemon import CONTROL_ROUTES, Relay, Settings
-from actors.portal import PortalConfig
-from protocol.auth import make_credentials
-from protocol.phoenix import BackoffConfig, SessionConfig
-from protocol.server import ServerConfig
-from protocol.types import Family
+from firezone_relay.actors.daemon import CONTROL_ROUTES, Relay, Settings
+from firezone_relay.actors.portal import PortalConfig
+from firezone_relay.protocol.auth import make_credentials
+from firezone_relay.protocol.phoenix import BackoffConfig, SessionConfig
+from firezone_relay.protocol.server import ServerConfig
+from firezone_relay.protocol.types import Family
 from simulations.portal import Portal
 from tests.system.conftest import free_port, port_range
 from tests.system.peers import echo_peer, turn_client

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from protocol import channel_data, stun
-from protocol.stun import Attr, Class
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.stun import Attr, Class
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, http
 

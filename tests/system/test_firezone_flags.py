@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.cli import build_parser
+from firezone_relay.actors.cli import build_parser
 from tests.system.conftest import ROOT, RelayProcess, start_from_env
 from tests.system.peers import echo_peer, run, turn_client
 
@@ -62,7 +62,7 @@ IGNORED = {
 
 def _help() -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "--help"],
+        [sys.executable, "-m", "firezone_relay.actors.cli", "--help"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"},
         capture_output=True,
@@ -224,7 +224,7 @@ def test_telemetry_false_is_no_telemetry(tmp_path: Path) -> None:
 
 def test_bad_worker_thread_count_is_a_usage_error() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "--num-worker-threads", "0"],
+        [sys.executable, "-m", "firezone_relay.actors.cli", "--num-worker-threads", "0"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,

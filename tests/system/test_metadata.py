@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from actors.cli import build_parser, settings_from_args
-from actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
-from protocol.stun import Attr, Class, parse
-from protocol.types import Family
+from firezone_relay.actors.cli import build_parser, settings_from_args
+from firezone_relay.actors.metadata import MetadataError, fill_public_ips, otel_resource_attributes
+from firezone_relay.protocol.stun import Attr, Class, parse
+from firezone_relay.protocol.types import Family
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http, start_from_env
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.system
 BASE = [
     sys.executable,
     "-m",
-    "actors.cli",
+    "firezone_relay.actors.cli",
     "--public-ip4-addr",
     "127.0.0.1",
     "--listen-port",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.portal import default_user_agent
-from actors.version import relay_version, software
-from protocol import stun
-from protocol.stun import Attr
+from firezone_relay.actors.portal import default_user_agent
+from firezone_relay.actors.version import relay_version, software
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr
 from simulations.relay_process import daemon_args
 from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, RelayProcess, free_port, port_range
@@ -30,7 +30,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FIREZONE_")}
     full_env.update({"PYTHONPATH": str(ROOT), **(env or {})})
     return subprocess.run(
-        [sys.executable, "-m", "actors.cli", *args],
+        [sys.executable, "-m", "firezone_relay.actors.cli", *args],
         cwd=ROOT,
         env=full_env,
         capture_output=True,

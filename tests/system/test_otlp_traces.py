@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from protocol.stun import Attr, Class, parse
+from firezone_relay.protocol.stun import Attr, Class, parse
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http
@@ -372,7 +372,7 @@ def test_a_failed_startup_is_an_error_span(relay_factory, collector) -> None:  #
 
 
 def test_otel_traces_exporter_none_turns_spans_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from actors.telemetry import HistogramBridge, Telemetry
+    from firezone_relay.actors.telemetry import HistogramBridge, Telemetry
 
     def make() -> Telemetry:
         return Telemetry(

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from actors.portal import PortalClient, PortalConfig, resolve_host
-from protocol.auth import firezone_password, portal_salt
-from protocol.phoenix import BackoffConfig, Fatal, SessionConfig
+from firezone_relay.actors.portal import PortalClient, PortalConfig, resolve_host
+from firezone_relay.protocol.auth import firezone_password, portal_salt
+from firezone_relay.protocol.phoenix import BackoffConfig, Fatal, SessionConfig
 from simulations.portal import Portal, relay_id
 
 pytestmark = pytest.mark.system

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from protocol import stun
-from protocol.stun import Attr, Class
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr, Class
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port
 

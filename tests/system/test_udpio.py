@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from actors import udpio
+from firezone_relay.actors import udpio
 
 pytestmark = pytest.mark.system
 
 IMPLEMENTATIONS: list[tuple[str, Any, Callable[[list[Any]], tuple[int, int]]]] = [
     ("python", udpio.PyReceiver, udpio.py_send_batch)
 ]
-if importlib.util.find_spec("_firezone_relay_udpio") is not None:
-    import _firezone_relay_udpio as compiled
+if importlib.util.find_spec("firezone_relay.actors._udpio") is not None:
+    from firezone_relay.actors import _udpio as compiled
 
     IMPLEMENTATIONS.append(("compiled", compiled.Receiver, compiled.send_batch))
 
@@ -276,10 +276,10 @@ class InProcessRelay:
     place of the actors (what the daemon's pipeline does, on one thread)."""
 
     def __init__(self) -> None:
-        from actors.dataplane import DataPlane
-        from actors.sockets import bind_udp
-        from protocol.server import Server, ServerConfig
-        from protocol.types import Family
+        from firezone_relay.actors.dataplane import DataPlane
+        from firezone_relay.actors.sockets import bind_udp
+        from firezone_relay.protocol.server import Server, ServerConfig
+        from firezone_relay.protocol.types import Family
         from tests.system.conftest import port_range
 
         self._bind = bind_udp
@@ -305,7 +305,7 @@ class InProcessRelay:
         self.server.handle_client_input = counted  # type: ignore[method-assign]
 
     def drain(self) -> None:
-        from protocol.commands import CreateAllocation, FreeAllocation, SendMessage
+        from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation, SendMessage
 
         sockets = self.dataplane.allocation_sockets
         while (command := self.server.next_command()) is not None:
@@ -331,9 +331,9 @@ class InProcessRelay:
 def test_the_data_plane_mirrors_the_cores_channels_until_they_expire(
     sockets: dict[str, socket.socket],
 ) -> None:
-    from protocol.auth import firezone_password
-    from protocol.stun import Attr, Class, parse
-    from protocol.types import Family
+    from firezone_relay.protocol.auth import firezone_password
+    from firezone_relay.protocol.stun import Attr, Class, parse
+    from firezone_relay.protocol.types import Family
     from simulations.turn_client import TurnClient
 
     client, peer = sockets["client"], sockets["peer"]
@@ -454,3 +454,28 @@ def test_a_run_to_one_client_arrives_as_separate_datagrams_in_order(
         assert rx.gso_sends == 1 or not rx.gso  # off only where the kernel refused it
     else:
         assert rx.gso_sends == 0
+
+
+@needs_compiled
+def test_debug_routes_lists_every_mirrored_route_as_plain_tuples(
+    sockets: dict[str, socket.socket],
+) -> None:
+    """The soak's debug read: exactly the routes installed, sorted, as plain tuples."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](8, 2052, 4)
+    assert rx.debug_routes() == []
+    port = allocation.getsockname()[1]
+    me, them = client.getsockname(), peer.getsockname()
+    assert rx.set_to_peer(me, 0x4001, allocation.fileno(), them)
+    assert rx.set_to_peer(me, 0x4000, allocation.fileno(), them)
+    assert rx.set_to_client(port, ("::1", 7), listen.fileno(), me, 0x4000)
+    assert rx.debug_routes() == [
+        ("to_client", port, ("::1", 7), listen.fileno(), me, 0x4000),
+        ("to_peer", me, 0x4000, allocation.fileno(), them),
+        ("to_peer", me, 0x4001, allocation.fileno(), them),
+    ]
+    rx.drop_to_peer(me, 0x4001)
+    rx.drop_to_client(port, ("::1", 7))
+    assert rx.debug_routes() == [("to_peer", me, 0x4000, allocation.fileno(), them)]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from protocol import stun
-from protocol.auth import firezone_password, rest_password
-from protocol.commands import Command, SendMessage
-from protocol.routes import ClientRoute
-from protocol.server import Server, ServerConfig
-from protocol.stun import Attr, Class, Message
-from protocol.types import Addr, Family
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.auth import firezone_password, rest_password
+from firezone_relay.protocol.commands import Command, SendMessage
+from firezone_relay.protocol.routes import ClientRoute
+from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.stun import Attr, Class, Message
+from firezone_relay.protocol.types import Addr, Family
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0  # the harness's clock doubles as wall clock (unix_offset = 0)

@@ -7,8 +7,8 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import stun
-from protocol.stun import Attr, Class, Method
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.stun import Attr, Class, Method
 from tests.unit.harness import CLIENT, PEER, Harness
 
 settings.register_profile(

@@ -10,10 +10,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import channel_data
-from protocol.commands import CreateAllocation
-from protocol.stun import Attr, Method
-from protocol.types import Addr, Family
+from firezone_relay.protocol import channel_data
+from firezone_relay.protocol.commands import CreateAllocation
+from firezone_relay.protocol.stun import Attr, Method
+from firezone_relay.protocol.types import Addr, Family
 from simulations.turn_client import TurnClient
 from tests.unit.harness import PEER, PEER6, PUBLIC4, Harness
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 import typing
 
-from protocol import stun
-from protocol.errors import ErrorCode
-from protocol.ports import PortAllocator
-from protocol.server import _TIMER_HANDLERS
-from protocol.timers import QuarantineExpiry, ReservationExpiry, TimerRecord, Timers
+from firezone_relay.protocol import stun
+from firezone_relay.protocol.errors import ErrorCode
+from firezone_relay.protocol.ports import PortAllocator
+from firezone_relay.protocol.server import _TIMER_HANDLERS
+from firezone_relay.protocol.timers import QuarantineExpiry, ReservationExpiry, TimerRecord, Timers
 
 
 def _ports(in_use: set[int], timers: Timers) -> PortAllocator:

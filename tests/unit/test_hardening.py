@@ -6,17 +6,17 @@ import random
 
 import pytest
 
-from protocol import channel_data, stun
-from protocol.auth import Nonces, parse_username, secret_bits
-from protocol.commands import CreateAllocation
-from protocol.server import (
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.auth import Nonces, parse_username, secret_bits
+from firezone_relay.protocol.commands import CreateAllocation
+from firezone_relay.protocol.server import (
     DEFAULT_MAX_ALLOCATIONS_PER_USER,
     MAX_PEERS_PER_REQUEST,
     Server,
     ServerConfig,
 )
-from protocol.stun import Attr, Class, Method
-from protocol.transactions import ENTRY_OVERHEAD, TransactionCache
+from firezone_relay.protocol.stun import Attr, Class, Method
+from firezone_relay.protocol.transactions import ENTRY_OVERHEAD, TransactionCache
 from simulations.turn_client import TurnClient
 from tests.unit.harness import CLIENT, PEER, PUBLIC4, Harness, error_code, is_success
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.phoenix import (
+from firezone_relay.protocol.phoenix import (
     BackoffConfig,
     Event,
     Fatal,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.policy import PeerPolicy, Verdict, networks
+from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 
 POLICY = PeerPolicy(own_addresses=frozenset({"52.0.0.1", "2600:1f00::1"}))
 

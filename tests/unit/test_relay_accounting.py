@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import channel_data
-from protocol.server import Stats, size_bucket
+from firezone_relay.protocol import channel_data
+from firezone_relay.protocol.server import Stats, size_bucket
 from tests.unit.harness import PEER, Harness, is_success
 
 CLIENT_B = ("198.51.200.7", 50000)

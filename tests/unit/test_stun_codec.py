@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import channel_data, stun
-from protocol.stun import Attr, Class, Method
+from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol.stun import Attr, Class, Method
 
 VECTORS = configparser.ConfigParser(interpolation=None)
 VECTORS.read(Path(__file__).parent.parent / "data" / "rfc5769-vectors.txt")
