@@ -97,6 +97,7 @@ class PathCost:
     minimal: float  # the minimal router: its IPv4 strip/prepend cycle, or this frame when passing
     empty: float  # an XDP program that only returns XDP_PASS, on this frame
     target: float  # the ratio to meet: to ``minimal`` when relaying, to ``empty`` when passing
+    compared: tuple[float, ...] = ()  # other builds of the program (``--compare``), same frame
 
     @property
     def relaying(self) -> bool:
@@ -112,16 +113,20 @@ def _v4(addr: str, port: int, other: int) -> bytes:
     return socket.inet_aton(addr) + struct.pack("!HH", port, other)
 
 
-def bench_program(repeat: int) -> tuple[list[PathCost], bool]:
+def bench_program(
+    repeat: int, compare: list[tuple[str, Path]] | None = None
+) -> tuple[list[PathCost], bool]:
     """Every path of the program beside the minimal router and the empty program, interleaved
     run by run (best of five each), and whether the minimal router's output equals ours on the
-    IPv4 channel<->udp cycle (the floor must do the same work)."""
+    IPv4 channel<->udp cycle (the floor must do the same work). ``compare``: other sources of
+    the program (e.g. the build before a change), measured the same way in the same loop."""
     from firezone_relay.xdp.loader import TurnRouter, import_bcc
 
+    config = RouterConfig(public_ip4=PUB4, public_ip6=PUB6, interface_ip4=R4, interface_ip6=R6)
     router = TurnRouter(max_bindings=1024)
-    router.configure(
-        RouterConfig(public_ip4=PUB4, public_ip6=PUB6, interface_ip4=R4, interface_ip6=R6)
-    )
+    others = [TurnRouter(max_bindings=1024, source=src) for _, src in compare or []]
+    for r in (router, *others):
+        r.configure(config)
     bcc = import_bcc()
     minimal = bcc.BPF(src_file=str(MINIMAL_SOURCE).encode(), cflags=["-w"])
     minimal_fd = minimal.load_func(b"xdp_minimal", bcc.BPF.XDP).fd
@@ -146,9 +151,14 @@ def bench_program(repeat: int) -> tuple[list[PathCost], bool]:
         for fd in (minimal_fd, empty_fd):
             bpfsys.prog_test_run(fd, min_raw if fd == minimal_fd else raw)
         runs.clear()
-        runs.update({router.prog_fd: [], minimal_fd: [], empty_fd: []})
+        runs.update({fd: [] for fd in (router.prog_fd, minimal_fd, empty_fd)})
+        runs.update({o.prog_fd: [] for o in others})
+        for o in others:
+            o.test_run(raw)
         for _ in range(5):
             runs[router.prog_fd].append(router.test_run(raw, repeat=repeat))
+            for o in others:
+                runs[o.prog_fd].append(o.test_run(raw, repeat=repeat))
             runs[minimal_fd].append(bpfsys.prog_test_run(minimal_fd, min_raw, repeat=repeat))
             runs[empty_fd].append(bpfsys.prog_test_run(empty_fd, raw, repeat=repeat))
         verdict = runs[router.prog_fd][0].retval
@@ -160,14 +170,17 @@ def bench_program(repeat: int) -> tuple[list[PathCost], bool]:
                 best(minimal_fd),
                 best(empty_fd),
                 target if verdict == bpfsys.XDP_TX else PASSING,
+                tuple(best(o.prog_fd) for o in others),
             )
         )
-        router.delete(installed["c2p"], installed["p2c"])
+        for r in (router, *others):
+            r.delete(installed["c2p"], installed["p2c"])
 
     installed: dict[str, list[bytes]] = {"c2p": [], "p2c": []}
 
     def put(c2p: list[tuple[bytes, bytes]], p2c: list[tuple[bytes, bytes]]) -> None:
-        router.update(c2p, p2c)
+        for r in (router, *others):
+            r.update(c2p, p2c)
         installed["c2p"] = [k for k, _ in c2p]
         installed["p2c"] = [k for k, _ in p2c]
 
@@ -223,16 +236,17 @@ def bench_program(repeat: int) -> tuple[list[PathCost], bool]:
         router.test_run(raw).data == bpfsys.prog_test_run(minimal_fd, raw).data
         for raw in (cycle4, router.test_run(cycle4).data)
     )
-    router.close()
+    for r in (router, *others):
+        r.close()
     minimal.cleanup()
     empty.cleanup()
     return results, same
 
 
-def print_program(program: list[PathCost], same: bool) -> None:
+def print_program(program: list[PathCost], same: bool, compare: list[str]) -> None:
     print(
         f"  {'path':<46} {'ours':>6} {'minimal':>8} {'empty':>6} {'ours/min':>9} "
-        f"{'ours/empty':>10}  target"
+        f"{'ours/empty':>10}  target" + "".join(f"  |  {n}: ns, ratio" for n in compare)
     )
     for p in program:
         v = {bpfsys.XDP_TX: "TX", bpfsys.XDP_PASS: "PASS"}.get(p.verdict, str(p.verdict))
@@ -242,6 +256,10 @@ def print_program(program: list[PathCost], same: bool) -> None:
             f"  {p.name + ' (' + v + ')':<46} {p.ours:6.0f} {p.minimal:8.0f} {p.empty:6.0f} "
             f"{p.ours / p.minimal:8.2f}x {p.ours / p.empty:9.2f}x  "
             f"<= {p.target:g}x {against}: {met}"
+            + "".join(
+                f"  |  {ns:4.0f} {ns / (p.minimal if p.relaying else p.empty):5.2f}x"
+                for ns in p.compared
+            )
         )
     print(
         "  (ns/packet, best of 5 interleaved runs each; relaying paths are compared with the "
@@ -576,6 +594,13 @@ def main() -> None:
         help="offered pps per daemon step, 'max' = flat out",
     )
     parser.add_argument("--limit", type=int, default=2_000_000, help="max packets per flood")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="also measure this source of the XDP program (e.g. the build before a change)",
+    )
     parser.add_argument("--mode", choices=("generic", "driver"), default="generic")
     parser.add_argument("--budget", type=float, default=90.0, help="whole run, seconds (max 90)")
     parser.add_argument("--skip-topology", action="store_true", help="no direct-map flood")
@@ -593,8 +618,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
 
     print(f"XDP TURN router, BPF_PROG_TEST_RUN, repeat={args.repeat}, 100-byte payload")
-    program, same = bench_program(args.repeat)
-    print_program(program, same)
+    compare = [(name, Path(src)) for name, _, src in (c.partition("=") for c in args.compare)]
+    program, same = bench_program(args.repeat, compare)
+    print_program(program, same, [name for name, _ in compare])
 
     runs: list[ModeRun] = []
     if not args.skip_daemon:
