@@ -160,7 +160,11 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    from firezone_relay.actors._udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
+    # untyped where the wheel is installed, not found in a bare source tree
+    from firezone_relay.actors._udpio import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+        Receiver,
+        send_batch,
+    )
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
