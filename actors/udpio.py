@@ -112,10 +112,12 @@ class PyReceiver:
     def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
 
-    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr, in_fd: int = -1) -> bool:
         return False
 
-    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+    def set_to_client(
+        self, port: int, peer: Addr, fd: int, client: Addr, channel: int, in_fd: int = -1
+    ) -> bool:
         return False
 
     def drop_to_peer(self, client: Addr, channel: int) -> None:
@@ -156,15 +158,11 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
     return blocked, failed
 
 
-# The compiled module has no stub; its Receiver has PyReceiver's shape.
+# The compiled Receiver (typed in _udpio.pyi) has PyReceiver's shape; one name for both.
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    # untyped where the wheel is installed, not found in a bare source tree
-    from firezone_relay.actors._udpio import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
-        Receiver,
-        send_batch,
-    )
+    from firezone_relay.actors._udpio import Receiver, send_batch  # type: ignore[assignment]
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
