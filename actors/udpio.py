@@ -200,7 +200,10 @@ def choose(
 
 def _import_compiled() -> Any:
     try:
-        from firezone_relay.actors import _udpio  # type: ignore[attr-defined]
+        # untyped where the wheel is installed, not found in a bare source tree
+        from firezone_relay.actors import (  # type: ignore[attr-defined,import-untyped,import-not-found,unused-ignore]
+            _udpio,
+        )
     except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
         return None
     return _udpio
