@@ -1897,6 +1897,11 @@ static PyMethodDef module_methods[] = {
      "send_batch(items) -> (dropped, failed): items is a flat list [sock, data, addr, ...]."},
     {NULL}};
 
+/* The version of this module's Python surface: bump it with every change that
+ * actors/udpio.py must follow (it has the same number, and falls back to pure Python on a
+ * mismatch, e.g. a stale build left installed beside newer sources). */
+#define UDPIO_API_VERSION 1
+
 static struct PyModuleDef udpio_module = {
     PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",
     "recvmmsg/sendmmsg batches for the relay's userspace data path", -1, module_methods,
@@ -1927,7 +1932,8 @@ PyInit__udpio(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
+    if (PyModule_AddObjectRef(m, "Receiver", (PyObject *)&ReceiverType) < 0 ||
+        PyModule_AddIntConstant(m, "API_VERSION", UDPIO_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

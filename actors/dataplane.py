@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firezone_relay.actors.udpio import Receiver, send_batch
+from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
 from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
@@ -170,6 +170,27 @@ class DataPlane:
         """Every route the C mirror holds, sorted, as plain tuples (``Receiver.debug_routes``):
         for soaks and tests that check the mirror against the core."""
         routes: list[tuple[Any, ...]] = self._rx.debug_routes()
+        return routes
+
+    def expected_routes(self) -> list[tuple[Any, ...]]:
+        """What ``debug_routes`` must hold now: every core channel route that ``sync_channel``
+        would mirror, in its shapes, sorted (none where the receiver mirrors nothing)."""
+        if isinstance(self._rx, PyReceiver):
+            return []
+        to_peer, to_client = self.server.all_channel_routes()
+        sockets = self.allocation_sockets
+        routes: list[tuple[Any, ...]] = []
+        for (client, channel), route in to_peer.items():
+            out = sockets.get((route.port, _V6 if ":" in route.peer[0] else _V4))
+            if out is not None and client.transport is _UDP:
+                routes.append(("to_peer", client.remote, channel, out.fileno(), route.peer))
+        for (port, peer), back in to_client.items():
+            listen = self.listen_socket_for(back.client)
+            if listen is not None and back.client.transport is _UDP:
+                routes.append(
+                    ("to_client", port, peer, listen.fileno(), back.client.remote, back.channel)
+                )
+        routes.sort()
         return routes
 
     @property
