@@ -555,6 +555,7 @@ class Relay:
             "rate_limited": self.server.stats.rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 
     def _log_stats(self) -> None:
