@@ -413,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--max-channels-per-allocation",
         type=_positive,
-        default=_env("MAX_CHANNELS_PER_ALLOCATION", 1024),
+        default=_env("MAX_CHANNELS_PER_ALLOCATION"),
+        help="channels (bound or cooling down) per allocation; default 1024 standalone, "
+        "and in portal mode the whole channel-number space (4096), so connlib never meets it",
     )
     a(
         "--max-permissions-per-allocation",
@@ -626,6 +628,23 @@ def _read_token(value: str | None) -> str | None:
     return value
 
 
+def _check_portal_pins(args: argparse.Namespace) -> None:
+    """Portal mode serves connlib, which only speaks the ``firezone`` scheme in realm
+    ``firezone``: anything else would lock every client out, so it is refused at start."""
+    from firezone_relay.protocol.auth import FIREZONE_REALM
+
+    if args.auth_scheme != "firezone":
+        raise ValueError(
+            f"AUTH_SCHEME / --auth-scheme {args.auth_scheme!r} cannot be used with "
+            "FIREZONE_TOKEN: portal mode needs the firezone scheme (connlib's credentials)"
+        )
+    if args.realm != FIREZONE_REALM:
+        raise ValueError(
+            f"REALM / --realm {args.realm!r} cannot be used with FIREZONE_TOKEN: portal "
+            f"mode needs realm {FIREZONE_REALM!r} (connlib signs with it)"
+        )
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The one place a parsed command line becomes configuration: the core's
     ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
@@ -639,6 +658,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     from firezone_relay.actors.daemon import Settings
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.xdp_manager import XdpOptions
+    from firezone_relay.protocol.channel_data import CHANNEL_NUMBERS
     from firezone_relay.protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
@@ -648,6 +668,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     token = _read_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
+    if token is not None:
+        _check_portal_pins(args)
+    max_channels = args.max_channels_per_allocation
+    if max_channels is None:
+        max_channels = CHANNEL_NUMBERS if token is not None else 1024
     admin = AdminConfig(
         auth_secret_file=args.auth_secret_file or None,
         peer_list_file=args.peer_list_file or None,
@@ -674,7 +699,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         denied_peer_ips=denied,
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
-        max_channels_per_allocation=args.max_channels_per_allocation,
+        max_channels_per_allocation=max_channels,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,

@@ -365,7 +365,10 @@ class Server:
         self._ports.check_invariants()
         for allocation in self._allocations.values():
             assert all(f in self._families for f in allocation.families)
-            assert len(allocation.permissions) <= self.config.max_permissions_per_allocation
+            # CreatePermission adds up to its cap, each channel (ChannelBind) one more
+            assert len(allocation.permissions) <= (
+                self.config.max_permissions_per_allocation + self.config.max_channels_per_allocation
+            )
 
     @property
     def public_ip4(self) -> str | None:

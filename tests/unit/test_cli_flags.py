@@ -23,21 +23,49 @@ def test_defaults_keep_firezone_behaviour() -> None:
 def test_opt_outs() -> None:
     settings = _settings(
         "--no-single-allocation-per-username",
-        "--token-in-query",
         "--auth-scheme",
         "rest",
         "--realm",
         "example.org",
         "--max-allocations",
         "5",
-        "--api-url",
-        "ws://127.0.0.1:1",
-        "token-value",
     )
     assert not settings.server.single_allocation_per_username
-    assert settings.portal is not None and settings.portal.token_in_query
     assert settings.server.auth_scheme == "rest" and settings.server.realm == "example.org"
     assert settings.server.max_allocations == 5
+    portal = _settings("--token-in-query", "--api-url", "ws://127.0.0.1:1", "token-value")
+    assert portal.portal is not None and portal.portal.token_in_query
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--auth-scheme", "rest"], {}, "AUTH_SCHEME"),
+        ([], {"AUTH_SCHEME": "rest"}, "AUTH_SCHEME"),
+        (["--realm", "example.org"], {}, "REALM"),
+        ([], {"REALM": "example.org"}, "REALM"),
+    ],
+)
+def test_portal_mode_refuses_what_locks_connlib_out(
+    argv: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token, a scheme or realm connlib cannot use is an error naming the variable;
+    without one, the same settings are a standalone relay's choice."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=rf"^{named} / --{named.lower().replace('_', '-')} "):
+        _settings(*argv, "--api-url", "ws://127.0.0.1:1", "token-value")
+    assert _settings(*argv).portal is None
+
+
+def test_channel_cap_covers_every_channel_number_in_portal_mode() -> None:
+    """connlib numbers one channel per remote candidate through 0x4FFF: in portal mode the
+    per-allocation cap is the whole number space; standalone keeps 1024; a flag wins."""
+    portal = _settings("--api-url", "ws://127.0.0.1:1", "token-value")
+    assert portal.server.max_channels_per_allocation == 0x4FFF - 0x4000 + 1
+    assert _settings().server.max_channels_per_allocation == 1024
+    explicit = _settings("--max-channels-per-allocation", "64", "--api-url", "ws://x:1", "t")
+    assert explicit.server.max_channels_per_allocation == 64
 
 
 def test_single_allocation_flag_is_tri_state() -> None:

@@ -538,6 +538,28 @@ def test_channel_quota() -> None:
     assert error_code(h.send(client.channel_bind(0x4001, ("8.8.8.8", 1))).response) == 508
 
 
+def test_portal_cap_lets_every_channel_number_bind_and_cool_down() -> None:
+    """Portal mode's cap is the whole number space: connlib binding one channel per remote
+    candidate up through 0x4FFF never meets 508, neither with numbers still cooling down
+    after expiry nor when it rebinds them; the memory this bounds is per allocation."""
+    h = Harness(max_channels_per_allocation=channel_data.CHANNEL_NUMBERS)
+    client, _, _ = _bound(h)
+    peers = {n: (f"8.8.{n >> 8 & 0xFF}.{n & 0xFF}", 4000 + n % 1000) for n in range(0x4001, 0x5000)}
+    for number, peer in peers.items():
+        out = h.send(client.channel_bind(number, peer))
+        assert is_success(out.response), hex(number)
+    assert h.server.num_active_channels == channel_data.CHANNEL_NUMBERS
+    h.server.check_invariants()
+    h.advance(300)
+    assert is_success(h.send(client.refresh(600)).response)
+    h.advance(300 + 1)  # every channel expires; the numbers cool down for 5 minutes
+    assert h.server.num_active_channels == 0
+    for number in (0x4000, 0x4ABC, 0x4FFF):
+        peer = peers.get(number, PEER)
+        assert is_success(h.send(client.channel_bind(number, peer)).response), hex(number)
+    h.server.check_invariants()
+
+
 # --- 20. Permissions, Send and Data indications -------------------------------------------
 
 
