@@ -45,7 +45,19 @@ typedef struct {
     unsigned short channel;    /* peer -> client: the ChannelData header's channel */
     socklen_t dlen;
     struct sockaddr_in6 dst;   /* where it goes (a sockaddr_in in its first bytes for v4) */
+    Py_buffer counts;          /* the allocation's (datagrams, bytes) this way; obj NULL: none */
 } route;
+
+/* Count one relayed datagram of length bytes in its allocation's counters. */
+static inline void
+count_route(const route *r, size_t length)
+{
+    if (r->counts.obj != NULL) {
+        unsigned long long *c = (unsigned long long *)r->counts.buf;
+        c[0]++;
+        c[1] += length;
+    }
+}
 
 typedef struct {
     route *slots; /* open addressing, linear probing, backward-shift deletion */
@@ -156,6 +168,9 @@ table_put(route_table *t, const route_key *k)
 static void
 table_remove_at(route_table *t, size_t i)
 {
+    if (t->slots[i].counts.obj != NULL) {
+        PyBuffer_Release(&t->slots[i].counts);
+    }
     size_t mask = t->cap - 1;
     for (size_t j = (i + 1) & mask; t->slots[j].used; j = (j + 1) & mask) {
         size_t home = t->slots[j].hash & mask;
@@ -167,6 +182,7 @@ table_remove_at(route_table *t, size_t i)
         }
     }
     t->slots[i].used = 0;
+    t->slots[i].counts.obj = NULL; /* a moved entry's: it is owned where it went */
     t->len--;
 }
 
@@ -203,6 +219,11 @@ table_remove_fd(route_table *t, int fd)
 static void
 table_clear(route_table *t)
 {
+    for (size_t i = 0; i < t->cap; i++) {
+        if (t->slots[i].used && t->slots[i].counts.obj != NULL) {
+            PyBuffer_Release(&t->slots[i].counts);
+        }
+    }
     PyMem_Free(t->slots);
     t->slots = NULL;
     t->cap = t->len = 0;
@@ -674,6 +695,7 @@ relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, in
                 break;
             }
             queue_out(self, k, r, (char *)d + 4, length);
+            count_route(r, length);
             bytes += length;
             buckets[size_bucket(length)]++;
         }
@@ -731,6 +753,7 @@ relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats, in
             h[2] = (unsigned char)(length >> 8);
             h[3] = (unsigned char)length;
             queue_out(self, k, r, (char *)h, length + 4);
+            count_route(r, length);
             bytes += length;
             buckets[size_bucket(length)]++;
         }
@@ -888,10 +911,32 @@ table_drop(Receiver *self, route_table *t, const route_key *key)
     return fd >= 0 ? fd_ref(self, fd, -1) : 0;
 }
 
-/* Set or replace the entry for key: leaves through fd to dst (a parsed address). */
+/* counts (None or NULL: none) as a writable buffer of two unsigned 64-bit counters. */
+static int
+counts_view(PyObject *counts, Py_buffer *view)
+{
+    memset(view, 0, sizeof *view);
+    if (counts == NULL || counts == Py_None) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(counts, view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_ND) < 0) {
+        return -1;
+    }
+    if (view->len < 2 * (Py_ssize_t)sizeof(unsigned long long) ||
+        view->itemsize != (Py_ssize_t)sizeof(unsigned long long) || view->format == NULL ||
+        strcmp(view->format, "Q") != 0 || !PyBuffer_IsContiguous(view, 'C')) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "counts: two contiguous unsigned 64-bit integers ('Q')");
+        return -1;
+    }
+    return 0;
+}
+
+/* Set or replace the entry for key: leaves through fd to dst (a parsed address), counted in
+ * counts (see counts_view). */
 static PyObject *
 table_set(Receiver *self, route_table *t, const route_key *key, int fd, PyObject *dst,
-          unsigned int channel)
+          unsigned int channel, PyObject *counts)
 {
     struct sockaddr_storage ss;
     socklen_t len = 0;
@@ -905,14 +950,24 @@ table_set(Receiver *self, route_table *t, const route_key *key, int fd, PyObject
         }
         Py_RETURN_FALSE;
     }
+    Py_buffer view;
+    if (counts_view(counts, &view) < 0) {
+        return NULL;
+    }
     if (fd_ref(self, fd, 1) < 0) {
+        PyBuffer_Release(&view);
         return NULL;
     }
     route *r = table_put(t, key);
     if (r == NULL) {
         fd_ref(self, fd, -1);
+        PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
+    if (r->counts.obj != NULL) {
+        PyBuffer_Release(&r->counts);
+    }
+    r->counts = view;
     if (r->fd >= 0 && fd_ref(self, r->fd, -1) < 0) {
         return NULL;
     }
@@ -926,10 +981,10 @@ table_set(Receiver *self, route_table *t, const route_key *key, int fd, PyObject
 static PyObject *
 Receiver_set_to_peer(Receiver *self, PyObject *args)
 {
-    PyObject *client, *peer;
+    PyObject *client, *peer, *counts = NULL;
     unsigned int channel;
     int fd;
-    if (!PyArg_ParseTuple(args, "OIiO", &client, &channel, &fd, &peer)) {
+    if (!PyArg_ParseTuple(args, "OIiO|O", &client, &channel, &fd, &peer, &counts)) {
         return NULL;
     }
     route_key key;
@@ -942,16 +997,16 @@ Receiver_set_to_peer(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return table_set(self, &self->to_peer, &key, fd, peer, 0);
+    return table_set(self, &self->to_peer, &key, fd, peer, 0, counts);
 }
 
 static PyObject *
 Receiver_set_to_client(Receiver *self, PyObject *args)
 {
-    PyObject *peer, *client;
+    PyObject *peer, *client, *counts = NULL;
     unsigned int port, channel;
     int fd;
-    if (!PyArg_ParseTuple(args, "IOiOI", &port, &peer, &fd, &client, &channel)) {
+    if (!PyArg_ParseTuple(args, "IOiOI|O", &port, &peer, &fd, &client, &channel, &counts)) {
         return NULL;
     }
     route_key key;
@@ -964,7 +1019,7 @@ Receiver_set_to_client(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return table_set(self, &self->to_client, &key, fd, client, channel & 0xFFFF);
+    return table_set(self, &self->to_client, &key, fd, client, channel & 0xFFFF, counts);
 }
 
 static PyObject *
@@ -1121,11 +1176,12 @@ static PyMethodDef Receiver_methods[] = {
      "drain_peers(stats, handoff, sock, port): an allocation socket's reader\n"
      "callback; the rest of a batch goes on with handoff(sock, port, n, k)."},
     {"set_to_peer", (PyCFunction)Receiver_set_to_peer, METH_VARARGS,
-     "set_to_peer(client, channel, fd, peer) -> installed: ChannelData from client on channel\n"
-     "goes to peer through fd."},
+     "set_to_peer(client, channel, fd, peer, counts=None) -> installed: ChannelData from client\n"
+     "on channel goes to peer through fd, counted in counts (two 'Q' items: datagrams, bytes)."},
     {"set_to_client", (PyCFunction)Receiver_set_to_client, METH_VARARGS,
-     "set_to_client(port, peer, fd, client, channel) -> installed: what peer sends to the\n"
-     "allocation port goes to client through fd as ChannelData on channel."},
+     "set_to_client(port, peer, fd, client, channel, counts=None) -> installed: what peer sends\n"
+     "to the allocation port goes to client through fd as ChannelData on channel, counted in\n"
+     "counts."},
     {"drop_to_peer", (PyCFunction)Receiver_drop_to_peer, METH_VARARGS,
      "drop_to_peer(client, channel)"},
     {"drop_to_client", (PyCFunction)Receiver_drop_to_client, METH_VARARGS,

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.http_endpoints import HttpEndpoint, Routes, parse_host_port
 from firezone_relay.actors.startup_errors import StartupError
 from firezone_relay.protocol.allocations import COUNTERS, IN_BYTES, OUT_BYTES
+from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.allocations import Allocation
@@ -193,7 +194,7 @@ class Admin:
 
     def session_row(self, allocation: Allocation, now: float) -> dict[str, Any]:
         server = self.server
-        ips = {4: server.public_ip4, 6: server.public_ip6}
+        ips = {Family.V4: server.public_ip4, Family.V6: server.public_ip6}
         counters = allocation.counters
         row: dict[str, Any] = {
             "id": allocation.port,
@@ -201,7 +202,7 @@ class Admin:
             "user": allocation.user,
             "client": _addr(allocation.client),
             "transport": "udp",
-            "relayed": [_addr((ips[int(f)] or "", allocation.port)) for f in allocation.families],
+            "relayed": [_addr((ips[f] or "", allocation.port)) for f in allocation.families],
             "age_s": round(max(0.0, now - allocation.created_at), 1),
             "expires_in_s": round(max(0.0, allocation.expires_at - now), 1),
             "channels": sum(1 for c in allocation.channels.values() if c.bound),

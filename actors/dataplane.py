@@ -141,6 +141,9 @@ class DataPlane:
             command.allocation_port,
         )
         to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
+        # the allocation's counters, which the mirror bumps as the core would
+        allocation = self.server.allocation_on(port)
+        counts = None if allocation is None else memoryview(allocation.counters)
         out = None
         if to_peer is not None:
             family = _V6 if ":" in to_peer.peer[0] else _V4
@@ -148,15 +151,17 @@ class DataPlane:
         if (
             to_peer is None
             or out is None
-            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer)
+            or counts is None
+            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer, counts[0:2])
         ):
             rx.drop_to_peer(client, channel)
         listen = None if to_client is None else self.listen_socket_for(to_client.client)
         if (
             to_client is None
             or listen is None
+            or counts is None
             or not rx.set_to_client(
-                port, peer, listen.fileno(), to_client.client, to_client.channel
+                port, peer, listen.fileno(), to_client.client, to_client.channel, counts[2:4]
             )
         ):
             rx.drop_to_client(port, peer)

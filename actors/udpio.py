@@ -112,10 +112,14 @@ class PyReceiver:
     def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
 
-    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+    def set_to_peer(
+        self, client: Addr, channel: int, fd: int, peer: Addr, counts: object = None
+    ) -> bool:
         return False
 
-    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+    def set_to_client(
+        self, port: int, peer: Addr, fd: int, client: Addr, channel: int, counts: object = None
+    ) -> bool:
         return False
 
     def drop_to_peer(self, client: Addr, channel: int) -> None:
