@@ -69,15 +69,17 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
 def admin_socket_path(control_endpoint: str | None, explicit: str | None = None) -> str | None:
-    """``--admin-socket``, else ``/run/firezone-relay/control-<port>.sock`` with the port of
-    ``--control-endpoint`` (so several relays on one host have one each, and the verbs find
-    the relay's from the same flag); None when the control endpoint is turned off."""
+    """``--admin-socket``, else ``control-<port>.sock`` with the port of ``--control-endpoint``
+    (so several relays on one host have one each, and the verbs find the relay's from the same
+    flag) in systemd's ``RUNTIME_DIRECTORY`` or ``/run/firezone-relay``; None when the control
+    endpoint is turned off."""
     if explicit:
         return explicit
     if not control_endpoint:
         return None
     _, port = parse_host_port(control_endpoint)
-    return f"{RUNTIME_DIR}/control-{port}.sock"
+    directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or RUNTIME_DIR
+    return f"{directory}/control-{port}.sock"
 
 
 # -- the messages (to the control actor) ---------------------------------------------------
@@ -390,9 +392,14 @@ class AdminEndpoint(HttpEndpoint):
     """The admin routes on a Unix socket (mode 0600, peer credentials checked); handlers run
     on the loop (they read the core), so each must be quick."""
 
-    def __init__(self, path: str, routes: Mapping[tuple[str, str], LoopHandler]) -> None:
+    def __init__(
+        self, path: str, routes: Mapping[tuple[str, str], LoopHandler], required: bool = True
+    ) -> None:
         super().__init__("admin", ("unix", 0), dict(routes))
         self.path = path
+        #: whether a socket that cannot be made stops the relay (``--admin-socket`` given);
+        #: else one warning, and the relay runs without the operator verbs
+        self.required = required
         self._inode: int | None = None
 
     async def start(self) -> None:
@@ -411,7 +418,11 @@ class AdminEndpoint(HttpEndpoint):
             self._inode = path.stat().st_ino
         except OSError as exc:
             reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise StartupError(f"cannot create the admin socket {path}: {reason}") from None
+            message = f"cannot create the admin socket {path}: {reason}"
+            if self.required:
+                raise StartupError(message) from None
+            logger.warning("%s; the operator verbs are off (give --admin-socket)", message)
+            return
         logger.info("admin socket at %s (root and uid %d only)", path, os.geteuid())
 
     def stop(self) -> None:

@@ -755,6 +755,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         auth_secrets=auth_secrets,
         admin=admin,
         admin_socket=admin_socket_path(args.control_endpoint, args.admin_socket),
+        admin_socket_required=bool(args.admin_socket),
         otlp_grpc_endpoint=args.otlp_grpc_endpoint,
         health_check_addr=args.health_check_addr or None,
         control_endpoint=args.control_endpoint or None,

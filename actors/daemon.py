@@ -108,8 +108,10 @@ class Settings:
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
-    #: the operator's Unix socket (``actors.admin``); None: none
+    #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
+    #: (``--admin-socket`` given), one that cannot be made is a warning
     admin_socket: str | None = None
+    admin_socket_required: bool = False
     #: every accepted secret, the first one ``auth_secret`` (``--auth-secret-file``)
     auth_secrets: tuple[str, ...] = ()
     #: what ``reload`` re-reads
@@ -535,7 +537,9 @@ class Relay:
             self.endpoints.append(endpoint)
         if s.admin_socket:
             admin = AdminEndpoint(
-                s.admin_socket, admin_routes(self.admin, lambda m: tell(self.control, m))
+                s.admin_socket,
+                admin_routes(self.admin, lambda m: tell(self.control, m)),
+                s.admin_socket_required,
             )
             await admin.start()
             self.endpoints.append(admin)
