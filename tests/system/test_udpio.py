@@ -294,7 +294,7 @@ class InProcessRelay:
         )
         self.server = Server(config, random.Random(7), "secret")
         self.dataplane = DataPlane(self.server, self.drain)
-        self.dataplane.listen[int(Family.V4)] = self.listen
+        self.dataplane.add_listen_socket(Family.V4, self.listen)
         self.core_calls = 0
         handle = self.server.handle_client_input
 
@@ -307,15 +307,17 @@ class InProcessRelay:
     def drain(self) -> None:
         from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation, SendMessage
 
-        sockets = self.dataplane.allocation_sockets
+        dataplane = self.dataplane
+        sockets = dataplane.allocation_sockets
         while (command := self.server.next_command()) is not None:
             if isinstance(command, SendMessage):
                 self.dataplane.send_message(command)
             elif isinstance(command, CreateAllocation):
-                key = (command.port, int(command.family))
-                sockets[key] = self._bind(command.family, "127.0.0.1", command.port)
+                sock = self._bind(command.family, "127.0.0.1", command.port)
+                dataplane.add_peer_socket(command.port, command.family, sock)
             elif isinstance(command, FreeAllocation):
-                sockets.pop((command.port, int(command.family))).close()
+                sock = sockets[(command.port, int(command.family))]
+                dataplane.close_peer_socket(command.port, command.family, sock)
             else:
                 self.dataplane.sync_channel(command)
 
@@ -495,9 +497,9 @@ def test_each_route_counts_into_its_allocations_counters_and_lets_go_of_them(
     counters = array("Q", bytes(32))
     view = memoryview(counters)
     assert rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), peer.getsockname(),
-                          view[0:2])  # fmt: skip
+                          -1, view[0:2])  # fmt: skip
     assert rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(),
-                            0x4000, view[2:4])  # fmt: skip
+                            0x4000, -1, view[2:4])  # fmt: skip
     del view
     client.sendto(_channel_data(0x4000, b"a" * 10), listen.getsockname())
     client.sendto(_channel_data(0x4000, b"b" * 20, padding=3), listen.getsockname())
@@ -510,7 +512,7 @@ def test_each_route_counts_into_its_allocations_counters_and_lets_go_of_them(
     for bad in (bytearray(16), array("q", bytes(16)), array("Q", bytes(8)), b"\0" * 16):
         with pytest.raises((TypeError, BufferError)):
             rx.set_to_peer(client.getsockname(), 0x4001, allocation.fileno(), peer.getsockname(),
-                           memoryview(bad))  # fmt: skip
+                           -1, memoryview(bad))  # fmt: skip
     rx.drop_to_peer(client.getsockname(), 0x4000)
     rx.drop_fd(listen.fileno())  # the peer -> client route leaves with its socket
     assert rx.routes == (0, 0)
