@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -345,17 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_auth_secret,
         default=_env("AUTH_SECRET"),
         metavar="SECRET",
-        help=f"credential secret, at least {MIN_SECRET_CHARS} characters; the systemd "
-        f"credential '{SECRET_CREDENTIAL}' when unset (default: --auth-secret-file, else "
+        help=f"credential secret, at least {MIN_SECRET_CHARS} characters (default: "
+        f"--auth-secret-file, else the systemd credential '{SECRET_CREDENTIAL}', else "
         "generated for this run)",
     )
     a(
         "--auth-secret-file",
         type=_text,
         default=_env("AUTH_SECRET_FILE"),
-        metavar="PATH",
-        help="read the secret from PATH, generating it there (mode 0600) the first time, so it "
-        "survives restarts (default: none)",
+        metavar="FILE",
+        help="credential secrets, one per line: all accepted, the first signs new credentials; "
+        "re-read by `firezone-relay reload` and SIGHUP (default: none; under systemd "
+        "$STATE_DIRECTORY/auth-secret, generated once)",
     )
     a(
         "--auth-scheme",
@@ -437,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="refuse peers in CIDR (repeatable; env: comma-separated) (default: none)",
     )
+    a(
+        "--peer-list-file",
+        type=_text,
+        default=_env("PEER_LIST_FILE"),
+        metavar="FILE",
+        help="lines 'allow CIDR' / 'deny CIDR' added to --allowed-peer-ip / --denied-peer-ip; "
+        "re-read by reload (default: none)",
+    )
 
     xdp = p.add_argument_group("XDP offload (relay ChannelData in the kernel)")
     a = xdp.add_argument
@@ -496,9 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--max-channels-per-allocation",
         type=_positive,
-        default=_env("MAX_CHANNELS_PER_ALLOCATION", 1024),
+        default=_env("MAX_CHANNELS_PER_ALLOCATION"),
         metavar="N",
-        help="channels per allocation (default: 1024)",
+        help="channels (bound or cooling down) per allocation (default: 1024 standalone; in "
+        "portal mode the whole channel-number space, 4096, so connlib never meets it)",
     )
     a(
         "--max-permissions-per-allocation",
@@ -532,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="answers per second (burst: twice that) to one source IP before it authenticates "
         "(Binding, 401 challenges, errors): limits reflection (default: no limit)",
+    )
+    a(
+        "--allocation-rate-limit",
+        type=_positive,
+        default=_env("ALLOCATION_RATE_LIMIT"),
+        metavar="BYTES_PER_S",
+        help="relayed bytes per second per allocation, each direction (excess dropped); "
+        "relays in userspace only (no XDP, no C route mirror) (default: no limit)",
     )
 
     tel = p.add_argument_group("telemetry (logs, metrics and traces)")
@@ -583,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="POST /log_filter?directives=... changes log levels at run time; empty: off "
         "(default: 127.0.0.1:9999)",
+    )
+    a(
+        "--admin-socket",
+        type=_text,
+        default=_env("ADMIN_SOCKET"),
+        metavar="PATH",
+        help="the Unix socket of the operator verbs (sessions, disconnect, drain, reload, top) "
+        "(default: /run/firezone-relay/control-<port of --control-endpoint>.sock)",
     )
     a(
         "--rng-seed",
@@ -752,11 +779,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """The one place a parsed command line becomes configuration: the core's
     ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
     built here, once, from values the flags' validators already checked (environment
-    defaults included), with the token and secret read from their files. Cross-flag checks and
-    unusable files raise ValueError (``main`` exits 2 with it, one line)."""
+    defaults included), with the token and secrets read from their files
+    (``actors.secret_files``). Cross-flag checks and unusable files raise ValueError (``main``
+    exits 2 with it, one line)."""
+    from firezone_relay.actors.admin import (
+        AdminConfig,
+        admin_socket_path,
+        read_peer_list_file,
+    )
     from firezone_relay.actors.daemon import Settings
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.xdp_manager import XdpOptions
+    from firezone_relay.protocol.channel_data import CHANNEL_NUMBERS
     from firezone_relay.protocol.server import ServerConfig
 
     if args.public_ip4_addr is None and args.public_ip6_addr is None:
@@ -767,7 +801,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     token = load_token(args.token)
     if token is not None and not args.api_url:
         raise ValueError("a portal token needs --api-url / FIREZONE_API_URL")
-    secret = load_auth_secret(args.auth_secret, args.auth_secret_file)
+    if token is not None:
+        _check_portal_pins(args)
+    max_channels = args.max_channels_per_allocation
+    if max_channels is None:
+        max_channels = CHANNEL_NUMBERS if token is not None else 1024
+    secret = load_auth_secret(args.auth_secret, args.auth_secret_file, portal=token is not None)
+    admin = AdminConfig(
+        # a generated secret file is re-read by reload too (add a line to rotate)
+        auth_secret_file=(secret.path if secret is not None and secret.secrets else None),
+        peer_list_file=args.peer_list_file or None,
+        allowed_peer_ips=tuple(args.allowed_peer_ip or ()),
+        denied_peer_ips=tuple(args.denied_peer_ip or ()),
+    )
+    allowed, denied = admin.allowed_peer_ips, admin.denied_peer_ips
+    if admin.peer_list_file:
+        more_allowed, more_denied = read_peer_list_file(admin.peer_list_file)
+        allowed, denied = allowed + more_allowed, denied + more_denied
     server = ServerConfig(
         public_ip4=args.public_ip4_addr,
         public_ip6=args.public_ip6_addr,
@@ -779,14 +829,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allow_loopback_peers=args.allow_loopback_peers,
         # Portal mode follows Firezone's relay: private and CGNAT peers allowed.
         allow_private_peers=args.allow_private_peers or token is not None,
-        allowed_peer_ips=tuple(args.allowed_peer_ip or ()),
-        denied_peer_ips=tuple(args.denied_peer_ip or ()),
+        allowed_peer_ips=allowed,
+        denied_peer_ips=denied,
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
-        max_channels_per_allocation=args.max_channels_per_allocation,
+        max_channels_per_allocation=max_channels,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
+        allocation_rate_limit=args.allocation_rate_limit,
         local_addresses=_local_addresses(),
         time_scale=args.time_scale,
         software=software(),
@@ -804,7 +855,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         )
         portal.url()  # ValueError names what is wrong with the URL
     xdp = None
-    if args.ebpf_offloading:
+    if args.ebpf_offloading and args.allocation_rate_limit:
+        if args.ebpf_mandatory:
+            raise ValueError(
+                "--allocation-rate-limit relays in userspace: it cannot be combined with "
+                "--ebpf-mandatory"
+            )
+        logging.getLogger("relay").warning(
+            "--allocation-rate-limit: XDP offload stays off (the program cannot enforce "
+            "per-allocation limits); relaying in userspace"
+        )
+    elif args.ebpf_offloading:
         xdp = XdpOptions(
             interface=args.ebpf_offloading,
             attach_mode=args.ebpf_attach_mode,
@@ -825,12 +886,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         bind_ip6=args.bind_ip6_addr,
         rng_seed=args.rng_seed,
         auth_secret=secret.value if secret is not None else None,
+        auth_secrets=secret.secrets if secret is not None else (),
         secret_origin=secret,
+        admin=admin,
+        admin_socket=admin_socket_path(args.control_endpoint, args.admin_socket),
+        admin_socket_required=bool(args.admin_socket),
         otlp_grpc_endpoint=args.otlp_grpc_endpoint,
         health_check_addr=args.health_check_addr or None,
         control_endpoint=args.control_endpoint or None,
         resource_attributes=dict(getattr(args, "resource_attributes", {})),
     )
+
+
+def _check_portal_pins(args: argparse.Namespace) -> None:
+    """Portal mode serves connlib, which only speaks the ``firezone`` scheme in realm
+    ``firezone``: anything else would lock every client out, so it is refused at start."""
+    from firezone_relay.protocol.auth import FIREZONE_REALM
+
+    if args.auth_scheme != "firezone":
+        raise ValueError(
+            f"AUTH_SCHEME / --auth-scheme {args.auth_scheme!r} cannot be used with "
+            "FIREZONE_TOKEN: portal mode needs the firezone scheme (connlib's credentials)"
+        )
+    if args.realm != FIREZONE_REALM:
+        raise ValueError(
+            f"REALM / --realm {args.realm!r} cannot be used with FIREZONE_TOKEN: portal "
+            f"mode needs realm {FIREZONE_REALM!r} (connlib signs with it)"
+        )
 
 
 #: allocation ports below this are the system's service ports
@@ -863,6 +945,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     parser = build_parser()
     args = parser.parse_args(argv)
+    datapath = os.environ.get("RELAY_DATAPATH", "auto").strip().lower() or "auto"
+    if datapath not in ("auto", "python"):
+        parser.error(f"RELAY_DATAPATH: {datapath!r} is not one of auto, python")
 
     from firezone_relay.actors.logs import configure
 

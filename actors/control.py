@@ -3,9 +3,9 @@
 Everything that changes the daemon's state, other than a datagram, arrives as one of these
 frozen messages told to the relay's :class:`ControlActor`: the portal session says it joined,
 lost or gave up on the portal; allocation actors say a socket opened, closed or could not be
-bound, and that they stopped; a signal says stop or reload. The actor looks the message's type
-up in one table (``actors.daemon.CONTROL_ROUTES``) and calls the handler it names. Datagrams
-never come this way: the data plane's reader callbacks call the core directly.
+bound, and that they stopped; a signal says stop. The actor looks the message's type up in one
+table (``actors.daemon.CONTROL_ROUTES``) and calls the handler it names. Datagrams never come
+this way: the data plane's reader callbacks call the core directly.
 
 The actor is hosted on the event loop (:mod:`actors.loop_actor`), so a message told from the
 loop thread while it is idle is handled at once, in the teller's stack. The 508 swap relies on
@@ -40,7 +40,6 @@ __all__ = [
     "PortalConnect",
     "PortalFatal",
     "PortalJoined",
-    "Reload",
     "Shutdown",
     "tell",
 ]
@@ -77,14 +76,6 @@ class PortalFatal:
 
 
 @dataclass(frozen=True, slots=True)
-class Reload:
-    """To the control actor (SIGHUP, ``systemctl reload``): re-read what can change without a
-    restart; the relay keeps running."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Shutdown:
     """To the control actor (signals): stop the relay with ``code``. To the portal session:
     close the connection and stop."""
@@ -107,10 +98,13 @@ class PeerSocketOpened:
 
 @dataclass(frozen=True, slots=True)
 class PeerSocketClosed:
-    """An allocation actor is closing its ``family`` socket of ``port``."""
+    """An allocation actor is done with its ``family`` socket of ``port`` (its reader is
+    removed): the data plane drops its routes and closes it, so the fd cannot be reused while
+    a route still names it, however late this message is handled."""
 
     port: int
     family: Family
+    sock: socket.socket
 
 
 @dataclass(frozen=True, slots=True)

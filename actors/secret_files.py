@@ -1,11 +1,12 @@
 """The portal token and the credential secret, from flags, files and systemd credentials.
 
 An operator hands secrets over in files: a token file (as Firezone's ``docker-init-relay.sh``
-allows), a systemd credential (``LoadCredential=``: systemd copies a root-only file to
-``$CREDENTIALS_DIRECTORY``, readable by the service's dynamic user), or a secret file the relay
-generates once (``--auth-secret-file``, kept in the unit's ``StateDirectory``) so credentials
-survive restarts. Every problem with such a file is a :class:`SecretFileError` whose message
-names the file and says what to do; ``main`` prints it as one line and exits 2.
+allows), a secret file (``--auth-secret-file``, re-read by reload), a systemd credential
+(``LoadCredential=``: systemd copies a root-only file to ``$CREDENTIALS_DIRECTORY``, readable
+by the service's dynamic user), or, standalone under systemd, a secret file the relay
+generates once in the unit's ``StateDirectory`` so credentials survive restarts. Every
+problem with such a file is a :class:`SecretFileError` whose message names the file and says
+what to do; ``main`` prints it as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class AuthSecret:
     #: the file it lives in, if any (``firezone-relay credentials --auth-secret-file``)
     path: str | None = None
     generated: bool = False
+    #: every secret of that file (all accepted, ``value`` the first); empty: just ``value``
+    secrets: tuple[str, ...] = ()
 
 
 def read_secret_file(path: Path, what: str) -> str:
@@ -114,36 +117,61 @@ def _check_length(secret: str, where: str) -> str:
     return secret
 
 
-def load_auth_secret(flag: str | None, file: str | None, create: bool = True) -> AuthSecret | None:
-    """The credential secret, first found of: ``--auth-secret``, the systemd credential
-    ``auth-secret``, ``--auth-secret-file`` (generated there the first time, if ``create``).
-    None: the caller generates one for this run."""
+def state_secret_file() -> Path | None:
+    """``$STATE_DIRECTORY/auth-secret``: where the unit's secret lives (``StateDirectory=``)."""
+    directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(directory) / "auth-secret" if directory else None
+
+
+def read_secrets(path: Path) -> tuple[str, ...]:
+    """The secrets of a secret file (one per line, the first signs; ``actors.admin``), each
+    long enough."""
+    from firezone_relay.actors.admin import read_secret_file as read_lines
+
+    found = read_lines(str(path))
+    for secret in found:
+        _check_length(secret, str(path))
+    return found
+
+
+def load_auth_secret(flag: str | None, file: str | None, portal: bool = False) -> AuthSecret | None:
+    """The credential secret, first found of: ``--auth-secret``; ``--auth-secret-file``; the
+    systemd credential ``auth-secret``; standalone under systemd, ``$STATE_DIRECTORY/auth-secret``
+    (generated there the first time, then kept across restarts). None: the caller generates
+    one for this run (portal mode: as Firezone's relay does at every start)."""
+    if file:
+        if flag:
+            raise SecretFileError("give --auth-secret or --auth-secret-file, not both")
+        if portal:
+            raise SecretFileError(
+                "--auth-secret-file is for standalone mode (the portal gets its own)"
+            )
+        found = read_secrets(Path(file))
+        return AuthSecret(found[0], file, file, secrets=found)
     if flag:
         return AuthSecret(flag, "--auth-secret")
     path = credential(SECRET_CREDENTIAL)
     if path is not None:
         value = _check_length(read_secret_file(path, "auth secret credential"), str(path))
         return AuthSecret(value, f"systemd credential {SECRET_CREDENTIAL}")
-    if not file:
+    state = state_secret_file()
+    if state is None or portal:
         return None
-    path = Path(file)
-    if path.exists() or path.is_symlink() or not create:
-        value = _check_length(read_secret_file(path, "auth secret"), str(path))
-        return AuthSecret(value, str(path), str(path))
-    return AuthSecret(_generate(path), str(path), str(path), generated=True)
+    generated = not (state.exists() or state.is_symlink()) and _generate(state)
+    found = read_secrets(state)
+    return AuthSecret(found[0], str(state), str(state), generated, found)
 
 
-def _generate(path: Path) -> str:
-    """A new secret written to ``path`` (mode 0600, never over an existing file: a relay
-    that started at the same moment wrote it first, and that one is read)."""
-    value = secrets.token_hex(32)
+def _generate(path: Path) -> bool:
+    """Write a new secret to ``path`` (mode 0600, never over an existing file: a relay that
+    started at the same moment wrote it first, and that one is read). True if written."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        return _check_length(read_secret_file(path, "auth secret"), str(path))
+        return False
     except OSError as exc:
         reason = os.strerror(exc.errno or 0).lower()
         raise SecretFileError(f"cannot create the auth secret file {path}: {reason}") from None
     with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
+        f.write(secrets.token_hex(32) + "\n")
+    return True

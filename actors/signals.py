@@ -1,8 +1,9 @@
 """What each signal does to the relay, in one place; none ends it without a log line.
 
 * SIGTERM, SIGINT: stop cleanly (free every allocation, detach XDP), exit 0.
-* SIGHUP: reload (``Relay.reload``; ``systemctl reload`` sends it). The relay keeps running.
-* SIGUSR1, SIGUSR2: logged and ignored (their default would kill the relay silently).
+* SIGHUP: reload (``actors.admin``; ``systemctl reload`` sends it). The relay keeps running.
+* SIGUSR1: drain (no new allocations; exit 0 once the last one is gone).
+* SIGUSR2: logged and ignored (its default would kill the relay silently).
 * SIGQUIT, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGSYS (whose default is to
   end the process): stop cleanly too, but exit 128 + the signal's number, so systemd's
   ``Restart=on-failure`` brings the relay back.
@@ -24,6 +25,7 @@ from types import FrameType
 from typing import Final
 
 __all__ = [
+    "DRAIN",
     "FAILURE_EXIT",
     "IGNORED",
     "RELOAD",
@@ -35,7 +37,8 @@ logger = logging.getLogger("relay")
 
 STOP_CLEAN: Final = (signal.SIGTERM, signal.SIGINT)
 RELOAD: Final = signal.SIGHUP
-IGNORED: Final = (signal.SIGUSR1, signal.SIGUSR2)
+DRAIN: Final = signal.SIGUSR1
+IGNORED: Final = (signal.SIGUSR2,)
 #: signals whose default is to end the process: stop, and exit 128 + n (a failure)
 FAILURE_EXIT: Final = tuple(
     getattr(signal, name)
@@ -60,7 +63,7 @@ def exit_code(sig: int) -> int:
 
 def _on_startup_signal(sig: int, _frame: FrameType | None) -> None:
     name = signal.Signals(sig).name
-    if sig == RELOAD or sig in IGNORED:
+    if sig in (RELOAD, DRAIN) or sig in IGNORED:
         logger.info("%s received while starting: ignored", name)
         return
     logger.info("%s received while starting: exiting", name)
@@ -70,5 +73,5 @@ def _on_startup_signal(sig: int, _frame: FrameType | None) -> None:
 def install_startup_handlers() -> None:
     """Handle every signal above before the event loop takes them over."""
     faulthandler.enable(file=sys.stderr)
-    for sig in (*STOP_CLEAN, RELOAD, *IGNORED, *FAILURE_EXIT):
+    for sig in (*STOP_CLEAN, RELOAD, DRAIN, *IGNORED, *FAILURE_EXIT):
         signal.signal(sig, _on_startup_signal)

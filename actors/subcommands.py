@@ -40,6 +40,7 @@ class Subcommand:
 
 
 _HERE = "firezone_relay.actors.subcommands"
+_ADMIN = "firezone_relay.actors.admin_cli"
 
 #: Every verb, in the order ``--help`` lists them.
 SUBCOMMANDS: Final[Mapping[str, Subcommand]] = {
@@ -51,6 +52,21 @@ SUBCOMMANDS: Final[Mapping[str, Subcommand]] = {
         "print the systemd unit, its XDP drop-in or its environment file",
         "firezone_relay.actors.systemd_unit:main",
     ),
+    "sessions": Subcommand(
+        "list the running relay's allocations (admin socket)",
+        f"{_ADMIN}:sessions_main",
+    ),
+    "disconnect": Subcommand(
+        "free a client's allocations on the running relay", f"{_ADMIN}:disconnect_main"
+    ),
+    "drain": Subcommand(
+        "stop taking new allocations; exit once the last one is gone (SIGUSR1 too)",
+        f"{_ADMIN}:drain_main",
+    ),
+    "reload": Subcommand(
+        "re-read --auth-secret-file and --peer-list-file (SIGHUP too)", f"{_ADMIN}:reload_main"
+    ),
+    "top": Subcommand("a live view of the running relay", f"{_ADMIN}:top_main"),
     "help": Subcommand(
         "show this help, or a subcommand's (help <subcommand>)", f"{_HERE}:help_main"
     ),
@@ -136,8 +152,8 @@ def credentials_parser() -> argparse.ArgumentParser:
     secret.add_argument(
         "--auth-secret-file",
         default=cli._env("AUTH_SECRET_FILE"),
-        metavar="PATH",
-        help="read the secret from the relay's secret file, e.g. "
+        metavar="FILE",
+        help="the relay's secret file, whose first secret signs; the unit's is "
         "/var/lib/firezone-relay/auth-secret [env: AUTH_SECRET_FILE]",
     )
     p.add_argument(
@@ -156,21 +172,23 @@ def credentials_parser() -> argparse.ArgumentParser:
 
 
 def credentials_main(argv: Sequence[str]) -> int:
-    from firezone_relay.actors.secret_files import SecretFileError, load_auth_secret
+    from firezone_relay.actors.admin import read_secret_file
     from firezone_relay.protocol.auth import make_credentials
 
     p = credentials_parser()
     args = p.parse_args(argv)
-    if not args.auth_secret and not args.auth_secret_file:
+    secret = args.auth_secret
+    # a flag given on the command line wins over the other's environment variable
+    if args.auth_secret_file and not (secret and "--auth-secret" in argv):
+        try:
+            secret = read_secret_file(args.auth_secret_file)[0]
+        except ValueError as exc:
+            p.error(str(exc))
+    if not secret:
         p.error("give --auth-secret or --auth-secret-file (or AUTH_SECRET / AUTH_SECRET_FILE)")
-    try:
-        found = load_auth_secret(args.auth_secret, args.auth_secret_file, create=False)
-    except SecretFileError as exc:
-        p.error(str(exc))
-    assert found is not None
     user = args.salt or args.user or secrets.token_urlsafe(12)
     expiry = int(time.time()) + args.ttl
-    username, password = make_credentials(args.auth_scheme, found.value, expiry, user)
+    username, password = make_credentials(args.auth_scheme, secret, expiry, user)
     if args.json:
         print(json.dumps({"username": username, "password": password, "expiry": expiry}))
     else:

@@ -6,6 +6,9 @@ import struct
 
 MIN_CHANNEL = 0x4000
 MAX_CHANNEL = 0x4FFF
+#: every channel number a client can bind (4096): a per-allocation cap this high is never
+#: reached by numbering alone, since a number is one channel (cooling down or bound)
+CHANNEL_NUMBERS = MAX_CHANNEL - MIN_CHANNEL + 1
 HEADER = struct.Struct("!HH")
 
 

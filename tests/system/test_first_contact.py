@@ -259,11 +259,11 @@ def binding_answered(relay: RelayProcess) -> bool:
         return stun.parse(s.recv(2048)).get(stun.Attr.XOR_MAPPED_ADDRESS) is not None
 
 
-def test_sighup_reloads_and_sigusr_are_ignored_with_a_log_line(relay: RelayProcess) -> None:
+def test_sighup_reloads_and_sigusr2_is_ignored_with_a_log_line(relay: RelayProcess) -> None:
     for sig, line in (
-        (signal.SIGHUP, r"reload requested \(SIGHUP\)"),
-        (signal.SIGUSR1, r"SIGUSR1 received: ignored"),
+        (signal.SIGHUP, r"SIGHUP received: reloading"),
         (signal.SIGUSR2, r"SIGUSR2 received: ignored"),
+        (signal.SIGHUP, r"(?s)SIGHUP received: reloading.*SIGHUP received: reloading"),
     ):
         relay.proc.send_signal(sig)
         wait_for_log(relay, line)
@@ -271,7 +271,15 @@ def test_sighup_reloads_and_sigusr_are_ignored_with_a_log_line(relay: RelayProce
         assert binding_answered(relay)
     code, _took = relay.stop(signal.SIGTERM)
     assert code == 0
+    assert "SIGTERM received: stopping" in relay.log()
     assert "shutting down (SIGTERM)" in relay.log()
+
+
+def test_sigusr1_drains_with_a_log_line(relay: RelayProcess) -> None:
+    relay.proc.send_signal(signal.SIGUSR1)
+    assert relay.proc.wait(10) == 0  # nothing to wait for: drained at once
+    assert "SIGUSR1 received: draining" in relay.log()
+    assert "drained: no allocation left" in relay.log()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGALRM, signal.SIGPWR])
@@ -280,6 +288,7 @@ def test_an_unexpected_signal_stops_cleanly_as_a_failure(relay: RelayProcess, si
     code, _took = relay.stop(sig)
     assert code == 128 + sig, relay.log()[-2000:]
     name = signal.Signals(sig).name
+    assert f"{name} received: stopping" in relay.log()
     assert f"shutting down ({name})" in relay.log()
     assert "freed 0 allocations" in relay.log() and "Traceback" not in relay.log()
 
@@ -304,7 +313,7 @@ def test_failed_authentication_is_logged_at_info_with_username_realm_and_address
     assert answer.get(stun.Attr.ERROR_CODE)[0] == 401
     found = wait_for_log(
         relay,
-        rf" INFO [\w.]+: authentication failed from 127\.0\.0\.1:{port}: wrong password.*"
+        rf" INFO [\w.]+: authentication failed from 127\.0\.0\.1:{port} \(udp\): wrong password.*"
         rf"\(username '{re.escape(username)}', realm 'firezone'\)",
     )
     assert found
@@ -323,7 +332,7 @@ def test_a_generated_secret_never_reaches_the_log(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     assert "generated for this run (not logged" in log, log
-    assert "--auth-secret-file" in log
+    assert "--auth-secret" in log
     assert not re.search(r"[0-9a-f]{64}", log), log
 
 
@@ -356,16 +365,17 @@ def test_a_generated_secret_is_shown_once_on_a_terminal(tmp_path: Path) -> None:
     assert text.count(shown[0]) == 2  # the line and the credentials command beside it
 
 
-def test_auth_secret_file_is_generated_once_and_kept(tmp_path: Path) -> None:
-    """What the unit does with its StateDirectory: the first start writes the secret (0600),
-    later starts read it, so credentials minted from the file keep working."""
+def test_the_state_directory_secret_is_generated_once_and_kept(tmp_path: Path) -> None:
+    """What the unit does with its StateDirectory (systemd exports $STATE_DIRECTORY): the
+    first start writes the secret (0600), later starts read it, so credentials minted from the
+    file keep working; the log says where it is, never what."""
     path = tmp_path / "auth-secret"
     listen, health, control = free_port(), free_port(), free_port()
     args = daemon_args(listen, port_range(), health, control, "rest", "127.0.0.1", None)
     seen = []
     for run in range(2):
         daemon = spawn_daemon(
-            args, tmp_path / f"relay-{run}.log", env={"AUTH_SECRET_FILE": str(path)}
+            args, tmp_path / f"relay-{run}.log", env={"STATE_DIRECTORY": str(tmp_path)}
         )
         try:
             daemon.wait_ready(lambda d=daemon: "standalone mode" in d.log())  # type: ignore[misc]
@@ -384,8 +394,10 @@ def test_auth_secret_file_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_a_short_secret_file_is_refused(tmp_path: Path) -> None:
+def test_a_short_secret_in_a_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "auth-secret"
-    path.write_text("short\n")
+    path.write_text(f"{SECRET}\nshort\n")
     res = run_cli("--public-ip4-addr", "127.0.0.1", env={"AUTH_SECRET_FILE": str(path)})
+    one_line_error(res, f"the auth secret in {path} is too short (5 characters)")
+    res = run_cli("--public-ip4-addr", "127.0.0.1", env={"STATE_DIRECTORY": str(tmp_path)})
     one_line_error(res, f"the auth secret in {path} is too short (5 characters)")

@@ -23,21 +23,49 @@ def test_defaults_keep_firezone_behaviour() -> None:
 def test_opt_outs() -> None:
     settings = _settings(
         "--no-single-allocation-per-username",
-        "--token-in-query",
         "--auth-scheme",
         "rest",
         "--realm",
         "example.org",
         "--max-allocations",
         "5",
-        "--api-url",
-        "ws://127.0.0.1:1",
-        "token-value",
     )
     assert not settings.server.single_allocation_per_username
-    assert settings.portal is not None and settings.portal.token_in_query
     assert settings.server.auth_scheme == "rest" and settings.server.realm == "example.org"
     assert settings.server.max_allocations == 5
+    portal = _settings("--token-in-query", "--api-url", "ws://127.0.0.1:1", "token-value")
+    assert portal.portal is not None and portal.portal.token_in_query
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--auth-scheme", "rest"], {}, "AUTH_SCHEME"),
+        ([], {"AUTH_SCHEME": "rest"}, "AUTH_SCHEME"),
+        (["--realm", "example.org"], {}, "REALM"),
+        ([], {"REALM": "example.org"}, "REALM"),
+    ],
+)
+def test_portal_mode_refuses_what_locks_connlib_out(
+    argv: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token, a scheme or realm connlib cannot use is an error naming the variable;
+    without one, the same settings are a standalone relay's choice."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=rf"^{named} / --{named.lower().replace('_', '-')} "):
+        _settings(*argv, "--api-url", "ws://127.0.0.1:1", "token-value")
+    assert _settings(*argv).portal is None
+
+
+def test_channel_cap_covers_every_channel_number_in_portal_mode() -> None:
+    """connlib numbers one channel per remote candidate through 0x4FFF: in portal mode the
+    per-allocation cap is the whole number space; standalone keeps 1024; a flag wins."""
+    portal = _settings("--api-url", "ws://127.0.0.1:1", "token-value")
+    assert portal.server.max_channels_per_allocation == 0x4FFF - 0x4000 + 1
+    assert _settings().server.max_channels_per_allocation == 1024
+    explicit = _settings("--max-channels-per-allocation", "64", "--api-url", "ws://x:1", "t")
+    assert explicit.server.max_channels_per_allocation == 64
 
 
 def test_single_allocation_flag_is_tri_state() -> None:
@@ -166,3 +194,38 @@ def test_a_bad_environment_list_fails_even_beside_the_flag(
         build_parser().parse_args(["--allowed-peer-ip", "192.0.2.0/24"])
     assert exited.value.code == 2
     assert "bad environment variable value ALLOWED_PEER_IP='300.1.1.1'" in capsys.readouterr().err
+
+
+def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest as _pytest
+
+    from firezone_relay.actors.cli import build_parser, settings_from_args
+
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# rotation\nnew-secret-0123456789\n\nold-secret-0123456789\n")
+    peers = tmp_path / "peers"
+    peers.write_text("allow 10.1.0.0/16\ndeny 203.0.113.0/24\n")
+    base = ["--public-ip4-addr", "127.0.0.1", "--control-endpoint", "127.0.0.1:19999"]
+    args = build_parser().parse_args(
+        [*base, "--auth-secret-file", str(secrets), "--peer-list-file", str(peers),
+         "--allowed-peer-ip", "10.2.0.0/16", "--allocation-rate-limit", "250000"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert settings.auth_secrets == ("new-secret-0123456789", "old-secret-0123456789")
+    assert settings.auth_secret == "new-secret-0123456789"
+    assert settings.server.allowed_peer_ips == ("10.2.0.0/16", "10.1.0.0/16")
+    assert settings.server.denied_peer_ips == ("203.0.113.0/24",)
+    assert settings.server.allocation_rate_limit == 250000
+    assert settings.admin_socket is not None and settings.admin_socket.endswith(
+        "control-19999.sock"
+    )
+    assert not settings.admin_socket_required
+
+    peers.write_text("permit 10.0.0.0/8\n")
+    for extra, words in (
+        (["--peer-list-file", str(peers)], "expected 'allow CIDR' or 'deny CIDR'"),
+        (["--auth-secret-file", str(tmp_path / "missing")], "cannot read the secret file"),
+        (["--auth-secret-file", str(secrets), "--auth-secret", "x" * 16], "not both"),
+    ):
+        with _pytest.raises(ValueError, match=words):
+            settings_from_args(build_parser().parse_args([*base, *extra]))
