@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firezone_relay.actors.udpio import Receiver, send_batch
+from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.server import Server
@@ -50,6 +50,7 @@ SLOT_BYTES = 65536 + HEADROOM
 
 _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
+_UDP = Transport.UDP
 
 
 class DataPlane:
@@ -64,6 +65,8 @@ class DataPlane:
         self.after_input = after_input
         #: family -> listen socket; kept by ``add_listen_socket`` / ``close_listen_sockets``
         self.listen: dict[int, socket.socket] = {}
+        #: listen socket -> its bound address, the local half of its clients' 5-tuples
+        self._local: dict[socket.socket, Addr] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
         stats = server.stats
@@ -87,9 +90,17 @@ class DataPlane:
         self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
 
-    def listen_socket_for(self, addr: Addr) -> socket.socket | None:
-        """The listen socket of ``addr``'s family: where everything to a client leaves from."""
-        return self.listen.get(_V6 if ":" in addr[0] else _V4)
+    def listen_socket_for(self, client: FiveTuple) -> socket.socket | None:
+        """The listen socket ``client`` sent to: where everything to it leaves from (UDP:
+        the one of its family)."""
+        return self.listen.get(_V6 if ":" in client.remote[0] else _V4)
+
+    def _local_of(self, sock: socket.socket) -> Addr:
+        local = self._local.get(sock)
+        if local is None:
+            name = sock.getsockname()
+            local = self._local[sock] = (name[0], name[1])
+        return local
 
     def flush(self, out: list[Any]) -> int:
         """Send a batch (flat ``[socket or None, data, address, ...]``), count what was dropped
@@ -124,6 +135,8 @@ class DataPlane:
         (none where the core has none, or where the socket to send from is not there: those
         datagrams go to the core). Re-reading the core, rather than replaying the command,
         keeps the mirror right whatever order the commands of one drain come in."""
+        if command.client.transport is not _UDP:
+            return  # the mirror relays UDP clients only
         rx = self._rx
         client, channel, peer, port = (
             command.client,
@@ -132,6 +145,9 @@ class DataPlane:
             command.allocation_port,
         )
         to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
+        # the allocation's counters (``Allocation.counters``), which the mirror bumps in place
+        allocation = self.server.allocation_on(port)
+        counts = None if allocation is None else memoryview(allocation.counters)
         fds = self._fds
         out = listen = None
         if to_peer is not None:
@@ -142,9 +158,12 @@ class DataPlane:
             to_peer is None
             or out is None
             or listen is None
-            or not rx.set_to_peer(client, channel, fds[out], to_peer.peer, fds[listen])
+            or counts is None
+            or not rx.set_to_peer(
+                client.remote, channel, fds[out], to_peer.peer, fds[listen], counts[0:2]
+            )
         ):
-            rx.drop_to_peer(client, channel)
+            rx.drop_to_peer(client.remote, channel)
         inbound = listen = None
         if to_client is not None:
             listen = self.listen_socket_for(to_client.client)
@@ -153,8 +172,15 @@ class DataPlane:
             to_client is None
             or listen is None
             or inbound is None
+            or counts is None
             or not rx.set_to_client(
-                port, peer, fds[listen], to_client.client, to_client.channel, fds[inbound]
+                port,
+                peer,
+                fds[listen],
+                to_client.client.remote,
+                to_client.channel,
+                fds[inbound],
+                counts[2:4],
             )
         ):
             rx.drop_to_client(port, peer)
@@ -163,6 +189,27 @@ class DataPlane:
         """Every route the C mirror holds, sorted, as plain tuples (``Receiver.debug_routes``):
         for soaks and tests that check the mirror against the core."""
         routes: list[tuple[Any, ...]] = self._rx.debug_routes()
+        return routes
+
+    def expected_routes(self) -> list[tuple[Any, ...]]:
+        """What ``debug_routes`` must hold now: every core channel route that ``sync_channel``
+        would mirror, in its shapes, sorted (none where the receiver mirrors nothing)."""
+        if isinstance(self._rx, PyReceiver):
+            return []
+        to_peer, to_client = self.server.all_channel_routes()
+        sockets = self.allocation_sockets
+        routes: list[tuple[Any, ...]] = []
+        for (client, channel), route in to_peer.items():
+            out = sockets.get((route.port, _V6 if ":" in route.peer[0] else _V4))
+            if out is not None and client.transport is _UDP:
+                routes.append(("to_peer", client.remote, channel, out.fileno(), route.peer))
+        for (port, peer), back in to_client.items():
+            listen = self.listen_socket_for(back.client)
+            if listen is not None and back.client.transport is _UDP:
+                routes.append(
+                    ("to_client", port, peer, listen.fileno(), back.client.remote, back.channel)
+                )
+        routes.sort()
         return routes
 
     @property
@@ -229,12 +276,13 @@ class DataPlane:
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
+        local = self._local_of(sock)
         now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
         for i in range(k, n):
             addr = addrs[i]
             try:
-                route = handle(views[i][: lens[i]], addr, now)
+                route = handle(views[i][: lens[i]], FiveTuple(_UDP, addr, local), now)
             except Exception:
                 self._input_failed(addr)
                 continue
@@ -244,7 +292,7 @@ class DataPlane:
             if type(route) is LoopToClient:  # ChannelData for another client here
                 client, channel, length = route
                 _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
-                out += (to_client(client), views[i][: 4 + length], client)
+                out += (to_client(client), views[i][: 4 + length], client.remote)
             else:
                 port, peer, span = route  # span: within the datagram the core was given
                 out += (
@@ -269,7 +317,7 @@ class DataPlane:
         out = self._out
         now = time.monotonic()
         core_busy = False
-        last_client: Addr | None = None
+        last_client: FiveTuple | None = None
         client_sock: socket.socket | None = None
         for i in range(k, n):
             addr = addrs[i]
@@ -286,7 +334,7 @@ class DataPlane:
             if client is not last_client:  # one allocation socket: almost always one client
                 last_client, client_sock = client, to_client(client)
             _pack_header(buf, i * SLOT_BYTES, channel, length)
-            out += (client_sock, slots[i][: length + HEADROOM], client)
+            out += (client_sock, slots[i][: length + HEADROOM], client.remote)
         if out:
             self.flush(out)
         if core_busy:
@@ -296,8 +344,8 @@ class DataPlane:
 
     def send_message(self, command: SendMessage) -> None:
         """Carry out a SendMessage: from the listen socket of the recipient's family."""
-        recipient: Addr = command.recipient
-        if self.flush([self.listen_socket_for(recipient), command.payload, recipient]):
+        recipient = command.recipient
+        if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
             logger.debug("send to %s failed", recipient)
 
     def _input_failed(self, sender: Addr) -> None:

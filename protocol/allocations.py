@@ -22,6 +22,7 @@ Invariants (checked by ``check_invariants``, which the unit tests call after eve
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,8 +32,13 @@ from firezone_relay.protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
+from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.routes import AFTER_HEADER, ToClient, ToPeer
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple
+
+#: indexes into ``Allocation.counters``
+OUT_PACKETS, OUT_BYTES, IN_PACKETS, IN_BYTES = range(4)
+COUNTERS = ("to_peer_datagrams", "to_peer_bytes", "to_client_datagrams", "to_client_bytes")
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +51,7 @@ class Channel:
 
 @dataclass(slots=True, eq=False)
 class Allocation:
-    client: Addr
+    client: FiveTuple
     port: int
     families: tuple[Family, ...]
     username: str
@@ -62,21 +68,30 @@ class Allocation:
     timer_at: float = 0.0
     #: ports tried so far; None = no retry on a failed bind (EVEN-PORT, RESERVATION-TOKEN)
     bind_attempts: int | None = 1
+    #: monotonic time it was made (``sessions`` shows its age)
+    created_at: float = 0.0
+    #: relayed traffic, plain unsigned integers (see ``COUNTERS``): client -> peer datagrams
+    #: and payload bytes, then peer -> client. An ``array`` so that the data plane's C route
+    #: mirror can count into the same memory.
+    counters: array[int] = field(default_factory=lambda: array("Q", bytes(32)))
+    #: ``--allocation-rate-limit`` buckets (None: no limit): client -> peer, peer -> client
+    limit_out: ByteBucket | None = None
+    limit_in: ByteBucket | None = None
 
 
 class AllocationTable:
     def __init__(self, emit: Callable[[Command], None], max_channels: int = 1024) -> None:
         self._emit = emit
         self.max_channels = max_channels
-        self.by_client: dict[Addr, Allocation] = {}
+        self.by_client: dict[FiveTuple, Allocation] = {}
         self.by_port: dict[int, Allocation] = {}
         self.by_username: dict[str, Allocation] = {}
         self.per_user: dict[str, int] = {}
         # The fast paths, holding bound channels only.
-        self.to_peer: dict[tuple[Addr, int], ToPeer] = {}
+        self.to_peer: dict[tuple[FiveTuple, int], ToPeer] = {}
         self.to_client: dict[tuple[int, Addr], ToClient] = {}
         #: bound channels whose peer is another allocation on this relay (the relay loop)
-        self.looped: dict[tuple[Addr, int], ToPeer] = {}
+        self.looped: dict[tuple[FiveTuple, int], ToPeer] = {}
 
     def __len__(self) -> int:
         return len(self.by_client)

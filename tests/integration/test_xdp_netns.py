@@ -16,9 +16,10 @@ import pytest
 
 from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions, start_offload
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import Addr, udp
 from simulations.frames import channel_data
-from simulations.netns.topology import Netns, Topology
+from simulations.netns.relay import attach_xdp_pass
+from simulations.netns.topology import Topology
 from tests.integration.conftest import require_bcc
 
 pytestmark = pytest.mark.integration
@@ -80,25 +81,14 @@ class Relay:
             s.close()
 
 
-def attach_pass_program(ns: Netns, dev: str) -> object:
-    """Native XDP on veth needs an XDP program on the peer too (recipe §5.1)."""
-    from firezone_relay.xdp.loader import import_bcc
-
-    bcc = import_bcc()
-    b = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-    with ns.entered():
-        b.attach_xdp(
-            dev.encode(), b.load_func(b"xdp_pass", bcc.BPF.XDP), bcc.BPF.XDP_FLAGS_DRV_MODE
-        )
-    return b
-
-
-@pytest.fixture(params=["generic"])
+@pytest.fixture(params=["generic", "driver"])
 def relay(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Relay]:
+    """The map manager with the program attached to the relay veth, in generic (skb) mode and
+    in native (driver) mode; native XDP_TX on a veth needs a program on its peer too."""
     require_bcc()
     t = topology
     mode = request.param
-    keep = attach_pass_program(t.rtr, "r-pub") if mode == "driver" else None
+    keep = attach_xdp_pass(t.rtr, "r-pub") if mode == "driver" else None
     options = XdpOptions(
         interface=t.relay_dev,
         attach_mode=mode,
@@ -116,7 +106,8 @@ def relay(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Relay]
     finally:
         r.close()
         ref.stop(block=True, timeout=10)
-        del keep
+        if keep is not None:
+            keep.cleanup()
 
 
 def recv(s: socket.socket) -> tuple[bytes, Addr]:
@@ -138,7 +129,6 @@ def exchange(
     assert recv(peer) == (b"pad", relay_peer)
 
 
-@pytest.mark.parametrize("relay", ["generic", "driver"], indirect=True)
 def test_ipv4_both_ways_and_unbinding(relay: Relay) -> None:
     t = relay.t
     cli = t.cli.udp("0.0.0.0", 40000)
@@ -146,7 +136,7 @@ def test_ipv4_both_ways_and_unbinding(relay: Relay) -> None:
     cli_pub = relay.learn(cli, t.relay4, LISTEN)
     gw_pub = relay.learn(gw, t.relay4, 49152)  # also opens gw's NAT mapping
     assert cli_pub[0] == t.client_public4 and gw_pub[0] == t.gateway_public4
-    binding = (cli_pub, 0x4000, gw_pub, 49152)
+    binding = (udp(cli_pub, (t.relay4, LISTEN)), 0x4000, gw_pub, 49152)
     relay.apply(CreateChannelBinding(*binding))
     exchange(cli, gw, (t.relay4, LISTEN), (t.relay4, 49152), 0x4000)
     assert relay.all_silent()
@@ -170,7 +160,7 @@ def test_ipv6_both_ways(relay: Relay) -> None:
     cli_pub = relay.learn(cli, t.relay6, LISTEN)
     gw_pub = relay.learn(gw, t.relay6, 49152)
     assert cli_pub == (t.client_public6, 40000) and gw_pub == (t.gateway_public6, 50000)
-    relay.apply(CreateChannelBinding(cli_pub, 0x4123, gw_pub, 49152))
+    relay.apply(CreateChannelBinding(udp(cli_pub, ("::", LISTEN)), 0x4123, gw_pub, 49152))
     exchange(cli, gw, (t.relay6, LISTEN), (t.relay6, 49152), 0x4123)
     assert relay.all_silent()
 
@@ -186,7 +176,7 @@ def test_across_families(relay: Relay, client_v6: bool) -> None:
         gw, relay_p = t.gw.udp("::", 50000), t.relay6
     cli_pub = relay.learn(cli, relay_c, LISTEN)
     gw_pub = relay.learn(gw, relay_p, 49152)
-    relay.apply(CreateChannelBinding(cli_pub, 0x4001, gw_pub, 49152))
+    relay.apply(CreateChannelBinding(udp(cli_pub, ("0.0.0.0", LISTEN)), 0x4001, gw_pub, 49152))
     exchange(cli, gw, (relay_c, LISTEN), (relay_p, 49152), 0x4001)
     assert relay.all_silent()
 
@@ -208,8 +198,8 @@ def test_relay_loop(relay: Relay, a_v6: bool, b_v6: bool, via_v6: bool) -> None:
     b_pub = relay.learn(b, relay_b, LISTEN)
     port_a, port_b = 49152, 49153
     relay.apply(
-        CreateChannelBinding(a_pub, 0x4001, (via, port_b), port_a),
-        CreateChannelBinding(b_pub, 0x4FFE, (via, port_a), port_b),
+        CreateChannelBinding(udp(a_pub, ("0.0.0.0", LISTEN)), 0x4001, (via, port_b), port_a),
+        CreateChannelBinding(udp(b_pub, ("0.0.0.0", LISTEN)), 0x4FFE, (via, port_a), port_b),
     )
     for p in PAYLOADS:
         a.sendto(channel_data(0x4001, p), (relay_a, LISTEN))
@@ -223,6 +213,7 @@ def test_relay_loop(relay: Relay, a_v6: bool, b_v6: bool, via_v6: bool) -> None:
     assert c.packets["channel_to_channel"] == 2 * len(PAYLOADS)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("relay", ["generic"], indirect=True)  # the mode does not matter here
 def test_manager_is_a_pykka_actor(relay: Relay) -> None:
     assert isinstance(relay.ref.proxy().status().get(timeout=5).active, bool)  # type: ignore[attr-defined]
     assert relay.ref.actor_class is XdpManager  # type: ignore[attr-defined]
