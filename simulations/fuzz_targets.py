@@ -15,6 +15,8 @@ under atheris (libFuzzer in process, the sans-IO core instrumented).
 * ``stream_framing``: TCP/TLS stream framing, when ``firezone_relay.protocol.stream_framing``
   exists: the input is cut into reads of fuzzer-chosen sizes; the frames are those of one
   whole read, and the framer holds less than one frame.
+* ``proxy_protocol``: the PROXY v1/v2 header reader, when it exists: read whole and in pieces,
+  the same header and the same bytes after it; only ``ProxyError`` comes out.
 
 Seeds (:func:`seeds`) come from the trace files in ``simulations/traces/data``: every datagram
 of every trace for ``stun``, each trace's client datagrams as a script for ``server``.
@@ -314,20 +316,66 @@ def stream_framing_input(data: bytes) -> None:
         assert frames == whole
 
 
+def proxy_protocol_input(data: bytes) -> None:
+    """One input of the ``proxy_protocol`` target: the header read whole and in reads of
+    fuzzer-chosen sizes gives the same header and the same bytes after it."""
+    from firezone_relay.protocol import proxy_protocol as pp  # type: ignore[attr-defined]
+
+    if not data:
+        return
+    stream = data[1:]
+    try:
+        whole = pp.ProxyReader().feed(stream)
+    except pp.ProxyError:
+        whole = "error"
+    reader = pp.ProxyReader()
+    rng = random.Random(data[0])
+    pos, chunked = 0, None
+    try:
+        while pos < len(stream):
+            n = rng.choice((1, 2, 5, 16, 200))
+            got = reader.feed(stream[pos : pos + n])
+            pos += n
+            if got is not None:
+                chunked = (got[0], got[1] + stream[pos:])
+                break
+    except pp.ProxyError:
+        chunked = "error"
+    assert whole == chunked, (whole, chunked)
+
+
 # -- registry, seeds, entry point -------------------------------------------------------------
 
 
-def _stream_framing_exists() -> bool:
+def _exists(module: str) -> bool:
     try:
-        return importlib.util.find_spec("firezone_relay.protocol.stream_framing") is not None
+        return importlib.util.find_spec(f"firezone_relay.protocol.{module}") is not None
     except ImportError:
         return False
 
 
 #: name -> the one-input function; a target whose code is not there yet is left out
 TARGETS: dict[str, Callable[[bytes], None]] = {"stun": stun_input, "server": server_input}
-if _stream_framing_exists():
+if _exists("stream_framing"):
     TARGETS["stream_framing"] = stream_framing_input
+if _exists("proxy_protocol"):
+    TARGETS["proxy_protocol"] = proxy_protocol_input
+
+#: PROXY headers as balancers send them (v1 lines; v2 IPv4, IPv6 with a TLV, LOCAL)
+PROXY_SEEDS = (
+    b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 3478\r\n",
+    b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 3478\r\n",
+    b"PROXY UNKNOWN\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\xc6\x33\x64\x01\x9c\x40\x0d\x96",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x2a"
+    + bytes(15)
+    + b"\x01"
+    + bytes(15)
+    + b"\x02"
+    + b"\x9c\x40\x0d\x96"
+    + b"\x04\x00\x03abc",
+    b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+)
 
 
 def _trace_frames() -> Iterator[tuple[str, Any]]:
@@ -340,7 +388,10 @@ def _trace_frames() -> Iterator[tuple[str, Any]]:
 def seeds(target: str) -> Iterator[bytes]:
     """The seed inputs of ``target``, from the trace files."""
     for _name, frames in _trace_frames():
-        if target in ("stun", "stream_framing"):
+        if target == "proxy_protocol":
+            for header in PROXY_SEEDS:
+                yield b"\x00" + header + (frames[0].payload if frames else b"")
+        elif target in ("stun", "stream_framing"):
             payloads = [f.payload for f in frames]
             yield from payloads
             if target == "stream_framing" and payloads:

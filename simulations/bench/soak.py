@@ -31,6 +31,7 @@ import os
 import random
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
@@ -367,11 +368,13 @@ class Soak:
         side.pos = 0
 
     def attack_plan(self, side: Side) -> list[tuple[str, Any]]:
-        """Bind channels to consecutive ports nobody listens on, refresh them once, delete."""
+        """Bind channels to consecutive ports nobody listens on, refresh them (and the
+        allocation, which a ChannelBind does not refresh) once, delete."""
         n = self.args.attack_channels
         binds = [("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))) for i in range(n)]
         hold = self.lifetime * 0.5
-        return [*binds, ("wait", hold), *binds, ("wait", hold), ("refresh", 0)]
+        keep = ("refresh", 600)
+        return [*binds, keep, ("wait", hold), *binds, keep, ("wait", hold), ("refresh", 0)]
 
     def attack_noise(self, side: Side) -> None:
         """A few datagrams of the attacker's: ChannelData to its dead peers, on unbound
@@ -655,6 +658,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like ^C, so the relays are stopped and the sockets closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log_dir = Path(tempfile.mkdtemp(prefix="soak-"))
     result = run(args, log_dir)
     for name, counts in result.counts.items():
