@@ -256,7 +256,7 @@ class Relay:
             host = self._bind_hosts[family]
             with binding("listen socket", host, config.listen_port):
                 sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
-            self.dataplane.listen[int(family)] = sock
+            self.dataplane.add_listen_socket(family, sock)
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
@@ -299,10 +299,9 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
-        for family, sock in list(self.dataplane.listen.items()):
+        for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
-            sock.close()
-            del self.dataplane.listen[family]
+        self.dataplane.close_listen_sockets()
         if self._timer is not None:
             self._timer.cancel()
         freed = self.server.num_allocations
@@ -375,7 +374,7 @@ class Relay:
         self.dataplane.add_peer_socket(message.port, message.family, message.sock)
 
     def _on_peer_socket_closed(self, message: PeerSocketClosed) -> None:
-        self.dataplane.remove_peer_socket(message.port, message.family)
+        self.dataplane.close_peer_socket(message.port, message.family, message.sock)
 
     def _on_allocation_stopped(self, message: AllocationStopped) -> None:
         self.pipeline.allocation_gone(message.port, message.actor)

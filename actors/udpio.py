@@ -124,10 +124,12 @@ class PyReceiver:
     def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
 
-    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr, in_fd: int = -1) -> bool:
         return False
 
-    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+    def set_to_client(
+        self, port: int, peer: Addr, fd: int, client: Addr, channel: int, in_fd: int = -1
+    ) -> bool:
         return False
 
     def drop_to_peer(self, client: Addr, channel: int) -> None:
@@ -209,7 +211,7 @@ def _import_compiled() -> Any:
     return _udpio
 
 
-# The compiled module has no stub; its Receiver has PyReceiver's shape.
+# The compiled Receiver (typed in _udpio.pyi) has PyReceiver's shape; one name for both.
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 #: ``compiled`` or ``python``, why (see :func:`choose`), and a description for logs and benches
