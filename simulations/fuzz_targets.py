@@ -7,11 +7,11 @@ under atheris (libFuzzer in process, the sans-IO core instrumented).
   encoded and decoded again to the same value. Only ``ValueError`` (``ParseError``,
   ``BadAttribute``) may come out.
 * ``server``: the sans-IO ``Server`` with a fixed clock, a fixed secret and seeded randomness.
-  The input is a script of steps (:class:`Script`): raw datagrams from one of three clients,
-  requests those clients sign with valid credentials and the nonce the server gave them (so
-  the fuzzer gets past authentication), ChannelData, peer datagrams to allocated ports, and
-  clock advances. After every step ``Server.check_invariants()`` holds, and every message
-  the server sends parses.
+  The input is a script of steps (:class:`Script`): raw datagrams from one of four clients
+  (UDP and TCP 5-tuples), requests they sign with valid credentials and the nonce the server
+  gave them (so the fuzzer gets past authentication), ChannelData, peer datagrams to
+  allocated ports, and clock advances. After every step ``Server.check_invariants()`` holds, the server counted
+  no internal error (it catches its own exceptions), and every message it sends parses.
 * ``stream_framing``: TCP/TLS stream framing, when ``firezone_relay.protocol.stream_framing``
   exists: the input is cut into reads of fuzzer-chosen sizes; the frames are those of one
   whole read, and the framer holds less than one frame.
@@ -40,7 +40,7 @@ from firezone_relay.protocol import channel_data, stun
 from firezone_relay.protocol.commands import SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import ATTRIBUTES, Attr, Class, Method
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, udp
 
 __all__ = ["TARGETS", "Script", "run_script", "seeds", "server_input", "stun_input", "write_seeds"]
 
@@ -48,10 +48,14 @@ TRACES = Path(__file__).resolve().parent / "traces" / "data"
 NOW = 1_800_000_000.0  # the server's clock, doubling as wall clock (unix_offset 0)
 SECRET = "fuzz-secret"
 PUBLIC4, PUBLIC6 = "52.0.0.1", "2600:1f00::1"
-CLIENTS: tuple[Addr, ...] = (
-    ("93.184.216.34", 40000),
-    ("93.184.216.35", 40001),
-    ("2606:2800:220:1::7", 40000),
+LISTEN4, LISTEN6 = ("0.0.0.0", 3478), ("::", 3478)
+#: the clients' 5-tuples: two over UDP/IPv4 (one user's two allocations), one over UDP/IPv6,
+#: one over TCP
+CLIENTS: tuple[FiveTuple, ...] = (
+    udp(("93.184.216.34", 40000), LISTEN4),
+    udp(("93.184.216.35", 40001), LISTEN4),
+    udp(("2606:2800:220:1::7", 40000), LISTEN6),
+    FiveTuple(Transport.TCP, ("93.184.216.36", 40002), (PUBLIC4, 3478)),
 )
 PEERS: tuple[Addr, ...] = (
     ("8.8.4.4", 5000),
@@ -145,7 +149,7 @@ METHODS = (
 
 @dataclass
 class _Client:
-    addr: Addr
+    addr: FiveTuple
     username: str
     password: str
     realm: str | None = None
@@ -266,6 +270,8 @@ def run_script(data: bytes) -> Counter[str]:
             if isinstance(command, SendMessage):
                 _learn(clients, command)
         server.check_invariants()
+        # the server turns its own exceptions into a count and a log line: any is a bug
+        assert server.stats.internal_errors == 0
         server.poll_timeout()
     return emitted
 
