@@ -10,8 +10,9 @@ under atheris (libFuzzer in process, the sans-IO core instrumented).
   The input is a script of steps (:class:`Script`): raw datagrams from one of four clients
   (UDP and TCP 5-tuples), requests they sign with valid credentials and the nonce the server
   gave them (so the fuzzer gets past authentication), ChannelData, peer datagrams to
-  allocated ports, and clock advances. After every step ``Server.check_invariants()`` holds, the server counted
-  no internal error (it catches its own exceptions), and every message it sends parses.
+  allocated ports, and clock advances. After every step ``Server.check_invariants()``
+  holds, the server counted no internal error (it catches its own exceptions), and every
+  message it sends parses.
 * ``stream_framing``: TCP/TLS stream framing, when ``firezone_relay.protocol.stream_framing``
   exists: the input is cut into reads of fuzzer-chosen sizes; the frames are those of one
   whole read, and the framer holds less than one frame.
