@@ -614,6 +614,7 @@ class Relay:
             + self.server.stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 
     def _log_stats(self) -> None:

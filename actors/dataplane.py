@@ -118,6 +118,12 @@ class DataPlane:
         return self._send_drops + int(self._rx.send_drops)
 
     @property
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on a full receive queue of a listen or allocation socket
+        (``SO_RXQ_OVFL``, counted by the compiled helper; the Python fallback cannot see them)."""
+        return int(self._rx.kernel_drops)
+
+    @property
     def send_errors(self) -> int:
         """Any other send failure (unreachable, bad address ...)."""
         return self._send_errors + int(self._rx.send_errors)

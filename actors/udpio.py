@@ -98,6 +98,9 @@ class PyReceiver:
     send_drops = 0
     send_errors = 0
     datagrams_in = 0
+    kernel_drops = 0  # SO_RXQ_OVFL needs recvmsg's control messages: not counted here
+    gso_refused = 0
+    refused = 0
 
     def drain_clients(self, stats: object, handoff: Any, sock: socket.socket) -> None:
         self._drain(handoff, (sock,), sock)

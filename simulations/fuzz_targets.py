@@ -38,7 +38,7 @@ from firezone_relay.protocol import channel_data, stun
 from firezone_relay.protocol.commands import SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import ATTRIBUTES, Attr, Class, Method
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, udp
 
 __all__ = ["TARGETS", "Script", "run_script", "seeds", "server_input", "stun_input", "write_seeds"]
 
@@ -143,7 +143,7 @@ METHODS = (
 
 @dataclass
 class _Client:
-    addr: Addr
+    addr: FiveTuple
     username: str
     password: str
     realm: str | None = None
@@ -176,7 +176,9 @@ def _server() -> tuple[Server, list[_Client]]:
     clients = []
     for i, addr in enumerate(CLIENTS):
         username = f"{int(NOW) + 3600}:user{i % 2}"
-        clients.append(_Client(addr, username, rest_password(SECRET, username)))
+        clients.append(
+            _Client(udp(addr, (PUBLIC4, 3478)), username, rest_password(SECRET, username))
+        )
     return server, clients
 
 
