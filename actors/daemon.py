@@ -46,7 +46,6 @@ from firezone_relay.actors.admin import (
     AdminEndpoint,
     Disconnect,
     Drain,
-    Reload,
     admin_routes,
 )
 from firezone_relay.actors.allocation import AllocationActor
@@ -60,6 +59,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -249,7 +249,7 @@ class Relay:
                 self.loop.add_signal_handler(
                     sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
                 )
-        for sig, message in ((signal.SIGHUP, Reload()), (signal.SIGUSR1, Drain())):
+        for sig, message in ((signal.SIGHUP, Reload("SIGHUP")), (signal.SIGUSR1, Drain())):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
@@ -445,7 +445,13 @@ class Relay:
         self.admin.drain(message)
 
     def _on_reload(self, message: Reload) -> None:
-        self.admin.reload(message)
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
 
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
