@@ -23,6 +23,7 @@ Timers: after every input batch the core's earliest deadline (``poll_timeout``) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -45,7 +46,6 @@ from firezone_relay.actors.admin import (
     AdminEndpoint,
     Disconnect,
     Drain,
-    Reload,
     admin_routes,
 )
 from firezone_relay.actors.allocation import AllocationActor
@@ -59,6 +59,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -248,7 +249,7 @@ class Relay:
                 self.loop.add_signal_handler(
                     sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
                 )
-        for sig, message in ((signal.SIGHUP, Reload()), (signal.SIGUSR1, Drain())):
+        for sig, message in ((signal.SIGHUP, Reload("SIGHUP")), (signal.SIGUSR1, Drain())):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
@@ -444,7 +445,13 @@ class Relay:
         self.admin.drain(message)
 
     def _on_reload(self, message: Reload) -> None:
-        self.admin.reload(message)
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
 
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
@@ -589,13 +596,27 @@ class Relay:
         return 200, "text/plain", b"ok\n"
 
     def _debug_routes(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        """The C route mirror against the core's channel routes (a walk of both tables, on
-        the loop: for soaks and tests, not for scraping)."""
+        """The C route mirror against the core's channel routes. Handlers run on the HTTP
+        pool, the tables change on the loop: the comparison runs on the loop, in one go (a
+        walk of both tables: for soaks and tests, not for scraping)."""
+        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def compare() -> None:
+            try:
+                answer.set_result(self._compare_routes())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(compare)
+        body = answer.result(timeout=10)
+        return 200, "application/json", json.dumps(body).encode() + b"\n"
+
+    def _compare_routes(self) -> dict[str, Any]:
         expected = self.dataplane.expected_routes()
         held = self.dataplane.debug_routes()
         missing = sorted(set(expected) - set(held))
         extra = sorted(set(held) - set(expected))
-        body = {
+        return {
             "impl": udpio.IMPL,
             "core": self.server.num_active_channels,
             "expected": len(expected),
@@ -604,7 +625,6 @@ class Relay:
             "missing": [repr(r) for r in missing[:10]],
             "extra": [repr(r) for r in extra[:10]],
         }
-        return 200, "application/json", json.dumps(body).encode() + b"\n"
 
     def _drop_counts(self) -> dict[str, int]:
         return {

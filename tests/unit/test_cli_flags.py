@@ -229,3 +229,16 @@ def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_pat
     ):
         with _pytest.raises(ValueError, match=words):
             settings_from_args(build_parser().parse_args([*base, *extra]))
+
+
+def test_the_allocation_rate_limit_keeps_xdp_off(caplog) -> None:  # type: ignore[no-untyped-def]
+    import pytest as _pytest
+
+    from firezone_relay.actors.cli import build_parser, settings_from_args
+
+    base = ["--public-ip4-addr", "127.0.0.1", "--allocation-rate-limit", "1000",
+            "--ebpf-offloading", "lo"]  # fmt: skip
+    assert settings_from_args(build_parser().parse_args(base)).xdp is None
+    assert "XDP offload stays off" in caplog.text
+    with _pytest.raises(ValueError, match="--ebpf-mandatory"):
+        settings_from_args(build_parser().parse_args([*base, "--ebpf-mandatory"]))
