@@ -652,7 +652,7 @@ class Server:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
-        msg.get(Attr.REALM)  # validate its encoding
+        realm = msg.get(Attr.REALM)  # also validates its encoding
         has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
         identity = (
             parse_username(self.config.auth_scheme, username) if username is not None else None
@@ -660,6 +660,8 @@ class Server:
         key = None
         if username is not None and identity is not None:
             key = self._key_for(msg, username, identity, has_integrity)
+        if has_integrity and username is not None and identity is None:
+            _auth_failed(sender, username, realm, f"not a {self.config.auth_scheme} username")
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self._challenge(
                 msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
@@ -672,10 +674,10 @@ class Server:
         if check == NonceCheck.STALE:
             raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
         if identity.expiry < unix_now:
-            log.debug("credentials of %s expired", sender)
+            _auth_failed(sender, username, realm, "the credential expired")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         if not stun.verify_integrity(msg, key):
-            log.debug("bad MESSAGE-INTEGRITY from %s", sender)
+            _auth_failed(sender, username, realm, "wrong password (or another secret)")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
@@ -1171,6 +1173,23 @@ class Server:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
+
+
+def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) -> None:
+    """One INFO line an operator can act on (a client with a bad or stale credential). Its
+    text comes from the network: quoted and cut short, and marked ``from_network`` so the log
+    handler holds it to the warnings' per-site rate limit (an attacker needs no credential)."""
+    host, port = sender.remote
+    log.info(
+        "authentication failed from %s:%d (%s): %s (username %r, realm %r)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        sender.transport.name.lower(),
+        why,
+        username[:64],
+        None if realm is None else realm[:64],
+        extra={"from_network": True},
+    )
 
 
 def _peer_policy(config: ServerConfig) -> PeerPolicy:
