@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.udpio import Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.server import Server
@@ -46,6 +46,7 @@ SLOT_BYTES = 65536 + HEADROOM
 
 _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
+_UDP = Transport.UDP
 
 
 class _SocketTable(dict[tuple[int, int], socket.socket]):
@@ -81,6 +82,8 @@ class DataPlane:
         #: relayed data skips it.
         self.after_input = after_input
         self.listen: dict[int, socket.socket] = {}
+        #: listen socket -> its bound address, the local half of its clients' 5-tuples
+        self._local: dict[socket.socket, Addr] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
         stats = server.stats
@@ -102,9 +105,17 @@ class DataPlane:
         self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
 
-    def listen_socket_for(self, addr: Addr) -> socket.socket | None:
-        """The listen socket of ``addr``'s family: where everything to a client leaves from."""
-        return self.listen.get(_V6 if ":" in addr[0] else _V4)
+    def listen_socket_for(self, client: FiveTuple) -> socket.socket | None:
+        """The listen socket ``client`` sent to: where everything to it leaves from (UDP:
+        the one of its family)."""
+        return self.listen.get(_V6 if ":" in client.remote[0] else _V4)
+
+    def _local_of(self, sock: socket.socket) -> Addr:
+        local = self._local.get(sock)
+        if local is None:
+            name = sock.getsockname()
+            local = self._local[sock] = (name[0], name[1])
+        return local
 
     def flush(self, out: list[Any]) -> int:
         """Send a batch (flat ``[socket or None, data, address, ...]``), count what was dropped
@@ -133,6 +144,8 @@ class DataPlane:
         (none where the core has none, or where the socket to send from is not there: those
         datagrams go to the core). Re-reading the core, rather than replaying the command,
         keeps the mirror right whatever order the commands of one drain come in."""
+        if command.client.transport is not _UDP:
+            return  # the mirror relays UDP clients only
         rx = self._rx
         client, channel, peer, port = (
             command.client,
@@ -148,15 +161,15 @@ class DataPlane:
         if (
             to_peer is None
             or out is None
-            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer)
+            or not rx.set_to_peer(client.remote, channel, out.fileno(), to_peer.peer)
         ):
-            rx.drop_to_peer(client, channel)
+            rx.drop_to_peer(client.remote, channel)
         listen = None if to_client is None else self.listen_socket_for(to_client.client)
         if (
             to_client is None
             or listen is None
             or not rx.set_to_client(
-                port, peer, listen.fileno(), to_client.client, to_client.channel
+                port, peer, listen.fileno(), to_client.client.remote, to_client.channel
             )
         ):
             rx.drop_to_client(port, peer)
@@ -183,12 +196,13 @@ class DataPlane:
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
+        local = self._local_of(sock)
         now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
         for i in range(k, n):
             addr = addrs[i]
             try:
-                route = handle(views[i][: lens[i]], addr, now)
+                route = handle(views[i][: lens[i]], FiveTuple(_UDP, addr, local), now)
             except Exception:
                 self._input_failed(addr)
                 continue
@@ -198,7 +212,7 @@ class DataPlane:
             if type(route) is LoopToClient:  # ChannelData for another client here
                 client, channel, length = route
                 _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
-                out += (to_client(client), views[i][: 4 + length], client)
+                out += (to_client(client), views[i][: 4 + length], client.remote)
             else:
                 port, peer, span = route  # span: within the datagram the core was given
                 out += (
@@ -232,7 +246,7 @@ class DataPlane:
         out = self._out
         now = time.monotonic()
         core_busy = False
-        last_client: Addr | None = None
+        last_client: FiveTuple | None = None
         client_sock: socket.socket | None = None
         for i in range(k, n):
             addr = addrs[i]
@@ -249,7 +263,7 @@ class DataPlane:
             if client is not last_client:  # one allocation socket: almost always one client
                 last_client, client_sock = client, to_client(client)
             _pack_header(buf, i * SLOT_BYTES, channel, length)
-            out += (client_sock, slots[i][: length + HEADROOM], client)
+            out += (client_sock, slots[i][: length + HEADROOM], client.remote)
         if out:
             self.flush(out)
         if core_busy:
@@ -259,8 +273,8 @@ class DataPlane:
 
     def send_message(self, command: SendMessage) -> None:
         """Carry out a SendMessage: from the listen socket of the recipient's family."""
-        recipient: Addr = command.recipient
-        if self.flush([self.listen_socket_for(recipient), command.payload, recipient]):
+        recipient = command.recipient
+        if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
             logger.debug("send to %s failed", recipient)
 
     def _input_failed(self, sender: Addr) -> None:

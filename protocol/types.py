@@ -1,8 +1,10 @@
-"""Small shared types: socket addresses as plain tuples, address families."""
+"""Small shared types: socket addresses as plain tuples, address families, transports, and
+the client's 5-tuple."""
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 #: A UDP socket address as Python's sockets report it for IPv4: ``(host, port)``.
 #: IPv6 addresses are normalised to the same 2-tuple (flowinfo and scope id dropped),
@@ -19,3 +21,47 @@ class Family(enum.IntEnum):
     @staticmethod
     def of(host: str) -> Family:
         return Family.V6 if ":" in host else Family.V4
+
+
+class Transport(enum.IntEnum):
+    """How a client reaches the relay (RFC 8656 §3.1). Only UDP is produced today."""
+
+    UDP = 1
+    TCP = 2
+    TLS = 3
+
+    @property
+    def network(self) -> str:
+        """OpenTelemetry's ``network.transport``: TLS runs over TCP."""
+        return "udp" if self is Transport.UDP else "tcp"
+
+
+class FiveTuple(NamedTuple):
+    """Who a client is to the relay: its transport, its address and the relay address it
+    reached (RFC 8656 §2, the "5-tuple"). It keys allocations, nonces and the
+    retransmission cache, and names the recipient of everything sent to a client.
+
+    A NamedTuple rather than a frozen dataclass: it is a dict key on the per-datagram
+    paths, where a tuple hashes in C and a dataclass in Python."""
+
+    transport: Transport
+    #: the client's address (the source of what it sends)
+    remote: Addr
+    #: the relay's address it sent to (for UDP: the listen socket's bound address)
+    local: Addr
+
+    def __str__(self) -> str:
+        return f"{self.transport.name.lower()} {_fmt(self.remote)} -> {_fmt(self.local)}"
+
+    @property
+    def family(self) -> Family:
+        return Family.V6 if ":" in self.remote[0] else Family.V4
+
+
+def udp(remote: Addr, local: Addr) -> FiveTuple:
+    """The 5-tuple of a client sending UDP from ``remote`` to ``local``."""
+    return FiveTuple(Transport.UDP, remote, local)
+
+
+def _fmt(addr: Addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

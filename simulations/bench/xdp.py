@@ -41,7 +41,7 @@ from typing import Any
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.commands import CreateChannelBinding
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import Addr, udp
 from firezone_relay.xdp import bpfsys
 from firezone_relay.xdp.maps import RouterConfig, chan_key, peer_key
 from simulations.frames import channel_data, frame
@@ -197,11 +197,12 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
         cli_pub = learn(t.cli, 40000, LISTEN)
         gw_pub = learn(t.gw, 50000, A)  # also opens gw's NAT mapping for A
         gw_listen_pub = learn(t.gw, 50001, LISTEN)
+        listen = (t.relay4, LISTEN)
         proxy.apply(
             (
-                CreateChannelBinding(cli_pub, CH, gw_pub, A),
-                CreateChannelBinding(cli_pub, CH + 1, (t.relay4, B), A + 10),
-                CreateChannelBinding(gw_listen_pub, CH + 2, (t.relay4, A + 10), B),
+                CreateChannelBinding(udp(cli_pub, listen), CH, gw_pub, A),
+                CreateChannelBinding(udp(cli_pub, listen), CH + 1, (t.relay4, B), A + 10),
+                CreateChannelBinding(udp(gw_listen_pub, listen), CH + 2, (t.relay4, A + 10), B),
             )
         ).get(timeout=10)
 
