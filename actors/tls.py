@@ -30,17 +30,20 @@ def build_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols([ALPN])
+    for path in (cert_file, key_file):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise TlsConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         context.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: no such file") from exc
-    except PermissionError as exc:
-        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: permission denied") from exc
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         raise TlsConfigError(
-            f"cannot load the TLS certificate {cert_file} with key {key_file}: {reason}"
-        ) from exc
+            f"cannot load the TLS certificate {cert_file} with key {key_file}: {reason} "
+            "(a PEM certificate chain and the key that belongs to it?)"
+        ) from None
     return context
 
 
