@@ -29,7 +29,7 @@ from firezone_relay.actors.control import (
     tell,
 )
 from firezone_relay.actors.loop_actor import LoopActor
-from firezone_relay.actors.sockets import bind_udp
+from firezone_relay.actors.sockets import ALLOCATION_RECEIVE_BYTES, bind_udp
 from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation
 from firezone_relay.protocol.types import Family
 
@@ -77,7 +77,9 @@ class AllocationActor(LoopActor):
         if family in self.sockets:
             return
         try:
-            sock = bind_udp(family, self._bind_hosts[family], self.port)
+            sock = bind_udp(
+                family, self._bind_hosts[family], self.port, receive_bytes=ALLOCATION_RECEIVE_BYTES
+            )
             if dont_fragment and family is Family.V4:
                 # DF on every datagram to peers; a too-big one fails instead of fragmenting.
                 # (IPv6 is never fragmented on the way; RFC 8656 ignores DF across families.)
@@ -98,9 +100,11 @@ class AllocationActor(LoopActor):
         sock = self.sockets.pop(family, None)
         if sock is None:
             return
-        tell(self._control, PeerSocketClosed(self.port, family))
         self.actor_loop.remove_reader(sock.fileno())
-        sock.close()
+        # The data plane closes it, after dropping its routes; with no control left (shutdown)
+        # nothing reads or relays any more, and it is closed here.
+        if not tell(self._control, PeerSocketClosed(self.port, family, sock)):
+            sock.close()
 
     def _close_all(self) -> None:
         for family in list(self.sockets):

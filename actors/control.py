@@ -40,6 +40,7 @@ __all__ = [
     "PortalConnect",
     "PortalFatal",
     "PortalJoined",
+    "Reload",
     "Shutdown",
     "tell",
 ]
@@ -76,6 +77,14 @@ class PortalFatal:
 
 
 @dataclass(frozen=True, slots=True)
+class Reload:
+    """To the control actor (SIGHUP, ``systemctl reload``, ``firezone-relay reload``): re-read
+    what can change without a restart; the relay keeps running."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """To the control actor (signals): stop the relay with ``code``. To the portal session:
     close the connection and stop."""
@@ -98,10 +107,13 @@ class PeerSocketOpened:
 
 @dataclass(frozen=True, slots=True)
 class PeerSocketClosed:
-    """An allocation actor is closing its ``family`` socket of ``port``."""
+    """An allocation actor is done with its ``family`` socket of ``port`` (its reader is
+    removed): the data plane drops its routes and closes it, so the fd cannot be reused while
+    a route still names it, however late this message is handled."""
 
     port: int
     family: Family
+    sock: socket.socket
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,16 @@ Timers: after every input batch the core's earliest deadline (``poll_timeout``) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import random
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +41,15 @@ from typing import TYPE_CHECKING, Any, Final
 import pykka
 from opentelemetry import trace
 
+from firezone_relay.actors import udpio
+from firezone_relay.actors.admin import (
+    Admin,
+    AdminConfig,
+    AdminEndpoint,
+    Disconnect,
+    Drain,
+    admin_routes,
+)
 from firezone_relay.actors.allocation import AllocationActor
 from firezone_relay.actors.control import (
     AllocationBindFailed,
@@ -48,6 +61,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -56,6 +70,14 @@ from firezone_relay.actors.http_endpoints import HttpEndpoint, parse_host_port
 from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
 from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.pipeline import Pipeline
+from firezone_relay.actors.signals import (
+    DRAIN,
+    FAILURE_EXIT,
+    IGNORED,
+    RELOAD,
+    STOP_CLEAN,
+    exit_code,
+)
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError, binding
 from firezone_relay.actors.stream_relay import StreamRelay
@@ -76,6 +98,7 @@ from firezone_relay.protocol.types import Family
 if TYPE_CHECKING:
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.portal_session import PortalSession
+    from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
@@ -99,9 +122,19 @@ class Settings:
     bind_ip6: str = "::"
     rng_seed: int | None = None
     auth_secret: str | None = None
+    #: where ``auth_secret`` came from (None: generated for this run)
+    secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
+    #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
+    #: (``--admin-socket`` given), one that cannot be made is a warning
+    admin_socket: str | None = None
+    admin_socket_required: bool = False
+    #: every accepted secret, the first one ``auth_secret`` (``--auth-secret-file``)
+    auth_secrets: tuple[str, ...] = ()
+    #: what ``reload`` re-reads
+    admin: AdminConfig = field(default_factory=AdminConfig)
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
@@ -124,10 +157,13 @@ CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
     PortalClosed: "_on_portal_closed",
     PortalFatal: "_on_portal_fatal",
     Shutdown: "_on_shutdown",
+    Reload: "_on_reload",
     PeerSocketOpened: "_on_peer_socket_opened",
     PeerSocketClosed: "_on_peer_socket_closed",
     AllocationBindFailed: "_on_allocation_bind_failed",
     AllocationStopped: "_on_allocation_stopped",
+    Disconnect: "_on_disconnect",
+    Drain: "_on_drain",
 }
 
 
@@ -145,6 +181,8 @@ class Relay:
         if secret is None and seed is None:
             secret = secrets.token_hex(32)
         self.server = Server(config, rng, secret)
+        if settings.auth_secrets:
+            self.server.set_auth_secrets(settings.auth_secrets)
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
@@ -153,7 +191,8 @@ class Relay:
             message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
         }
         self.control = ControlActor.start(routes, loop=self.loop)
-        self.pipeline.mirror = self.dataplane.sync_channel
+        if config.allocation_rate_limit is None:  # limits are enforced by the core alone
+            self.pipeline.mirror = self.dataplane.sync_channel
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
@@ -182,10 +221,17 @@ class Relay:
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
         self.tls: TlsContexts | None = None
-        self._reload_task: asyncio.Task[None] | None = None
         self.stream_relay = StreamRelay(self.server, self.dataplane, self._after_input)
         self.streams = Streams(self.loop, settings.streams, self.stream_relay)
         self.dataplane.stream_send = self.stream_relay.send
+        self.admin = Admin(
+            self.server,
+            settings.admin,
+            self._after_input,
+            self.request_stop,
+            self._drop_counts,
+            self._xdp_totals,
+        )
 
     @staticmethod
     def _capped(config: ServerConfig) -> ServerConfig:
@@ -206,7 +252,7 @@ class Relay:
 
     @property
     def ready(self) -> bool:
-        if not self.sockets_bound:
+        if not self.sockets_bound or self.server.draining:
             return False
         return self.standalone or self.portal_joined
 
@@ -214,6 +260,7 @@ class Relay:
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
+        self._handle_signals()
         try:
             await self.start()
         except Exception as exc:
@@ -224,14 +271,29 @@ class Relay:
             with contextlib.suppress(pykka.ActorDeadError):
                 self.control.stop(block=False)
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(
-                    sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
-                )
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
+
+    def _handle_signals(self) -> None:
+        """Every signal that would end the process is a logged Shutdown; SIGHUP a Reload,
+        SIGUSR1 a Drain, SIGUSR2 nothing; each with a log line (see ``actors.signals``)."""
+        messages: dict[int, tuple[object, str]] = {
+            RELOAD: (Reload(signal.Signals(RELOAD).name), "reloading"),
+            DRAIN: (Drain(), "draining"),
+        }
+        for sig in (*STOP_CLEAN, *FAILURE_EXIT):
+            messages[sig] = (Shutdown(exit_code(sig), signal.Signals(sig).name), "stopping")
+        for sig in IGNORED:
+            messages[sig] = (None, "ignored")
+        for sig, (message, what) in messages.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, self._on_signal, sig, message, what)
+
+    def _on_signal(self, sig: int, message: object, what: str) -> None:
+        logger.info("%s received: %s", signal.Signals(sig).name, what)
+        if message is not None:
+            tell(self.control, message)
 
     async def start(self) -> None:
         raise_nofile_limit()
@@ -247,8 +309,16 @@ class Relay:
             otlp_endpoint=self.settings.otlp_grpc_endpoint,
             export_interval_ms=self.settings.export_interval_ms,
             resource_attributes=self.settings.resource_attributes,
+            datapath={"relay.userspace.impl": udpio.IMPL},
         )
         self._start_tracing()
+        # which userspace data path runs: one line, a WARN when it fell back unasked
+        logger.log(
+            logging.WARNING if udpio.IMPL_DEGRADED else logging.INFO,
+            "userspace data path: %s (%s)",
+            udpio.IMPLEMENTATION,
+            udpio.IMPL_REASON,
+        )
         warning = port_range_warning(config.lowest_port, config.highest_port)
         if warning is not None:
             logger.warning("%s", warning)
@@ -261,7 +331,7 @@ class Relay:
             host = self._bind_hosts[family]
             with binding("listen socket", host, config.listen_port):
                 sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
-            self.dataplane.listen[int(family)] = sock
+            self.dataplane.add_listen_socket(family, sock)
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
@@ -269,21 +339,7 @@ class Relay:
         await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
-            if self.settings.auth_secret is None:
-                logger.warning(
-                    "standalone mode: generated auth secret %s (scheme %s); make credentials "
-                    "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
-                    self.server.auth_secret,
-                    config.auth_scheme,
-                    config.auth_scheme,
-                )
-            else:
-                logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
-                if secret_bits(self.settings.auth_secret) < 128:
-                    logger.warning(
-                        "--auth-secret looks weaker than 128 bits: anyone holding one credential "
-                        "can guess it offline; use e.g. `openssl rand -hex 32`"
-                    )
+            self._announce_secret()
         else:
             self._start_portal(self.settings.portal)
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
@@ -294,7 +350,7 @@ class Relay:
 
     async def _start_streams(self) -> None:
         """TURN over TCP on the listen port and over TLS on the TLS port, on each family's bind
-        address; SIGHUP re-reads the certificate."""
+        address; a reload (SIGHUP, ``firezone-relay reload``) re-reads the certificate."""
         s = self.settings
         config = s.server
         if s.tls_cert_file is not None and s.tls_key_file is not None:
@@ -302,8 +358,7 @@ class Relay:
                 self.tls = TlsContexts(s.tls_cert_file, s.tls_key_file)
             except TlsConfigError as exc:
                 raise StartupError(str(exc)) from None
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(signal.SIGHUP, self._reload_tls)
+            self.admin.reload_hooks.append(self.tls.reload)
         ports: list[tuple[int, TlsContexts | None]] = []
         if s.tcp:
             ports.append((config.listen_port, None))
@@ -319,16 +374,50 @@ class Relay:
                     await self.streams.listen(host, port, tls)
                 logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
-    def _reload_tls(self) -> None:
-        tls = self.tls
-        if tls is None:
+    def _announce_secret(self) -> None:
+        """Say where the standalone secret is, never what it is: a log is no place for it. A
+        secret generated for this run is shown once on the terminal, if there is one."""
+        scheme = self.settings.server.auth_scheme
+        origin = self.settings.secret_origin
+        if self.settings.auth_secret is None:
+            if os.isatty(sys.stderr.fileno()):
+                sys.stderr.write(
+                    f"\nauth secret for this run (not logged): {self.server.auth_secret}\n"
+                    "make credentials with: firezone-relay credentials --auth-secret "
+                    f"{self.server.auth_secret} --auth-scheme {scheme}\n\n"
+                )
+                sys.stderr.flush()
+                how = "shown on this terminal only"
+            else:
+                how = "not logged, so no credential can be made for it"
+            logger.warning(
+                "standalone mode, auth scheme %s: the auth secret was generated for this run "
+                "(%s) and changes at every restart; keep one with --auth-secret or "
+                "--auth-secret-file FILE (the systemd unit keeps one in its state directory)",
+                scheme,
+                how,
+            )
             return
-        logger.info("SIGHUP: re-reading %s and %s", tls.cert_file, tls.key_file)
-
-        async def reload() -> None:
-            tls.install(await self.loop.run_in_executor(None, tls.load))
-
-        self._reload_task = self.loop.create_task(reload())
+        where = origin.origin if origin is not None else "--auth-secret"
+        if origin is not None and origin.path is not None:
+            made = "generated now" if origin.generated else "kept across restarts"
+            logger.info(
+                "standalone mode, auth scheme %s: auth secret from %s (%s); make credentials "
+                "with `firezone-relay credentials --auth-secret-file %s --auth-scheme %s`",
+                scheme,
+                where,
+                made,
+                origin.path,
+                scheme,
+            )
+        else:
+            logger.info("standalone mode, auth scheme %s: auth secret from %s", scheme, where)
+        if secret_bits(self.settings.auth_secret) < 128:
+            logger.warning(
+                "the auth secret (%s) looks weaker than 128 bits: anyone holding one credential "
+                "can guess it offline; use e.g. `openssl rand -hex 32`",
+                where,
+            )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
         """Ask the daemon to shut down (loop thread only; the Shutdown and PortalFatal messages
@@ -344,10 +433,9 @@ class Relay:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
         self.streams.close()
-        for family, sock in list(self.dataplane.listen.items()):
+        for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
-            sock.close()
-            del self.dataplane.listen[family]
+        self.dataplane.close_listen_sockets()
         if self._timer is not None:
             self._timer.cancel()
         freed = self.server.num_allocations
@@ -366,6 +454,7 @@ class Relay:
                 await asyncio.wait(tasks, timeout=0.5)
         with contextlib.suppress(pykka.ActorDeadError):
             self.control.stop(block=False)
+        self.admin.stop()
         self._stop_endpoints()
         self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
@@ -423,7 +512,7 @@ class Relay:
         self.dataplane.add_peer_socket(message.port, message.family, message.sock)
 
     def _on_peer_socket_closed(self, message: PeerSocketClosed) -> None:
-        self.dataplane.remove_peer_socket(message.port, message.family)
+        self.dataplane.close_peer_socket(message.port, message.family, message.sock)
 
     def _on_allocation_stopped(self, message: AllocationStopped) -> None:
         self.pipeline.allocation_gone(message.port, message.actor)
@@ -451,6 +540,21 @@ class Relay:
 
     def _on_shutdown(self, message: Shutdown) -> None:
         self.request_stop(message.code, message.reason)
+
+    def _on_disconnect(self, message: Disconnect) -> None:
+        self.admin.disconnect(message)
+
+    def _on_drain(self, message: Drain) -> None:
+        self.admin.drain(message)
+
+    def _on_reload(self, message: Reload) -> None:
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
 
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
@@ -515,6 +619,12 @@ class Relay:
             )
         logger.info("eBPF offloading enabled on %s", options.interface)
 
+    def _xdp_totals(self) -> tuple[int, int] | None:
+        if self._xdp_reader is None:
+            return None
+        counters = self._xdp_reader.read()
+        return sum(counters.packet_size_buckets), int(counters.relayed_bytes)
+
     def _xdp_sizes(self) -> tuple[Sequence[int], float]:
         counters = self._xdp_reader.read()
         return counters.packet_size_buckets, counters.relayed_bytes
@@ -537,7 +647,14 @@ class Relay:
             wanted.append(("health", s.health_check_addr, health))
         if s.control_endpoint:
             wanted.append(
-                ("control", s.control_endpoint, {("POST", "/log_filter"): self._log_filter})
+                (
+                    "control",
+                    s.control_endpoint,
+                    {
+                        ("POST", "/log_filter"): self._log_filter,
+                        ("GET", "/debug/routes"): self._debug_routes,
+                    },
+                )
             )
         for name, text, routes in wanted:
             address = parse_host_port(text)
@@ -545,6 +662,14 @@ class Relay:
                 endpoint = HttpEndpoint(name, address, routes)
                 await endpoint.start()
             self.endpoints.append(endpoint)
+        if s.admin_socket:
+            admin = AdminEndpoint(
+                s.admin_socket,
+                admin_routes(self.admin, lambda m: tell(self.control, m)),
+                s.admin_socket_required,
+            )
+            await admin.start()
+            self.endpoints.append(admin)
 
     def _stop_endpoints(self) -> None:
         endpoints, self.endpoints = self.endpoints, []
@@ -574,14 +699,47 @@ class Relay:
         logger.info("log filter set to %r", values[0])
         return 200, "text/plain", b"ok\n"
 
+    def _debug_routes(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        """The C route mirror against the core's channel routes. Handlers run on the HTTP
+        pool, the tables change on the loop: the comparison runs on the loop, in one go (a
+        walk of both tables: for soaks and tests, not for scraping)."""
+        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def compare() -> None:
+            try:
+                answer.set_result(self._compare_routes())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(compare)
+        body = answer.result(timeout=10)
+        return 200, "application/json", json.dumps(body).encode() + b"\n"
+
+    def _compare_routes(self) -> dict[str, Any]:
+        expected = self.dataplane.expected_routes()
+        held = self.dataplane.debug_routes()
+        missing = sorted(set(expected) - set(held))
+        extra = sorted(set(held) - set(expected))
+        return {
+            "impl": udpio.IMPL,
+            "core": self.server.num_active_channels,
+            "expected": len(expected),
+            "mirror": len(held),
+            "equal": expected == held,
+            "missing": [repr(r) for r in missing[:10]],
+            "extra": [repr(r) for r in extra[:10]],
+        }
+
     def _drop_counts(self) -> dict[str, int]:
         return {
             "invalid": self.server.stats.dropped_datagrams,
             "unroutable": self.server.stats.unroutable_datagrams,
-            "rate_limited": self.server.stats.rate_limited,
+            "rate_limited": self.server.stats.rate_limited
+            + self.server.stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
             "stream_backlog": self.streams.dropped + self.stream_relay.lost,
+            "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 
     def _log_stats(self) -> None:

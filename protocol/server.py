@@ -15,18 +15,26 @@ Firezone's own clients; README.md lists each such choice.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.allocations import Allocation, AllocationTable, Channel
+from firezone_relay.protocol.allocations import (
+    IN_PACKETS,
+    OUT_PACKETS,
+    Allocation,
+    AllocationTable,
+    Channel,
+)
 from firezone_relay.protocol.auth import (
     FIREZONE_REALM,
     Identity,
@@ -45,6 +53,7 @@ from firezone_relay.protocol.commands import (
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 from firezone_relay.protocol.ports import PortAllocator
+from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.ratelimit import RateLimiter
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
@@ -119,6 +128,8 @@ class ServerConfig:
     single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
+    #: relayed payload bytes per second per allocation, each direction; None = no limit
+    allocation_rate_limit: float | None = None
     #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
     #: address): refused as peers unless allowed, so a client cannot reach the host's own
     #: services through the relay
@@ -166,6 +177,8 @@ class Stats:
     dropped_datagrams: int = 0  # malformed or not for us
     unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
     rate_limited: int = 0
+    #: relayed datagrams dropped over ``--allocation-rate-limit``
+    allocation_rate_limited: int = 0
     internal_errors: int = 0
 
     def count_relayed(self, length: int) -> None:
@@ -246,6 +259,10 @@ class Server:
         self._rng = rng
         self._token_bytes = token_bytes
         self.auth_secret = secret if secret is not None else token_bytes(32).hex()
+        #: every secret credentials are accepted with; the first is ``auth_secret``
+        self.auth_secrets: tuple[str, ...] = (self.auth_secret,)
+        #: drain: new Allocates get 508, existing allocations go on
+        self.draining = False
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
@@ -319,6 +336,34 @@ class Server:
         """The latest live allocation made with ``username`` (read-only)."""
         return self._table.by_username.get(username)
 
+    def allocations(self) -> list[Allocation]:
+        """The live allocations (a copy; for the operator's listing)."""
+        return list(self._allocations.values())
+
+    def disconnect(self, allocation: Allocation) -> bool:
+        """Free a live allocation at once (the operator's ``disconnect``): its routes and
+        sockets go, and its client's next request gets 437. False if it was gone already."""
+        if self._by_port.get(allocation.port) is not allocation:
+            return False
+        log.info("allocation on port %d for %s disconnected", allocation.port, allocation.client)
+        self._table.remove(allocation)
+        return True
+
+    def set_auth_secrets(self, secrets_: tuple[str, ...]) -> None:
+        """Accept credentials of any of ``secrets_`` from now on; the first one is the one
+        new credentials are minted with (``reload`` of ``--auth-secret-file``)."""
+        if not secrets_ or not all(secrets_):
+            raise ValueError("at least one non-empty secret")
+        self.auth_secret = secrets_[0]
+        self.auth_secrets = tuple(secrets_)
+
+    def set_peer_lists(self, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
+        """Replace ``--allowed-peer-ip`` / ``--denied-peer-ip`` (``reload``); judges new
+        permissions and channels, never ones already granted. ValueError on a bad CIDR."""
+        config = dataclasses.replace(self.config, allowed_peer_ips=allowed, denied_peer_ips=denied)
+        self.policy = _peer_policy(config)
+        self.config = config
+
     def check_invariants(self) -> None:
         """Assert the invariants of the allocation table and the port allocator (tests)."""
         self._table.check_invariants()
@@ -373,6 +418,13 @@ class Server:
                         return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.unroutable_datagrams += 1
                     return None
+                allocation = self._by_port[route.port]  # an int key: cheaper than sender
+                if allocation.limit_out is None:  # _metered, inlined on the hot path
+                    counters = allocation.counters
+                    counters[0] += 1  # OUT_PACKETS, OUT_BYTES
+                    counters[1] += length
+                elif not self._metered(allocation, OUT_PACKETS, length, now):
+                    return None
                 self.stats.count_relayed(length)
                 if 4 + length == size:
                     return route  # unpadded: the channel's own route, built at bind time
@@ -392,6 +444,14 @@ class Server:
         I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
         return self._c2p.get((client, channel)), self._p2c.get((port, peer))
 
+    def all_channel_routes(
+        self,
+    ) -> tuple[Mapping[tuple[FiveTuple, int], ToPeer], Mapping[tuple[int, Addr], ToClient]]:
+        """Read-only views of every channel route (client, channel) -> ``ToPeer`` and
+        (port, peer) -> ``ToClient``: for debug reads that compare a route cache with the
+        core (a walk of them costs a walk of the table)."""
+        return MappingProxyType(self._c2p), MappingProxyType(self._p2c)
+
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
     ) -> ToClient | None:
@@ -399,13 +459,35 @@ class Server:
         the client as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
-            self.stats.count_relayed(len(data))
+            length = len(data)
+            allocation = self._by_port[allocation_port]
+            if allocation.limit_in is None:  # _metered, inlined on the hot path
+                counters = allocation.counters
+                counters[2] += 1  # IN_PACKETS, IN_BYTES
+                counters[3] += length
+            elif not self._metered(allocation, IN_PACKETS, length, now):
+                return None
+            self.stats.count_relayed(length)
             return route
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
         except Exception:
             self._internal_error("relaying from a peer", now)
         return None
+
+    def _metered(self, allocation: Allocation, way: int, length: int, now: float) -> bool:
+        """Count a relayed datagram of ``allocation`` (``way``: ``OUT_PACKETS`` client -> peer,
+        ``IN_PACKETS`` peer -> client); False, counted as rate limited, when it is over the
+        allocation's ``--allocation-rate-limit``. The two ChannelData paths inline the count
+        and call this only for a limited allocation (which it then counts)."""
+        bucket = allocation.limit_out if way == OUT_PACKETS else allocation.limit_in
+        if bucket is not None and not bucket.take(length, now):
+            self.stats.allocation_rate_limited += 1
+            return False
+        counters = allocation.counters
+        counters[way] += 1
+        counters[way + 1] += length
+        return True
 
     def _internal_error(self, what: str, now: float) -> None:
         """A bug met by some input: count it, and log its traceback at most once a minute,
@@ -428,6 +510,8 @@ class Server:
         expires = allocation.permissions.get(peer[0])
         if expires is None or expires <= now or len(data) > 65_000:
             self.stats.unroutable_datagrams += 1
+            return
+        if not self._metered(allocation, IN_PACKETS, len(data), now):
             return
         payload = stun.encode(
             Method.DATA,
@@ -572,15 +656,16 @@ class Server:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
-        msg.get(Attr.REALM)  # validate its encoding
+        realm = msg.get(Attr.REALM)  # also validates its encoding
         has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
         identity = (
             parse_username(self.config.auth_scheme, username) if username is not None else None
         )
         key = None
         if username is not None and identity is not None:
-            password = password_for(self.config.auth_scheme, self.auth_secret, username, identity)
-            key = stun.long_term_key(username, self.config.realm, password)
+            key = self._key_for(msg, username, identity, has_integrity)
+        if has_integrity and username is not None and identity is None:
+            _auth_failed(sender, username, realm, f"not a {self.config.auth_scheme} username")
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self._challenge(
                 msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
@@ -593,15 +678,31 @@ class Server:
         if check == NonceCheck.STALE:
             raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
         if identity.expiry < unix_now:
-            log.debug("credentials of %s expired", sender)
+            _auth_failed(sender, username, realm, "the credential expired")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         if not stun.verify_integrity(msg, key):
-            log.debug("bad MESSAGE-INTEGRITY from %s", sender)
+            _auth_failed(sender, username, realm, "wrong password (or another secret)")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
         fingerprint = msg.fingerprint_offset is not None
         return Auth(key, sha256, fingerprint, verified=True), username, identity
+
+    def _key_for(self, msg: Message, username: str, identity: Identity, signed: bool) -> bytes:
+        """The long-term key of the first accepted secret that the message's integrity
+        verifies with (several during a secret rotation), else the first secret's."""
+        first = None
+        for secret in self.auth_secrets:
+            password = password_for(self.config.auth_scheme, secret, username, identity)
+            key = stun.long_term_key(username, self.config.realm, password)
+            if len(self.auth_secrets) == 1 or not signed:
+                return key
+            if first is None:
+                first = key
+            if stun.verify_integrity(msg, key):
+                return key
+        assert first is not None
+        return first
 
     def _own_allocation(
         self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
@@ -637,6 +738,8 @@ class Server:
                 raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
             self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
             return
+        if self.draining:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         families, address_error = self._check_allocate(request, auth)
         self._make_room(sender, username, identity.user, auth)
         port, reservation_token = self._choose_port(request, auth, now)
@@ -652,7 +755,11 @@ class Server:
             transaction_id=msg.transaction_id,
             bind_attempts=None if request.fixed_port else 1,
             dont_fragment=request.dont_fragment,
+            created_at=now,
         )
+        rate = self.config.allocation_rate_limit
+        if rate:
+            allocation.limit_out, allocation.limit_in = ByteBucket(rate, now), ByteBucket(rate, now)
         self._install_allocation(allocation, now)
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
@@ -929,6 +1036,8 @@ class Server:
             self.stats.unroutable_datagrams += 1
             return None
         start, end = span
+        if not self._metered(allocation, OUT_PACKETS, end - start, now):
+            return None
         if verdict is Verdict.LOOP:
             # our own address: only a live allocation, inside the relay; never a socket
             if peer[0] in self._own_hosts and peer[1] in self._by_port:
@@ -950,12 +1059,17 @@ class Server:
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
         port, peer, _ = self._c2c[(sender, channel)]
-        if peer[1] not in self._by_port:
+        target_allocation = self._by_port.get(peer[1])
+        if target_allocation is None:
             self.stats.unroutable_datagrams += 1
+            return None
+        if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
             return None
         target = self._p2c.get((peer[1], (peer[0], port)))
         if target is None:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
+            return None
+        if not self._metered(target_allocation, IN_PACKETS, length, now):
             return None
         self.stats.count_relayed(length)
         return LoopToClient(target.client, target.channel, length)
@@ -968,6 +1082,8 @@ class Server:
         target = self._p2c.get((peer[1], source))
         if target is None:
             self._data_indication(data, source, peer[1], now)
+            return
+        if not self._metered(self._by_port[peer[1]], IN_PACKETS, len(data), now):
             return
         self.stats.count_relayed(len(data))
         client, channel = target
@@ -1071,6 +1187,23 @@ class Server:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
+
+
+def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) -> None:
+    """One INFO line an operator can act on (a client with a bad or stale credential). Its
+    text comes from the network: quoted and cut short, and marked ``from_network`` so the log
+    handler holds it to the warnings' per-site rate limit (an attacker needs no credential)."""
+    host, port = sender.remote
+    log.info(
+        "authentication failed from %s:%d (%s): %s (username %r, realm %r)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        sender.transport.name.lower(),
+        why,
+        username[:64],
+        None if realm is None else realm[:64],
+        extra={"from_network": True},
+    )
 
 
 def _peer_policy(config: ServerConfig) -> PeerPolicy:
