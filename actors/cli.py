@@ -633,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_stream_flags(p: argparse.ArgumentParser) -> None:
     """TURN over TCP (on the listen port) and TLS (README: "TURN over TCP and TLS")."""
-    a = p.add_argument_group("TCP and TLS (TURN over streams)").add_argument
+    streams = p.add_argument_group("streams (TURN over TCP and TLS)")
+    a = streams.add_argument
     a(
         "--no-tcp",
         action="store_true",
@@ -644,8 +645,7 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
         "--tls-listen-port",
         type=_port,
         default=_env("TLS_LISTEN_PORT", 5349),
-        metavar="PORT",
-        help="TURN over TLS port, with --tls-cert-file (default: 5349)",
+        help="TURN over TLS port, used when a certificate and key are given (default: 5349)",
     )
     a(
         "--tls-cert-file",
@@ -660,7 +660,7 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
         type=_text,
         default=_env("TLS_KEY_FILE"),
         metavar="PEM",
-        help="private key of --tls-cert-file (default: none)",
+        help="private key of --tls-cert-file; SIGHUP re-reads it (default: none)",
     )
     a(
         "--proxy-protocol-from",
@@ -676,14 +676,12 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
         "--max-stream-connections",
         type=_positive,
         default=_env("MAX_STREAM_CONNECTIONS", 8192),
-        metavar="N",
         help="TCP and TLS connections open at once (default: 8192)",
     )
     a(
         "--max-stream-connections-per-source",
         type=_positive,
         default=_env("MAX_STREAM_CONNECTIONS_PER_SOURCE", 64),
-        metavar="N",
         help="TCP and TLS connections open at once from one client address (default: 64)",
     )
 
@@ -819,8 +817,8 @@ def warn_doubtful(args: argparse.Namespace) -> None:
             if address.is_loopback
             else "link-local"
             if address.is_link_local
-            else "non-public (private or reserved)"
-            if not address.is_global
+            else "private"
+            if address.is_private
             else None
         )
         if kind is not None:
