@@ -817,8 +817,8 @@ def warn_doubtful(args: argparse.Namespace) -> None:
             if address.is_loopback
             else "link-local"
             if address.is_link_local
-            else "private"
-            if address.is_private
+            else "non-public (private or reserved)"
+            if not address.is_global
             else None
         )
         if kind is not None:
