@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import secrets
@@ -67,7 +68,8 @@ from firezone_relay.actors.telemetry import (
 )
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.auth import secret_bits
-from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.config import ServerConfig
+from firezone_relay.protocol.server import Server
 from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
@@ -105,23 +107,6 @@ class Settings:
     resource_attributes: dict[str, str] = field(default_factory=dict)
 
 
-#: The relay's control inputs: every message type its control actor receives, and the ``Relay``
-#: method that handles it. Adding an input means adding a row here (and the message to
-#: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
-#: allocations, whose actors must find the control actor idle (see
-#: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
-CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
-    PortalJoined: "_on_portal_joined",
-    PortalClosed: "_on_portal_closed",
-    PortalFatal: "_on_portal_fatal",
-    Shutdown: "_on_shutdown",
-    PeerSocketOpened: "_on_peer_socket_opened",
-    PeerSocketClosed: "_on_peer_socket_closed",
-    AllocationBindFailed: "_on_allocation_bind_failed",
-    AllocationStopped: "_on_allocation_stopped",
-}
-
-
 class Relay:
     """One relay process's worth of state; drive it with ``await relay.run()``."""
 
@@ -139,11 +124,7 @@ class Relay:
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
-        # Any: each handler takes the message type it is keyed by
-        routes: dict[type[object], Callable[[Any], None]] = {
-            message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
-        }
-        self.control = ControlActor.start(routes, loop=self.loop)
+        self.control = ControlActor.start(self.control_handlers(), loop=self.loop)
         self.pipeline.mirror = self.dataplane.sync_channel
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
@@ -172,6 +153,10 @@ class Relay:
         self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+
+    def control_handlers(self) -> dict[type[object], Callable[[Any], None]]:
+        """``CONTROL_ROUTES`` bound to this relay: what its control actor dispatches to."""
+        return {kind: functools.partial(handle, self) for kind, handle in CONTROL_ROUTES.items()}
 
     @staticmethod
     def _capped(config: ServerConfig) -> ServerConfig:
@@ -539,6 +524,24 @@ class Relay:
             _throughput(rate),
         )
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
+
+
+#: The relay's control inputs: every message type its control actor receives, and the ``Relay``
+#: method that handles it. Adding an input means adding a row here (and the message to
+#: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
+#: allocations, whose actors must find the control actor idle (see
+#: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
+# Any: each handler takes the message type it is keyed by
+CONTROL_ROUTES: Final[Mapping[type[object], Callable[[Relay, Any], None]]] = {
+    PortalJoined: Relay._on_portal_joined,
+    PortalClosed: Relay._on_portal_closed,
+    PortalFatal: Relay._on_portal_fatal,
+    Shutdown: Relay._on_shutdown,
+    PeerSocketOpened: Relay._on_peer_socket_opened,
+    PeerSocketClosed: Relay._on_peer_socket_closed,
+    AllocationBindFailed: Relay._on_allocation_bind_failed,
+    AllocationStopped: Relay._on_allocation_stopped,
+}
 
 
 def _xdp_ns_bounds() -> tuple[float, ...]:

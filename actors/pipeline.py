@@ -1,20 +1,22 @@
 """The declarative command pipeline: which actor (or loop handler) carries out each command.
 
-``ROUTES`` is the one table mapping every command type the core emits to a *target*; adding a
-command means adding a row here (and, for a new kind of work, a target in ``Pipeline``). The
-pipeline drains the core's FIFO after every input and hands each command to its target in order.
+``ROUTES`` (at the end of the module) is the one table mapping every command type the core
+emits to the ``Pipeline`` method that carries it out; adding a command means adding a row there
+(and, for a new kind of work, a method). The pipeline drains the core's FIFO after every input
+and hands each command to its target in order.
 
 Targets:
 
-``send``        loop handler: send the payload from the listen socket (``DataPlane.send_message``)
-``allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
-``fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
-                over one drain and told to it as one tuple; and ``mirror`` (the data plane's
-                copy of the channel routes), called at once, on the loop, for each
+``_to_send``        loop handler: send the payload to the client (``DataPlane.send_message``)
+``_to_allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
+``_to_fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
+                    over one drain and told to it as one tuple; and ``mirror`` (the data
+                    plane's copy of the channel routes), called at once, on the loop, for each
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -39,14 +41,6 @@ __all__ = ["ROUTES", "Pipeline"]
 
 logger = logging.getLogger("relay.pipeline")
 
-ROUTES: Final[Mapping[type[Command], str]] = {
-    SendMessage: "send",
-    CreateAllocation: "allocation",
-    FreeAllocation: "allocation",
-    CreateChannelBinding: "fast_path",
-    DeleteChannelBinding: "fast_path",
-}
-
 
 class Pipeline:
     """Drains the core's commands into their targets (see ``ROUTES``)."""
@@ -68,13 +62,8 @@ class Pipeline:
         self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
         self._fast_path_batch: list[Command] = []
         # Any: each handler takes the command type it is keyed by, which no dict type can say
-        targets: dict[str, Callable[[Any], None]] = {
-            "send": self._send,
-            "allocation": self._to_allocation,
-            "fast_path": self._to_fast_path,
-        }
         self._handlers: dict[type, Callable[[Any], None]] = {
-            command_type: targets[target] for command_type, target in ROUTES.items()
+            command_type: functools.partial(target, self) for command_type, target in ROUTES.items()
         }
         #: True while ``drain`` runs: what a target reports back synchronously (an allocation
         #: port that could not be bound) still finds the core's later commands queued
@@ -112,6 +101,9 @@ class Pipeline:
         for command_type, handler in list(self._handlers.items()):
             self._handlers[command_type] = _then(handler, observer)
 
+    def _to_send(self, command: SendMessage) -> None:
+        self._send(command)
+
     def _to_allocation(self, command: CreateAllocation | FreeAllocation) -> None:
         ref = self.allocations.get(command.port)
         if ref is None:
@@ -133,6 +125,16 @@ class Pipeline:
         if self.allocations.get(port) is actor:
             del self.allocations[port]
 
+
+#: command type -> the ``Pipeline`` method that carries it out
+# Any: each method takes the command type it is keyed by, which no dict type can say
+ROUTES: Final[Mapping[type[Command], Callable[[Pipeline, Any], None]]] = {
+    SendMessage: Pipeline._to_send,
+    CreateAllocation: Pipeline._to_allocation,
+    FreeAllocation: Pipeline._to_allocation,
+    CreateChannelBinding: Pipeline._to_fast_path,
+    DeleteChannelBinding: Pipeline._to_fast_path,
+}
 
 C = TypeVar("C", bound=Command)
 

@@ -22,19 +22,12 @@ import secrets
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.allocations import Allocation, AllocationTable, Channel
-from firezone_relay.protocol.auth import (
-    FIREZONE_REALM,
-    Identity,
-    NonceCheck,
-    Nonces,
-    parse_username,
-    password_for,
-)
+from firezone_relay.protocol.auth import Nonces
+from firezone_relay.protocol.authenticator import Authenticator
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
 from firezone_relay.protocol.commands import (
     Command,
@@ -42,12 +35,14 @@ from firezone_relay.protocol.commands import (
     CreateChannelBinding,
     SendMessage,
 )
+from firezone_relay.protocol.config import ServerConfig
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 from firezone_relay.protocol.ports import PortAllocator
 from firezone_relay.protocol.ratelimit import RateLimiter
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.stats import Stats
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.timers import (
     AllocationExpiry,
@@ -74,8 +69,6 @@ TRANSACTION_CACHE_BYTES = 16 * 1024 * 1024
 #: distinct peer addresses one CreatePermission may carry; beyond it the request gets 508
 #: (the server cannot install that many at once; the client may split the request)
 MAX_PEERS_PER_REQUEST = 32
-#: with the rest scheme (and firezone's) when --max-allocations-per-user is not given
-DEFAULT_MAX_ALLOCATIONS_PER_USER = 256
 #: ports one Allocate may try when binds fail (each failed port is quarantined) before 508
 MAX_BIND_ATTEMPTS = 8
 INTERNAL_ERROR_LOG_INTERVAL = 60.0
@@ -87,103 +80,6 @@ _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
 
 __all__ = ["Allocation", "Channel", "ClientRoute", "Server", "ServerConfig", "Stats"]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    public_ip4: str | None = None
-    public_ip6: str | None = None
-    listen_port: int = 3478
-    lowest_port: int = 49152
-    highest_port: int = 65535
-    auth_scheme: str = "firezone"
-    realm: str = FIREZONE_REALM
-    allow_loopback_peers: bool = False
-    allow_private_peers: bool = False
-    #: CIDRs always allowed as peers (override ``denied_peer_ips`` and the built-in
-    #: refusals other than port 0, unspecified, broadcast, multicast and our listen port)
-    allowed_peer_ips: tuple[str, ...] = ()
-    #: CIDRs refused as peers on top of the built-in refusals
-    denied_peer_ips: tuple[str, ...] = ()
-    #: total allocations; None = as many as the port range holds. The daemon may lower it
-    #: (e.g. from the file-descriptor limit) with ``dataclasses.replace`` before building
-    #: the Server; beyond it Allocate gets 508.
-    max_allocations: int | None = None
-    #: allocations per user (the part after ``<expiry>:``); None = 256 (486 beyond)
-    max_allocations_per_user: int | None = None
-    max_channels_per_allocation: int = 1024
-    max_permissions_per_allocation: int = 1024
-    #: a new Allocate frees the username's previous allocation (Firezone's rule, for NATs
-    #: that flip source ports). None: on for the firezone scheme, off for rest, whose
-    #: credentials WebRTC apps share across a user's peer connections.
-    single_allocation_per_username: bool | None = None
-    #: unauthenticated answers per second per source IP (burst twice that); None = no limit
-    unauthenticated_rate_limit: float | None = None
-    #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
-    #: address): refused as peers unless allowed, so a client cannot reach the host's own
-    #: services through the relay
-    local_addresses: frozenset[str] = frozenset()
-    nonce_lifetime: float = 3600.0
-    #: every duration (lifetimes, permissions, channels, nonces) is multiplied by this; the
-    #: values on the wire stay nominal. Only for simulations and tests of real-time expiry.
-    time_scale: float = 1.0
-    nonce_uses: int = 10_000
-    software: str = "firezone-relay-py; rev=0.1.0"
-
-    def __post_init__(self) -> None:
-        if self.public_ip4 is None and self.public_ip6 is None:
-            raise ValueError("Must listen on at least one of IPv4 or IPv6")
-        if self.auth_scheme not in ("firezone", "rest"):
-            raise ValueError(f"unknown auth scheme {self.auth_scheme!r}")
-        if not 0 < self.lowest_port <= self.highest_port <= 65535:
-            raise ValueError("bad allocation port range")
-        if not self.time_scale > 0:
-            raise ValueError("time_scale must be positive")
-        networks(self.allowed_peer_ips)  # raises ValueError on a bad CIDR
-        networks(self.denied_peer_ips)
-
-    @property
-    def allocation_limit(self) -> int:
-        """Allocations the server grants at most: the configured cap, never more than the
-        ports of the range."""
-        ports = self.highest_port - self.lowest_port + 1
-        return ports if self.max_allocations is None else min(self.max_allocations, ports)
-
-    @property
-    def allocations_per_user_limit(self) -> int:
-        cap = self.max_allocations_per_user
-        return DEFAULT_MAX_ALLOCATIONS_PER_USER if cap is None else cap
-
-
-@dataclass(slots=True)
-class Stats:
-    """Plain integer counters: the data path bumps them, telemetry reads them."""
-
-    relayed_packets_userspace: int = 0
-    relayed_bytes_userspace: int = 0
-    packet_size_buckets: list[int] = field(default_factory=lambda: [0] * 16)
-    responses: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
-    dropped_datagrams: int = 0  # malformed or not for us
-    unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
-    rate_limited: int = 0
-    internal_errors: int = 0
-
-    def count_relayed(self, length: int) -> None:
-        """One datagram of ``length`` payload bytes relayed in userspace: the packet and byte
-        counters and ``relay.packet.size`` move together, on every relaying path."""
-        self.relayed_packets_userspace += 1
-        self.relayed_bytes_userspace += length
-        self.packet_size_buckets[_SIZE_BUCKET[length]] += 1
-
-
-def size_bucket(length: int) -> int:
-    """The ``relay.packet.size`` bucket of a payload: 100 bytes wide, the last one (15) for
-    1500 and more; the XDP program buckets the same way."""
-    return length // 100 if length < 1500 else 15
-
-
-#: size_bucket of every UDP payload length, so the per-datagram count is one index
-_SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
 
 
 class _AllocateRequest(NamedTuple):
@@ -249,8 +145,11 @@ class Server:
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
-        self._nonces = Nonces(
-            token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
+        self._auth = Authenticator(
+            config.auth_scheme,
+            config.realm,
+            self.auth_secret,
+            Nonces(token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses),
         )
         self.policy = _peer_policy(config)
         self._families = tuple(
@@ -342,7 +241,7 @@ class Server:
         timer = self._timers.next_deadline()
         if timer is not None:
             deadlines.append(timer)
-        nonce_expiry = self._nonces.next_expiry()
+        nonce_expiry = self._auth.nonces.next_expiry()
         if nonce_expiry is not None:
             deadlines.append(nonce_expiry - self.unix_offset)
         return min(deadlines) if deadlines else None
@@ -438,7 +337,7 @@ class Server:
 
     def handle_timeout(self, now: float) -> None:
         try:
-            self._nonces.expire(now + self.unix_offset)
+            self._auth.nonces.expire(now + self.unix_offset)
             for record in self._timers.pop_due(now):
                 _TIMER_HANDLERS[type(record)](self, record, now)
         except Exception:
@@ -476,10 +375,9 @@ class Server:
             self._table.forget(allocation, channel)
 
     def _on_permission_expiry(self, record: PermissionExpiry, now: float) -> None:
-        permissions = record.allocation.permissions
-        expires = permissions.get(record.host)
+        expires = record.allocation.permissions.get(record.host)
         if expires is not None and expires <= now:
-            del permissions[record.host]
+            self._table.revoke(record.allocation, record.host)
         elif expires is not None:  # refreshed since this timer was armed
             self._timers.schedule(expires, record)
 
@@ -542,63 +440,6 @@ class Server:
             auth = reject.auth or Auth(None, False, fingerprint)
             self._responder.reply_error(msg, sender, reject.code, auth, reject.extra)
 
-    # --- authentication ------------------------------------------------------------------
-
-    def _challenge(
-        self, msg: Message, sender: FiveTuple, code: ErrorCode, now: float, key: bytes | None
-    ) -> Reject:
-        """401/438 with REALM and a nonce for this socket. Signed when we know the key and
-        the scheme is firezone (connlib checks every response, and the portal's secret is
-        random); unsigned with rest as RFC 8489 says, so a challenge gives nothing to test
-        guesses of the shared secret against offline."""
-        nonce = self._nonces.issue(sender, now + self.unix_offset)
-        if self.config.auth_scheme != "firezone":
-            key = None
-        fingerprint = msg.fingerprint_offset is not None
-        sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
-        return Reject(
-            code,
-            Auth(key, sha256, fingerprint),
-            ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
-        )
-
-    def _authenticate(
-        self, msg: Message, sender: FiveTuple, now: float
-    ) -> tuple[Auth, str, Identity]:
-        """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
-        username = msg.get(Attr.USERNAME)
-        nonce = msg.get(Attr.NONCE)
-        msg.get(Attr.REALM)  # validate its encoding
-        has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
-        identity = (
-            parse_username(self.config.auth_scheme, username) if username is not None else None
-        )
-        key = None
-        if username is not None and identity is not None:
-            password = password_for(self.config.auth_scheme, self.auth_secret, username, identity)
-            key = stun.long_term_key(username, self.config.realm, password)
-        if not has_integrity or username is None or nonce is None or identity is None:
-            raise self._challenge(
-                msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
-            )
-        assert key is not None
-        unix_now = now + self.unix_offset
-        check = self._nonces.validate(nonce, sender, unix_now)
-        if check == NonceCheck.MALFORMED:
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        if check == NonceCheck.STALE:
-            raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
-        if identity.expiry < unix_now:
-            log.debug("credentials of %s expired", sender)
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        if not stun.verify_integrity(msg, key):
-            log.debug("bad MESSAGE-INTEGRITY from %s", sender)
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        self._nonces.consume(nonce, sender)  # state only once integrity passed
-        sha256 = msg.integrity_offset is None
-        fingerprint = msg.fingerprint_offset is not None
-        return Auth(key, sha256, fingerprint, verified=True), username, identity
-
     def _own_allocation(
         self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
     ) -> Allocation:
@@ -626,7 +467,7 @@ class Server:
         request = _AllocateRequest.of(msg)
         if request.transport is None:
             raise Reject(ErrorCode.BAD_REQUEST)
-        auth, username, identity = self._authenticate(msg, sender, now)
+        auth, username, identity = self._auth.authenticate(msg, sender, now + self.unix_offset)
         existing = self._allocations.get(sender)
         if existing is not None:
             if existing.transaction_id != msg.transaction_id:
@@ -780,7 +621,7 @@ class Server:
     def _on_refresh(self, msg: Message, sender: FiveTuple, now: float) -> None:
         lifetime_request = msg.get(Attr.LIFETIME)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         deleting = lifetime_request == 0
         allocation = self._own_allocation(sender, auth, username, any_username=deleting)
         if requested_family is not None and requested_family not in allocation.families:
@@ -809,7 +650,7 @@ class Server:
 
     def _on_create_permission(self, msg: Message, sender: FiveTuple, now: float) -> None:
         peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         if not peers:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         allocation = self._own_allocation(sender, auth, username)
@@ -834,9 +675,7 @@ class Server:
         """Install or refresh a permission; a timer only for a new one (the timer re-arms
         itself for refreshed ones), so refreshing in a loop cannot grow the heap."""
         until = now + PERMISSION_LIFETIME * self._scale
-        fresh = host not in allocation.permissions
-        allocation.permissions[host] = until
-        if fresh:
+        if self._table.permit(allocation, host, until):
             self._timers.schedule(until, PermissionExpiry(allocation, host))
 
     # --- ChannelBind ---------------------------------------------------------------------
@@ -846,7 +685,7 @@ class Server:
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
             raise Reject(ErrorCode.BAD_REQUEST)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         allocation = self._own_allocation(sender, auth, username)
         loop = self._check_channel_peer(allocation, peer, auth)
         channel = self._channel_for(allocation, number, peer, auth, now)
@@ -882,8 +721,7 @@ class Server:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         expires_at = now + CHANNEL_LIFETIME * self._scale
         if channel is not None:
-            channel.expires_at = expires_at
-            channel.bound = True
+            self._table.renew_channel(channel, expires_at)
             return channel
         if len(allocation.channels) >= self.config.max_channels_per_allocation:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
