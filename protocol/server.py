@@ -21,7 +21,8 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
@@ -286,6 +287,14 @@ class Server:
         """The routes the core holds now under a channel's two keys, for a route cache in the
         I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
         return self._c2p.get((client, channel)), self._p2c.get((port, peer))
+
+    def all_channel_routes(
+        self,
+    ) -> tuple[Mapping[tuple[FiveTuple, int], ToPeer], Mapping[tuple[int, Addr], ToClient]]:
+        """Read-only views of every channel route (client, channel) -> ``ToPeer`` and
+        (port, peer) -> ``ToClient``: for debug reads that compare a route cache with the
+        core (a walk of them costs a walk of the table)."""
+        return MappingProxyType(self._c2p), MappingProxyType(self._p2c)
 
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
