@@ -44,6 +44,15 @@ import pykka
 from opentelemetry import trace
 
 from firezone_relay.actors import udpio
+from firezone_relay.actors.admin import (
+    Admin,
+    AdminConfig,
+    AdminEndpoint,
+    Disconnect,
+    Drain,
+    Reload,
+    admin_routes,
+)
 from firezone_relay.actors.control import (
     AllocationBindFailed,
     AllocationStopped,
@@ -101,6 +110,14 @@ class Settings:
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
+    #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
+    #: (``--admin-socket`` given), one that cannot be made is a warning
+    admin_socket: str | None = None
+    admin_socket_required: bool = False
+    #: every accepted secret, the first one ``auth_secret`` (``--auth-secret-file``)
+    auth_secrets: tuple[str, ...] = ()
+    #: what ``reload`` re-reads
+    admin: AdminConfig = field(default_factory=AdminConfig)
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
@@ -125,6 +142,8 @@ class Relay:
             secret = secrets.token_hex(32)
         bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self.datapath = DataPath(config, rng, secret, bind_hosts, self.loop)
+        if settings.auth_secrets:
+            self.server.set_auth_secrets(settings.auth_secrets)
         self.control = ControlActor.start(self.control_handlers(), loop=self.loop)
         self.datapath.control = self.control
         self.endpoints = Endpoints(settings, self.log_filter, self.datapath, lambda: self.ready)
@@ -138,6 +157,14 @@ class Relay:
         self.portal: pykka.ActorRef[PortalSession] | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+        self.admin = Admin(
+            self.server,
+            settings.admin,
+            self.datapath.after_input,
+            self.request_stop,
+            self.datapath.drop_counts,
+            self.offload.totals,
+        )
 
     # the worker's parts, under the names tools and tests read
     @property
@@ -179,7 +206,7 @@ class Relay:
 
     @property
     def ready(self) -> bool:
-        if not self.sockets_bound:
+        if not self.sockets_bound or self.server.draining:
             return False
         return self.standalone or self.portal_joined
 
@@ -202,6 +229,9 @@ class Relay:
                 self.loop.add_signal_handler(
                     sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
                 )
+        for sig, message in ((signal.SIGHUP, Reload()), (signal.SIGUSR1, Drain())):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
@@ -222,6 +252,7 @@ class Relay:
         if warning is not None:
             logger.warning("%s", warning)
         await self.endpoints.start()
+        await self._start_admin()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self.offload.start(self.loop, [self.pipeline], self.endpoints)
         self.datapath.bind_listen_sockets()
@@ -277,6 +308,7 @@ class Relay:
                 await asyncio.wait(tasks, timeout=0.5)
         with contextlib.suppress(pykka.ActorDeadError):
             self.control.stop(block=False)
+        self.admin.stop()
         self.endpoints.stop()
         self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
@@ -314,6 +346,15 @@ class Relay:
     def _on_shutdown(self, message: Shutdown) -> None:
         self.request_stop(message.code, message.reason)
 
+    def _on_disconnect(self, message: Disconnect) -> None:
+        self.admin.disconnect(message)
+
+    def _on_drain(self, message: Drain) -> None:
+        self.admin.drain(message)
+
+    def _on_reload(self, message: Reload) -> None:
+        self.admin.reload(message)
+
     # -- actors beside the data path ------------------------------------------------------
 
     def _start_tracing(self) -> None:
@@ -335,6 +376,18 @@ class Relay:
                 "relay.auth_scheme": config.auth_scheme,
             }
         )
+
+    async def _start_admin(self) -> None:
+        """The operator's Unix socket (``actors.admin``), served beside the HTTP endpoints."""
+        s = self.settings
+        if s.admin_socket:
+            admin = AdminEndpoint(
+                s.admin_socket,
+                admin_routes(self.admin, lambda m: tell(self.control, m)),
+                s.admin_socket_required,
+            )
+            await admin.start()
+            self.endpoints.http.append(admin)
 
     def _start_portal(self, config: PortalConfig) -> None:
         """The session joins with the core's secret and reports back to the control actor."""
@@ -361,6 +414,9 @@ CONTROL_ROUTES: Final[Mapping[type[object], Callable[[Relay, Any], None]]] = {
     PeerSocketClosed: Relay._on_peer_socket_closed,
     AllocationBindFailed: Relay._on_allocation_bind_failed,
     AllocationStopped: Relay._on_allocation_stopped,
+    Disconnect: Relay._on_disconnect,
+    Drain: Relay._on_drain,
+    Reload: Relay._on_reload,
 }
 
 

@@ -60,7 +60,8 @@ class DataPath:
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self.after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
-        self.pipeline.mirror = self.dataplane.sync_channel
+        if config.allocation_rate_limit is None:  # limits are enforced by the core alone
+            self.pipeline.route_sinks.append(self.dataplane)
         self.bind_hosts = dict(bind_hosts)
         #: where the allocation actors report (set by the owner before any input)
         self.control: pykka.ActorRef[ControlActor] | None = None
@@ -188,9 +189,10 @@ class DataPath:
         return {
             "invalid": stats.dropped_datagrams,
             "unroutable": stats.unroutable_datagrams,
-            "rate_limited": stats.rate_limited,
+            "rate_limited": stats.rate_limited + stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 
     def debug_routes(self) -> dict[str, object]:

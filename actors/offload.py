@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pykka
 
     from firezone_relay.actors.endpoints import Endpoints
-    from firezone_relay.actors.pipeline import Pipeline
+    from firezone_relay.actors.pipeline import ChannelCommand, Pipeline
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["Offload"]
@@ -51,8 +51,9 @@ class Offload:
         if ref is None:
             return
         self.ref = ref
+        sink = XdpRouteSink(ref)
         for pipeline in pipelines:
-            pipeline.fast_path = ref
+            pipeline.route_sinks.append(sink)
         reader = await loop.run_in_executor(
             None, lambda: ref.proxy().counter_reader().get(timeout=10)
         )
@@ -77,6 +78,13 @@ class Offload:
             with contextlib.suppress(Exception):
                 self.ref.stop(block=True, timeout=timeout)
 
+    def totals(self) -> tuple[int, int] | None:
+        """Datagrams and bytes the XDP program relayed (None: no counters)."""
+        if self._reader is None:
+            return None
+        counters = self._reader.read()
+        return sum(counters.packet_size_buckets), int(counters.relayed_bytes)
+
     def _sizes(self) -> tuple[Sequence[int], float]:
         counters = self._reader.read()
         return counters.packet_size_buckets, counters.relayed_bytes
@@ -84,6 +92,24 @@ class Offload:
     def _durations(self) -> tuple[Sequence[int], float]:
         counters = self._reader.read()
         return counters.processing_ns_buckets, counters.processing_ns_total
+
+
+class XdpRouteSink:
+    """The XDP map manager as a ``RouteSink``: each drain's channel commands are told to it
+    as one tuple (it coalesces them per map key, the last word winning). A dead manager means
+    offload is gone: userspace still relays everything."""
+
+    def __init__(self, ref: pykka.ActorRef[XdpManager]) -> None:
+        self.ref: pykka.ActorRef[XdpManager] | None = ref
+
+    def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None:
+        if self.ref is None:
+            return
+        try:
+            self.ref.tell(commands)
+        except Exception:  # dead actor
+            logger.warning("XDP map manager is gone; channel updates dropped")
+            self.ref = None
 
 
 def _ns_bounds() -> tuple[float, ...]:

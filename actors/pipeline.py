@@ -9,9 +9,10 @@ Targets:
 
 ``_to_send``        loop handler: send the payload to the client (``DataPlane.send_message``)
 ``_to_allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
-``_to_fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
-                    over one drain and told to it as one tuple; and ``mirror`` (the data
-                    plane's copy of the channel routes), called at once, on the loop, for each
+``_to_route_sinks`` channel commands: collected over one drain and handed, as one tuple in
+                    the order the core emitted them, to every ``RouteSink`` (the data plane's
+                    C route mirror, the XDP map manager) when the drain ends, before the next
+                    input is read
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from firezone_relay.protocol.commands import (
     Command,
@@ -34,12 +35,27 @@ if TYPE_CHECKING:
     import pykka
 
     from firezone_relay.actors.allocation import AllocationActor
-    from firezone_relay.actors.xdp_manager import XdpManager
     from firezone_relay.protocol.server import Server
 
-__all__ = ["ROUTES", "Pipeline"]
+__all__ = ["ROUTES", "ChannelCommand", "Pipeline", "RouteSink"]
 
 logger = logging.getLogger("relay.pipeline")
+
+ChannelCommand = CreateChannelBinding | DeleteChannelBinding
+
+
+class RouteSink(Protocol):
+    """A copy of the core's channel routes kept outside it: the C route mirror
+    (``DataPlane``), the XDP maps (``actors.offload.XdpRouteSink``); a third consumer (stream
+    clients, workers) is one more implementation.
+
+    The one ordering rule: when a drain ends, each sink gets that drain's channel commands as
+    one tuple, in the order the core emitted them, before the next input is read. A sink
+    makes its copy what the core holds after them (by re-reading the core, or by coalescing
+    per key with the last command winning); every change of the core's routes comes with
+    one of these commands (the allocation table's invariant 6)."""
+
+    def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None: ...
 
 
 class Pipeline:
@@ -50,17 +66,16 @@ class Pipeline:
         server: Server,
         send: Callable[[SendMessage], None],
         spawn_allocation: Callable[[int], pykka.ActorRef[AllocationActor]],
-        fast_path: pykka.ActorRef[XdpManager] | None = None,
+        route_sinks: tuple[RouteSink, ...] = (),
     ) -> None:
         self._server = server
         self._send = send
         self._spawn_allocation = spawn_allocation
-        self.fast_path = fast_path
-        #: keeps the data plane's route mirror in step (``DataPlane.sync_channel``)
-        self.mirror: Callable[[CreateChannelBinding | DeleteChannelBinding], None] | None = None
+        #: who keeps a copy of the channel routes (see ``RouteSink``)
+        self.route_sinks: list[RouteSink] = list(route_sinks)
         #: allocation port -> its actor; the actor removes itself when it stops
         self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
-        self._fast_path_batch: list[Command] = []
+        self._channel_batch: list[ChannelCommand] = []
         # Any: each handler takes the command type it is keyed by, which no dict type can say
         self._handlers: dict[type, Callable[[Any], None]] = {
             command_type: functools.partial(target, self) for command_type, target in ROUTES.items()
@@ -86,14 +101,13 @@ class Pipeline:
                     logger.exception("carrying out %r failed", command)
         finally:
             self.draining = False
-        if self._fast_path_batch:
-            batch, self._fast_path_batch = tuple(self._fast_path_batch), []
-            if self.fast_path is not None:
+        if self._channel_batch:
+            batch, self._channel_batch = tuple(self._channel_batch), []
+            for sink in self.route_sinks:
                 try:
-                    self.fast_path.tell(batch)
-                except Exception:  # dead actor: offload is gone, userspace still relays
-                    logger.warning("XDP map manager is gone; channel updates dropped")
-                    self.fast_path = None
+                    sink.sync_routes(batch)
+                except Exception:
+                    logger.exception("route sink %r failed", sink)
 
     def observe(self, observer: Callable[[Command], None]) -> None:
         """Also show each command to ``observer`` once its target has it (tracing). Installed
@@ -113,11 +127,9 @@ class Pipeline:
             self.allocations[command.port] = ref
         ref.tell(command)
 
-    def _to_fast_path(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
-        if self.mirror is not None:
-            self.mirror(command)
-        if self.fast_path is not None:
-            self._fast_path_batch.append(command)
+    def _to_route_sinks(self, command: ChannelCommand) -> None:
+        if self.route_sinks:
+            self._channel_batch.append(command)
 
     def allocation_gone(self, port: int, actor: pykka.ActorRef[AllocationActor]) -> None:
         """The allocation actor ``actor`` of ``port`` has stopped (a newer one may own the
@@ -132,8 +144,8 @@ ROUTES: Final[Mapping[type[Command], Callable[[Pipeline, Any], None]]] = {
     SendMessage: Pipeline._to_send,
     CreateAllocation: Pipeline._to_allocation,
     FreeAllocation: Pipeline._to_allocation,
-    CreateChannelBinding: Pipeline._to_fast_path,
-    DeleteChannelBinding: Pipeline._to_fast_path,
+    CreateChannelBinding: Pipeline._to_route_sinks,
+    DeleteChannelBinding: Pipeline._to_route_sinks,
 }
 
 C = TypeVar("C", bound=Command)

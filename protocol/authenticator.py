@@ -29,13 +29,14 @@ __all__ = ["Authenticator"]
 
 
 class Authenticator:
-    """Checks credentials of ``scheme`` (firezone or rest) under ``realm`` against ``secret``,
-    with ``nonces`` handing out and counting nonces. ``unix_now``: wall-clock seconds."""
+    """Checks credentials of ``scheme`` (firezone or rest) under ``realm`` against any of
+    ``secrets`` (several during a rotation; the first mints new ones), with ``nonces`` handing
+    out and counting nonces. ``unix_now``: wall-clock seconds."""
 
-    def __init__(self, scheme: str, realm: str, secret: str, nonces: Nonces) -> None:
+    def __init__(self, scheme: str, realm: str, secrets: tuple[str, ...], nonces: Nonces) -> None:
         self.scheme = scheme
         self.realm = realm
-        self.secret = secret
+        self.secrets = secrets
         self.nonces = nonces
 
     def challenge(
@@ -73,8 +74,7 @@ class Authenticator:
         identity = parse_username(self.scheme, username) if username is not None else None
         key = None
         if username is not None and identity is not None:
-            password = password_for(self.scheme, self.secret, username, identity)
-            key = stun.long_term_key(username, self.realm, password)
+            key = self._key_for(msg, username, identity, has_integrity)
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self.challenge(
                 msg, client, ErrorCode.UNAUTHORIZED, unix_now, key if has_integrity else None
@@ -95,3 +95,19 @@ class Authenticator:
         sha256 = msg.integrity_offset is None
         fingerprint = msg.fingerprint_offset is not None
         return Auth(key, sha256, fingerprint, verified=True), username, identity
+
+    def _key_for(self, msg: Message, username: str, identity: Identity, signed: bool) -> bytes:
+        """The long-term key of the first accepted secret that the message's integrity
+        verifies with (several during a secret rotation), else the first secret's."""
+        first = None
+        for secret in self.secrets:
+            password = password_for(self.scheme, secret, username, identity)
+            key = stun.long_term_key(username, self.realm, password)
+            if len(self.secrets) == 1 or not signed:
+                return key
+            if first is None:
+                first = key
+            if stun.verify_integrity(msg, key):
+                return key
+        assert first is not None
+        return first

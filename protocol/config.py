@@ -46,6 +46,8 @@ class ServerConfig:
     single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
+    #: relayed payload bytes per second per allocation, each direction; None = no limit
+    allocation_rate_limit: float | None = None
     #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
     #: address): refused as peers unless allowed, so a client cannot reach the host's own
     #: services through the relay

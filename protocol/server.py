@@ -15,6 +15,7 @@ Firezone's own clients; README.md lists each such choice.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -26,7 +27,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.allocations import Allocation, AllocationTable, Channel
+from firezone_relay.protocol.allocations import (
+    IN_PACKETS,
+    OUT_PACKETS,
+    Allocation,
+    AllocationTable,
+    Channel,
+)
 from firezone_relay.protocol.auth import Nonces
 from firezone_relay.protocol.authenticator import Authenticator
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
@@ -40,7 +47,9 @@ from firezone_relay.protocol.config import ServerConfig
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 from firezone_relay.protocol.ports import PortAllocator
+from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.ratelimit import RateLimiter
+from firezone_relay.protocol.rebind import MAX_BIND_ATTEMPTS, BindRecovery
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
 from firezone_relay.protocol.stats import Stats
@@ -70,8 +79,6 @@ TRANSACTION_CACHE_BYTES = 16 * 1024 * 1024
 #: distinct peer addresses one CreatePermission may carry; beyond it the request gets 508
 #: (the server cannot install that many at once; the client may split the request)
 MAX_PEERS_PER_REQUEST = 32
-#: ports one Allocate may try when binds fail (each failed port is quarantined) before 508
-MAX_BIND_ATTEMPTS = 8
 INTERNAL_ERROR_LOG_INTERVAL = 60.0
 RESERVATION_LIFETIME = 30
 FOREIGN_PORT_QUARANTINE = 60.0
@@ -80,7 +87,15 @@ UDP = 17
 _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
 
-__all__ = ["Allocation", "Channel", "ClientRoute", "Server", "ServerConfig", "Stats"]
+__all__ = [
+    "MAX_BIND_ATTEMPTS",
+    "Allocation",
+    "Channel",
+    "ClientRoute",
+    "Server",
+    "ServerConfig",
+    "Stats",
+]
 
 
 class _AllocateRequest(NamedTuple):
@@ -142,14 +157,16 @@ class Server:
         self.config = config
         self._rng = rng
         self._token_bytes = token_bytes
-        self.auth_secret = secret if secret is not None else token_bytes(32).hex()
+        first_secret = secret if secret is not None else token_bytes(32).hex()
+        #: drain: new Allocates get 508, existing allocations go on
+        self.draining = False
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
         self._auth = Authenticator(
             config.auth_scheme,
             config.realm,
-            self.auth_secret,
+            (first_secret,),
             Nonces(token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses),
         )
         self.policy = _peer_policy(config)
@@ -188,6 +205,9 @@ class Server:
             TRANSACTION_CACHE_TTL * self._scale, TRANSACTION_CACHE_SIZE, TRANSACTION_CACHE_BYTES
         )
         self._error_logged_at: float | None = None
+        self._rebind = BindRecovery(
+            self._commands, self._table, self._ports, self._transactions, config.software
+        )
         rate = config.unauthenticated_rate_limit
         self._responder = Responder(
             config.software,
@@ -214,6 +234,43 @@ class Server:
     def allocation_of_username(self, username: str) -> Allocation | None:
         """The latest live allocation made with ``username`` (read-only)."""
         return self._table.by_username.get(username)
+
+    def allocations(self) -> list[Allocation]:
+        """The live allocations (a copy; for the operator's listing)."""
+        return list(self._allocations.values())
+
+    def disconnect(self, allocation: Allocation) -> bool:
+        """Free a live allocation at once (the operator's ``disconnect``): its routes and
+        sockets go, and its client's next request gets 437. False if it was gone already."""
+        if self._by_port.get(allocation.port) is not allocation:
+            return False
+        log.info("allocation on port %d for %s disconnected", allocation.port, allocation.client)
+        self._table.remove(allocation)
+        return True
+
+    @property
+    def auth_secret(self) -> str:
+        """The secret new credentials are minted with."""
+        return self._auth.secrets[0]
+
+    @property
+    def auth_secrets(self) -> tuple[str, ...]:
+        """Every secret credentials are accepted with; the first is ``auth_secret``."""
+        return self._auth.secrets
+
+    def set_auth_secrets(self, secrets_: tuple[str, ...]) -> None:
+        """Accept credentials of any of ``secrets_`` from now on; the first one is the one
+        new credentials are minted with (``reload`` of ``--auth-secret-file``)."""
+        if not secrets_ or not all(secrets_):
+            raise ValueError("at least one non-empty secret")
+        self._auth.secrets = tuple(secrets_)
+
+    def set_peer_lists(self, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
+        """Replace ``--allowed-peer-ip`` / ``--denied-peer-ip`` (``reload``); judges new
+        permissions and channels, never ones already granted. ValueError on a bad CIDR."""
+        config = dataclasses.replace(self.config, allowed_peer_ips=allowed, denied_peer_ips=denied)
+        self.policy = _peer_policy(config)
+        self.config = config
 
     def check_invariants(self) -> None:
         """Assert the invariants of the allocation table and the port allocator (tests)."""
@@ -269,6 +326,8 @@ class Server:
                         return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.unroutable_datagrams += 1
                     return None
+                if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
+                    return None
                 self.stats.count_relayed(length)
                 if 4 + length == size:
                     return route  # unpadded: the channel's own route, built at bind time
@@ -303,6 +362,8 @@ class Server:
         the client as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
+            if not self._metered(self._by_port[allocation_port], IN_PACKETS, len(data), now):
+                return None
             self.stats.count_relayed(len(data))
             return route
         try:
@@ -310,6 +371,19 @@ class Server:
         except Exception:
             self._internal_error("relaying from a peer", now)
         return None
+
+    def _metered(self, allocation: Allocation, way: int, length: int, now: float) -> bool:
+        """Count a relayed datagram of ``allocation`` (``way``: ``OUT_PACKETS`` client -> peer,
+        ``IN_PACKETS`` peer -> client); False, counted as rate limited, when it is over the
+        allocation's ``--allocation-rate-limit``."""
+        bucket = allocation.limit_out if way == OUT_PACKETS else allocation.limit_in
+        if bucket is not None and not bucket.take(length, now):
+            self.stats.allocation_rate_limited += 1
+            return False
+        counters = allocation.counters
+        counters[way] += 1
+        counters[way + 1] += length
+        return True
 
     def _internal_error(self, what: str, now: float) -> None:
         """A bug met by some input: count it, and log its traceback at most once a minute,
@@ -332,6 +406,8 @@ class Server:
         expires = allocation.permissions.get(peer[0])
         if expires is None or expires <= now or len(data) > 65_000:
             self.stats.unroutable_datagrams += 1
+            return
+        if not self._metered(allocation, IN_PACKETS, len(data), now):
             return
         payload = stun.encode(
             Method.DATA,
@@ -416,7 +492,6 @@ class Server:
         return None
 
     def _handle_request(self, msg: Message, sender: FiveTuple, now: float) -> None:
-        self._responder.input_time = now
         cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
         if cached is not None:
             self._commands.append(SendMessage(cached, sender))
@@ -429,13 +504,14 @@ class Server:
                 sender,
                 ErrorCode.UNKNOWN_ATTRIBUTE,
                 Auth(None, False, fingerprint),
+                now,
                 ((Attr.UNKNOWN_ATTRIBUTES, unknown),),
             )
             return
         handler = _HANDLERS.get(msg.method)
         if handler is None:
             self._responder.reply_error(
-                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint), now
             )
             return
         try:
@@ -443,11 +519,11 @@ class Server:
         except stun.BadAttribute as exc:
             log.debug("bad attribute from %s: %s", sender, exc)
             self._responder.reply_error(
-                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint), now
             )
         except Reject as reject:
             auth = reject.auth or Auth(None, False, fingerprint)
-            self._responder.reply_error(msg, sender, reject.code, auth, reject.extra)
+            self._responder.reply_error(msg, sender, reject.code, auth, now, reject.extra)
 
     def _own_allocation(
         self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
@@ -467,7 +543,7 @@ class Server:
     def _on_binding(self, msg: Message, sender: FiveTuple, now: float) -> None:
         auth = Auth(None, False, msg.fingerprint_offset is not None)
         self._responder.reply(
-            msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender.remote)], auth
+            msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender.remote)], auth, now
         )
 
     # --- Allocate ------------------------------------------------------------------------
@@ -483,6 +559,8 @@ class Server:
                 raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
             self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
             return
+        if self.draining:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         families, address_error = self._check_allocate(request, auth)
         self._make_room(sender, username, identity.user, auth)
         port, reservation_token = self._choose_port(request, auth, now)
@@ -498,7 +576,11 @@ class Server:
             transaction_id=msg.transaction_id,
             bind_attempts=None if request.fixed_port else 1,
             dont_fragment=request.dont_fragment,
+            created_at=now,
         )
+        rate = self.config.allocation_rate_limit
+        if rate:
+            allocation.limit_out, allocation.limit_in = ByteBucket(rate, now), ByteBucket(rate, now)
         self._install_allocation(allocation, now)
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
@@ -595,7 +677,7 @@ class Server:
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
         allocation.pending_response = self._responder.reply(
-            msg, allocation.client, Class.SUCCESS, attributes, auth, now
+            msg, allocation.client, Class.SUCCESS, attributes, auth, now, cache=True
         )
 
     def _public_ip(self, family: Family) -> str:
@@ -648,12 +730,16 @@ class Server:
             else:
                 log.info("%s deleted its allocation on port %d", sender, allocation.port)
                 self._table.remove(allocation)
-            self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
+            self._responder.reply(
+                msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now, cache=True
+            )
             return
         lifetime = _effective_lifetime(lifetime_request)
         allocation.expires_at = now + lifetime * self._scale
         self._schedule_allocation(allocation, now)
-        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
+        self._responder.reply(
+            msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now, cache=True
+        )
 
     # --- CreatePermission ----------------------------------------------------------------
 
@@ -678,7 +764,7 @@ class Server:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             self._permit(allocation, host, now)
-        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now, cache=True)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
         """Install or refresh a permission; a timer only for a new one (the timer re-arms
@@ -701,7 +787,7 @@ class Server:
         self._table.route(allocation, channel, loop)
         self._permit(allocation, peer[0], now)
         self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
-        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now, cache=True)
 
     def _check_channel_peer(self, allocation: Allocation, peer: Addr, auth: Auth) -> bool:
         """Whether the peer may be bound at all; True when it is another allocation of this
@@ -772,6 +858,8 @@ class Server:
             self.stats.unroutable_datagrams += 1
             return None
         start, end = span
+        if not self._metered(allocation, OUT_PACKETS, end - start, now):
+            return None
         if verdict is Verdict.LOOP:
             # our own address: only a live allocation, inside the relay; never a socket
             if peer[0] in self._own_hosts and peer[1] in self._by_port:
@@ -793,12 +881,17 @@ class Server:
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
         port, peer, _ = self._c2c[(sender, channel)]
-        if peer[1] not in self._by_port:
+        target_allocation = self._by_port.get(peer[1])
+        if target_allocation is None:
             self.stats.unroutable_datagrams += 1
+            return None
+        if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
             return None
         target = self._p2c.get((peer[1], (peer[0], port)))
         if target is None:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
+            return None
+        if not self._metered(target_allocation, IN_PACKETS, length, now):
             return None
         self.stats.count_relayed(length)
         return LoopToClient(target.client, target.channel, length)
@@ -811,6 +904,8 @@ class Server:
         target = self._p2c.get((peer[1], source))
         if target is None:
             self._data_indication(data, source, peer[1], now)
+            return
+        if not self._metered(self._by_port[peer[1]], IN_PACKETS, len(data), now):
             return
         self.stats.count_relayed(len(data))
         client, channel = target
@@ -828,77 +923,9 @@ class Server:
         for EVEN-PORT/RESERVATION-TOKEN allocations, the allocation is dropped and a queued
         success becomes 508. With ``now``, the port is avoided for a while either way."""
         try:
-            allocation = self._by_port.get(port)
-            if now is not None:
-                self._ports.quarantine(port, now)
-            if allocation is None:
-                return
-            pending = allocation.pending_response
-            queued = pending is not None and pending in self._commands
-            if queued and self._move_allocation(allocation, port):
-                return
-            self._table.remove(allocation)
-            if pending is not None and queued:
-                self._fail_pending(allocation, pending)
+            self._rebind.failed(port, now)
         except Exception:
-            self._internal_error("handling a failed allocation", now or self._responder.input_time)
-
-    def _fail_pending(self, allocation: Allocation, pending: SendMessage) -> None:
-        """Turn a still-queued Allocate success into 508 (signed alike), uncached."""
-        index = self._commands.index(pending)
-        parsed = stun.parse(pending.payload)
-        code = ErrorCode.INSUFFICIENT_CAPACITY
-        error = stun.encode(
-            parsed.method,
-            Class.ERROR,
-            parsed.transaction_id,
-            [(Attr.SOFTWARE, self.config.software), (Attr.ERROR_CODE, (code, code.reason))],
-            integrity_key=allocation.key or None,
-        )
-        self._commands[index] = SendMessage(error, pending.recipient)
-        self._transactions.discard(allocation.client, allocation.transaction_id)
-
-    def _move_allocation(self, allocation: Allocation, failed: int) -> bool:
-        """Re-home a just-made allocation whose port could not be bound; False if it may
-        not move (out of tries, no free port, or a port the client asked for)."""
-        attempts = allocation.bind_attempts
-        if attempts is None or attempts >= MAX_BIND_ATTEMPTS:
-            return False
-        port = self._ports.pick(even=False, avoid=failed)
-        pending = allocation.pending_response
-        if port is None or pending is None:
-            return False
-        log.info("port %d is taken; allocation for %s moves to %d", failed, allocation.client, port)
-        allocation.bind_attempts = attempts + 1
-        self._table.move(allocation, port)
-        response = SendMessage(_readdress(pending.payload, port, allocation.key), pending.recipient)
-        allocation.pending_response = response
-        self._transactions.replace_response(
-            allocation.client, allocation.transaction_id, response.payload
-        )
-        self._requeue_binds(allocation, failed, pending, response)
-        return True
-
-    def _requeue_binds(
-        self, allocation: Allocation, failed: int, pending: SendMessage, response: SendMessage
-    ) -> None:
-        """Drop the failed port's remaining binds (the actor gave up the whole port), and
-        bind the new port right before the response, keeping "socket before response"."""
-        rebuilt: list[Command] = []
-        for command in self._commands:
-            if isinstance(command, CreateAllocation) and command.port == failed:
-                continue
-            if command is pending:
-                rebuilt.extend(
-                    CreateAllocation(allocation.port, family, allocation.dont_fragment)
-                    for family in allocation.families
-                )
-                rebuilt.append(response)
-            else:
-                rebuilt.append(command)
-        # in place: the allocation table holds the queue's append
-        self._commands.clear()
-        self._commands.extend(rebuilt)
+            self._internal_error("handling a failed allocation", now if now is not None else 0.0)
 
     def free_all(self, now: float) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
@@ -929,31 +956,6 @@ def _effective_lifetime(requested: int | None) -> int:
     if requested is None:
         return DEFAULT_LIFETIME
     return max(DEFAULT_LIFETIME, min(requested, MAX_LIFETIME))
-
-
-def _readdress(payload: bytes, port: int, key: bytes) -> bytes:
-    """Our Allocate success response with its XOR-RELAYED-ADDRESS port(s) changed,
-    re-signed the way it was signed."""
-    parsed = stun.parse(payload)
-    tid = parsed.transaction_id
-    attributes: list[tuple[int, object]] = []
-    for attr_type, value in parsed.attributes:
-        if attr_type in (Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT):
-            continue
-        decoded = stun.ATTRIBUTES[attr_type].decode(value, tid)
-        if attr_type == Attr.XOR_RELAYED_ADDRESS:
-            decoded = (decoded[0], port)
-        attributes.append((attr_type, decoded))
-    signed = parsed.integrity_offset is not None or parsed.integrity_sha256_offset is not None
-    return stun.encode(
-        parsed.method,
-        parsed.cls,
-        tid,
-        attributes,
-        integrity_key=key if signed and key else None,
-        integrity_sha256=parsed.integrity_offset is None,
-        fingerprint=parsed.fingerprint_offset is not None,
-    )
 
 
 def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:

@@ -18,6 +18,8 @@ class Stats:
     dropped_datagrams: int = 0  # malformed or not for us
     unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
     rate_limited: int = 0
+    #: relayed datagrams dropped over ``--allocation-rate-limit``
+    allocation_rate_limited: int = 0
     internal_errors: int = 0
 
     def count_relayed(self, length: int) -> None:

@@ -177,7 +177,7 @@ def _server() -> tuple[Server, list[_Client]]:
     for i, addr in enumerate(CLIENTS):
         username = f"{int(NOW) + 3600}:user{i % 2}"
         clients.append(
-            _Client(udp(addr, ("0.0.0.0", 3478)), username, rest_password(SECRET, username))
+            _Client(udp(addr, (PUBLIC4, 3478)), username, rest_password(SECRET, username))
         )
     return server, clients
 
