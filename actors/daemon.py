@@ -32,9 +32,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import random
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,7 +52,6 @@ from firezone_relay.actors.admin import (
     AdminEndpoint,
     Disconnect,
     Drain,
-    Reload,
     admin_routes,
 )
 from firezone_relay.actors.control import (
@@ -63,6 +64,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -73,6 +75,14 @@ from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_wa
 from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.offload import Offload
 from firezone_relay.actors.pipeline import Pipeline
+from firezone_relay.actors.signals import (
+    DRAIN,
+    FAILURE_EXIT,
+    IGNORED,
+    RELOAD,
+    STOP_CLEAN,
+    exit_code,
+)
 from firezone_relay.actors.sockets import raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError
 from firezone_relay.actors.tracing import RelayTracing
@@ -84,6 +94,7 @@ from firezone_relay.protocol.types import Family
 if TYPE_CHECKING:
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.portal_session import PortalSession
+    from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
@@ -107,6 +118,8 @@ class Settings:
     bind_ip6: str = "::"
     rng_seed: int | None = None
     auth_secret: str | None = None
+    #: where ``auth_secret`` came from (None: generated for this run)
+    secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
@@ -146,7 +159,9 @@ class Relay:
             self.server.set_auth_secrets(settings.auth_secrets)
         self.control = ControlActor.start(self.control_handlers(), loop=self.loop)
         self.datapath.control = self.control
-        self.endpoints = Endpoints(settings, self.log_filter, self.datapath, lambda: self.ready)
+        self.endpoints = Endpoints(
+            settings, self.log_filter, self.datapath, lambda: self.ready, self.loop
+        )
         self.offload = Offload(settings.xdp)
         self._stopping = asyncio.Event()
         self.exit_code = 0
@@ -214,6 +229,7 @@ class Relay:
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
+        self._handle_signals()
         try:
             await self.start()
         except Exception as exc:
@@ -224,17 +240,29 @@ class Relay:
             with contextlib.suppress(pykka.ActorDeadError):
                 self.control.stop(block=False)
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(
-                    sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
-                )
-        for sig, message in ((signal.SIGHUP, Reload()), (signal.SIGUSR1, Drain())):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
+
+    def _handle_signals(self) -> None:
+        """Every signal that would end the process is a logged Shutdown; SIGHUP a Reload,
+        SIGUSR1 a Drain, SIGUSR2 nothing; each with a log line (see ``actors.signals``)."""
+        messages: dict[int, tuple[object, str]] = {
+            RELOAD: (Reload(signal.Signals(RELOAD).name), "reloading"),
+            DRAIN: (Drain(), "draining"),
+        }
+        for sig in (*STOP_CLEAN, *FAILURE_EXIT):
+            messages[sig] = (Shutdown(exit_code(sig), signal.Signals(sig).name), "stopping")
+        for sig in IGNORED:
+            messages[sig] = (None, "ignored")
+        for sig, (message, what) in messages.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, self._on_signal, sig, message, what)
+
+    def _on_signal(self, sig: int, message: object, what: str) -> None:
+        logger.info("%s received: %s", signal.Signals(sig).name, what)
+        if message is not None:
+            tell(self.control, message)
 
     async def start(self) -> None:
         raise_nofile_limit()
@@ -258,7 +286,7 @@ class Relay:
         self.datapath.bind_listen_sockets()
         self.sockets_bound = True
         if self.settings.portal is None:
-            self._log_standalone(config)
+            self._announce_secret()
         else:
             self._start_portal(self.settings.portal)
         self.endpoints.log_stats_every(self.loop, self.settings.stats_interval)
@@ -267,21 +295,49 @@ class Relay:
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
 
-    def _log_standalone(self, config: ServerConfig) -> None:
+    def _announce_secret(self) -> None:
+        """Say where the standalone secret is, never what it is: a log is no place for it. A
+        secret generated for this run is shown once on the terminal, if there is one."""
+        scheme = self.settings.server.auth_scheme
+        origin = self.settings.secret_origin
         if self.settings.auth_secret is None:
+            if os.isatty(sys.stderr.fileno()):
+                sys.stderr.write(
+                    f"\nauth secret for this run (not logged): {self.server.auth_secret}\n"
+                    "make credentials with: firezone-relay credentials --auth-secret "
+                    f"{self.server.auth_secret} --auth-scheme {scheme}\n\n"
+                )
+                sys.stderr.flush()
+                how = "shown on this terminal only"
+            else:
+                how = "not logged, so no credential can be made for it"
             logger.warning(
-                "standalone mode: generated auth secret %s (scheme %s); make credentials "
-                "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
-                self.server.auth_secret,
-                config.auth_scheme,
-                config.auth_scheme,
+                "standalone mode, auth scheme %s: the auth secret was generated for this run "
+                "(%s) and changes at every restart; keep one with --auth-secret or "
+                "--auth-secret-file FILE (the systemd unit keeps one in its state directory)",
+                scheme,
+                how,
             )
             return
-        logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
+        where = origin.origin if origin is not None else "--auth-secret"
+        if origin is not None and origin.path is not None:
+            made = "generated now" if origin.generated else "kept across restarts"
+            logger.info(
+                "standalone mode, auth scheme %s: auth secret from %s (%s); make credentials "
+                "with `firezone-relay credentials --auth-secret-file %s --auth-scheme %s`",
+                scheme,
+                where,
+                made,
+                origin.path,
+                scheme,
+            )
+        else:
+            logger.info("standalone mode, auth scheme %s: auth secret from %s", scheme, where)
         if secret_bits(self.settings.auth_secret) < 128:
             logger.warning(
-                "--auth-secret looks weaker than 128 bits: anyone holding one credential "
-                "can guess it offline; use e.g. `openssl rand -hex 32`"
+                "the auth secret (%s) looks weaker than 128 bits: anyone holding one credential "
+                "can guess it offline; use e.g. `openssl rand -hex 32`",
+                where,
             )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
@@ -353,7 +409,13 @@ class Relay:
         self.admin.drain(message)
 
     def _on_reload(self, message: Reload) -> None:
-        self.admin.reload(message)
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
 
     # -- actors beside the data path ------------------------------------------------------
 

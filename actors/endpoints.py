@@ -9,6 +9,7 @@ offload adds its own histogram sources (``actors.offload``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -59,7 +60,9 @@ class Endpoints:
         log_filter: LogFilter,
         source: MetricsSource,
         ready: Callable[[], bool],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        self.loop = loop
         self.settings = settings
         self.log_filter = log_filter
         self.source = source
@@ -172,7 +175,18 @@ class Endpoints:
         return 200, "text/plain", b"ok\n"
 
     def _debug_routes(self, _query: dict[str, list[str]]) -> Reply:
-        body = self.source.debug_routes()
+        """Handlers run on the HTTP pool, the tables change on the loop: the comparison runs
+        on the loop, in one go."""
+        answer: concurrent.futures.Future[dict[str, object]] = concurrent.futures.Future()
+
+        def compare() -> None:
+            try:
+                answer.set_result(self.source.debug_routes())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(compare)
+        body = answer.result(timeout=10)
         return 200, "application/json", json.dumps(body).encode() + b"\n"
 
 

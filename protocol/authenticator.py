@@ -69,12 +69,14 @@ class Authenticator:
         challenge. A nonce use is counted only once MESSAGE-INTEGRITY passed."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
-        msg.get(Attr.REALM)  # validate its encoding
+        realm = msg.get(Attr.REALM)  # also validates its encoding
         has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
         identity = parse_username(self.scheme, username) if username is not None else None
         key = None
         if username is not None and identity is not None:
             key = self._key_for(msg, username, identity, has_integrity)
+        if has_integrity and username is not None and identity is None:
+            _auth_failed(client, username, realm, f"not a {self.scheme} username")
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self.challenge(
                 msg, client, ErrorCode.UNAUTHORIZED, unix_now, key if has_integrity else None
@@ -86,10 +88,10 @@ class Authenticator:
         if check == NonceCheck.STALE:
             raise self.challenge(msg, client, ErrorCode.STALE_NONCE, unix_now, key)
         if identity.expiry < unix_now:
-            log.debug("credentials of %s expired", client)
+            _auth_failed(client, username, realm, "the credential expired")
             raise self.challenge(msg, client, ErrorCode.UNAUTHORIZED, unix_now, key)
         if not stun.verify_integrity(msg, key):
-            log.debug("bad MESSAGE-INTEGRITY from %s", client)
+            _auth_failed(client, username, realm, "wrong password (or another secret)")
             raise self.challenge(msg, client, ErrorCode.UNAUTHORIZED, unix_now, key)
         self.nonces.consume(nonce, client)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
@@ -111,3 +113,20 @@ class Authenticator:
                 return key
         assert first is not None
         return first
+
+
+def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) -> None:
+    """One INFO line an operator can act on (a client with a bad or stale credential). Its
+    text comes from the network: quoted and cut short, and marked ``from_network`` so the log
+    handler holds it to the warnings' per-site rate limit (an attacker needs no credential)."""
+    host, port = sender.remote
+    log.info(
+        "authentication failed from %s:%d (%s): %s (username %r, realm %r)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        sender.transport.name.lower(),
+        why,
+        username[:64],
+        None if realm is None else realm[:64],
+        extra={"from_network": True},
+    )
