@@ -84,7 +84,9 @@ from firezone_relay.actors.signals import (
     exit_code,
 )
 from firezone_relay.actors.sockets import raise_nofile_limit
-from firezone_relay.actors.startup_errors import StartupError
+from firezone_relay.actors.startup_errors import StartupError, binding
+from firezone_relay.actors.streams import StreamOptions
+from firezone_relay.actors.tls import TlsConfigError, TlsContexts
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.auth import secret_bits
 from firezone_relay.protocol.config import ServerConfig
@@ -135,6 +137,12 @@ class Settings:
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
     resource_attributes: dict[str, str] = field(default_factory=dict)
+    #: TURN over TCP on the listen port; over TLS on ``tls_listen_port`` with a certificate
+    tcp: bool = True
+    tls_listen_port: int = 5349
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    streams: StreamOptions = field(default_factory=StreamOptions)
 
 
 class Relay:
@@ -154,7 +162,7 @@ class Relay:
         if secret is None and seed is None:
             secret = secrets.token_hex(32)
         bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
-        self.datapath = DataPath(config, rng, secret, bind_hosts, self.loop)
+        self.datapath = DataPath(config, rng, secret, bind_hosts, self.loop, settings.streams)
         if settings.auth_secrets:
             self.server.set_auth_secrets(settings.auth_secrets)
         self.control = ControlActor.start(self.control_handlers(), loop=self.loop)
@@ -172,6 +180,7 @@ class Relay:
         self.portal: pykka.ActorRef[PortalSession] | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+        self.tls: TlsContexts | None = None
         self.admin = Admin(
             self.server,
             settings.admin,
@@ -284,6 +293,7 @@ class Relay:
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self.offload.start(self.loop, [self.pipeline], self.endpoints)
         self.datapath.bind_listen_sockets()
+        await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
             self._announce_secret()
@@ -294,6 +304,32 @@ class Relay:
         self.tracing.end_startup(
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
+
+    async def _start_streams(self) -> None:
+        """TURN over TCP on the listen port and over TLS on the TLS port, on each family's bind
+        address; a reload (SIGHUP, ``firezone-relay reload``) re-reads the certificate."""
+        s = self.settings
+        config = s.server
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            try:
+                self.tls = TlsContexts(s.tls_cert_file, s.tls_key_file)
+            except TlsConfigError as exc:
+                raise StartupError(str(exc)) from None
+            self.admin.reload_hooks.append(self.tls.reload)
+        ports: list[tuple[int, TlsContexts | None]] = []
+        if s.tcp:
+            ports.append((config.listen_port, None))
+        if self.tls is not None:
+            ports.append((s.tls_listen_port, self.tls))
+        for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
+            if public is None:
+                continue
+            host = self.datapath.bind_hosts[family]
+            for port, tls in ports:
+                kind = "TLS" if tls is not None else "TCP"
+                with binding(f"{kind} listen socket", host, port):
+                    await self.datapath.streams.listen(host, port, tls)
+                logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
     def _announce_secret(self) -> None:
         """Say where the standalone secret is, never what it is: a log is no place for it. A
@@ -428,6 +464,7 @@ class Relay:
         self.datapath.tracing = self.tracing
         if enabled:
             self.pipeline.observe(self.tracing.observe)
+            self.datapath.stream_relay.on_close = self._tracing_on_close
         config = self.settings.server
         self.tracing.begin_startup(
             {
@@ -450,6 +487,9 @@ class Relay:
             )
             await admin.start()
             self.endpoints.http.append(admin)
+
+    def _tracing_on_close(self, closing: bool) -> None:
+        self.tracing.on_close = closing
 
     def _start_portal(self, config: PortalConfig) -> None:
         """The session joins with the core's secret and reports back to the control actor."""

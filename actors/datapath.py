@@ -34,6 +34,8 @@ from firezone_relay.actors.dataplane import DataPlane
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp
 from firezone_relay.actors.startup_errors import binding
+from firezone_relay.actors.stream_relay import StreamRelay
+from firezone_relay.actors.streams import StreamOptions, Streams
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.config import ServerConfig
 from firezone_relay.protocol.server import Server
@@ -54,6 +56,7 @@ class DataPath:
         secret: str | None,
         bind_hosts: Mapping[Family, str],
         loop: asyncio.AbstractEventLoop,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         self.loop = loop
         self.server = Server(config, rng, secret)
@@ -63,6 +66,11 @@ class DataPath:
         if config.allocation_rate_limit is None:  # limits are enforced by the core alone
             self.pipeline.route_sinks.append(self.dataplane)
         self.bind_hosts = dict(bind_hosts)
+        #: TURN over TCP/TLS: the listeners (``Streams``) and what carries their clients'
+        #: messages to and from the core (``StreamRelay``)
+        self.stream_relay = StreamRelay(self.server, self.dataplane, self.after_input)
+        self.streams = Streams(loop, stream_options or StreamOptions(), self.stream_relay)
+        self.dataplane.stream_send = self.stream_relay.send
         #: where the allocation actors report (set by the owner before any input)
         self.control: pykka.ActorRef[ControlActor] | None = None
         #: spans of what the pipeline carries out (the owner replaces it once telemetry runs)
@@ -90,6 +98,7 @@ class DataPath:
     def stop(self) -> int:
         """Stop reading, free every allocation and stop their actors; returns how many were
         freed."""
+        self.streams.close()
         for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
         self.dataplane.close_listen_sockets()
@@ -192,8 +201,15 @@ class DataPath:
             "rate_limited": stats.rate_limited + stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "stream_backlog": self.streams.dropped + self.stream_relay.lost,
             "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
+
+    def connection_counts(self) -> dict[str, int]:
+        return self.streams.open_counts()
+
+    def connection_events(self) -> dict[str, int]:
+        return self.streams.event_counts()
 
     def debug_routes(self) -> dict[str, object]:
         """The C route mirror against the core's channel routes (a walk of both tables, on
