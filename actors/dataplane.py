@@ -134,6 +134,13 @@ class DataPlane:
 
     # -- the route mirror -----------------------------------------------------------------
 
+    def sync_routes(
+        self, commands: tuple[CreateChannelBinding | DeleteChannelBinding, ...]
+    ) -> None:
+        """The pipeline's ``RouteSink``: one drain's channel commands, in order."""
+        for command in commands:
+            self.sync_channel(command)
+
     def sync_channel(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
         """Make the mirror's two routes of the channel in ``command`` what the core's are now
         (none where the core has none, or where the socket to send from is not there: those
