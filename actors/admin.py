@@ -10,8 +10,8 @@ else 403. Nothing of this is on the health port nor on the TCP control endpoint,
 The endpoint is the strict HTTP/1.1 server of ``actors.http_endpoints`` (same bounds), but its
 handlers run on the event loop, because they read the core. What changes the relay (free
 allocations, drain, reload) is told to the control actor as a frozen message (``Disconnect``,
-``Drain``, ``Reload``, routed by ``actors.daemon.CONTROL_ROUTES`` to this module's
-:class:`Admin`); the control actor is loop-hosted and idle here, so the message is handled
+``Drain``, and ``actors.control.Reload``, routed by ``actors.daemon.CONTROL_ROUTES`` to this
+module's :class:`Admin`); the control actor is loop-hosted and idle here, so the message is handled
 before the answer is written. SIGHUP tells ``Reload`` and SIGUSR1 tells ``Drain`` (no deadline).
 """
 
@@ -33,6 +33,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from firezone_relay.actors.control import Reload
 from firezone_relay.actors.http_endpoints import HttpEndpoint, Routes, parse_host_port
 from firezone_relay.actors.startup_errors import StartupError
 from firezone_relay.protocol.allocations import COUNTERS, IN_BYTES, OUT_BYTES
@@ -48,7 +49,6 @@ __all__ = [
     "AdminEndpoint",
     "Disconnect",
     "Drain",
-    "Reload",
     "admin_socket_path",
     "read_peer_list_file",
     "read_secret_file",
@@ -98,11 +98,6 @@ class Drain:
     ``deadline`` seconds from now (None: no deadline)."""
 
     deadline: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Reload:
-    """Re-read the secret file, the peer list file, and what the reload hooks re-read."""
 
 
 # -- the files reload reads ----------------------------------------------------------------
@@ -325,7 +320,7 @@ class Admin:
             return
         self._drain_timer = loop.call_later(DRAIN_CHECK_INTERVAL, self._check_drained)
 
-    def reload(self, _message: Reload | None = None) -> None:
+    def reload(self) -> None:
         """Re-read what can change without a restart. A file that cannot be read or parsed is
         logged and leaves the relay as it was (the other parts still reload)."""
         report: dict[str, Any] = {"ok": True}
@@ -513,7 +508,7 @@ def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
 
     def reload(_query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         admin.last_reload = {}
-        tell(Reload())
+        tell(Reload("firezone-relay reload"))
         report = admin.last_reload or {"ok": False, "error": "reload did not run"}
         return _json(HTTPStatus.OK if report.get("ok") else HTTPStatus.CONFLICT, report)
 

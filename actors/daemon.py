@@ -28,9 +28,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +48,6 @@ from firezone_relay.actors.admin import (
     AdminEndpoint,
     Disconnect,
     Drain,
-    Reload,
     admin_routes,
 )
 from firezone_relay.actors.allocation import AllocationActor
@@ -60,6 +61,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -68,6 +70,14 @@ from firezone_relay.actors.http_endpoints import HttpEndpoint, parse_host_port
 from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
 from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.pipeline import Pipeline
+from firezone_relay.actors.signals import (
+    DRAIN,
+    FAILURE_EXIT,
+    IGNORED,
+    RELOAD,
+    STOP_CLEAN,
+    exit_code,
+)
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError, binding
 from firezone_relay.actors.telemetry import (
@@ -85,6 +95,7 @@ from firezone_relay.protocol.types import Family
 if TYPE_CHECKING:
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.portal_session import PortalSession
+    from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
@@ -108,6 +119,8 @@ class Settings:
     bind_ip6: str = "::"
     rng_seed: int | None = None
     auth_secret: str | None = None
+    #: where ``auth_secret`` came from (None: generated for this run)
+    secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
@@ -135,13 +148,13 @@ CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
     PortalClosed: "_on_portal_closed",
     PortalFatal: "_on_portal_fatal",
     Shutdown: "_on_shutdown",
+    Reload: "_on_reload",
     PeerSocketOpened: "_on_peer_socket_opened",
     PeerSocketClosed: "_on_peer_socket_closed",
     AllocationBindFailed: "_on_allocation_bind_failed",
     AllocationStopped: "_on_allocation_stopped",
     Disconnect: "_on_disconnect",
     Drain: "_on_drain",
-    Reload: "_on_reload",
 }
 
 
@@ -234,6 +247,7 @@ class Relay:
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
+        self._handle_signals()
         try:
             await self.start()
         except Exception as exc:
@@ -244,17 +258,29 @@ class Relay:
             with contextlib.suppress(pykka.ActorDeadError):
                 self.control.stop(block=False)
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(
-                    sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
-                )
-        for sig, message in ((signal.SIGHUP, Reload()), (signal.SIGUSR1, Drain())):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
+
+    def _handle_signals(self) -> None:
+        """Every signal that would end the process is a logged Shutdown; SIGHUP a Reload,
+        SIGUSR1 a Drain, SIGUSR2 nothing; each with a log line (see ``actors.signals``)."""
+        messages: dict[int, tuple[object, str]] = {
+            RELOAD: (Reload(signal.Signals(RELOAD).name), "reloading"),
+            DRAIN: (Drain(), "draining"),
+        }
+        for sig in (*STOP_CLEAN, *FAILURE_EXIT):
+            messages[sig] = (Shutdown(exit_code(sig), signal.Signals(sig).name), "stopping")
+        for sig in IGNORED:
+            messages[sig] = (None, "ignored")
+        for sig, (message, what) in messages.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, self._on_signal, sig, message, what)
+
+    def _on_signal(self, sig: int, message: object, what: str) -> None:
+        logger.info("%s received: %s", signal.Signals(sig).name, what)
+        if message is not None:
+            tell(self.control, message)
 
     async def start(self) -> None:
         raise_nofile_limit()
@@ -297,21 +323,7 @@ class Relay:
             )
         self.sockets_bound = True
         if self.settings.portal is None:
-            if self.settings.auth_secret is None:
-                logger.warning(
-                    "standalone mode: generated auth secret %s (scheme %s); make credentials "
-                    "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
-                    self.server.auth_secret,
-                    config.auth_scheme,
-                    config.auth_scheme,
-                )
-            else:
-                logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
-                if secret_bits(self.settings.auth_secret) < 128:
-                    logger.warning(
-                        "--auth-secret looks weaker than 128 bits: anyone holding one credential "
-                        "can guess it offline; use e.g. `openssl rand -hex 32`"
-                    )
+            self._announce_secret()
         else:
             self._start_portal(self.settings.portal)
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
@@ -319,6 +331,51 @@ class Relay:
         self.tracing.end_startup(
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
+
+    def _announce_secret(self) -> None:
+        """Say where the standalone secret is, never what it is: a log is no place for it. A
+        secret generated for this run is shown once on the terminal, if there is one."""
+        scheme = self.settings.server.auth_scheme
+        origin = self.settings.secret_origin
+        if self.settings.auth_secret is None:
+            if os.isatty(sys.stderr.fileno()):
+                sys.stderr.write(
+                    f"\nauth secret for this run (not logged): {self.server.auth_secret}\n"
+                    "make credentials with: firezone-relay credentials --auth-secret "
+                    f"{self.server.auth_secret} --auth-scheme {scheme}\n\n"
+                )
+                sys.stderr.flush()
+                how = "shown on this terminal only"
+            else:
+                how = "not logged, so no credential can be made for it"
+            logger.warning(
+                "standalone mode, auth scheme %s: the auth secret was generated for this run "
+                "(%s) and changes at every restart; keep one with --auth-secret or "
+                "--auth-secret-file FILE (the systemd unit keeps one in its state directory)",
+                scheme,
+                how,
+            )
+            return
+        where = origin.origin if origin is not None else "--auth-secret"
+        if origin is not None and origin.path is not None:
+            made = "generated now" if origin.generated else "kept across restarts"
+            logger.info(
+                "standalone mode, auth scheme %s: auth secret from %s (%s); make credentials "
+                "with `firezone-relay credentials --auth-secret-file %s --auth-scheme %s`",
+                scheme,
+                where,
+                made,
+                origin.path,
+                scheme,
+            )
+        else:
+            logger.info("standalone mode, auth scheme %s: auth secret from %s", scheme, where)
+        if secret_bits(self.settings.auth_secret) < 128:
+            logger.warning(
+                "the auth secret (%s) looks weaker than 128 bits: anyone holding one credential "
+                "can guess it offline; use e.g. `openssl rand -hex 32`",
+                where,
+            )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
         """Ask the daemon to shut down (loop thread only; the Shutdown and PortalFatal messages
@@ -445,7 +502,13 @@ class Relay:
         self.admin.drain(message)
 
     def _on_reload(self, message: Reload) -> None:
-        self.admin.reload(message)
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
 
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
