@@ -625,9 +625,65 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("TIME_SCALE", 1.0),
         help=argparse.SUPPRESS,
     )
+    _add_stream_flags(p)
     _add_firezone_extras(p)
     _show_env(p)
     return p
+
+
+def _add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """TURN over TCP (on the listen port) and TLS (README: "TURN over TCP and TLS")."""
+    streams = p.add_argument_group("streams (TURN over TCP and TLS)")
+    a = streams.add_argument
+    a(
+        "--no-tcp",
+        action="store_true",
+        default=_env_bool("NO_TCP"),
+        help="do not accept TURN over TCP on the listen port (default: TCP on)",
+    )
+    a(
+        "--tls-listen-port",
+        type=_port,
+        default=_env("TLS_LISTEN_PORT", 5349),
+        help="TURN over TLS port, used when a certificate and key are given (default: 5349)",
+    )
+    a(
+        "--tls-cert-file",
+        type=_text,
+        default=_env("TLS_CERT_FILE"),
+        metavar="PEM",
+        help="certificate chain (e.g. fullchain.pem) for TURN over TLS; SIGHUP re-reads it "
+        "(default: none, no TLS)",
+    )
+    a(
+        "--tls-key-file",
+        type=_text,
+        default=_env("TLS_KEY_FILE"),
+        metavar="PEM",
+        help="private key of --tls-cert-file; SIGHUP re-reads it (default: none)",
+    )
+    a(
+        "--proxy-protocol-from",
+        action=_AppendPeerIp,
+        type=_peer_ips,
+        default=_env("PROXY_PROTOCOL_FROM", []),
+        metavar="CIDR",
+        help="connections from CIDR must start with a PROXY protocol v1/v2 header, whose "
+        "client address the relay then uses (repeatable; env: comma-separated); no one "
+        "else's header is believed (default: none)",
+    )
+    a(
+        "--max-stream-connections",
+        type=_positive,
+        default=_env("MAX_STREAM_CONNECTIONS", 8192),
+        help="TCP and TLS connections open at once (default: 8192)",
+    )
+    a(
+        "--max-stream-connections-per-source",
+        type=_positive,
+        default=_env("MAX_STREAM_CONNECTIONS_PER_SOURCE", 64),
+        help="TCP and TLS connections open at once from one client address (default: 64)",
+    )
 
 
 #: Flags whose environment variable is not the flag's name in upper case (clap's rule).
@@ -789,6 +845,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
     from firezone_relay.actors.daemon import Settings
     from firezone_relay.actors.portal import PortalConfig
+    from firezone_relay.actors.streams import StreamOptions
     from firezone_relay.actors.xdp_manager import XdpOptions
     from firezone_relay.protocol.channel_data import CHANNEL_NUMBERS
     from firezone_relay.protocol.server import ServerConfig
@@ -878,8 +935,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             highest_port=server.highest_port,
             mandatory=args.ebpf_mandatory,
         )
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        raise ValueError("TURN over TLS needs both --tls-cert-file and --tls-key-file")
+    if args.tls_cert_file is not None:
+        from firezone_relay.actors.tls import TlsConfigError, build_context
+
+        try:
+            build_context(args.tls_cert_file, args.tls_key_file)
+        except TlsConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if args.tls_listen_port == server.listen_port and not args.no_tcp:
+            raise ValueError("--tls-listen-port must differ from the TCP --listen-port")
+    defaults = StreamOptions()
+    streams = StreamOptions(
+        max_connections=args.max_stream_connections,
+        max_per_source=args.max_stream_connections_per_source,
+        proxy_from=tuple(args.proxy_protocol_from or ()),
+        # the hidden --time-scale shortens these with the core's timers (tests)
+        handshake_timeout=defaults.handshake_timeout * args.time_scale,
+        idle_timeout=defaults.idle_timeout * args.time_scale,
+    )
     return Settings(
         server=server,
+        tcp=not args.no_tcp,
+        tls_listen_port=args.tls_listen_port,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        streams=streams,
         portal=portal,
         xdp=xdp,
         bind_ip4=args.bind_ip4_addr,

@@ -80,6 +80,8 @@ from firezone_relay.actors.signals import (
 )
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError, binding
+from firezone_relay.actors.stream_relay import StreamRelay
+from firezone_relay.actors.streams import StreamOptions, Streams
 from firezone_relay.actors.telemetry import (
     BucketHistogram,
     BucketSource,
@@ -87,6 +89,7 @@ from firezone_relay.actors.telemetry import (
     Telemetry,
     packet_size_histogram,
 )
+from firezone_relay.actors.tls import TlsConfigError, TlsContexts
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.auth import secret_bits
 from firezone_relay.protocol.server import Server, ServerConfig
@@ -136,6 +139,12 @@ class Settings:
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
     resource_attributes: dict[str, str] = field(default_factory=dict)
+    #: TURN over TCP on the listen port; over TLS on ``tls_listen_port`` with a certificate
+    tcp: bool = True
+    tls_listen_port: int = 5349
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    streams: StreamOptions = field(default_factory=StreamOptions)
 
 
 #: The relay's control inputs: every message type its control actor receives, and the ``Relay``
@@ -211,6 +220,10 @@ class Relay:
         self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+        self.tls: TlsContexts | None = None
+        self.stream_relay = StreamRelay(self.server, self.dataplane, self._after_input)
+        self.streams = Streams(self.loop, settings.streams, self.stream_relay)
+        self.dataplane.stream_send = self.stream_relay.send
         self.admin = Admin(
             self.server,
             settings.admin,
@@ -291,6 +304,8 @@ class Relay:
             responses=lambda: self.server.stats.responses,
             drops=self._drop_counts,
             bridge=self.bridge,
+            connections=self.streams.open_counts,
+            connection_events=self.streams.event_counts,
             otlp_endpoint=self.settings.otlp_grpc_endpoint,
             export_interval_ms=self.settings.export_interval_ms,
             resource_attributes=self.settings.resource_attributes,
@@ -321,6 +336,7 @@ class Relay:
             logger.info(
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
             )
+        await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
             self._announce_secret()
@@ -331,6 +347,32 @@ class Relay:
         self.tracing.end_startup(
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
+
+    async def _start_streams(self) -> None:
+        """TURN over TCP on the listen port and over TLS on the TLS port, on each family's bind
+        address; a reload (SIGHUP, ``firezone-relay reload``) re-reads the certificate."""
+        s = self.settings
+        config = s.server
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            try:
+                self.tls = TlsContexts(s.tls_cert_file, s.tls_key_file)
+            except TlsConfigError as exc:
+                raise StartupError(str(exc)) from None
+            self.admin.reload_hooks.append(self.tls.reload)
+        ports: list[tuple[int, TlsContexts | None]] = []
+        if s.tcp:
+            ports.append((config.listen_port, None))
+        if self.tls is not None:
+            ports.append((s.tls_listen_port, self.tls))
+        for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
+            if public is None:
+                continue
+            host = self._bind_hosts[family]
+            for port, tls in ports:
+                kind = "TLS" if tls is not None else "TCP"
+                with binding(f"{kind} listen socket", host, port):
+                    await self.streams.listen(host, port, tls)
+                logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
     def _announce_secret(self) -> None:
         """Say where the standalone secret is, never what it is: a log is no place for it. A
@@ -390,6 +432,7 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
+        self.streams.close()
         for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
         self.dataplane.close_listen_sockets()
@@ -455,6 +498,9 @@ class Relay:
         finally:
             self.tracing.on_timers = False
 
+    def _tracing_on_close(self, closing: bool) -> None:
+        self.tracing.on_close = closing
+
     def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
         return AllocationActor.start(
             port, self.control, self._bind_hosts, self.dataplane.on_peer_readable, loop=self.loop
@@ -517,6 +563,7 @@ class Relay:
         self.tracing = RelayTracing(self.telemetry.tracer(), self.server, enabled)
         if enabled:
             self.pipeline.observe(self.tracing.observe)
+            self.stream_relay.on_close = self._tracing_on_close
         config = self.settings.server
         self.tracing.begin_startup(
             {
@@ -691,6 +738,7 @@ class Relay:
             + self.server.stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "stream_backlog": self.streams.dropped + self.stream_relay.lost,
             "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 

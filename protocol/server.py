@@ -328,6 +328,10 @@ class Server:
         """The live allocation on ``port`` (for observers such as tracing; read-only)."""
         return self._by_port.get(port)
 
+    def allocation_of(self, client: FiveTuple) -> Allocation | None:
+        """The live allocation of ``client``'s 5-tuple (read-only)."""
+        return self._allocations.get(client)
+
     def allocation_of_username(self, username: str) -> Allocation | None:
         """The latest live allocation made with ``username`` (read-only)."""
         return self._table.by_username.get(username)
@@ -1168,6 +1172,16 @@ class Server:
         # in place: the allocation table holds the queue's append
         self._commands.clear()
         self._commands.extend(rebuilt)
+
+    def handle_client_closed(self, client: FiveTuple, now: float) -> None:
+        """A stream client's connection closed: its allocation goes at once (RFC 8656 §3.1:
+        on TCP and TLS the allocation lives as long as the connection)."""
+        allocation = self._allocations.get(client)
+        if allocation is not None:
+            log.info(
+                "%s closed its connection: allocation on port %d freed", client, allocation.port
+            )
+            self._table.remove(allocation)
 
     def free_all(self, now: float) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
