@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.stream_framing import channel_data_frame
+from firezone_relay.protocol.stream_framing import channel_data_frame, for_stream
 from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 if TYPE_CHECKING:
@@ -366,8 +366,8 @@ class DataPlane:
         """Carry out a SendMessage: from the listen socket of the recipient's family, or
         through the recipient's TCP/TLS connection."""
         recipient = command.recipient
-        if recipient.transport is not _UDP:
-            self.stream_send(recipient, command.payload)
+        if recipient.transport is not _UDP:  # ChannelData (the relay loop) padded for it
+            self.stream_send(recipient, for_stream(command.payload))
             return
         if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
             logger.debug("send to %s failed", recipient)

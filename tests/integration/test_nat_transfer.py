@@ -96,3 +96,22 @@ def test_download_with_20_percent_loss(mode: str, tmp_path: Path, blob: tuple[Pa
         tmp_path, blob, options=options, xdp=datapath(mode), gateway_allocates=False
     ) as run:
         run.transfer(max_time=90)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+@pytest.mark.parametrize("mode", MODES)
+def test_download_with_the_client_on_tcp_or_tls(
+    mode: str, transport: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """The client reaches the relay over TCP (or TLS on 5349), as a browser behind a UDP-
+    blocking firewall does; the gateway stays on UDP (reached at its NAT's public address).
+    With XDP on, the client's channel stays in userspace: the program never sends UDP to a
+    stream client."""
+    with nat_run(
+        tmp_path, blob, xdp=datapath(mode), client_transport=transport, gateway_allocates=False
+    ) as run:
+        run.transfer(max_time=60)
+        client = run.stats("client")
+        (channel,) = client["channels"].values()
+        assert channel[1] is True
+        assert run.relay.metric("relay_stream_connections") == 1
