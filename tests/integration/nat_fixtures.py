@@ -47,8 +47,12 @@ CLIENT_TUN = ["100.64.0.1/24", "fd00:64::1/64"]
 GATEWAY_TUN = ["100.64.0.2/24", "fd00:64::2/64"]
 WEB_PORT = 8080
 HEALTH = ("127.0.0.1", 8080)  # inside the relay namespace
-#: a relay log line at WARN or ERROR level, a traceback, or a Python warning on stderr
-PROBLEM = re.compile(r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s|^Traceback|\w+Warning: ")
+#: a relay log line at WARN or ERROR level, a traceback, or a Python warning on stderr; not the
+#: start-up warning that a lab's public address is not a public one (these labs mean it)
+PROBLEM = re.compile(
+    r"^\S+Z\s+(WARN|ERROR|CRITICAL)\s(?!relay: --public-ip[46]-addr \S+ is a )"
+    r"|^Traceback|\w+Warning: "
+)
 
 
 #: the relay's verdict on XDP offload: enabled, or unavailable with a reason
