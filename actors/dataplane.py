@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.udpio import Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, log_fields
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.server import Server
@@ -255,11 +255,13 @@ class DataPlane:
         """Carry out a SendMessage: from the listen socket of the recipient's family."""
         recipient: Addr = command.recipient
         if self.flush([self.listen_socket_for(recipient), command.payload, recipient]):
-            logger.debug("send to %s failed", recipient)
+            logger.debug("send failed", extra=log_fields(recipient=recipient))
 
     def _input_failed(self, sender: Addr) -> None:
         self.input_errors += 1
         if self.input_errors <= 10 or self.input_errors % 10_000 == 0:
             logger.exception(
-                "core failed on a datagram from %s (%d so far)", sender, self.input_errors
+                "core failed on a datagram (%d so far)",
+                self.input_errors,
+                extra=log_fields(sender=sender, errors=self.input_errors),
             )
