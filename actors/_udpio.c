@@ -1031,6 +1031,80 @@ Receiver_clear_routes(Receiver *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* The address part of a route key, as (host, port). */
+static PyObject *
+key_addr(const route_key *k)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (k->b[0] == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_port, k->b + 1, 2);
+        memcpy(&a->sin_addr, k->b + 3, 4);
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        a->sin6_family = AF_INET6;
+        memcpy(&a->sin6_port, k->b + 1, 2);
+        memcpy(&a->sin6_addr, k->b + 3, 16);
+    }
+    return make_addr(&ss);
+}
+
+/* One route as a plain tuple (see Receiver_debug_routes). */
+static PyObject *
+route_tuple(const route *r, int to_peer)
+{
+    unsigned int number = (unsigned int)r->key.b[19] << 8 | r->key.b[20];
+    PyObject *from = key_addr(&r->key);
+    PyObject *to = make_addr((const struct sockaddr_storage *)&r->dst);
+    PyObject *t = NULL;
+    if (from != NULL && to != NULL) {
+        t = to_peer ? Py_BuildValue("(sOIiO)", "to_peer", from, number, r->fd, to)
+                    : Py_BuildValue("(sIOiOI)", "to_client", number, from, r->fd, to,
+                                    (unsigned int)r->channel);
+    }
+    Py_XDECREF(from);
+    Py_XDECREF(to);
+    return t;
+}
+
+static PyObject *
+Receiver_debug_routes(Receiver *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (int which = 0; which < 2; which++) {
+        const route_table *t = which == 0 ? &self->to_peer : &self->to_client;
+        for (size_t i = 0; i < t->cap; i++) {
+            if (!t->slots[i].used) {
+                continue;
+            }
+            PyObject *item = route_tuple(&t->slots[i], which == 0);
+            if (item == NULL || PyList_Append(list, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+    }
+    if (PyList_Sort(list) < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    return list;
+}
+
+#define DEBUG_ROUTES_DOC                                                                     \
+    "debug_routes() -> list: every route the mirror holds, sorted, as plain tuples (a method\n" \
+    "of Receiver, for soaks and tests that compare the mirror with the core's routes):\n"      \
+    "('to_client', port, (peer host, peer port), fd, (client host, client port), channel)\n"  \
+    "and ('to_peer', (client host, client port), channel, fd, (peer host, peer port)).\n"     \
+    "Costs a walk of the whole table: not for the data path."
+
 static PyMethodDef Receiver_methods[] = {
     {"recv", (PyCFunction)Receiver_recv, METH_O,
      "recv(sock) -> n: read up to count datagrams without blocking; -1 when none is ready.\n"
@@ -1059,6 +1133,7 @@ static PyMethodDef Receiver_methods[] = {
     {"drop_fd", (PyCFunction)Receiver_drop_fd, METH_O,
      "drop_fd(fd) -> n: remove every route leaving through fd (it is being closed)."},
     {"clear_routes", (PyCFunction)Receiver_clear_routes, METH_NOARGS, "clear_routes()"},
+    {"debug_routes", (PyCFunction)Receiver_debug_routes, METH_NOARGS, DEBUG_ROUTES_DOC},
     {NULL}};
 
 static PyObject *

@@ -161,6 +161,12 @@ class DataPlane:
         ):
             rx.drop_to_client(port, peer)
 
+    def debug_routes(self) -> list[tuple[Any, ...]]:
+        """Every route the C mirror holds, sorted, as plain tuples (``Receiver.debug_routes``):
+        for soaks and tests that check the mirror against the core."""
+        routes: list[tuple[Any, ...]] = self._rx.debug_routes()
+        return routes
+
     @property
     def mirrored_routes(self) -> tuple[int, int]:
         """How many (client -> peer, peer -> client) routes the C mirror holds."""

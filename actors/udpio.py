@@ -22,6 +22,8 @@ UDP GSO send (``gso``, ``gso_sends``), where the kernel takes it.
 are whole reader callbacks: up to ``READ_BATCHES`` batches, each relayed as above, with the
 rest of a batch handed to ``handoff(sock, [port,] n, k)``; with the compiled helper no
 Python frame runs for a batch the mirror routes whole. ``datagrams_in`` counts what they read.
+``debug_routes()`` lists every route the mirror holds (a walk of the table: for soaks and tests
+that compare the mirror with the core, never for the data path).
 
 The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as
 ``firezone_relay.actors._udpio``) does this with one
@@ -128,6 +130,11 @@ class PyReceiver:
     def clear_routes(self) -> None:
         pass
 
+    def debug_routes(self) -> list[tuple[Any, ...]]:
+        """Every mirrored route as a plain tuple, sorted (the compiled ``Receiver``'s method
+        documents the shapes); this fallback mirrors nothing."""
+        return []
+
 
 # Any: the items alternate between socket (or None), data and address, which no list type says
 def py_send_batch(items: list[Any]) -> tuple[int, int]:
@@ -153,7 +160,11 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
 try:
-    from firezone_relay.actors._udpio import Receiver, send_batch  # type: ignore[import-not-found,no-redef]
+    # untyped where the wheel is installed, not found in a bare source tree
+    from firezone_relay.actors._udpio import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
+        Receiver,
+        send_batch,
+    )
 
     IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
 except ImportError:  # no compiler where it was installed: same behaviour, more syscalls

@@ -454,3 +454,28 @@ def test_a_run_to_one_client_arrives_as_separate_datagrams_in_order(
         assert rx.gso_sends == 1 or not rx.gso  # off only where the kernel refused it
     else:
         assert rx.gso_sends == 0
+
+
+@needs_compiled
+def test_debug_routes_lists_every_mirrored_route_as_plain_tuples(
+    sockets: dict[str, socket.socket],
+) -> None:
+    """The soak's debug read: exactly the routes installed, sorted, as plain tuples."""
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](8, 2052, 4)
+    assert rx.debug_routes() == []
+    port = allocation.getsockname()[1]
+    me, them = client.getsockname(), peer.getsockname()
+    assert rx.set_to_peer(me, 0x4001, allocation.fileno(), them)
+    assert rx.set_to_peer(me, 0x4000, allocation.fileno(), them)
+    assert rx.set_to_client(port, ("::1", 7), listen.fileno(), me, 0x4000)
+    assert rx.debug_routes() == [
+        ("to_client", port, ("::1", 7), listen.fileno(), me, 0x4000),
+        ("to_peer", me, 0x4000, allocation.fileno(), them),
+        ("to_peer", me, 0x4001, allocation.fileno(), them),
+    ]
+    rx.drop_to_peer(me, 0x4001)
+    rx.drop_to_client(port, ("::1", 7))
+    assert rx.debug_routes() == [("to_peer", me, 0x4000, allocation.fileno(), them)]

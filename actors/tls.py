@@ -1,0 +1,72 @@
+"""The TLS server context for TURN over TLS (``turns:``), and its reload on SIGHUP.
+
+TLS 1.2 and 1.3 only, ALPN ``stun.turn`` (RFC 7443) selected when the client offers it (a
+client offering nothing, or only other protocols, still gets a session: browsers vary), and
+the whole chain of the certificate file served (Let's Encrypt's ``fullchain.pem``). The
+listener takes ``TlsContexts.context`` for each new connection, so a reload changes what new
+connections get and leaves open ones alone; a file that does not load keeps the old context
+and logs one error.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+__all__ = ["ALPN", "TlsConfigError", "TlsContexts", "build_context"]
+
+logger = logging.getLogger("relay.tls")
+
+ALPN = "stun.turn"
+
+
+class TlsConfigError(Exception):
+    """The certificate or key could not be loaded; the message names the file and the cause."""
+
+
+def build_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context from a PEM certificate chain and its key (reads both files)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols([ALPN])
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except FileNotFoundError as exc:
+        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: no such file") from exc
+    except PermissionError as exc:
+        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: permission denied") from exc
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        raise TlsConfigError(
+            f"cannot load the TLS certificate {cert_file} with key {key_file}: {reason}"
+        ) from exc
+    return context
+
+
+class TlsContexts:
+    """The current server context; ``reload`` swaps it only for one that loaded."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        #: what new connections get (read on the loop; replaced whole, never mutated)
+        self.context = build_context(cert_file, key_file)
+        self.reloads = 0
+        self.reload_failures = 0
+
+    def load(self) -> ssl.SSLContext | None:
+        """Read the files again (blocking: run it off the loop); None when they do not load."""
+        try:
+            return build_context(self.cert_file, self.key_file)
+        except TlsConfigError as exc:
+            self.reload_failures += 1
+            logger.error("TLS reload failed, keeping the previous certificate: %s", exc)
+            return None
+
+    def install(self, context: ssl.SSLContext | None) -> None:
+        """Make ``context`` the one new connections get (on the loop)."""
+        if context is not None:
+            self.context = context
+            self.reloads += 1
+            logger.info("TLS certificate reloaded from %s", self.cert_file)
