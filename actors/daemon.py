@@ -448,7 +448,7 @@ class Relay:
                 BucketHistogram(
                     "relay.xdp.processing.duration",
                     "ns",
-                    "Time the XDP program spent per packet",
+                    "Time the eBPF XDP program spent processing one relayed packet",
                     _xdp_ns_bounds(),
                     [BucketSource({}, self._xdp_durations)],
                 )
