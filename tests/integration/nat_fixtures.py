@@ -323,6 +323,7 @@ class NatRun:
     * ``gateway_allocates``: False = the gateway only opens its NAT towards the client's
       relayed address (client -> relay -> gateway's public address);
     * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode generic``;
+    * ``relay_dual``: False = the relay has no public IPv6 address (IPv4 only);
     * ``portal``: the relay joins a test portal, which mints the agents' credentials.
     """
 
@@ -334,6 +335,7 @@ class NatRun:
     inner_family: int = 4
     gateway_allocates: bool = True
     xdp: bool = False
+    relay_dual: bool = True
     portal: bool = False
     refresh_scale: float = 0.01
     probe_after: float = 1.5
@@ -378,6 +380,7 @@ class NatRun:
                 token=self.portal_thread.token,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
             )
         else:
             self.secret = os.urandom(32).hex()
@@ -387,6 +390,7 @@ class NatRun:
                 secret=self.secret,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
             )
         self._stack.callback(self.relay.stop)
         self.relay.start()
