@@ -29,9 +29,9 @@ base64 (no padding) of a SHA-256, gateways expiring 2038-01-01.
 Expected answers are what the relay must send: Firezone's answer, except where the README's
 "Where we differ" table says otherwise; a trace lists what only we send under ``ours``
 (ADDRESS-ERROR-CODE on a partial dual-stack allocation, the hour after which our nonces go
-stale), and a trace that checks our own rules throughout is named ``ours_``. Time in these traces is connlib's
-(seconds of its clock); they replay ``speed`` times faster against a relay started with
-``--time-scale 1/speed``, so expiry and refresh deadlines fall where they would.
+stale), and a trace that checks our own rules throughout is named ``ours_``. Time in these
+traces is connlib's (seconds of its clock); they replay ``speed`` times faster against a relay
+started with ``--time-scale 1/speed``, so expiry and refresh deadlines fall where they would.
 
 ``python -m simulations.traces.connlib`` writes them again (deterministic).
 """
