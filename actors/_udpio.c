@@ -20,13 +20,16 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
-#include <string.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 
 #define CACHE_SLOTS 4096 /* per Receiver; a power of two */
 #define MAX_BATCH 1024
+#define MAX_SLOT (1 << 20)
 
 /* -- the route mirror ------------------------------------------------------------------------ */
 
@@ -37,20 +40,408 @@ typedef struct {
     unsigned char b[24];
 } route_key;
 
+/* The table is hashed with SipHash-1-3 under a key drawn from the OS when the module loads:
+ * route keys come from the network (a user picks its peers' addresses), and with an unkeyed
+ * hash one user can put all of its routes in one probe run (a datagram on the deepest one
+ * then costs a scan of the whole run). With a secret key nobody can aim at a bucket, and no
+ * run of occupied slots may grow past CLUSTER_MAX anyway: a route that would make one longer
+ * is refused (counted in `refused`), and its datagrams simply go through the core. That one
+ * bound limits every probe of a lookup and every shift of a deletion. */
+static uint64_t sip_key[2];
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                          \
+    do {                                                                                  \
+        v0 += v1;                                                                         \
+        v1 = ROTL(v1, 13);                                                                \
+        v1 ^= v0;                                                                         \
+        v0 = ROTL(v0, 32);                                                                \
+        v2 += v3;                                                                         \
+        v3 = ROTL(v3, 16);                                                                \
+        v3 ^= v2;                                                                         \
+        v0 += v3;                                                                         \
+        v3 = ROTL(v3, 21);                                                                \
+        v3 ^= v0;                                                                         \
+        v2 += v1;                                                                         \
+        v1 = ROTL(v1, 17);                                                                \
+        v1 ^= v2;                                                                         \
+        v2 = ROTL(v2, 32);                                                                \
+    } while (0)
+
+/* SipHash-1-3 (one compression round, three finalization rounds) of in[0, len). */
+static uint64_t
+siphash13(const unsigned char *in, size_t len)
+{
+    uint64_t v0 = 0x736f6d6570736575ull ^ sip_key[0], v1 = 0x646f72616e646f6dull ^ sip_key[1];
+    uint64_t v2 = 0x6c7967656e657261ull ^ sip_key[0], v3 = 0x7465646279746573ull ^ sip_key[1];
+    size_t whole = len & ~(size_t)7;
+    for (size_t i = 0; i < whole; i += 8) {
+        uint64_t m;
+        memcpy(&m, in + i, 8); /* little-endian hosts; the value only needs to be stable */
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t last = (uint64_t)len << 56;
+    for (size_t i = 0; i < (len & 7); i++) {
+        last |= (uint64_t)in[whole + i] << (8 * i);
+    }
+    v3 ^= last;
+    SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static uint32_t
+hash_key(const route_key *k)
+{
+    return (uint32_t)siphash13(k->b, sizeof k->b);
+}
+
+#define CLUSTER_MAX 128    /* no run of occupied slots is longer */
+#define FD_LIMIT (1 << 22) /* routes and counters only for fds below this (RLIMIT_NOFILE's cap) */
+#define OUT 0              /* a route's link in the list of its out_fd ... */
+#define IN 1               /* ... and in the list of its in_fd */
+
 typedef struct {
     route_key key;
     uint32_t hash;
     int used;
-    int fd;                    /* the socket it leaves through */
-    unsigned short channel;    /* peer -> client: the ChannelData header's channel */
+    int out_fd;             /* the socket it leaves through, recorded when it was set */
+    int in_fd;              /* the socket it must arrive on, -1: any */
+    unsigned short channel; /* peer -> client: the ChannelData header's channel */
     socklen_t dlen;
-    struct sockaddr_in6 dst;   /* where it goes (a sockaddr_in in its first bytes for v4) */
+    struct sockaddr_in6 dst; /* where it goes (a sockaddr_in in its first bytes for v4) */
+    uint32_t link[2][2];     /* [OUT|IN][prev, next]: refs (index + 1, 0: none) */
 } route;
 
 typedef struct {
-    route *slots; /* open addressing, linear probing, backward-shift deletion */
+    uint32_t hash;
+    uint32_t ref; /* 1 + the route's index in `routes`; 0: empty */
+} table_slot;
+
+typedef struct {
+    table_slot *slots; /* open addressing, linear probing, backward-shift deletion */
     size_t cap, len;
+    route *routes; /* the routes themselves, at stable indices (free ones chained by link) */
+    size_t routes_cap, routes_used;
+    uint32_t free_ref;
+    uint32_t *head[2]; /* fd -> first route through it, [OUT] and [IN] */
+    size_t fd_cap;
+    unsigned long long refused; /* routes not placed: their run would pass CLUSTER_MAX */
 } route_table;
+
+static inline route *
+route_at(const route_table *t, uint32_t ref)
+{
+    return &t->routes[ref - 1];
+}
+
+/* The slot holding key k (whose hash is h), or -1. */
+static Py_ssize_t
+table_find_slot(const route_table *t, const route_key *k, uint32_t h)
+{
+    if (t->len == 0) {
+        return -1;
+    }
+    size_t mask = t->cap - 1;
+    size_t i = h & mask;
+    for (size_t n = 0; n <= CLUSTER_MAX && n < t->cap; n++, i = (i + 1) & mask) {
+        const table_slot *s = &t->slots[i];
+        if (s->ref == 0) {
+            return -1;
+        }
+        if (s->hash == h && memcmp(route_at(t, s->ref)->key.b, k->b, sizeof k->b) == 0) {
+            return (Py_ssize_t)i;
+        }
+    }
+    return -1;
+}
+
+static inline const route *
+table_find(const route_table *t, const route_key *k, uint32_t h)
+{
+    Py_ssize_t i = table_find_slot(t, k, h);
+    return i < 0 ? NULL : route_at(t, t->slots[i].ref);
+}
+
+/* Put ref (hash h) into slots[cap]: the first empty slot from its home, provided the run of
+ * occupied slots it joins stays within CLUSTER_MAX. 0, or -1 when refused. */
+static int
+place(table_slot *slots, size_t cap, uint32_t h, uint32_t ref)
+{
+    size_t mask = cap - 1;
+    size_t p = h & mask, n = 0;
+    while (slots[p].ref != 0) {
+        if (++n >= CLUSTER_MAX) {
+            return -1;
+        }
+        p = (p + 1) & mask;
+    }
+    size_t run = 1; /* the run p would be part of: occupied slots before and after it */
+    for (size_t i = (p - 1) & mask; slots[i].ref != 0 && run <= CLUSTER_MAX; i = (i - 1) & mask) {
+        run++;
+    }
+    for (size_t i = (p + 1) & mask; slots[i].ref != 0 && run <= CLUSTER_MAX; i = (i + 1) & mask) {
+        run++;
+    }
+    if (run > CLUSTER_MAX) {
+        return -1;
+    }
+    slots[p].hash = h;
+    slots[p].ref = ref;
+    return 0;
+}
+
+static void
+link_add(route_table *t, uint32_t ref, int which, int fd)
+{
+    route *r = route_at(t, ref);
+    uint32_t first = t->head[which][fd];
+    r->link[which][0] = 0;
+    r->link[which][1] = first;
+    if (first != 0) {
+        route_at(t, first)->link[which][0] = ref;
+    }
+    t->head[which][fd] = ref;
+}
+
+static void
+link_del(route_table *t, uint32_t ref, int which, int fd)
+{
+    route *r = route_at(t, ref);
+    uint32_t prev = r->link[which][0], next = r->link[which][1];
+    if (prev != 0) {
+        route_at(t, prev)->link[which][1] = next;
+    } else {
+        t->head[which][fd] = next;
+    }
+    if (next != 0) {
+        route_at(t, next)->link[which][0] = prev;
+    }
+}
+
+static void
+route_unlink(route_table *t, uint32_t ref)
+{
+    route *r = route_at(t, ref);
+    link_del(t, ref, OUT, r->out_fd);
+    if (r->in_fd >= 0) {
+        link_del(t, ref, IN, r->in_fd);
+    }
+}
+
+static void
+route_link(route_table *t, uint32_t ref)
+{
+    route *r = route_at(t, ref);
+    link_add(t, ref, OUT, r->out_fd);
+    if (r->in_fd >= 0) {
+        link_add(t, ref, IN, r->in_fd);
+    }
+}
+
+static void
+route_free(route_table *t, uint32_t ref)
+{
+    route *r = route_at(t, ref);
+    r->used = 0;
+    r->link[OUT][1] = t->free_ref;
+    t->free_ref = ref;
+    t->routes_used--;
+}
+
+/* A fresh route (unlinked, zeroed), or 0 when out of memory. */
+static uint32_t
+route_new(route_table *t)
+{
+    uint32_t ref = t->free_ref;
+    if (ref != 0) {
+        t->free_ref = route_at(t, ref)->link[OUT][1];
+    } else {
+        if (t->routes_used == t->routes_cap) {
+            size_t cap = t->routes_cap ? t->routes_cap * 2 : 64;
+            if (cap > UINT32_MAX - 1) {
+                return 0;
+            }
+            route *routes = PyMem_Realloc(t->routes, cap * sizeof(route));
+            if (routes == NULL) {
+                return 0;
+            }
+            t->routes = routes;
+            t->routes_cap = cap;
+        }
+        ref = (uint32_t)t->routes_used + 1; /* no free one: every index below is in use */
+    }
+    memset(route_at(t, ref), 0, sizeof(route));
+    t->routes_used++;
+    return ref;
+}
+
+/* Remove the route in slot i: unlink and free it, then shift the run after it back. No run
+ * is longer than CLUSTER_MAX, so neither is this loop. */
+static void
+table_remove_at(route_table *t, size_t i)
+{
+    uint32_t ref = t->slots[i].ref;
+    route_unlink(t, ref);
+    route_free(t, ref);
+    size_t mask = t->cap - 1;
+    for (size_t j = (i + 1) & mask, n = 0; t->slots[j].ref != 0 && n < t->cap;
+         j = (j + 1) & mask, n++) {
+        size_t home = t->slots[j].hash & mask;
+        /* move j back to the hole at i unless its home lies cyclically in (i, j] */
+        int stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            t->slots[i] = t->slots[j];
+            i = j;
+        }
+    }
+    t->slots[i].ref = 0;
+    t->len--;
+}
+
+/* Double the slots (rehashing by the stored hashes). A route that no longer fits within
+ * CLUSTER_MAX (possible, never likely, with a keyed hash) is dropped and counted refused. */
+static int
+table_grow(route_table *t)
+{
+    size_t cap = t->cap ? t->cap * 2 : 64;
+    table_slot *slots = PyMem_Calloc(cap, sizeof(table_slot));
+    if (slots == NULL) {
+        return -1;
+    }
+    for (size_t i = 0; i < t->cap; i++) {
+        table_slot s = t->slots[i];
+        if (s.ref != 0 && place(slots, cap, s.hash, s.ref) < 0) {
+            route_unlink(t, s.ref);
+            route_free(t, s.ref);
+            t->len--;
+            t->refused++;
+        }
+    }
+    PyMem_Free(t->slots);
+    t->slots = slots;
+    t->cap = cap;
+    return 0;
+}
+
+static int
+fd_heads_fit(route_table *t, int fd)
+{
+    if ((size_t)fd < t->fd_cap) {
+        return 0;
+    }
+    size_t cap = t->fd_cap ? t->fd_cap : 1024;
+    while (cap <= (size_t)fd) {
+        cap *= 2;
+    }
+    for (int w = 0; w < 2; w++) {
+        uint32_t *heads = PyMem_Realloc(t->head[w], cap * sizeof(uint32_t));
+        if (heads == NULL) {
+            return -1;
+        }
+        memset(heads + t->fd_cap, 0, (cap - t->fd_cap) * sizeof(uint32_t));
+        t->head[w] = heads;
+    }
+    t->fd_cap = cap;
+    return 0;
+}
+
+/* Set the route for k: 1 set, 0 refused (no room within CLUSTER_MAX; nothing is left for
+ * k), -1 out of memory. out_fd and in_fd (or -1) are below FD_LIMIT. */
+static int
+table_set_route(route_table *t, const route_key *k, int out_fd, int in_fd,
+                const struct sockaddr_storage *dst, socklen_t dlen, unsigned int channel)
+{
+    if (fd_heads_fit(t, out_fd > in_fd ? out_fd : in_fd) < 0) {
+        return -1;
+    }
+    uint32_t h = hash_key(k);
+    Py_ssize_t at = table_find_slot(t, k, h);
+    uint32_t ref;
+    if (at >= 0) {
+        ref = t->slots[at].ref;
+        route_unlink(t, ref);
+    } else {
+        if ((t->len + 1) * 2 > t->cap && table_grow(t) < 0) {
+            return -1;
+        }
+        ref = route_new(t);
+        if (ref == 0) {
+            return -1;
+        }
+        if (place(t->slots, t->cap, h, ref) < 0) {
+            route_free(t, ref);
+            t->refused++;
+            return 0;
+        }
+        t->len++;
+        route *r = route_at(t, ref);
+        r->key = *k;
+        r->hash = h;
+        r->used = 1;
+    }
+    route *r = route_at(t, ref);
+    r->out_fd = out_fd;
+    r->in_fd = in_fd;
+    r->channel = (unsigned short)channel;
+    memset(&r->dst, 0, sizeof r->dst);
+    memcpy(&r->dst, dst, dlen);
+    r->dlen = dlen;
+    route_link(t, ref);
+    return 1;
+}
+
+static void
+table_remove(route_table *t, const route_key *k)
+{
+    Py_ssize_t at = table_find_slot(t, k, hash_key(k));
+    if (at >= 0) {
+        table_remove_at(t, (size_t)at);
+    }
+}
+
+/* Remove every route leaving through fd or arriving on it: a walk of its lists, each removal
+ * a bounded probe and shift, so O(its routes) whatever the table's size. */
+static size_t
+table_remove_fd(route_table *t, int fd)
+{
+    size_t removed = 0;
+    if (fd < 0 || (size_t)fd >= t->fd_cap) {
+        return 0;
+    }
+    for (int w = 0; w < 2; w++) {
+        uint32_t ref;
+        while ((ref = t->head[w][fd]) != 0) {
+            const route *r = route_at(t, ref);
+            Py_ssize_t at = table_find_slot(t, &r->key, r->hash);
+            if (at < 0) { /* cannot be: every linked route is in the table */
+                route_unlink(t, ref);
+                continue;
+            }
+            table_remove_at(t, (size_t)at);
+            removed++;
+        }
+    }
+    return removed;
+}
+
+static void
+table_clear(route_table *t)
+{
+    PyMem_Free(t->slots);
+    PyMem_Free(t->routes);
+    PyMem_Free(t->head[OUT]);
+    PyMem_Free(t->head[IN]);
+    unsigned long long refused = t->refused;
+    memset(t, 0, sizeof *t);
+    t->refused = refused;
+}
 
 static int
 key_of(route_key *k, const struct sockaddr_storage *ss, unsigned int number)
@@ -74,140 +465,6 @@ key_of(route_key *k, const struct sockaddr_storage *ss, unsigned int number)
     return 0;
 }
 
-static uint32_t
-hash_key(const route_key *k)
-{
-    uint64_t w[3];
-    memcpy(w, k->b, sizeof w);
-    uint64_t h = w[0] * 0x9E3779B97F4A7C15ull ^ w[1] * 0xC2B2AE3D27D4EB4Full ^
-                 w[2] * 0x165667B19E3779F9ull;
-    h ^= h >> 32;
-    h *= 0xD6E8FEB86659FD93ull;
-    return (uint32_t)(h ^ (h >> 32));
-}
-
-static route *
-table_find(const route_table *t, const route_key *k, uint32_t h)
-{
-    if (t->len == 0) {
-        return NULL;
-    }
-    size_t mask = t->cap - 1;
-    for (size_t i = h & mask;; i = (i + 1) & mask) {
-        route *r = &t->slots[i];
-        if (!r->used) {
-            return NULL;
-        }
-        if (r->hash == h && memcmp(r->key.b, k->b, sizeof k->b) == 0) {
-            return r;
-        }
-    }
-}
-
-static int
-table_grow(route_table *t)
-{
-    size_t cap = t->cap ? t->cap * 2 : 64;
-    route *slots = PyMem_Calloc(cap, sizeof(route));
-    if (slots == NULL) {
-        return -1;
-    }
-    for (size_t i = 0; i < t->cap; i++) {
-        if (t->slots[i].used) {
-            size_t j = t->slots[i].hash & (cap - 1);
-            while (slots[j].used) {
-                j = (j + 1) & (cap - 1);
-            }
-            slots[j] = t->slots[i];
-        }
-    }
-    PyMem_Free(t->slots);
-    t->slots = slots;
-    t->cap = cap;
-    return 0;
-}
-
-/* The entry for k, added (unused fields zero) if it was not there; NULL: out of memory. */
-static route *
-table_put(route_table *t, const route_key *k)
-{
-    uint32_t h = hash_key(k);
-    route *r = table_find(t, k, h);
-    if (r != NULL) {
-        return r;
-    }
-    if ((t->len + 1) * 2 > t->cap && table_grow(t) < 0) {
-        return NULL;
-    }
-    size_t mask = t->cap - 1, i = h & mask;
-    while (t->slots[i].used) {
-        i = (i + 1) & mask;
-    }
-    r = &t->slots[i];
-    memset(r, 0, sizeof *r);
-    r->key = *k;
-    r->hash = h;
-    r->used = 1;
-    r->fd = -1;
-    t->len++;
-    return r;
-}
-
-static void
-table_remove_at(route_table *t, size_t i)
-{
-    size_t mask = t->cap - 1;
-    for (size_t j = (i + 1) & mask; t->slots[j].used; j = (j + 1) & mask) {
-        size_t home = t->slots[j].hash & mask;
-        /* move j back to the hole at i unless its home lies cyclically in (i, j] */
-        int stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
-        if (!stays) {
-            t->slots[i] = t->slots[j];
-            i = j;
-        }
-    }
-    t->slots[i].used = 0;
-    t->len--;
-}
-
-/* The fd of the removed entry, or -1 if there was none. */
-static int
-table_remove(route_table *t, const route_key *k)
-{
-    route *r = table_find(t, k, hash_key(k));
-    if (r == NULL) {
-        return -1;
-    }
-    int fd = r->fd;
-    table_remove_at(t, (size_t)(r - t->slots));
-    return fd;
-}
-
-/* Remove every entry through fd; returns how many. */
-static size_t
-table_remove_fd(route_table *t, int fd)
-{
-    size_t removed = 0;
-    size_t i = 0;
-    while (i < t->cap) {
-        if (t->slots[i].used && t->slots[i].fd == fd) {
-            table_remove_at(t, i); /* may shift a later entry into i: look at i again */
-            removed++;
-        } else {
-            i++;
-        }
-    }
-    return removed;
-}
-
-static void
-table_clear(route_table *t)
-{
-    PyMem_Free(t->slots);
-    t->slots = NULL;
-    t->cap = t->len = 0;
-}
-
 static int parse_addr(PyObject *addr, struct sockaddr_storage *ss, socklen_t *len);
 
 typedef struct {
@@ -219,12 +476,15 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Py_ssize_t count, slot, headroom;
-    char *buf; /* the bytes of `buffer` */
+    char *buf;         /* the bytes of `buffer`, exported to us for our whole life ... */
+    Py_buffer export;  /* ... so that nothing can resize or free them under us */
+    int exported;
     struct mmsghdr *msgs;
     struct iovec *iov;
     struct sockaddr_storage *names;
-    PyObject *addrs; /* list[tuple[str, int]] of length count */
-    PyObject *lens;  /* list[int] of length count */
+    PyObject *addrs; /* list[tuple[str, int]] of length count (checked: Python can resize it) */
+    PyObject *lens;  /* list[int] of length count (likewise) */
+    char *control;   /* per slot: room for the SO_RXQ_OVFL control message */
     PyObject *views; /* list[memoryview]: slot i from its headroom to its end */
     PyObject *slots; /* list[memoryview]: slot i, headroom included */
     PyObject *buffer; /* bytearray holding every slot */
@@ -232,13 +492,16 @@ typedef struct {
     /* the route mirror: (client, channel) -> allocation socket and peer; (allocation port,
      * peer) -> listen socket, client and channel */
     route_table to_peer, to_client;
-    int *fd_refs; /* fd -> how many routes leave through it (so drop_fd rarely scans) */
-    size_t fd_cap;
+    /* kernel receive-queue drops: the last SO_RXQ_OVFL count seen per fd, and their sum */
+    uint32_t *ovfl;
+    size_t ovfl_cap;
+    unsigned long long kernel_drops;
+    struct gso_limit *gso_limits; /* per destination: the smallest GSO segment it refused */
     /* the relayed batch being sent */
     struct mmsghdr *out_msgs;
     struct iovec *out_iov;
     int *out_fd;
-    unsigned long long send_drops, send_errors, datagrams_in, gso_sends;
+    unsigned long long send_drops, send_errors, datagrams_in, gso_sends, gso_refused;
     int gso; /* send runs to one destination with UDP GSO (off once the kernel refuses) */
 } Receiver;
 
@@ -300,12 +563,11 @@ cached_addr(cache_entry *cache, const struct sockaddr_storage *ss)
     return addr;
 }
 
+/* A socket's (or an int's) fd; -1 with an exception set when it has none (closed: ValueError,
+ * out of an int's range: OverflowError, not a socket: TypeError). */
 static int
 fd_of(PyObject *obj)
 {
-    if (PyLong_CheckExact(obj)) {
-        return (int)PyLong_AsLong(obj);
-    }
     return PyObject_AsFileDescriptor(obj);
 }
 
@@ -316,6 +578,9 @@ Receiver_dealloc(Receiver *self)
     Py_XDECREF(self->lens);
     Py_XDECREF(self->views);
     Py_XDECREF(self->slots);
+    if (self->exported) {
+        PyBuffer_Release(&self->export);
+    }
     Py_XDECREF(self->buffer);
     if (self->cache != NULL) {
         for (int i = 0; i < CACHE_SLOTS; i++) {
@@ -328,7 +593,9 @@ Receiver_dealloc(Receiver *self)
     PyMem_Free(self->names);
     table_clear(&self->to_peer);
     table_clear(&self->to_client);
-    PyMem_Free(self->fd_refs);
+    PyMem_Free(self->ovfl);
+    PyMem_Free(self->gso_limits);
+    PyMem_Free(self->control);
     PyMem_Free(self->out_msgs);
     PyMem_Free(self->out_iov);
     PyMem_Free(self->out_fd);
@@ -337,20 +604,58 @@ Receiver_dealloc(Receiver *self)
 
 static PyObject *Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds);
 
-/* recvmmsg into the slots: n >= 0, -1 when nothing is ready, -2 with an exception set. */
+#define CONTROL_BYTES 32 /* >= CMSG_SPACE(sizeof(uint32_t)) */
+
+/* The kernel's count of datagrams it dropped on fd's full receive queue rose to `now`: add the
+ * rise to kernel_drops. The count is per socket and only goes up; one lower than the last seen
+ * is a new socket on a reused fd number (drop_fd forgets the old one's too). */
+static void
+count_kernel_drops(Receiver *self, int fd, uint32_t now)
+{
+    if (fd >= FD_LIMIT) {
+        return;
+    }
+    if ((size_t)fd >= self->ovfl_cap) {
+        size_t cap = self->ovfl_cap ? self->ovfl_cap : 1024;
+        while (cap <= (size_t)fd) {
+            cap *= 2;
+        }
+        uint32_t *seen = PyMem_Realloc(self->ovfl, cap * sizeof(uint32_t));
+        if (seen == NULL) {
+            return; /* uncounted, never an error on the data path */
+        }
+        memset(seen + self->ovfl_cap, 0, (cap - self->ovfl_cap) * sizeof(uint32_t));
+        self->ovfl = seen;
+        self->ovfl_cap = cap;
+    }
+    uint32_t last = self->ovfl[fd];
+    self->kernel_drops += now >= last ? now - last : now;
+    self->ovfl[fd] = now;
+}
+
+/* recvmmsg into the slots: n >= 0, -1 when nothing is ready, -2 with an exception set. The
+ * socket's fd goes to *fdp. */
 static int
-receive(Receiver *self, PyObject *sock)
+receive(Receiver *self, PyObject *sock, int *fdp)
 {
     int fd = fd_of(sock);
     if (fd < 0) { /* a closed socket: the same error recvfrom_into would raise */
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_OSError)) {
+            return -2; /* not a socket at all (TypeError ...): say so */
+        }
         PyErr_Clear();
         errno = EBADF;
         PyErr_SetFromErrno(PyExc_OSError);
         return -2;
     }
+    *fdp = fd;
     for (Py_ssize_t i = 0; i < self->count; i++) {
-        self->msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_storage);
-        self->msgs[i].msg_hdr.msg_flags = 0;
+        struct msghdr *h = &self->msgs[i].msg_hdr;
+        h->msg_namelen = sizeof(struct sockaddr_storage);
+        h->msg_flags = 0;
+        h->msg_controllen = CONTROL_BYTES;
+        self->names[i].ss_family = AF_UNSPEC; /* a socket without addresses leaves none */
     }
     int n = recvmmsg(fd, self->msgs, (unsigned int)self->count, MSG_DONTWAIT, NULL);
     if (n < 0) {
@@ -360,13 +665,29 @@ receive(Receiver *self, PyObject *sock)
         PyErr_SetFromErrno(PyExc_OSError);
         return -2;
     }
+    if (n > 0) { /* the count travels with each datagram; the last one's is the newest */
+        struct msghdr *h = &self->msgs[n - 1].msg_hdr;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SO_RXQ_OVFL &&
+                c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+                uint32_t dropped;
+                memcpy(&dropped, CMSG_DATA(c), sizeof dropped);
+                count_kernel_drops(self, fd, dropped);
+            }
+        }
+    }
     return n;
 }
 
-/* Fill addrs and lens for datagrams [from, n). */
+/* Fill addrs and lens for datagrams [from, n). Python code can resize both lists (they are
+ * handed out as they are, for speed): check. */
 static int
 publish(Receiver *self, int from, int n)
 {
+    if (PyList_GET_SIZE(self->addrs) != self->count || PyList_GET_SIZE(self->lens) != self->count) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver.addrs or .lens was resized");
+        return -1;
+    }
     for (int i = from; i < n; i++) {
         PyObject *addr = cached_addr(self->cache, &self->names[i]);
         if (addr == NULL) {
@@ -389,7 +710,8 @@ publish(Receiver *self, int from, int n)
 static PyObject *
 Receiver_recv(Receiver *self, PyObject *sock)
 {
-    int n = receive(self, sock);
+    int fd;
+    int n = receive(self, sock, &fd);
     if (n == -2 || (n > 0 && publish(self, 0, n) < 0)) {
         return NULL;
     }
@@ -411,13 +733,63 @@ Receiver_recv(Receiver *self, PyObject *sock)
 #define GSO_BYTES 65000
 #define GSO_MAX_SEGMENT 1452
 
+/* What a path takes: a GSO segment must fit the route's MTU (the kernel cannot fragment one),
+ * and a send of a larger one fails (EMSGSIZE, or EINVAL from the UDP layer) on every attempt.
+ * So the first failure is remembered for that destination, in a small keyed direct-mapped
+ * cache: from then on segments of that size or more to it leave as plain datagrams (which the
+ * kernel fragments where the path needs it, as it would without GSO); other sizes and other
+ * destinations keep GSO. An evicted entry costs one more failed send, never a loop. */
+#define GSO_LIMITS 1024 /* a power of two */
+
+struct gso_limit {
+    struct sockaddr_in6 dst; /* a sockaddr_in in its first bytes for v4 */
+    socklen_t dlen;          /* 0: empty */
+    size_t refused;          /* the smallest segment refused */
+};
+
+static struct gso_limit *
+gso_limit_of(Receiver *self, const struct msghdr *m)
+{
+    socklen_t len = m->msg_namelen > sizeof(struct sockaddr_in6) ? sizeof(struct sockaddr_in6)
+                                                                 : m->msg_namelen;
+    return &self->gso_limits[siphash13(m->msg_name, len) & (GSO_LIMITS - 1)];
+}
+
+/* The smallest segment size that destination refused, or SIZE_MAX. */
+static size_t
+gso_refused_size(Receiver *self, const struct msghdr *m)
+{
+    const struct gso_limit *e = gso_limit_of(self, m);
+    if (e->dlen != 0 && e->dlen == m->msg_namelen && memcmp(&e->dst, m->msg_name, e->dlen) == 0) {
+        return e->refused;
+    }
+    return SIZE_MAX;
+}
+
+static void
+gso_refuse(Receiver *self, const struct msghdr *m, size_t size)
+{
+    struct gso_limit *e = gso_limit_of(self, m);
+    socklen_t len = m->msg_namelen > sizeof e->dst ? sizeof e->dst : m->msg_namelen;
+    if (e->dlen == len && memcmp(&e->dst, m->msg_name, len) == 0) {
+        if (size < e->refused) {
+            e->refused = size;
+        }
+        return;
+    }
+    memset(&e->dst, 0, sizeof e->dst);
+    memcpy(&e->dst, m->msg_name, len);
+    e->dlen = len;
+    e->refused = size;
+}
+
 /* How many of out_msgs[from, to) from `from` on go to the same place with the same size. */
 static int
 gso_run(Receiver *self, int from, int to)
 {
     const struct msghdr *first = &self->out_msgs[from].msg_hdr;
     size_t size = first->msg_iov->iov_len;
-    if (size == 0 || size > GSO_MAX_SEGMENT) {
+    if (size == 0 || size > GSO_MAX_SEGMENT || from + 1 >= to) {
         return 1;
     }
     int count = 1;
@@ -431,6 +803,9 @@ gso_run(Receiver *self, int from, int to)
         }
         count++;
         total += size;
+    }
+    if (count >= 2 && size >= gso_refused_size(self, first)) {
+        return 1; /* this path refused segments this big: never again */
     }
     return count;
 }
@@ -475,6 +850,9 @@ send_gso(Receiver *self, int fd, int from, int count)
         }
         if (errno == EIO || errno == ENOPROTOOPT || errno == EOPNOTSUPP) {
             self->gso = 0; /* no GSO here: never try again */
+        } else if (errno == EMSGSIZE || errno == EINVAL) {
+            gso_refuse(self, first, first->msg_iov->iov_len); /* too big for this path */
+            self->gso_refused++;
         }
         return -1;
     }
@@ -543,7 +921,7 @@ queue_out(Receiver *self, int at, const route *r, char *data, size_t len)
     self->out_iov[at].iov_len = len;
     self->out_msgs[at].msg_hdr.msg_name = (void *)&r->dst;
     self->out_msgs[at].msg_hdr.msg_namelen = r->dlen;
-    self->out_fd[at] = r->fd;
+    self->out_fd[at] = r->out_fd;
 }
 
 static PyObject *str_packets, *str_bytes, *str_buckets;
@@ -576,8 +954,10 @@ add_item(PyObject *list, Py_ssize_t i, long long v)
         PyErr_SetString(PyExc_TypeError, "expected a list of counters");
         return -1;
     }
+    PyObject *item = Py_NewRef(PyList_GET_ITEM(list, i)); /* __add__ may change the list */
     PyObject *inc = PyLong_FromLongLong(v);
-    PyObject *sum = inc == NULL ? NULL : PyNumber_Add(PyList_GET_ITEM(list, i), inc);
+    PyObject *sum = inc == NULL ? NULL : PyNumber_Add(item, inc);
+    Py_DECREF(item);
     Py_XDECREF(inc);
     if (sum == NULL) {
         return -1;
@@ -649,7 +1029,8 @@ finish_batch(Receiver *self, PyObject *stats, int n, int k, unsigned long long b
 static int
 relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, int *kp)
 {
-    int n = receive(self, sock);
+    int fd = -1;
+    int n = receive(self, sock, &fd);
     if (n == -2) {
         return -1;
     }
@@ -670,7 +1051,7 @@ relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, in
                 break;
             }
             const route *r = table_find(&self->to_peer, &key, hash_key(&key));
-            if (r == NULL) {
+            if (r == NULL || (r->in_fd >= 0 && r->in_fd != fd)) {
                 break;
             }
             queue_out(self, k, r, (char *)d + 4, length);
@@ -707,7 +1088,12 @@ relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats, in
         PyErr_SetString(PyExc_ValueError, "relay_peers needs 4 bytes of headroom");
         return -1;
     }
-    int n = receive(self, sock);
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "relay_peers: port out of range");
+        return -1;
+    }
+    int fd = -1;
+    int n = receive(self, sock, &fd);
     if (n == -2) {
         return -1;
     }
@@ -721,10 +1107,10 @@ relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats, in
                 break;
             }
             const route *r = table_find(&self->to_client, &key, hash_key(&key));
-            if (r == NULL) {
+            size_t length = self->msgs[k].msg_len;
+            if (r == NULL || (r->in_fd >= 0 && r->in_fd != fd) || length > 0xFFFF) {
                 break;
             }
-            size_t length = self->msgs[k].msg_len;
             unsigned char *h = (unsigned char *)self->buf + k * self->slot + self->headroom - 4;
             h[0] = (unsigned char)(r->channel >> 8);
             h[1] = (unsigned char)r->channel;
@@ -845,28 +1231,11 @@ Receiver_drain_peers(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* -- keeping the mirror ---------------------------------------------------------------------- */
 
+/* An fd a route may record: open, and below FD_LIMIT (so per-fd arrays stay bounded). */
 static int
-fd_ref(Receiver *self, int fd, int delta)
+usable_fd(int fd)
 {
-    if (fd < 0) {
-        return 0;
-    }
-    if ((size_t)fd >= self->fd_cap) {
-        size_t cap = self->fd_cap ? self->fd_cap : 1024;
-        while (cap <= (size_t)fd) {
-            cap *= 2;
-        }
-        int *refs = PyMem_Realloc(self->fd_refs, cap * sizeof(int));
-        if (refs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        memset(refs + self->fd_cap, 0, (cap - self->fd_cap) * sizeof(int));
-        self->fd_refs = refs;
-        self->fd_cap = cap;
-    }
-    self->fd_refs[fd] += delta;
-    return 0;
+    return fd >= 0 && fd < FD_LIMIT && fcntl(fd, F_GETFD) != -1;
 }
 
 /* Parse an (host, port) address into a key with number; 1: not an address, -1: exception. */
@@ -881,17 +1250,12 @@ key_of_addr(PyObject *addr, unsigned int number, route_key *key,
     return key_of(key, ss, number) < 0 ? 1 : 0;
 }
 
-static int
-table_drop(Receiver *self, route_table *t, const route_key *key)
-{
-    int fd = table_remove(t, key);
-    return fd >= 0 ? fd_ref(self, fd, -1) : 0;
-}
-
-/* Set or replace the entry for key: leaves through fd to dst (a parsed address). */
+/* Set or replace the entry for key: leaves through out_fd to dst, arrives on in_fd (-1: any).
+ * False (and no entry for key) when it cannot be mirrored: a bad address or fd, or no room
+ * within the probe bound; those datagrams go to the core. */
 static PyObject *
-table_set(Receiver *self, route_table *t, const route_key *key, int fd, PyObject *dst,
-          unsigned int channel)
+mirror_set(route_table *t, const route_key *key, int out_fd, int in_fd, PyObject *dst,
+           unsigned int channel)
 {
     struct sockaddr_storage ss;
     socklen_t len = 0;
@@ -899,28 +1263,16 @@ table_set(Receiver *self, route_table *t, const route_key *key, int fd, PyObject
     if (bad < 0) {
         return NULL;
     }
-    if (bad > 0 || fd < 0 || len > sizeof(struct sockaddr_in6)) { /* cannot send there */
-        if (table_drop(self, t, key) < 0) {
-            return NULL;
-        }
+    if (bad > 0 || !usable_fd(out_fd) || (in_fd != -1 && !usable_fd(in_fd)) ||
+        len > sizeof(struct sockaddr_in6)) {
+        table_remove(t, key);
         Py_RETURN_FALSE;
     }
-    if (fd_ref(self, fd, 1) < 0) {
-        return NULL;
-    }
-    route *r = table_put(t, key);
-    if (r == NULL) {
-        fd_ref(self, fd, -1);
+    int rc = table_set_route(t, key, out_fd, in_fd, &ss, len, channel);
+    if (rc < 0) {
         return PyErr_NoMemory();
     }
-    if (r->fd >= 0 && fd_ref(self, r->fd, -1) < 0) {
-        return NULL;
-    }
-    r->fd = fd;
-    r->channel = (unsigned short)channel;
-    memcpy(&r->dst, &ss, len);
-    r->dlen = len;
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(rc);
 }
 
 static PyObject *
@@ -928,8 +1280,8 @@ Receiver_set_to_peer(Receiver *self, PyObject *args)
 {
     PyObject *client, *peer;
     unsigned int channel;
-    int fd;
-    if (!PyArg_ParseTuple(args, "OIiO", &client, &channel, &fd, &peer)) {
+    int fd, in_fd = -1;
+    if (!PyArg_ParseTuple(args, "OIiO|i", &client, &channel, &fd, &peer, &in_fd)) {
         return NULL;
     }
     route_key key;
@@ -942,7 +1294,7 @@ Receiver_set_to_peer(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return table_set(self, &self->to_peer, &key, fd, peer, 0);
+    return mirror_set(&self->to_peer, &key, fd, in_fd, peer, 0);
 }
 
 static PyObject *
@@ -950,8 +1302,8 @@ Receiver_set_to_client(Receiver *self, PyObject *args)
 {
     PyObject *peer, *client;
     unsigned int port, channel;
-    int fd;
-    if (!PyArg_ParseTuple(args, "IOiOI", &port, &peer, &fd, &client, &channel)) {
+    int fd, in_fd = -1;
+    if (!PyArg_ParseTuple(args, "IOiOI|i", &port, &peer, &fd, &client, &channel, &in_fd)) {
         return NULL;
     }
     route_key key;
@@ -964,11 +1316,11 @@ Receiver_set_to_client(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return table_set(self, &self->to_client, &key, fd, client, channel & 0xFFFF);
+    return mirror_set(&self->to_client, &key, fd, in_fd, client, channel & 0xFFFF);
 }
 
 static PyObject *
-drop_entry(Receiver *self, route_table *t, PyObject *addr, unsigned int number)
+drop_entry(route_table *t, PyObject *addr, unsigned int number)
 {
     route_key key;
     struct sockaddr_storage ss;
@@ -977,8 +1329,8 @@ drop_entry(Receiver *self, route_table *t, PyObject *addr, unsigned int number)
     if (bad < 0) {
         return NULL;
     }
-    if (bad == 0 && table_drop(self, t, &key) < 0) {
-        return NULL;
+    if (bad == 0) {
+        table_remove(t, &key);
     }
     Py_RETURN_NONE;
 }
@@ -991,7 +1343,7 @@ Receiver_drop_to_peer(Receiver *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OI", &client, &channel)) {
         return NULL;
     }
-    return drop_entry(self, &self->to_peer, client, channel);
+    return drop_entry(&self->to_peer, client, channel);
 }
 
 static PyObject *
@@ -1002,32 +1354,39 @@ Receiver_drop_to_client(Receiver *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "IO", &port, &peer)) {
         return NULL;
     }
-    return drop_entry(self, &self->to_client, peer, port);
+    return drop_entry(&self->to_client, peer, port);
 }
 
+/* drop_fd(fd): the socket is about to be closed; every route recorded with it goes, and its
+ * kernel-drop count is forgotten (the next socket on that number starts from zero). */
 static PyObject *
 Receiver_drop_fd(Receiver *self, PyObject *arg)
 {
-    int fd = (int)PyLong_AsLong(arg);
+    if (!PyLong_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "drop_fd(fd): fd must be an int");
+        return NULL;
+    }
+    int overflow;
+    long fd = PyLong_AsLongAndOverflow(arg, &overflow);
     if (fd == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    size_t removed = 0;
-    if (fd >= 0 && (size_t)fd < self->fd_cap && self->fd_refs[fd] > 0) {
-        removed = table_remove_fd(&self->to_peer, fd) + table_remove_fd(&self->to_client, fd);
-        self->fd_refs[fd] = 0;
+    if (overflow || fd < 0 || fd >= FD_LIMIT) {
+        return PyLong_FromLong(0); /* no route can have recorded it */
+    }
+    size_t removed =
+        table_remove_fd(&self->to_peer, (int)fd) + table_remove_fd(&self->to_client, (int)fd);
+    if ((size_t)fd < self->ovfl_cap) {
+        self->ovfl[fd] = 0;
     }
     return PyLong_FromSize_t(removed);
 }
 
 static PyObject *
-Receiver_clear_routes(Receiver *self, PyObject *unused)
+Receiver_clear_routes(Receiver *self, PyObject *Py_UNUSED(unused))
 {
     table_clear(&self->to_peer);
     table_clear(&self->to_client);
-    if (self->fd_refs != NULL) {
-        memset(self->fd_refs, 0, self->fd_cap * sizeof(int));
-    }
     Py_RETURN_NONE;
 }
 
@@ -1057,11 +1416,14 @@ route_tuple(const route *r, int to_peer)
 {
     unsigned int number = (unsigned int)r->key.b[19] << 8 | r->key.b[20];
     PyObject *from = key_addr(&r->key);
-    PyObject *to = make_addr((const struct sockaddr_storage *)&r->dst);
+    struct sockaddr_storage dst;
+    memset(&dst, 0, sizeof dst);
+    memcpy(&dst, &r->dst, r->dlen);
+    PyObject *to = make_addr(&dst);
     PyObject *t = NULL;
     if (from != NULL && to != NULL) {
-        t = to_peer ? Py_BuildValue("(sOIiO)", "to_peer", from, number, r->fd, to)
-                    : Py_BuildValue("(sIOiOI)", "to_client", number, from, r->fd, to,
+        t = to_peer ? Py_BuildValue("(sOIiO)", "to_peer", from, number, r->out_fd, to)
+                    : Py_BuildValue("(sIOiOI)", "to_client", number, from, r->out_fd, to,
                                     (unsigned int)r->channel);
     }
     Py_XDECREF(from);
@@ -1070,7 +1432,7 @@ route_tuple(const route *r, int to_peer)
 }
 
 static PyObject *
-Receiver_debug_routes(Receiver *self, PyObject *unused)
+Receiver_debug_routes(Receiver *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *list = PyList_New(0);
     if (list == NULL) {
@@ -1079,10 +1441,10 @@ Receiver_debug_routes(Receiver *self, PyObject *unused)
     for (int which = 0; which < 2; which++) {
         const route_table *t = which == 0 ? &self->to_peer : &self->to_client;
         for (size_t i = 0; i < t->cap; i++) {
-            if (!t->slots[i].used) {
+            if (t->slots[i].ref == 0) {
                 continue;
             }
-            PyObject *item = route_tuple(&t->slots[i], which == 0);
+            PyObject *item = route_tuple(route_at(t, t->slots[i].ref), which == 0);
             if (item == NULL || PyList_Append(list, item) < 0) {
                 Py_XDECREF(item);
                 Py_DECREF(list);
@@ -1121,38 +1483,40 @@ static PyMethodDef Receiver_methods[] = {
      "drain_peers(stats, handoff, sock, port): an allocation socket's reader\n"
      "callback; the rest of a batch goes on with handoff(sock, port, n, k)."},
     {"set_to_peer", (PyCFunction)Receiver_set_to_peer, METH_VARARGS,
-     "set_to_peer(client, channel, fd, peer) -> installed: ChannelData from client on channel\n"
-     "goes to peer through fd."},
+     "set_to_peer(client, channel, fd, peer[, in_fd]) -> installed: ChannelData from client\n"
+     "on channel (read from in_fd, if given) goes to peer through fd. False: not mirrored."},
     {"set_to_client", (PyCFunction)Receiver_set_to_client, METH_VARARGS,
-     "set_to_client(port, peer, fd, client, channel) -> installed: what peer sends to the\n"
-     "allocation port goes to client through fd as ChannelData on channel."},
+     "set_to_client(port, peer, fd, client, channel[, in_fd]) -> installed: what peer sends\n"
+     "to the allocation port (its socket: in_fd, if given) goes to client through fd as\n"
+     "ChannelData on channel. False: not mirrored (bad address or fd, or refused)."},
     {"drop_to_peer", (PyCFunction)Receiver_drop_to_peer, METH_VARARGS,
      "drop_to_peer(client, channel)"},
     {"drop_to_client", (PyCFunction)Receiver_drop_to_client, METH_VARARGS,
      "drop_to_client(port, peer)"},
     {"drop_fd", (PyCFunction)Receiver_drop_fd, METH_O,
-     "drop_fd(fd) -> n: remove every route leaving through fd (it is being closed)."},
+     "drop_fd(fd) -> n: remove every route recorded with fd, leaving through it or arriving\n"
+     "on it (it is about to be closed), in O(its routes)."},
     {"clear_routes", (PyCFunction)Receiver_clear_routes, METH_NOARGS, "clear_routes()"},
     {"debug_routes", (PyCFunction)Receiver_debug_routes, METH_NOARGS, DEBUG_ROUTES_DOC},
     {NULL}};
 
 static PyObject *
-Receiver_get_routes(Receiver *self, void *c)
+Receiver_get_routes(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_BuildValue("(nn)", (Py_ssize_t)self->to_peer.len, (Py_ssize_t)self->to_client.len);
 }
 static PyObject *
-Receiver_get_send_drops(Receiver *self, void *c)
+Receiver_get_send_drops(Receiver *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong(self->send_drops);
 }
 static PyObject *
-Receiver_get_gso(Receiver *self, void *c)
+Receiver_get_gso(Receiver *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(self->gso);
 }
 static int
-Receiver_set_gso(Receiver *self, PyObject *value, void *c)
+Receiver_set_gso(Receiver *self, PyObject *value, void *Py_UNUSED(c))
 {
     int on = value == NULL ? 0 : PyObject_IsTrue(value);
     if (on < 0) {
@@ -1162,43 +1526,75 @@ Receiver_set_gso(Receiver *self, PyObject *value, void *c)
     return 0;
 }
 static PyObject *
-Receiver_get_gso_sends(Receiver *self, void *c)
+Receiver_get_gso_sends(Receiver *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong(self->gso_sends);
 }
 static PyObject *
-Receiver_get_datagrams_in(Receiver *self, void *c)
+Receiver_get_datagrams_in(Receiver *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong(self->datagrams_in);
 }
 static PyObject *
-Receiver_get_send_errors(Receiver *self, void *c)
+Receiver_get_send_errors(Receiver *self, void *Py_UNUSED(c))
 {
     return PyLong_FromUnsignedLongLong(self->send_errors);
 }
+static PyObject *
+Receiver_get_refused(Receiver *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->to_peer.refused + self->to_client.refused);
+}
+static PyObject *
+Receiver_get_kernel_drops(Receiver *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->kernel_drops);
+}
+static PyObject *
+Receiver_get_gso_refused(Receiver *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->gso_refused);
+}
+/* The longest run of occupied slots in either table: what a lookup or a deletion can cost. */
+static PyObject *
+Receiver_get_longest_run(Receiver *self, void *Py_UNUSED(c))
+{
+    size_t longest = 0;
+    for (int which = 0; which < 2; which++) {
+        const route_table *t = which == 0 ? &self->to_peer : &self->to_client;
+        size_t run = 0;
+        for (size_t i = 0; i < 2 * t->cap; i++) { /* twice round: a run may wrap */
+            run = t->slots[i & (t->cap - 1)].ref != 0 ? run + 1 : 0;
+            if (run > longest) {
+                longest = run;
+            }
+        }
+    }
+    return PyLong_FromSize_t(longest > CLUSTER_MAX ? CLUSTER_MAX + 1 : longest);
+}
 
 static PyObject *
-Receiver_get_addrs(Receiver *self, void *c)
+Receiver_get_addrs(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->addrs);
 }
 static PyObject *
-Receiver_get_lens(Receiver *self, void *c)
+Receiver_get_lens(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->lens);
 }
 static PyObject *
-Receiver_get_views(Receiver *self, void *c)
+Receiver_get_views(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->views);
 }
 static PyObject *
-Receiver_get_slots(Receiver *self, void *c)
+Receiver_get_slots(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->slots);
 }
 static PyObject *
-Receiver_get_buffer(Receiver *self, void *c)
+Receiver_get_buffer(Receiver *self, void *Py_UNUSED(c))
 {
     return Py_NewRef(self->buffer);
 }
@@ -1217,6 +1613,15 @@ static PyGetSetDef Receiver_getset[] = {
     {"gso", (getter)Receiver_get_gso, (setter)Receiver_set_gso,
      "whether runs to one destination are sent with UDP GSO", NULL},
     {"gso_sends", (getter)Receiver_get_gso_sends, NULL, "GSO sends made", NULL},
+    {"gso_refused", (getter)Receiver_get_gso_refused, NULL,
+     "GSO sends a path refused as too big (never retried at that size to that destination)",
+     NULL},
+    {"refused", (getter)Receiver_get_refused, NULL,
+     "routes not mirrored: no room within the probe bound (they go through the core)", NULL},
+    {"longest_run", (getter)Receiver_get_longest_run, NULL,
+     "the longest run of occupied slots (bounds a probe or shift; a walk: tests only)", NULL},
+    {"kernel_drops", (getter)Receiver_get_kernel_drops, NULL,
+     "datagrams the kernel dropped on full receive queues (SO_RXQ_OVFL, where set)", NULL},
     {NULL}};
 
 static PyTypeObject ReceiverType = {
@@ -1250,7 +1655,8 @@ Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnn", kwlist, &count, &slot, &headroom)) {
         return NULL;
     }
-    if (count < 1 || count > MAX_BATCH || headroom < 0 || slot <= headroom) {
+    /* bounded so that count * slot cannot overflow and each slot's length fits an int */
+    if (count < 1 || count > MAX_BATCH || headroom < 0 || slot <= headroom || slot > MAX_SLOT) {
         PyErr_SetString(PyExc_ValueError, "bad Receiver geometry");
         return NULL;
     }
@@ -1269,6 +1675,8 @@ Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->out_msgs = PyMem_Calloc((size_t)count, sizeof(struct mmsghdr));
     self->out_iov = PyMem_Calloc((size_t)count, sizeof(struct iovec));
     self->out_fd = PyMem_Calloc((size_t)count, sizeof(int));
+    self->control = PyMem_Calloc((size_t)count, CONTROL_BYTES);
+    self->gso_limits = PyMem_Calloc(GSO_LIMITS, sizeof(struct gso_limit));
     self->gso = 1;
     self->addrs = PyList_New(count);
     self->lens = PyList_New(count);
@@ -1277,11 +1685,17 @@ Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self->buffer == NULL || self->slots == NULL || self->msgs == NULL || self->iov == NULL || self->names == NULL ||
         self->cache == NULL || self->out_msgs == NULL || self->out_iov == NULL ||
         self->out_fd == NULL || self->addrs == NULL || self->lens == NULL ||
-        self->views == NULL) {
+        self->views == NULL || self->control == NULL || self->gso_limits == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    self->buf = PyByteArray_AS_STRING(self->buffer);
+    /* held until dealloc: the bytearray cannot be resized (BufferError) while it is exported */
+    if (PyObject_GetBuffer(self->buffer, &self->export, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->exported = 1;
+    self->buf = self->export.buf;
     memset(self->buf, 0, (size_t)(count * slot));
     PyObject *whole = PyMemoryView_FromObject(self->buffer);
     if (whole == NULL) {
@@ -1299,6 +1713,8 @@ Receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->msgs[i].msg_hdr.msg_iov = &self->iov[i];
         self->msgs[i].msg_hdr.msg_iovlen = 1;
         self->msgs[i].msg_hdr.msg_name = &self->names[i];
+        self->msgs[i].msg_hdr.msg_control = self->control + i * CONTROL_BYTES;
+        self->msgs[i].msg_hdr.msg_controllen = CONTROL_BYTES;
         self->out_msgs[i].msg_hdr.msg_iov = &self->out_iov[i];
         self->out_msgs[i].msg_hdr.msg_iovlen = 1;
         PyList_SET_ITEM(self->addrs, i, Py_NewRef(empty));
@@ -1367,14 +1783,29 @@ parse_addr(PyObject *addr, struct sockaddr_storage *ss, socklen_t *len)
 /* send_batch(items) -> (dropped, failed): items is a flat list [sock, data, addr, ...].
  * Consecutive items with the same socket go out in one sendmmsg. A send that would block, or an
  * item whose socket is None, counts as dropped; any other failure as failed. */
+static PyObject *send_items(PyObject *items);
+
 static PyObject *
-send_batch(PyObject *module, PyObject *items)
+send_batch(PyObject *Py_UNUSED(module), PyObject *items)
 {
     if (!PyList_CheckExact(items) || PyList_GET_SIZE(items) % 3 != 0) {
         PyErr_SetString(PyExc_TypeError, "items must be a flat list of (sock, data, addr)");
         return NULL;
     }
-    Py_ssize_t total = PyList_GET_SIZE(items) / 3;
+    /* a snapshot: fileno(), __index__ and the like may run Python code that changes the list */
+    PyObject *snap = PyList_AsTuple(items);
+    if (snap == NULL) {
+        return NULL;
+    }
+    PyObject *r = send_items(snap);
+    Py_DECREF(snap);
+    return r;
+}
+
+static PyObject *
+send_items(PyObject *items)
+{
+    Py_ssize_t total = PyTuple_GET_SIZE(items) / 3;
     long blocked = 0, failed = 0;
     struct mmsghdr msgs[64];
     struct iovec iov[64];
@@ -1382,7 +1813,7 @@ send_batch(PyObject *module, PyObject *items)
     Py_buffer views[64];
     Py_ssize_t i = 0;
     while (i < total) {
-        PyObject *first_sock = PyList_GET_ITEM(items, 3 * i);
+        PyObject *first_sock = PyTuple_GET_ITEM(items, 3 * i);
         if (first_sock == Py_None) { /* no socket for that family or port: a drop */
             blocked++;
             i++;
@@ -1399,13 +1830,13 @@ send_batch(PyObject *module, PyObject *items)
         int n = 0;
         while (i + consumed < total && n < 64) {
             Py_ssize_t at = 3 * (i + consumed);
-            if (consumed > 0 && PyList_GET_ITEM(items, at) != first_sock) {
+            if (consumed > 0 && PyTuple_GET_ITEM(items, at) != first_sock) {
                 break;
             }
             socklen_t len = 0;
-            int bad = parse_addr(PyList_GET_ITEM(items, at + 2), &names[n], &len);
+            int bad = parse_addr(PyTuple_GET_ITEM(items, at + 2), &names[n], &len);
             if (bad == 0 &&
-                PyObject_GetBuffer(PyList_GET_ITEM(items, at + 1), &views[n], PyBUF_SIMPLE) < 0) {
+                PyObject_GetBuffer(PyTuple_GET_ITEM(items, at + 1), &views[n], PyBUF_SIMPLE) < 0) {
                 bad = -1;
             }
             if (bad < 0) {
@@ -1466,9 +1897,15 @@ static PyMethodDef module_methods[] = {
      "send_batch(items) -> (dropped, failed): items is a flat list [sock, data, addr, ...]."},
     {NULL}};
 
+/* The version of this module's Python surface: bump it with every change that
+ * actors/udpio.py must follow (it has the same number, and falls back to pure Python on a
+ * mismatch, e.g. a stale build left installed beside newer sources). */
+#define UDPIO_API_VERSION 1
+
 static struct PyModuleDef udpio_module = {
     PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",
-    "recvmmsg/sendmmsg batches for the relay's userspace data path", -1, module_methods};
+    "recvmmsg/sendmmsg batches for the relay's userspace data path", -1, module_methods,
+    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC
 PyInit__udpio(void)
@@ -1479,6 +1916,15 @@ PyInit__udpio(void)
     if (str_packets == NULL || str_bytes == NULL || str_buckets == NULL) {
         return NULL;
     }
+    /* the route table's hash key: secret, per process */
+    ssize_t got;
+    do {
+        got = getrandom(sip_key, sizeof sip_key, 0);
+    } while (got < 0 && errno == EINTR);
+    if (got != (ssize_t)sizeof sip_key) {
+        PyErr_SetString(PyExc_ImportError, "getrandom() gave no key for the route table");
+        return NULL;
+    }
     if (PyType_Ready(&ReceiverType) < 0) {
         return NULL;
     }
@@ -1486,7 +1932,8 @@ PyInit__udpio(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
+    if (PyModule_AddObjectRef(m, "Receiver", (PyObject *)&ReceiverType) < 0 ||
+        PyModule_AddIntConstant(m, "API_VERSION", UDPIO_API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

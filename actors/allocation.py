@@ -98,9 +98,11 @@ class AllocationActor(LoopActor):
         sock = self.sockets.pop(family, None)
         if sock is None:
             return
-        tell(self._control, PeerSocketClosed(self.port, family))
         self.actor_loop.remove_reader(sock.fileno())
-        sock.close()
+        # The data plane closes it, after dropping its routes; with no control left (shutdown)
+        # nothing reads or relays any more, and it is closed here.
+        if not tell(self._control, PeerSocketClosed(self.port, family, sock)):
+            sock.close()
 
     def _close_all(self) -> None:
         for family in list(self.sockets):

@@ -694,6 +694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return systemd_unit_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    datapath = os.environ.get("RELAY_DATAPATH", "auto").strip().lower() or "auto"
+    if datapath not in ("auto", "python"):
+        parser.error(f"RELAY_DATAPATH: {datapath!r} is not one of auto, python")
 
     from firezone_relay.actors.logs import configure
 

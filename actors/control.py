@@ -98,10 +98,13 @@ class PeerSocketOpened:
 
 @dataclass(frozen=True, slots=True)
 class PeerSocketClosed:
-    """An allocation actor is closing its ``family`` socket of ``port``."""
+    """An allocation actor is done with its ``family`` socket of ``port`` (its reader is
+    removed): the data plane drops its routes and closes it, so the fd cannot be reused while
+    a route still names it, however late this message is handled."""
 
     port: int
     family: Family
+    sock: socket.socket
 
 
 @dataclass(frozen=True, slots=True)

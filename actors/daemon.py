@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import secrets
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pykka
 from opentelemetry import trace
 
+from firezone_relay.actors import udpio
 from firezone_relay.actors.allocation import AllocationActor
 from firezone_relay.actors.control import (
     AllocationBindFailed,
@@ -231,8 +233,16 @@ class Relay:
             otlp_endpoint=self.settings.otlp_grpc_endpoint,
             export_interval_ms=self.settings.export_interval_ms,
             resource_attributes=self.settings.resource_attributes,
+            datapath={"relay.userspace.impl": udpio.IMPL},
         )
         self._start_tracing()
+        # which userspace data path runs: one line, a WARN when it fell back unasked
+        logger.log(
+            logging.WARNING if udpio.IMPL_DEGRADED else logging.INFO,
+            "userspace data path: %s (%s)",
+            udpio.IMPLEMENTATION,
+            udpio.IMPL_REASON,
+        )
         warning = port_range_warning(config.lowest_port, config.highest_port)
         if warning is not None:
             logger.warning("%s", warning)
@@ -245,7 +255,7 @@ class Relay:
             host = self._bind_hosts[family]
             with binding("listen socket", host, config.listen_port):
                 sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
-            self.dataplane.listen[int(family)] = sock
+            self.dataplane.add_listen_socket(family, sock)
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
@@ -288,10 +298,9 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
-        for family, sock in list(self.dataplane.listen.items()):
+        for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
-            sock.close()
-            del self.dataplane.listen[family]
+        self.dataplane.close_listen_sockets()
         if self._timer is not None:
             self._timer.cancel()
         freed = self.server.num_allocations
@@ -364,7 +373,7 @@ class Relay:
         self.dataplane.add_peer_socket(message.port, message.family, message.sock)
 
     def _on_peer_socket_closed(self, message: PeerSocketClosed) -> None:
-        self.dataplane.remove_peer_socket(message.port, message.family)
+        self.dataplane.close_peer_socket(message.port, message.family, message.sock)
 
     def _on_allocation_stopped(self, message: AllocationStopped) -> None:
         self.pipeline.allocation_gone(message.port, message.actor)
@@ -477,7 +486,14 @@ class Relay:
             wanted.append(("health", s.health_check_addr, health))
         if s.control_endpoint:
             wanted.append(
-                ("control", s.control_endpoint, {("POST", "/log_filter"): self._log_filter})
+                (
+                    "control",
+                    s.control_endpoint,
+                    {
+                        ("POST", "/log_filter"): self._log_filter,
+                        ("GET", "/debug/routes"): self._debug_routes,
+                    },
+                )
             )
         for name, text, routes in wanted:
             address = parse_host_port(text)
@@ -513,6 +529,24 @@ class Relay:
             return 400, "text/plain", f"{exc}\n".encode()
         logger.info("log filter set to %r", values[0])
         return 200, "text/plain", b"ok\n"
+
+    def _debug_routes(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        """The C route mirror against the core's channel routes (a walk of both tables, on
+        the loop: for soaks and tests, not for scraping)."""
+        expected = self.dataplane.expected_routes()
+        held = self.dataplane.debug_routes()
+        missing = sorted(set(expected) - set(held))
+        extra = sorted(set(held) - set(expected))
+        body = {
+            "impl": udpio.IMPL,
+            "core": self.server.num_active_channels,
+            "expected": len(expected),
+            "mirror": len(held),
+            "equal": expected == held,
+            "missing": [repr(r) for r in missing[:10]],
+            "extra": [repr(r) for r in extra[:10]],
+        }
+        return 200, "application/json", json.dumps(body).encode() + b"\n"
 
     def _drop_counts(self) -> dict[str, int]:
         return {

@@ -14,7 +14,11 @@ on every ``CreateChannelBinding`` / ``DeleteChannelBinding``), relays what the m
 C, and hands the rest of a batch, from the first datagram it does not route, to the loops below
 and so to the core. The core stays the source of truth: every change of its routes comes with
 one of those commands (the allocation table's invariant 6), the pipeline drains them before the
-next batch is read, and a route whose socket leaves the socket table leaves the mirror with it.
+next batch is read. A route can never outlive its socket: the mirror records each route's file
+descriptors when it is set, and the data plane, which owns the socket tables, drops every route
+recorded with a socket (``Receiver.drop_fd`` with the fd recorded when the socket came in, never
+a ``fileno()`` of a socket that may be closed) before it closes that socket itself
+(``close_peer_socket``, ``close_listen_sockets``), or when another socket replaces it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firezone_relay.actors.udpio import Receiver, send_batch
+from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.types import Addr, Family, log_fields
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, log_fields
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.server import Server
@@ -46,28 +50,7 @@ SLOT_BYTES = 65536 + HEADROOM
 
 _pack_header = struct.Struct("!HH").pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
-
-
-class _SocketTable(dict[tuple[int, int], socket.socket]):
-    """(allocation port, family) -> socket; a socket taken out (to be closed) takes every
-    mirrored route through it along, so no route outlives its socket's file descriptor."""
-
-    def __init__(self, forget_fd: Callable[[int], object]) -> None:
-        super().__init__()
-        self._forget_fd = forget_fd
-
-    def pop(self, key: tuple[int, int], *default: Any) -> Any:
-        sock = super().pop(key, *default)
-        if isinstance(sock, socket.socket):
-            self._forget_fd(sock.fileno())
-        return sock
-
-    def __delitem__(self, key: tuple[int, int]) -> None:
-        self.pop(key)
-
-    def clear(self) -> None:
-        for key in list(self):
-            self.pop(key)
+_UDP = Transport.UDP
 
 
 class DataPlane:
@@ -80,7 +63,10 @@ class DataPlane:
         #: datagram the core routes queues neither (it only counts), so a batch of nothing but
         #: relayed data skips it.
         self.after_input = after_input
+        #: family -> listen socket; kept by ``add_listen_socket`` / ``close_listen_sockets``
         self.listen: dict[int, socket.socket] = {}
+        #: listen socket -> its bound address, the local half of its clients' 5-tuples
+        self._local: dict[socket.socket, Addr] = {}
         self._rx = Receiver(BATCH, SLOT_BYTES, HEADROOM)
         rx = self._rx
         stats = server.stats
@@ -93,8 +79,10 @@ class DataPlane:
             rx.drain_peers, stats, self._from_peers
         )
         self._rx_parts = (rx.views, rx.addrs, rx.lens, rx.buffer)
-        #: (allocation port, family) -> socket; kept by ``add_peer_socket`` / ``remove_peer_socket``
-        self.allocation_sockets: dict[tuple[int, int], socket.socket] = _SocketTable(rx.drop_fd)
+        #: (allocation port, family) -> socket; kept by ``add_peer_socket`` / ``close_peer_socket``
+        self.allocation_sockets: dict[tuple[int, int], socket.socket] = {}
+        #: every socket above -> its fd, recorded when it came in (what its routes recorded)
+        self._fds: dict[socket.socket, int] = {}
         #: the batch being sent: a flat [socket or None, data, address, ...]
         self._out: list[Any] = []
         # plain counters, read by telemetry (with the mirror's, see send_drops/send_errors)
@@ -102,9 +90,17 @@ class DataPlane:
         self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
 
-    def listen_socket_for(self, addr: Addr) -> socket.socket | None:
-        """The listen socket of ``addr``'s family: where everything to a client leaves from."""
-        return self.listen.get(_V6 if ":" in addr[0] else _V4)
+    def listen_socket_for(self, client: FiveTuple) -> socket.socket | None:
+        """The listen socket ``client`` sent to: where everything to it leaves from (UDP:
+        the one of its family)."""
+        return self.listen.get(_V6 if ":" in client.remote[0] else _V4)
+
+    def _local_of(self, sock: socket.socket) -> Addr:
+        local = self._local.get(sock)
+        if local is None:
+            name = sock.getsockname()
+            local = self._local[sock] = (name[0], name[1])
+        return local
 
     def flush(self, out: list[Any]) -> int:
         """Send a batch (flat ``[socket or None, data, address, ...]``), count what was dropped
@@ -133,6 +129,8 @@ class DataPlane:
         (none where the core has none, or where the socket to send from is not there: those
         datagrams go to the core). Re-reading the core, rather than replaying the command,
         keeps the mirror right whatever order the commands of one drain come in."""
+        if command.client.transport is not _UDP:
+            return  # the mirror relays UDP clients only
         rx = self._rx
         client, channel, peer, port = (
             command.client,
@@ -141,22 +139,29 @@ class DataPlane:
             command.allocation_port,
         )
         to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
-        out = None
+        fds = self._fds
+        out = listen = None
         if to_peer is not None:
             family = _V6 if ":" in to_peer.peer[0] else _V4
             out = self.allocation_sockets.get((to_peer.port, family))
+            listen = self.listen_socket_for(client)
         if (
             to_peer is None
             or out is None
-            or not rx.set_to_peer(client, channel, out.fileno(), to_peer.peer)
+            or listen is None
+            or not rx.set_to_peer(client.remote, channel, fds[out], to_peer.peer, fds[listen])
         ):
-            rx.drop_to_peer(client, channel)
-        listen = None if to_client is None else self.listen_socket_for(to_client.client)
+            rx.drop_to_peer(client.remote, channel)
+        inbound = listen = None
+        if to_client is not None:
+            listen = self.listen_socket_for(to_client.client)
+            inbound = self.allocation_sockets.get((port, _V6 if ":" in peer[0] else _V4))
         if (
             to_client is None
             or listen is None
+            or inbound is None
             or not rx.set_to_client(
-                port, peer, listen.fileno(), to_client.client, to_client.channel
+                port, peer, fds[listen], to_client.client.remote, to_client.channel, fds[inbound]
             )
         ):
             rx.drop_to_client(port, peer)
@@ -167,11 +172,80 @@ class DataPlane:
         routes: list[tuple[Any, ...]] = self._rx.debug_routes()
         return routes
 
+    def expected_routes(self) -> list[tuple[Any, ...]]:
+        """What ``debug_routes`` must hold now: every core channel route that ``sync_channel``
+        would mirror, in its shapes, sorted (none where the receiver mirrors nothing)."""
+        if isinstance(self._rx, PyReceiver):
+            return []
+        to_peer, to_client = self.server.all_channel_routes()
+        sockets = self.allocation_sockets
+        routes: list[tuple[Any, ...]] = []
+        for (client, channel), route in to_peer.items():
+            out = sockets.get((route.port, _V6 if ":" in route.peer[0] else _V4))
+            if out is not None and client.transport is _UDP:
+                routes.append(("to_peer", client.remote, channel, out.fileno(), route.peer))
+        for (port, peer), back in to_client.items():
+            listen = self.listen_socket_for(back.client)
+            if listen is not None and back.client.transport is _UDP:
+                routes.append(
+                    ("to_client", port, peer, listen.fileno(), back.client.remote, back.channel)
+                )
+        routes.sort()
+        return routes
+
     @property
     def mirrored_routes(self) -> tuple[int, int]:
         """How many (client -> peer, peer -> client) routes the C mirror holds."""
         routes: tuple[int, int] = self._rx.routes
         return routes
+
+    # -- the sockets and their routes -----------------------------------------------------
+
+    def _forget(self, sock: socket.socket) -> None:
+        """Drop every mirrored route recorded with ``sock``'s fd (as recorded when it came in);
+        before it is closed or replaced."""
+        fd = self._fds.pop(sock, None)
+        if fd is not None:
+            self._rx.drop_fd(fd)
+
+    def add_listen_socket(self, family: Family, sock: socket.socket) -> None:
+        """A listen socket: what clients send arrives on it and what goes to them leaves it."""
+        old = self.listen.get(int(family))
+        if old is not None and old is not sock:
+            self._forget(old)
+        self.listen[int(family)] = sock
+        self._fds[sock] = sock.fileno()
+
+    def close_listen_sockets(self) -> None:
+        """Drop the listen sockets' routes, then close them (their readers are removed)."""
+        for family, sock in list(self.listen.items()):
+            self._forget(sock)
+            del self.listen[family]
+            sock.close()
+
+    def add_peer_socket(self, port: int, family: Family, sock: socket.socket) -> None:
+        """An allocation actor bound ``sock``: what clients send to peers of ``port`` leaves
+        through it, and peers' datagrams to ``port`` arrive on it. It is the data plane's to
+        close (``close_peer_socket``); a socket it replaces loses its routes now."""
+        key = (port, int(family))
+        old = self.allocation_sockets.get(key)
+        if old is not None and old is not sock:
+            self._forget(old)
+        self.allocation_sockets[key] = sock
+        self._fds[sock] = sock.fileno()
+
+    def close_peer_socket(self, port: int, family: Family, sock: socket.socket) -> None:
+        """The allocation is done with ``sock`` (its reader is removed): drop its routes, then
+        close it. Until then it stays open, so however late this comes, no other socket can
+        hold its fd while a route still names it."""
+        key = (port, int(family))
+        if self.allocation_sockets.get(key) is sock:
+            del self.allocation_sockets[key]
+        if sock in self._fds:
+            self._forget(sock)
+        elif sock.fileno() >= 0:  # never added: nothing can have recorded another fd
+            self._rx.drop_fd(sock.fileno())
+        sock.close()
 
     # -- listen sockets -------------------------------------------------------------------
 
@@ -183,12 +257,13 @@ class DataPlane:
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
+        local = self._local_of(sock)
         now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
         for i in range(k, n):
             addr = addrs[i]
             try:
-                route = handle(views[i][: lens[i]], addr, now)
+                route = handle(views[i][: lens[i]], FiveTuple(_UDP, addr, local), now)
             except Exception:
                 self._input_failed(addr)
                 continue
@@ -198,7 +273,7 @@ class DataPlane:
             if type(route) is LoopToClient:  # ChannelData for another client here
                 client, channel, length = route
                 _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
-                out += (to_client(client), views[i][: 4 + length], client)
+                out += (to_client(client), views[i][: 4 + length], client.remote)
             else:
                 port, peer, span = route  # span: within the datagram the core was given
                 out += (
@@ -213,15 +288,6 @@ class DataPlane:
 
     # -- allocation sockets ---------------------------------------------------------------
 
-    def add_peer_socket(self, port: int, family: Family, sock: socket.socket) -> None:
-        """An allocation actor bound ``sock``: what clients send to peers of ``port`` leaves
-        through it."""
-        self.allocation_sockets[(port, int(family))] = sock
-
-    def remove_peer_socket(self, port: int, family: Family) -> None:
-        """The socket is closing: its mirrored routes leave with it (``_SocketTable``)."""
-        self.allocation_sockets.pop((port, int(family)), None)
-
     def _from_peers(self, sock: socket.socket, port: int, n: int, k: int) -> None:
         """Datagrams ``[k, n)`` of an allocation socket's batch, which the mirror did not
         route, through the core: relayed to the client as ChannelData, or Data indications."""
@@ -232,7 +298,7 @@ class DataPlane:
         out = self._out
         now = time.monotonic()
         core_busy = False
-        last_client: Addr | None = None
+        last_client: FiveTuple | None = None
         client_sock: socket.socket | None = None
         for i in range(k, n):
             addr = addrs[i]
@@ -249,7 +315,7 @@ class DataPlane:
             if client is not last_client:  # one allocation socket: almost always one client
                 last_client, client_sock = client, to_client(client)
             _pack_header(buf, i * SLOT_BYTES, channel, length)
-            out += (client_sock, slots[i][: length + HEADROOM], client)
+            out += (client_sock, slots[i][: length + HEADROOM], client.remote)
         if out:
             self.flush(out)
         if core_busy:
@@ -259,8 +325,8 @@ class DataPlane:
 
     def send_message(self, command: SendMessage) -> None:
         """Carry out a SendMessage: from the listen socket of the recipient's family."""
-        recipient: Addr = command.recipient
-        if self.flush([self.listen_socket_for(recipient), command.payload, recipient]):
+        recipient = command.recipient
+        if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
             logger.debug("send failed", extra=log_fields(recipient=recipient))
 
     def _input_failed(self, sender: Addr) -> None:

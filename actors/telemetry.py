@@ -363,6 +363,7 @@ class Telemetry:
         otlp_endpoint: str | None = None,
         export_interval_ms: float | None = None,
         resource_attributes: Mapping[str, str] | None = None,
+        datapath: Mapping[str, str] | None = None,
     ) -> None:
         self.resource = make_resource(resource_attributes)
         self.tracer_provider = _tracer_provider(otlp_endpoint, self.resource)
@@ -412,6 +413,11 @@ class Telemetry:
             for reason, n in drops().items():
                 yield Observation(n, {"reason": reason})
 
+        info: dict[str, AttributeValue] = dict(datapath or {})
+
+        def datapath_info(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(1, info)
+
         meter.create_observable_up_down_counter(
             "relay.active_allocations",
             [active_allocations],
@@ -436,6 +442,13 @@ class Telemetry:
             unit="{datagram}",
             description="Datagrams the relay could not send or process",
         )
+        if datapath:
+            meter.create_observable_gauge(
+                "relay.datapath.info",
+                [datapath_info],
+                unit="1",
+                description="Always 1; its attributes say which userspace data path runs",
+            )
 
     def prometheus_text(self) -> str:
         """Collect now (any thread) and render ``/metrics``."""

@@ -39,7 +39,7 @@ from firezone_relay.protocol.commands import (
     SendMessage,
 )
 from firezone_relay.protocol.stun import Attr
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.allocations import Allocation
@@ -71,7 +71,7 @@ class RelayTracing:
         self.enabled = enabled
         self._server = server
         self._by_port: dict[int, _Tracked] = {}
-        self._by_client: dict[Addr, _Tracked] = {}
+        self._by_client: dict[FiveTuple, _Tracked] = {}
         self._shutting_down = False
         #: set by the daemon while it carries out what the core's timers produced
         self.on_timers = False
@@ -237,18 +237,22 @@ class RelayTracing:
             span.set_status(Status(StatusCode.ERROR, f"{error[0]} {error[1]}"))
         span.end()
 
-    def _client_attributes(self, client: Addr) -> Attributes:
+    def _client_attributes(self, five_tuple: FiveTuple) -> Attributes:
         config = self._server.config
-        family = Family.of(client[0])
+        client, family, transport = (
+            five_tuple.remote,
+            five_tuple.family,
+            five_tuple.transport.network,
+        )
         server_ip = config.public_ip6 if family == Family.V6 else config.public_ip4
         return {
             "client.address": client[0],
             "client.port": client[1],
             "server.address": server_ip or "",
             "server.port": config.listen_port,
-            "network.transport": "udp",
+            "network.transport": transport,
             "relay.five_tuple": (
-                f"udp {_fmt(client)} {_fmt((server_ip or '', config.listen_port))}"
+                f"{transport} {_fmt(client)} {_fmt((server_ip or '', config.listen_port))}"
             ),
         }
 

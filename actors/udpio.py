@@ -29,16 +29,28 @@ The compiled helper (``actors/_udpio.c``, built by ``pip install .`` as
 ``firezone_relay.actors._udpio``) does this with one
 ``recvmmsg`` and one ``sendmmsg`` per run of datagrams leaving through the same socket, and
 caches sender tuples. Where it could not be built, the pure-Python classes below give the same
-behaviour with one syscall per datagram. ``IMPLEMENTATION`` says which one is in use.
+behaviour with one syscall per datagram. ``IMPL`` says which one is in use (``compiled`` or
+``python``) and ``IMPL_REASON`` why: ``RELAY_DATAPATH=python`` forces the fallback, and an
+installed helper whose ``API_VERSION`` differs from this file's (a stale build) is not used.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["IMPLEMENTATION", "PyReceiver", "Receiver", "py_send_batch", "send_batch"]
+__all__ = [
+    "IMPL",
+    "IMPLEMENTATION",
+    "IMPL_REASON",
+    "PyReceiver",
+    "Receiver",
+    "choose",
+    "py_send_batch",
+    "send_batch",
+]
 
 Addr = tuple[str, int]
 
@@ -112,10 +124,12 @@ class PyReceiver:
     def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
 
-    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr) -> bool:
+    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr, in_fd: int = -1) -> bool:
         return False
 
-    def set_to_client(self, port: int, peer: Addr, fd: int, client: Addr, channel: int) -> bool:
+    def set_to_client(
+        self, port: int, peer: Addr, fd: int, client: Addr, channel: int, in_fd: int = -1
+    ) -> bool:
         return False
 
     def drop_to_peer(self, client: Addr, channel: int) -> None:
@@ -156,17 +170,56 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
     return blocked, failed
 
 
-# The compiled module has no stub; its Receiver has PyReceiver's shape.
+#: The compiled helper's API version these sources expect (``UDPIO_API_VERSION`` in
+#: ``actors/_udpio.c``); an installed module with another one is not used.
+API_VERSION = 1
+#: Forces the pure-Python fallback when set to ``python`` (``auto``, or unset, takes the
+#: compiled helper when it is there and matches).
+DATAPATH_ENV = "RELAY_DATAPATH"
+DATAPATH_CHOICES = ("auto", "python")
+
+
+def choose(
+    forced: str | None, compiled: Any
+) -> tuple[str, str, Any, Callable[[list[Any]], tuple[int, int]]]:
+    """Which implementation to run: ``(name, why, Receiver, send_batch)`` where ``name`` is
+    ``compiled`` or ``python`` (the ``relay.userspace.impl`` metric label) and ``why`` says
+    why, in words for the start-up log. ``compiled`` is the imported helper, or None when it
+    is not installed; ``forced`` the value of ``RELAY_DATAPATH``."""
+    if forced == "python":
+        return "python", f"forced by {DATAPATH_ENV}=python", PyReceiver, py_send_batch
+    if compiled is None:
+        return "python", "the compiled helper is not installed", PyReceiver, py_send_batch
+    version = getattr(compiled, "API_VERSION", None)
+    if version != API_VERSION:
+        why = (
+            f"the installed compiled helper has API version {version}, these sources "
+            f"expect {API_VERSION} (reinstall the package)"
+        )
+        return "python", why, PyReceiver, py_send_batch
+    return "compiled", f"API version {version}", compiled.Receiver, compiled.send_batch
+
+
+def _import_compiled() -> Any:
+    try:
+        # untyped where the wheel is installed, not found in a bare source tree
+        from firezone_relay.actors import (  # type: ignore[attr-defined,import-untyped,import-not-found,unused-ignore]
+            _udpio,
+        )
+    except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
+        return None
+    return _udpio
+
+
+# The compiled Receiver (typed in _udpio.pyi) has PyReceiver's shape; one name for both.
 Receiver: type[PyReceiver]
 send_batch: Callable[[list[Any]], tuple[int, int]]
-try:
-    # untyped where the wheel is installed, not found in a bare source tree
-    from firezone_relay.actors._udpio import (  # type: ignore[import-untyped,import-not-found,no-redef,unused-ignore]
-        Receiver,
-        send_batch,
-    )
-
-    IMPLEMENTATION = "recvmmsg/sendmmsg (compiled)"
-except ImportError:  # no compiler where it was installed: same behaviour, more syscalls
-    Receiver, send_batch = PyReceiver, py_send_batch
-    IMPLEMENTATION = "recvfrom/sendto (pure Python)"
+#: ``compiled`` or ``python``, why (see :func:`choose`), and a description for logs and benches
+IMPL, IMPL_REASON, Receiver, send_batch = choose(
+    os.environ.get(DATAPATH_ENV, "auto").strip().lower() or "auto", _import_compiled()
+)
+IMPLEMENTATION = (
+    "recvmmsg/sendmmsg (compiled)" if IMPL == "compiled" else "recvfrom/sendto (pure Python)"
+)
+#: True when the choice fell back for a reason an operator should hear about (a WARN)
+IMPL_DEGRADED = IMPL == "python" and not IMPL_REASON.startswith("forced")

@@ -61,7 +61,7 @@ class XdpOptions:
     highest_port: int = 65535
     mandatory: bool = False
     max_bindings: int = 65536
-    timing_sample: int = 16  # time one packet in this many (power of two)
+    timing_sample: int = 256  # time one packet in this many (power of two)
     ttl: int = 64
     netns: str | None = None  # run the actor thread in /run/netns/<name> (tests)
 

@@ -8,7 +8,7 @@ from firezone_relay.protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 __all__ = [
     "Addr",
@@ -17,6 +17,8 @@ __all__ = [
     "CreateChannelBinding",
     "DeleteChannelBinding",
     "Family",
+    "FiveTuple",
     "FreeAllocation",
     "SendMessage",
+    "Transport",
 ]

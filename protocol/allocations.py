@@ -32,7 +32,7 @@ from firezone_relay.protocol.commands import (
     SendMessage,
 )
 from firezone_relay.protocol.routes import AFTER_HEADER, ToClient, ToPeer
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +45,7 @@ class Channel:
 
 @dataclass(slots=True, eq=False)
 class Allocation:
-    client: Addr
+    client: FiveTuple
     port: int
     families: tuple[Family, ...]
     username: str
@@ -68,15 +68,15 @@ class AllocationTable:
     def __init__(self, emit: Callable[[Command], None], max_channels: int = 1024) -> None:
         self._emit = emit
         self.max_channels = max_channels
-        self.by_client: dict[Addr, Allocation] = {}
+        self.by_client: dict[FiveTuple, Allocation] = {}
         self.by_port: dict[int, Allocation] = {}
         self.by_username: dict[str, Allocation] = {}
         self.per_user: dict[str, int] = {}
         # The fast paths, holding bound channels only.
-        self.to_peer: dict[tuple[Addr, int], ToPeer] = {}
+        self.to_peer: dict[tuple[FiveTuple, int], ToPeer] = {}
         self.to_client: dict[tuple[int, Addr], ToClient] = {}
         #: bound channels whose peer is another allocation on this relay (the relay loop)
-        self.looped: dict[tuple[Addr, int], ToPeer] = {}
+        self.looped: dict[tuple[FiveTuple, int], ToPeer] = {}
 
     def __len__(self) -> int:
         return len(self.by_client)

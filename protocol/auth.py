@@ -18,7 +18,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import FiveTuple
 
 FIREZONE_REALM = "firezone"
 
@@ -150,20 +150,22 @@ class Nonces:
         self.lifetime = lifetime
         self.max_uses = max_uses
         # Only clients that came back with a valid nonce have a budget.
-        self._uses: dict[Addr, _Budget] = {}
-        self._expiry: list[tuple[float, Addr, str]] = []
+        self._uses: dict[FiveTuple, _Budget] = {}
+        self._expiry: list[tuple[float, FiveTuple, str]] = []
 
     def __len__(self) -> int:
         return len(self._uses)
 
-    def _mac(self, stamp: int, client: Addr) -> bytes:
-        msg = struct.pack("!I", stamp) + f"{client[0]}|{client[1]}".encode()
+    def _mac(self, stamp: int, client: FiveTuple) -> bytes:
+        transport, (host, port), (local_host, local_port) = client
+        bound = f"{int(transport)}|{host}|{port}|{local_host}|{local_port}"
+        msg = struct.pack("!I", stamp) + bound.encode()
         return hmac.new(self._key, msg, hashlib.sha256).digest()[:12]
 
-    def _mint(self, stamp: int, client: Addr) -> str:
+    def _mint(self, stamp: int, client: FiveTuple) -> str:
         return _format_uuid(struct.pack("!I", stamp) + self._mac(stamp, client))
 
-    def issue(self, client: Addr, unix_now: float) -> str:
+    def issue(self, client: FiveTuple, unix_now: float) -> str:
         entry = self._uses.get(client)
         stamp = int(unix_now) & 0xFFFFFFFF
         if entry is not None:
@@ -172,7 +174,7 @@ class Nonces:
             stamp = max(stamp, entry.issued + 1) & 0xFFFFFFFF
         return self._mint(stamp, client)
 
-    def validate(self, nonce: str, client: Addr, unix_now: float) -> str:
+    def validate(self, nonce: str, client: FiveTuple, unix_now: float) -> str:
         """OK, MALFORMED or STALE for ``nonce`` from ``client``; changes nothing."""
         raw = _parse_uuid(nonce)
         if raw is None:
@@ -190,7 +192,7 @@ class Nonces:
             return NonceCheck.STALE if entry.issued >= stamp else NonceCheck.OK
         return NonceCheck.OK if entry.remaining > 0 else NonceCheck.STALE
 
-    def consume(self, nonce: str, client: Addr) -> None:
+    def consume(self, nonce: str, client: FiveTuple) -> None:
         """Count one use of a nonce ``validate`` accepted (after integrity passed)."""
         raw = _parse_uuid(nonce)
         if raw is None:
@@ -204,7 +206,7 @@ class Nonces:
             heapq.heappush(self._expiry, (stamp + self.lifetime, client, nonce))
         entry.remaining -= 1
 
-    def check(self, nonce: str, client: Addr, unix_now: float) -> str:
+    def check(self, nonce: str, client: FiveTuple, unix_now: float) -> str:
         """``validate`` then, if OK, ``consume``."""
         verdict = self.validate(nonce, client, unix_now)
         if verdict == NonceCheck.OK:

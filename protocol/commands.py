@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,7 @@ class SendMessage:
     """Send ``payload`` to ``recipient`` from the listen socket of the recipient's family."""
 
     payload: bytes
-    recipient: Addr
+    recipient: FiveTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,7 @@ class FreeAllocation:
 class CreateChannelBinding:
     """A channel became (or stayed) bound: keep any fast path (XDP maps) in sync."""
 
-    client: Addr
+    client: FiveTuple
     channel: int
     peer: Addr
     allocation_port: int
@@ -52,7 +52,7 @@ class CreateChannelBinding:
 class DeleteChannelBinding:
     """A channel stopped relaying: remove it from any fast path."""
 
-    client: Addr
+    client: FiveTuple
     channel: int
     peer: Addr
     allocation_port: int

@@ -14,7 +14,7 @@ from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.ratelimit import RateLimiter
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.transactions import TransactionCache
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import FiveTuple
 
 #: the ``message_type`` label of ``relay.responses``
 MESSAGE_TYPES = {
@@ -82,7 +82,7 @@ class Responder:
     def reply(
         self,
         msg: Message,
-        sender: Addr,
+        sender: FiveTuple,
         cls: int,
         attributes: Attributes,
         auth: Auth,
@@ -104,7 +104,7 @@ class Responder:
         if (
             not auth.verified
             and limiter is not None
-            and not limiter.allow(sender[0], self.input_time)
+            and not limiter.allow(sender.remote[0], self.input_time)
         ):
             self._counters.rate_limited += 1
             return command  # not sent: a spoofed source must not make us reflect
@@ -123,7 +123,7 @@ class Responder:
     def reply_error(
         self,
         msg: Message,
-        sender: Addr,
+        sender: FiveTuple,
         code: ErrorCode,
         auth: Auth,
         extra: tuple[tuple[int, object], ...] = (),

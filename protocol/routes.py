@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, final
 
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import Addr, FiveTuple
 
 #: the payload of unpadded ChannelData: everything after the 4-byte header
 AFTER_HEADER = slice(4, None)
@@ -31,7 +31,7 @@ class ToClient(NamedTuple):
     """Peer traffic for a bound channel: write the ChannelData header ``(channel, len(data))``
     in front of the datagram and send both to ``client`` from the listen socket."""
 
-    client: Addr
+    client: FiveTuple
     channel: int
 
 
@@ -41,7 +41,7 @@ class LoopToClient(NamedTuple):
     ChannelData header at the start of the datagram to ``(channel, length)`` and send
     ``data[:4 + length]`` to ``client`` from the listen socket of its family."""
 
-    client: Addr
+    client: FiveTuple
     channel: int
     length: int
 

@@ -21,8 +21,9 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
@@ -59,7 +60,7 @@ from firezone_relay.protocol.timers import (
     Timers,
 )
 from firezone_relay.protocol.transactions import TransactionCache
-from firezone_relay.protocol.types import Addr, Family, log_fields
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, log_fields
 
 log = logging.getLogger("relay")
 
@@ -350,14 +351,14 @@ class Server:
     # --- data path -----------------------------------------------------------------------
 
     def handle_client_input(
-        self, data: bytes | memoryview, sender: Addr, now: float
+        self, data: bytes | memoryview, sender: FiveTuple, now: float
     ) -> ClientRoute | None:
         """A datagram on the listen port. Returns a ``ToPeer`` (relay ``data[span]`` to a
         peer), a ``LoopToClient`` (the peer is another allocation on this relay: hand the
         data to that allocation's client without a trip through the network), or None."""
         try:
             size = len(data)
-            if size < 4 or sender[1] == 0:
+            if size < 4 or sender.remote[1] == 0:
                 self.stats.dropped_datagrams += 1
                 return None
             first = data[0]
@@ -382,11 +383,19 @@ class Server:
             return None
 
     def channel_routes(
-        self, client: Addr, channel: int, port: int, peer: Addr
+        self, client: FiveTuple, channel: int, port: int, peer: Addr
     ) -> tuple[ToPeer | None, ToClient | None]:
         """The routes the core holds now under a channel's two keys, for a route cache in the
         I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
         return self._c2p.get((client, channel)), self._p2c.get((port, peer))
+
+    def all_channel_routes(
+        self,
+    ) -> tuple[Mapping[tuple[FiveTuple, int], ToPeer], Mapping[tuple[int, Addr], ToClient]]:
+        """Read-only views of every channel route (client, channel) -> ``ToPeer`` and
+        (port, peer) -> ``ToClient``: for debug reads that compare a route cache with the
+        core (a walk of them costs a walk of the table)."""
+        return MappingProxyType(self._c2p), MappingProxyType(self._p2c)
 
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
@@ -504,7 +513,9 @@ class Server:
 
     # --- STUN dispatch -------------------------------------------------------------------
 
-    def _handle_stun(self, data: bytes | memoryview, sender: Addr, now: float) -> ToPeer | None:
+    def _handle_stun(
+        self, data: bytes | memoryview, sender: FiveTuple, now: float
+    ) -> ToPeer | None:
         try:
             msg = stun.parse(data)
         except stun.ParseError as exc:
@@ -519,7 +530,7 @@ class Server:
         self.stats.dropped_datagrams += 1
         return None
 
-    def _handle_request(self, msg: Message, sender: Addr, now: float) -> None:
+    def _handle_request(self, msg: Message, sender: FiveTuple, now: float) -> None:
         self._responder.input_time = now
         cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
         if cached is not None:
@@ -556,7 +567,7 @@ class Server:
     # --- authentication ------------------------------------------------------------------
 
     def _challenge(
-        self, msg: Message, sender: Addr, code: ErrorCode, now: float, key: bytes | None
+        self, msg: Message, sender: FiveTuple, code: ErrorCode, now: float, key: bytes | None
     ) -> Reject:
         """401/438 with REALM and a nonce for this socket. Signed when we know the key and
         the scheme is firezone (connlib checks every response, and the portal's secret is
@@ -573,7 +584,9 @@ class Server:
             ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
         )
 
-    def _authenticate(self, msg: Message, sender: Addr, now: float) -> tuple[Auth, str, Identity]:
+    def _authenticate(
+        self, msg: Message, sender: FiveTuple, now: float
+    ) -> tuple[Auth, str, Identity]:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
@@ -609,7 +622,7 @@ class Server:
         return Auth(key, sha256, fingerprint, verified=True), username, identity
 
     def _own_allocation(
-        self, sender: Addr, auth: Auth, username: str, any_username: bool = False
+        self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
     ) -> Allocation:
         """The sender's allocation; 437 without one, 441 when it belongs to another
         username, unless ``any_username`` (valid credentials from the allocation's own
@@ -623,13 +636,15 @@ class Server:
 
     # --- Binding -------------------------------------------------------------------------
 
-    def _on_binding(self, msg: Message, sender: Addr, now: float) -> None:
+    def _on_binding(self, msg: Message, sender: FiveTuple, now: float) -> None:
         auth = Auth(None, False, msg.fingerprint_offset is not None)
-        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender)], auth)
+        self._responder.reply(
+            msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender.remote)], auth
+        )
 
     # --- Allocate ------------------------------------------------------------------------
 
-    def _on_allocate(self, msg: Message, sender: Addr, now: float) -> None:
+    def _on_allocate(self, msg: Message, sender: FiveTuple, now: float) -> None:
         request = _AllocateRequest.of(msg)
         if request.transport is None:
             raise Reject(ErrorCode.BAD_REQUEST)
@@ -691,7 +706,7 @@ class Server:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         return self._derive_families(request.requested_family, request.additional_family, auth)
 
-    def _make_room(self, sender: Addr, username: str, user: str, auth: Auth) -> None:
+    def _make_room(self, sender: FiveTuple, username: str, user: str, auth: Auth) -> None:
         """Free the username's previous allocation (Firezone's rule), then the quotas."""
         previous = self._table.by_username.get(username)
         if previous is not None and self.single_allocation_per_username:
@@ -754,7 +769,7 @@ class Server:
             (Attr.XOR_RELAYED_ADDRESS, (self._public_ip(f), allocation.port))
             for f in allocation.families
         ]
-        attributes.append((Attr.XOR_MAPPED_ADDRESS, allocation.client))
+        attributes.append((Attr.XOR_MAPPED_ADDRESS, allocation.client.remote))
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
         allocation.pending_response = self._responder.reply(
@@ -790,7 +805,7 @@ class Server:
 
     # --- Refresh -------------------------------------------------------------------------
 
-    def _on_refresh(self, msg: Message, sender: Addr, now: float) -> None:
+    def _on_refresh(self, msg: Message, sender: FiveTuple, now: float) -> None:
         lifetime_request = msg.get(Attr.LIFETIME)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         auth, username, _ = self._authenticate(msg, sender, now)
@@ -827,7 +842,7 @@ class Server:
 
     # --- CreatePermission ----------------------------------------------------------------
 
-    def _on_create_permission(self, msg: Message, sender: Addr, now: float) -> None:
+    def _on_create_permission(self, msg: Message, sender: FiveTuple, now: float) -> None:
         peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
         auth, username, _ = self._authenticate(msg, sender, now)
         if not peers:
@@ -861,7 +876,7 @@ class Server:
 
     # --- ChannelBind ---------------------------------------------------------------------
 
-    def _on_channel_bind(self, msg: Message, sender: Addr, now: float) -> None:
+    def _on_channel_bind(self, msg: Message, sender: FiveTuple, now: float) -> None:
         number = msg.get(Attr.CHANNEL_NUMBER)
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
@@ -921,7 +936,7 @@ class Server:
 
     # --- Send indication -----------------------------------------------------------------
 
-    def _handle_send(self, msg: Message, sender: Addr, now: float) -> ToPeer | None:
+    def _handle_send(self, msg: Message, sender: FiveTuple, now: float) -> ToPeer | None:
         allocation = self._allocations.get(sender)
         if allocation is None or msg.unknown_comprehension_required():
             self.stats.dropped_datagrams += 1
@@ -958,7 +973,7 @@ class Server:
     # --- the relay loop ------------------------------------------------------------------
 
     def _loop_channel_data(
-        self, data: bytes | memoryview, sender: Addr, channel: int, length: int, now: float
+        self, data: bytes | memoryview, sender: FiveTuple, channel: int, length: int, now: float
     ) -> ClientRoute | None:
         """ChannelData to another allocation of this relay: hand it straight to that
         allocation's client instead of sending it out and back through the network, which
@@ -1147,7 +1162,7 @@ def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:
 
 #: the requests the server answers (anything else is 400); Send indications and
 #: ChannelData take the data paths of ``handle_client_input``
-_HANDLERS: dict[int, Callable[[Server, Message, Addr, float], None]] = {
+_HANDLERS: dict[int, Callable[[Server, Message, FiveTuple, float], None]] = {
     Method.BINDING: Server._on_binding,
     Method.ALLOCATE: Server._on_allocate,
     Method.REFRESH: Server._on_refresh,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import FiveTuple
 
 #: bytes an entry costs beyond its response (key tuple, digest, OrderedDict node), roughly
 ENTRY_OVERHEAD = 240
@@ -30,19 +30,21 @@ class TransactionCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[Addr, bytes], tuple[float, bytes, bytes]] = OrderedDict()
+        self._entries: OrderedDict[tuple[FiveTuple, bytes], tuple[float, bytes, bytes]] = (
+            OrderedDict()
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, sender: Addr, tid: bytes, raw: bytes, now: float) -> bytes | None:
+    def lookup(self, sender: FiveTuple, tid: bytes, raw: bytes, now: float) -> bytes | None:
         """The cached response if ``raw`` retransmits a request still in the cache."""
         entry = self._entries.get((sender, tid))
         if entry is None or entry[0] <= now or entry[1] != request_digest(raw):
             return None
         return entry[2]
 
-    def store(self, sender: Addr, tid: bytes, raw: bytes, response: bytes, now: float) -> None:
+    def store(self, sender: FiveTuple, tid: bytes, raw: bytes, response: bytes, now: float) -> None:
         key = (sender, tid)
         self.discard(sender, tid)
         self._entries[key] = (now + self.ttl, request_digest(raw), response)
@@ -56,14 +58,14 @@ class TransactionCache:
             del entries[oldest_key]
             self.bytes -= len(oldest[2]) + ENTRY_OVERHEAD
 
-    def replace_response(self, sender: Addr, tid: bytes, response: bytes) -> None:
+    def replace_response(self, sender: FiveTuple, tid: bytes, response: bytes) -> None:
         """Swap the response of a cached transaction (a retried bind changed the port)."""
         entry = self._entries.get((sender, tid))
         if entry is not None:
             self.bytes += len(response) - len(entry[2])
             self._entries[(sender, tid)] = (entry[0], entry[1], response)
 
-    def discard(self, sender: Addr, tid: bytes) -> None:
+    def discard(self, sender: FiveTuple, tid: bytes) -> None:
         entry = self._entries.pop((sender, tid), None)
         if entry is not None:
             self.bytes -= len(entry[2]) + ENTRY_OVERHEAD

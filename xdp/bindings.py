@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.protocol.types import Transport
 from firezone_relay.xdp.maps import binding_entries
 
 
@@ -48,9 +49,11 @@ class BindingTable:
         for command in commands:
             if not isinstance(command, CreateChannelBinding | DeleteChannelBinding):
                 continue
+            if command.client.transport is not Transport.UDP:
+                continue  # the XDP program relays UDP clients only
             try:
                 (ck, pk), _ = binding_entries(
-                    command.client, command.channel, command.peer, command.allocation_port
+                    command.client.remote, command.channel, command.peer, command.allocation_port
                 )
             except (ValueError, TypeError, IndexError, struct.error):
                 continue  # not a binding we can express: userspace keeps relaying it

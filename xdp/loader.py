@@ -66,7 +66,7 @@ class TurnRouter:
     """One loaded instance of xdp/turn_router.c: its program, maps and (optional) attachment."""
 
     def __init__(
-        self, max_bindings: int = 65536, timing_sample: int = 16, source: Path | None = None
+        self, max_bindings: int = 65536, timing_sample: int = 256, source: Path | None = None
     ) -> None:
         """``timing_sample``: time one packet in that many (a power of two; 1 = every packet)."""
         if timing_sample < 1 or timing_sample & (timing_sample - 1):

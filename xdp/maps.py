@@ -125,7 +125,7 @@ class XdpCounters:
     their application data (ChannelData payload); ``passed`` counts XDP_PASS by reason
     (``PASS_REASONS``).
     ``packet_size_buckets`` use the userspace buckets (payload bytes, [100*i, 100*(i+1)), last
-    >= 1500). Processing time is sampled (one packet in ``TIMING_SAMPLE``, default 16, of the
+    >= 1500). Processing time is sampled (one packet in ``TIMING_SAMPLE``, default 256, of the
     candidate TURN packets: UDP to the listen port or the allocation range; recorded when the
     sample is relayed): ``processing_count`` is the number of samples,
     ``processing_ns_buckets[i]`` counts samples that took [2^(i-1), 2^i) ns (bucket 0: 0 ns;

@@ -16,9 +16,11 @@ from firezone_relay.protocol import channel_data, stun
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.commands import CreateAllocation, SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.types import FiveTuple, udp
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
+LISTEN = ("0.0.0.0", 3478)
 
 
 def _drain(server: Server) -> None:
@@ -26,11 +28,11 @@ def _drain(server: Server) -> None:
         pass
 
 
-def _setup(allocations: int) -> tuple[Server, list[tuple[tuple[str, int], int]]]:
+def _setup(allocations: int) -> tuple[Server, list[tuple[FiveTuple, int]]]:
     server = Server(ServerConfig(public_ip4="52.0.0.1"), random.Random(1))
     routes = []
     for i in range(allocations):
-        sender = (f"93.184.{i // 250}.{i % 250 + 1}", 40000 + i % 1000)
+        sender = udp((f"93.184.{i // 250}.{i % 250 + 1}", 40000 + i % 1000), LISTEN)
         salt = f"salt{i}"
         expiry = int(NOW) + 3600
         client = TurnClient(f"{expiry}:{salt}", firezone_password(server.auth_secret, expiry, salt))
@@ -78,7 +80,9 @@ def bench_allocate(seconds: float) -> float:
     for i in range(5000):
         salt = f"s{i}"
         client = TurnClient(f"{expiry}:{salt}", firezone_password(server.auth_secret, expiry, salt))
-        sender = (f"10.{i // 60000}.{(i // 250) % 240}.{i % 250 + 1}", 1024 + i % 60000)
+        sender = udp(
+            (f"10.{i // 60000}.{(i // 250) % 240}.{i % 250 + 1}", 1024 + i % 60000), LISTEN
+        )
         server.handle_client_input(client.allocate(), sender, NOW)
         client.learn(stun.parse(server.next_command().payload))  # type: ignore[union-attr]
         requests.append((client.allocate(), sender))

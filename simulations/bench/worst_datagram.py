@@ -29,10 +29,12 @@ from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import Attr, Class, Method
+from firezone_relay.protocol.types import udp
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
 CLIENT = ("93.184.216.34", 40000)
+CLIENT_5 = udp(CLIENT, ("0.0.0.0", 3478))
 PEER = ("8.8.8.8", 9)
 
 
@@ -51,7 +53,7 @@ def _drain(server: Server) -> int:
 def _client(server: Server) -> TurnClient:
     expiry = int(NOW) + 3600
     client = TurnClient(f"{expiry}:salt", firezone_password(server.auth_secret, expiry, "salt"))
-    server.handle_client_input(client.allocate(transport=0), CLIENT, NOW)
+    server.handle_client_input(client.allocate(transport=0), CLIENT_5, NOW)
     while (command := server.next_command()) is not None:
         client.learn(stun.parse(command.payload))  # type: ignore[union-attr]
     return client
@@ -59,7 +61,7 @@ def _client(server: Server) -> TurnClient:
 
 def _allocated(server: Server) -> TurnClient:
     client = _client(server)
-    server.handle_client_input(client.allocate(), CLIENT, NOW)
+    server.handle_client_input(client.allocate(), CLIENT_5, NOW)
     _drain(server)
     return client
 
@@ -103,7 +105,7 @@ def candidates() -> dict[str, tuple[Server, Factory]]:
     out["permission-58"] = (server, lambda i: client.create_permission(*peers[:58]))
     server = _server()
     sender = _allocated(server)
-    server.handle_client_input(sender.create_permission(PEER), CLIENT, NOW)
+    server.handle_client_input(sender.create_permission(PEER), CLIENT_5, NOW)
     _drain(server)
     out["send-64k"] = (server, lambda i: sender.send_indication(PEER, b"\x00" * 64_000))
     out["channel-64k"] = (_server(), lambda i: b"\x40\x01\xfa\x00" + b"\x00" * 64_000)
@@ -123,7 +125,7 @@ def measure(server: Server, make: Factory, repeat: int) -> tuple[float, int, int
     commands = 0
     start = time.process_time()
     for datagram in datagrams:
-        server.handle_client_input(datagram, CLIENT, NOW)
+        server.handle_client_input(datagram, CLIENT_5, NOW)
         commands = _drain(server)
     return (time.process_time() - start) * 1000 / repeat, len(datagrams[0]), commands
 

@@ -2,10 +2,17 @@
 nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood in time and count.
 
 1. Program cost per path: BPF_PROG_TEST_RUN with a repeat count, reporting the kernel's mean
-   ns per run (median of three runs). test_run does not reset the frame between repetitions,
-   so the map entries are arranged so that each output is again a valid input: a relaying path
+   ns per run (best of five runs, interleaved with the baselines: the machine is shared, and
+   noise only ever adds time). test_run does not reset the frame between repetitions, so the
+   map entries are arranged so that each output is again a valid input: a relaying path
    alternates with its reverse (channel->udp, udp->channel, ...) or is a fixed point (relay
-   loop), and the figure is the mean of the two directions.
+   loop), and the figure is the mean of the two directions. Beside each path, in the same
+   process and interleaved run by run: a minimal Firezone-style IPv4 router
+   (simulations/bench/minimal_router.c: map lookup, strip/prepend the ChannelData header,
+   addresses and ports rewritten, incremental checksums, XDP_TX) on its own strip/prepend
+   cycle, and an empty program (XDP_PASS) on the same frame; printed as ratios with issue 24's
+   targets (same-family channel<->udp <= 1.2x the minimal router, cross-family and relay loop
+   <= 1.5x, passing to userspace <= 2x the empty program).
 2. The real daemon (``firezone-relay``) in the relay namespace of the topology of
    simulations/netns/topology.py, once in userspace and once with ``--ebpf-offloading p0``: a
    TURN client in the client namespace allocates and binds a channel to a peer behind the NAT
@@ -31,6 +38,8 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
+import struct
 import sys
 import textwrap
 import time
@@ -41,7 +50,7 @@ from typing import Any
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.commands import CreateChannelBinding
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import Addr, udp
 from firezone_relay.xdp import bpfsys
 from firezone_relay.xdp.maps import RouterConfig, chan_key, peer_key
 from simulations.frames import channel_data, frame
@@ -72,48 +81,124 @@ def _pub(v6: bool) -> str:
     return PUB6 if v6 else PUB4
 
 
-def bench_program(repeat: int) -> list[tuple[str, float, int]]:
-    """(path, ns per packet, verdict) for every path of the program."""
+MINIMAL_SOURCE = Path(__file__).with_name("minimal_router.c")
+#: Ratio targets (issue 24): ours / the minimal router on relaying paths, ours / the empty
+#: program on paths that pass to userspace.
+SAME_FAMILY, CROSS_OR_LOOP, PASSING = 1.2, 1.5, 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class PathCost:
+    """One path of the program, with the two baselines measured beside it (ns per packet)."""
+
+    name: str
+    ours: float
+    verdict: int
+    minimal: float  # the minimal router: its IPv4 strip/prepend cycle, or this frame when passing
+    empty: float  # an XDP program that only returns XDP_PASS, on this frame
+    target: float  # the ratio to meet: to ``minimal`` when relaying, to ``empty`` when passing
+    compared: tuple[float, ...] = ()  # other builds of the program (``--compare``), same frame
+
+    @property
+    def relaying(self) -> bool:
+        return self.verdict == bpfsys.XDP_TX
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / (self.minimal if self.relaying else self.empty)
+
+
+def _v4(addr: str, port: int, other: int) -> bytes:
+    """A key or value of the minimal router's maps: address, port, port-or-channel."""
+    return socket.inet_aton(addr) + struct.pack("!HH", port, other)
+
+
+def bench_program(
+    repeat: int, compare: list[tuple[str, Path]] | None = None
+) -> tuple[list[PathCost], bool]:
+    """Every path of the program beside the minimal router and the empty program, interleaved
+    run by run (best of five each), and whether the minimal router's output equals ours on the
+    IPv4 channel<->udp cycle (the floor must do the same work). ``compare``: other sources of
+    the program (e.g. the build before a change), measured the same way in the same loop."""
     from firezone_relay.xdp.loader import TurnRouter, import_bcc
 
+    config = RouterConfig(public_ip4=PUB4, public_ip6=PUB6, interface_ip4=R4, interface_ip6=R6)
     router = TurnRouter(max_bindings=1024)
-    router.configure(
-        RouterConfig(public_ip4=PUB4, public_ip6=PUB6, interface_ip4=R4, interface_ip6=R6)
-    )
-    results: list[tuple[str, float, int]] = []
+    others = [TurnRouter(max_bindings=1024, source=src) for _, src in compare or []]
+    for r in (router, *others):
+        r.configure(config)
+    bcc = import_bcc()
+    minimal = bcc.BPF(src_file=str(MINIMAL_SOURCE).encode(), cflags=["-w"])
+    minimal_fd = minimal.load_func(b"xdp_minimal", bcc.BPF.XDP).fd
+    # the same IPv4 cycle as ours below: R4:3478 channel CH <-> R4:A -> R4:PP
+    bpfsys.map_update(minimal[b"c2p"].map_fd, _v4(R4, LISTEN, CH), _v4(R4, PP, A))
+    bpfsys.map_update(minimal[b"p2c"].map_fd, _v4(R4, A, PP), _v4(R4, LISTEN, CH))
+    empty = bcc.BPF(text=b"int xdp_nop(struct xdp_md *ctx) { return XDP_PASS; }")
+    empty_fd = empty.load_func(b"xdp_nop", bcc.BPF.XDP).fd
+    cycle4 = frame((R4, LISTEN), (R4, LISTEN), channel_data(CH, PAYLOAD))
+    results: list[PathCost] = []
 
-    def measure(name: str, raw: bytes, setup: Callable[[], None]) -> None:
+    runs: dict[int, list[bpfsys.TestRunResult]] = {}
+
+    def best(fd: int) -> float:
+        return float(min(r.duration_ns for r in runs[fd]))
+
+    def measure(name: str, raw: bytes, setup: Callable[[], None], target: float) -> None:
         setup()
-        router.test_run(raw)  # warm up
-        runs = sorted(
-            (router.test_run(raw, repeat=repeat) for _ in range(3)), key=lambda r: r.duration_ns
+        ours_verdict = router.test_run(raw).retval  # warm up
+        relaying = ours_verdict == bpfsys.XDP_TX
+        min_raw = cycle4 if relaying else raw
+        for fd in (minimal_fd, empty_fd):
+            bpfsys.prog_test_run(fd, min_raw if fd == minimal_fd else raw)
+        runs.clear()
+        runs.update({fd: [] for fd in (router.prog_fd, minimal_fd, empty_fd)})
+        runs.update({o.prog_fd: [] for o in others})
+        for o in others:
+            o.test_run(raw)
+        for _ in range(5):
+            runs[router.prog_fd].append(router.test_run(raw, repeat=repeat))
+            for o in others:
+                runs[o.prog_fd].append(o.test_run(raw, repeat=repeat))
+            runs[minimal_fd].append(bpfsys.prog_test_run(minimal_fd, min_raw, repeat=repeat))
+            runs[empty_fd].append(bpfsys.prog_test_run(empty_fd, raw, repeat=repeat))
+        verdict = runs[router.prog_fd][0].retval
+        results.append(
+            PathCost(
+                name,
+                best(router.prog_fd),
+                verdict,
+                best(minimal_fd),
+                best(empty_fd),
+                target if verdict == bpfsys.XDP_TX else PASSING,
+                tuple(best(o.prog_fd) for o in others),
+            )
         )
-        results.append((name, float(runs[1].duration_ns), runs[1].retval))
-        router.delete(router_keys_c2p(), router_keys_p2c())
+        for r in (router, *others):
+            r.delete(installed["c2p"], installed["p2c"])
 
     installed: dict[str, list[bytes]] = {"c2p": [], "p2c": []}
 
     def put(c2p: list[tuple[bytes, bytes]], p2c: list[tuple[bytes, bytes]]) -> None:
-        router.update(c2p, p2c)
+        for r in (router, *others):
+            r.update(c2p, p2c)
         installed["c2p"] = [k for k, _ in c2p]
         installed["p2c"] = [k for k, _ in p2c]
 
-    def router_keys_c2p() -> list[bytes]:
-        return installed["c2p"]
-
-    def router_keys_p2c() -> list[bytes]:
-        return installed["p2c"]
+    def cycle(rc: str, rp: str) -> None:
+        put(
+            [(chan_key((rc, LISTEN), CH), peer_key((rp, PP), A))],
+            [(peer_key((rp, A), PP), chan_key((rc, LISTEN), CH))],
+        )
 
     for cf, pf in ((False, False), (True, True), (False, True), (True, False)):
         rc, rp = _r(cf), _r(pf)
         name = f"v{6 if cf else 4}->v{6 if pf else 4} channel->udp + udp->channel"
+        raw = frame((rc, LISTEN), (rc, LISTEN), channel_data(CH, PAYLOAD))
         measure(
             name,
-            frame((rc, LISTEN), (rc, LISTEN), channel_data(CH, PAYLOAD)),
-            lambda rc=rc, rp=rp: put(  # type: ignore[misc]
-                [(chan_key((rc, LISTEN), CH), peer_key((rp, PP), A))],
-                [(peer_key((rp, A), PP), chan_key((rc, LISTEN), CH))],
-            ),
+            raw,
+            lambda rc=rc, rp=rp: cycle(rc, rp),  # type: ignore[misc]
+            SAME_FAMILY if cf == pf else CROSS_OR_LOOP,
         )
     for af, bf, via in ((False, False, False), (True, True, True), (False, True, False)):
         ra, rb, pub = _r(af), _r(bf), _pub(via)
@@ -131,27 +216,56 @@ def bench_program(repeat: int) -> list[tuple[str, float, int]]:
                     (peer_key((pub, B), A), chan_key((ra, LISTEN), CH)),
                 ],
             ),
+            CROSS_OR_LOOP,
         )
     nothing: Callable[[], None] = lambda: put([], [])  # noqa: E731
     binding_request = stun.encode(stun.Method.BINDING, stun.Class.REQUEST, b"t" * 12, [])
-    measure("pass: STUN request", frame(("8.8.8.8", 4000), (R4, LISTEN), binding_request), nothing)
-    measure(
-        "pass: ChannelData without binding",
-        frame(("8.8.8.8", 4000), (R4, LISTEN), channel_data(CH, PAYLOAD)),
-        nothing,
-    )
-    measure("pass: peer UDP without binding", frame(("8.8.8.8", 4000), (R4, A), PAYLOAD), nothing)
-    measure("pass: other UDP port", frame(("8.8.8.8", 4000), (R4, 53), PAYLOAD), nothing)
-    router.close()
+    for name, raw in (
+        ("pass: STUN request", frame(("8.8.8.8", 4000), (R4, LISTEN), binding_request)),
+        (
+            "pass: ChannelData without binding",
+            frame(("8.8.8.8", 4000), (R4, LISTEN), channel_data(CH, PAYLOAD)),
+        ),
+        ("pass: peer UDP without binding", frame(("8.8.8.8", 4000), (R4, A), PAYLOAD)),
+        ("pass: other UDP port", frame(("8.8.8.8", 4000), (R4, 53), PAYLOAD)),
+    ):
+        measure(name, raw, nothing, PASSING)
 
-    bcc = import_bcc()
-    empty = bcc.BPF(text=b"int xdp_nop(struct xdp_md *ctx) { return XDP_PASS; }")
-    fd = empty.load_func(b"xdp_nop", bcc.BPF.XDP).fd
-    raw = frame(("8.8.8.8", 4000), (R4, LISTEN), channel_data(CH, PAYLOAD))
-    res = bpfsys.prog_test_run(fd, raw, repeat=repeat)
-    results.append(("baseline: empty XDP program", float(res.duration_ns), res.retval))
+    cycle(R4, R4)
+    same = all(
+        router.test_run(raw).data == bpfsys.prog_test_run(minimal_fd, raw).data
+        for raw in (cycle4, router.test_run(cycle4).data)
+    )
+    for r in (router, *others):
+        r.close()
+    minimal.cleanup()
     empty.cleanup()
-    return results
+    return results, same
+
+
+def print_program(program: list[PathCost], same: bool, compare: list[str]) -> None:
+    print(
+        f"  {'path':<46} {'ours':>6} {'minimal':>8} {'empty':>6} {'ours/min':>9} "
+        f"{'ours/empty':>10}  target" + "".join(f"  |  {n}: ns, ratio" for n in compare)
+    )
+    for p in program:
+        v = {bpfsys.XDP_TX: "TX", bpfsys.XDP_PASS: "PASS"}.get(p.verdict, str(p.verdict))
+        met = "met" if p.ratio <= p.target else "NOT met"
+        against = "min" if p.relaying else "empty"
+        print(
+            f"  {p.name + ' (' + v + ')':<46} {p.ours:6.0f} {p.minimal:8.0f} {p.empty:6.0f} "
+            f"{p.ours / p.minimal:8.2f}x {p.ours / p.empty:9.2f}x  "
+            f"<= {p.target:g}x {against}: {met}"
+            + "".join(
+                f"  |  {ns:4.0f} {ns / (p.minimal if p.relaying else p.empty):5.2f}x"
+                for ns in p.compared
+            )
+        )
+    print(
+        "  (ns/packet, best of 5 interleaved runs each; relaying paths are compared with the "
+        "minimal router's IPv4 strip/prepend cycle, passing paths with the empty program on the "
+        f"same frame; minimal router output == ours on the IPv4 cycle: {'yes' if same else 'NO'})"
+    )
 
 
 def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, float, float, int]]:
@@ -197,11 +311,12 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
         cli_pub = learn(t.cli, 40000, LISTEN)
         gw_pub = learn(t.gw, 50000, A)  # also opens gw's NAT mapping for A
         gw_listen_pub = learn(t.gw, 50001, LISTEN)
+        listen = (t.relay4, LISTEN)
         proxy.apply(
             (
-                CreateChannelBinding(cli_pub, CH, gw_pub, A),
-                CreateChannelBinding(cli_pub, CH + 1, (t.relay4, B), A + 10),
-                CreateChannelBinding(gw_listen_pub, CH + 2, (t.relay4, A + 10), B),
+                CreateChannelBinding(udp(cli_pub, listen), CH, gw_pub, A),
+                CreateChannelBinding(udp(cli_pub, listen), CH + 1, (t.relay4, B), A + 10),
+                CreateChannelBinding(udp(gw_listen_pub, listen), CH + 2, (t.relay4, A + 10), B),
             )
         ).get(timeout=10)
 
@@ -402,15 +517,15 @@ def print_daemon(run: ModeRun, seconds: float) -> None:
         )
 
 
-def print_targets(program: list[tuple[str, float, int]], runs: list[ModeRun]) -> None:
+def print_targets(program: list[PathCost], runs: list[ModeRun]) -> None:
     """The figures next to issue 5's targets (printed, never asserted)."""
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    prog = {name: ns for name, ns, _ in program}
+    prog = {p.name: p.ours for p in program}
     path_ns = prog.get("v4->v4 channel->udp + udp->channel", float("nan"))
-    relaying = [ns for name, ns, v in program if v == bpfsys.XDP_TX]
+    relaying = [p.ours for p in program if p.relaying]
     worst = max(relaying) if relaying else float("nan")
     print("\ntargets (issue 5), figures from this run:")
     print(
@@ -480,6 +595,13 @@ def main() -> None:
         help="offered pps per daemon step, 'max' = flat out",
     )
     parser.add_argument("--limit", type=int, default=2_000_000, help="max packets per flood")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="also measure this source of the XDP program (e.g. the build before a change)",
+    )
     parser.add_argument("--mode", choices=("generic", "driver"), default="generic")
     parser.add_argument("--budget", type=float, default=90.0, help="whole run, seconds (max 90)")
     parser.add_argument("--skip-topology", action="store_true", help="no direct-map flood")
@@ -497,10 +619,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
 
     print(f"XDP TURN router, BPF_PROG_TEST_RUN, repeat={args.repeat}, 100-byte payload")
-    program = bench_program(args.repeat)
-    for name, ns, verdict in program:
-        v = {bpfsys.XDP_TX: "TX", bpfsys.XDP_PASS: "PASS"}.get(verdict, str(verdict))
-        print(f"  {name:<52} {ns:7.1f} ns/packet  ({v})")
+    compare = [(name, Path(src)) for name, _, src in (c.partition("=") for c in args.compare)]
+    program, same = bench_program(args.repeat, compare)
+    print_program(program, same, [name for name, _ in compare])
 
     runs: list[ModeRun] = []
     if not args.skip_daemon:

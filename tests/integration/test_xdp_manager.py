@@ -22,6 +22,7 @@ from firezone_relay.actors.xdp_manager import (
     start_offload,
 )
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
+from firezone_relay.protocol.types import FiveTuple, udp
 from firezone_relay.xdp import bpfsys
 from firezone_relay.xdp.loader import XdpUnavailable
 from simulations.frames import channel_data, frame
@@ -32,6 +33,12 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RELAY = "10.9.0.1"
+
+LISTEN_ADDR = ("0.0.0.0", 3478)
+
+
+def _client(host: str) -> FiveTuple:
+    return udp((host, 40000), LISTEN_ADDR)
 
 
 @pytest.fixture
@@ -215,19 +222,19 @@ def test_batches_of_commands(manager: object) -> None:
     n = 2000
     creates = tuple(
         CreateChannelBinding(
-            (f"100.64.{i // 250}.{i % 250 + 1}", 40000),
+            udp((f"100.64.{i // 250}.{i % 250 + 1}", 40000), LISTEN_ADDR),
             0x4000 + i % 0x1000,
             ("8.8.4.4", 5000 + i),
             49152 + i,
         )
         for i in range(n)
     )
-    manager.tell((*creates, SendMessage(b"x", ("1.2.3.4", 5))))  # type: ignore[attr-defined]
+    manager.tell((*creates, SendMessage(b"x", udp(("1.2.3.4", 5), LISTEN_ADDR))))  # type: ignore[attr-defined]
     proxy = manager.proxy()  # type: ignore[attr-defined]
     assert proxy.status().get(timeout=10).bindings == n
 
     def verdict(c: CreateChannelBinding) -> int:
-        raw = frame(c.client, (RELAY, 3478), channel_data(c.channel, b"data"))
+        raw = frame(c.client.remote, (RELAY, 3478), channel_data(c.channel, b"data"))
         return int(proxy.test_run(raw).get(timeout=5)[0])
 
     assert {verdict(c) for c in creates[::97]} == {bpfsys.XDP_TX}
@@ -247,9 +254,9 @@ def test_batches_of_commands(manager: object) -> None:
 
 def test_counters_are_plain_numbers(manager: object) -> None:
     proxy = manager.proxy()  # type: ignore[attr-defined]
-    binding = CreateChannelBinding(("100.64.0.1", 40000), 0x4000, ("8.8.4.4", 5000), 49152)
+    binding = CreateChannelBinding(_client("100.64.0.1"), 0x4000, ("8.8.4.4", 5000), 49152)
     proxy.apply((binding,)).get(timeout=5)
-    raw = frame(binding.client, (RELAY, 3478), channel_data(0x4000, b"y" * 120))
+    raw = frame(binding.client.remote, (RELAY, 3478), channel_data(0x4000, b"y" * 120))
     assert proxy.test_run(raw).get(timeout=5)[0] == bpfsys.XDP_TX
     c = proxy.counters().get(timeout=5)
     assert c.packets["channel_to_udp"] == 1 and c.payload_bytes["channel_to_udp"] == 120
@@ -303,10 +310,10 @@ def test_binding_table_coalesces_a_batch() -> None:
     from firezone_relay.xdp.maps import binding_entries
 
     t = BindingTable()
-    a = CreateChannelBinding(("100.64.0.1", 40000), 0x4000, ("8.8.4.4", 5000), 49152)
-    b = CreateChannelBinding(("100.64.0.2", 40000), 0x4001, ("2001:4860::1", 5000), 49153)
+    a = CreateChannelBinding(_client("100.64.0.1"), 0x4000, ("8.8.4.4", 5000), 49152)
+    b = CreateChannelBinding(_client("100.64.0.2"), 0x4001, ("2001:4860::1", 5000), 49153)
     del_a = DeleteChannelBinding(a.client, a.channel, a.peer, a.allocation_port)
-    (ck_a, pk_a), _ = binding_entries(a.client, a.channel, a.peer, a.allocation_port)
+    (ck_a, pk_a), _ = binding_entries(a.client.remote, a.channel, a.peer, a.allocation_port)
     changes = t.plan((a, b, SendMessage(b"", ("1.2.3.4", 1))))
     assert len(changes.update_c2p) == 2 and len(changes.update_p2c) == 2
     assert not changes.delete_c2p and not changes.delete_p2c
@@ -324,7 +331,7 @@ def test_binding_table_coalesces_a_batch() -> None:
     assert ck_a in changes.delete_c2p and pk_a not in changes.delete_p2c
     assert t.p2c[pk_a] != ck_a
     # nonsense addresses are skipped, not raised
-    bad = CreateChannelBinding(("not an ip", 1), 0x4000, ("8.8.4.4", 5000), 49152)
+    bad = CreateChannelBinding(udp(("not an ip", 1), LISTEN_ADDR), 0x4000, ("8.8.4.4", 5000), 49152)
     assert not t.plan((bad,))
 
 

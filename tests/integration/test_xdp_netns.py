@@ -16,7 +16,7 @@ import pytest
 
 from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions, start_offload
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
-from firezone_relay.protocol.types import Addr
+from firezone_relay.protocol.types import Addr, udp
 from simulations.frames import channel_data
 from simulations.netns.topology import Netns, Topology
 from tests.integration.conftest import require_bcc
@@ -146,7 +146,7 @@ def test_ipv4_both_ways_and_unbinding(relay: Relay) -> None:
     cli_pub = relay.learn(cli, t.relay4, LISTEN)
     gw_pub = relay.learn(gw, t.relay4, 49152)  # also opens gw's NAT mapping
     assert cli_pub[0] == t.client_public4 and gw_pub[0] == t.gateway_public4
-    binding = (cli_pub, 0x4000, gw_pub, 49152)
+    binding = (udp(cli_pub, (t.relay4, LISTEN)), 0x4000, gw_pub, 49152)
     relay.apply(CreateChannelBinding(*binding))
     exchange(cli, gw, (t.relay4, LISTEN), (t.relay4, 49152), 0x4000)
     assert relay.all_silent()
@@ -170,7 +170,7 @@ def test_ipv6_both_ways(relay: Relay) -> None:
     cli_pub = relay.learn(cli, t.relay6, LISTEN)
     gw_pub = relay.learn(gw, t.relay6, 49152)
     assert cli_pub == (t.client_public6, 40000) and gw_pub == (t.gateway_public6, 50000)
-    relay.apply(CreateChannelBinding(cli_pub, 0x4123, gw_pub, 49152))
+    relay.apply(CreateChannelBinding(udp(cli_pub, ("::", LISTEN)), 0x4123, gw_pub, 49152))
     exchange(cli, gw, (t.relay6, LISTEN), (t.relay6, 49152), 0x4123)
     assert relay.all_silent()
 
@@ -186,7 +186,7 @@ def test_across_families(relay: Relay, client_v6: bool) -> None:
         gw, relay_p = t.gw.udp("::", 50000), t.relay6
     cli_pub = relay.learn(cli, relay_c, LISTEN)
     gw_pub = relay.learn(gw, relay_p, 49152)
-    relay.apply(CreateChannelBinding(cli_pub, 0x4001, gw_pub, 49152))
+    relay.apply(CreateChannelBinding(udp(cli_pub, ("0.0.0.0", LISTEN)), 0x4001, gw_pub, 49152))
     exchange(cli, gw, (relay_c, LISTEN), (relay_p, 49152), 0x4001)
     assert relay.all_silent()
 
@@ -208,8 +208,8 @@ def test_relay_loop(relay: Relay, a_v6: bool, b_v6: bool, via_v6: bool) -> None:
     b_pub = relay.learn(b, relay_b, LISTEN)
     port_a, port_b = 49152, 49153
     relay.apply(
-        CreateChannelBinding(a_pub, 0x4001, (via, port_b), port_a),
-        CreateChannelBinding(b_pub, 0x4FFE, (via, port_a), port_b),
+        CreateChannelBinding(udp(a_pub, ("0.0.0.0", LISTEN)), 0x4001, (via, port_b), port_a),
+        CreateChannelBinding(udp(b_pub, ("0.0.0.0", LISTEN)), 0x4FFE, (via, port_a), port_b),
     )
     for p in PAYLOADS:
         a.sendto(channel_data(0x4001, p), (relay_a, LISTEN))

@@ -24,7 +24,7 @@ from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.commands import Command, CreateAllocation
 from firezone_relay.protocol.routes import LoopToClient
 from firezone_relay.protocol.server import Server, ServerConfig
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, udp
 from firezone_relay.xdp import bpfsys
 from firezone_relay.xdp.bindings import BindingTable
 from firezone_relay.xdp.maps import RouterConfig
@@ -55,6 +55,11 @@ DEFAULT_CONFIG = RouterConfig(
     interface_ip4=IFACE4,
     interface_ip6=IFACE6,
 )
+
+
+def _udp(client: tuple[str, int]) -> FiveTuple:
+    """A UDP client's 5-tuple on the listen socket of its family."""
+    return udp(client, ("::" if ":" in client[0] else "0.0.0.0", LISTEN))
 
 
 def is6(addr: Addr | str) -> bool:
@@ -145,10 +150,10 @@ class Relay:
         )
         from firezone_relay.protocol import stun
 
-        self.server.handle_client_input(tc.allocate(transport=0), client, 0.0)
+        self.server.handle_client_input(tc.allocate(transport=0), _udp(client), 0.0)
         for c in self._drain():
             tc.learn(stun.parse(c.payload))  # type: ignore[union-attr]
-        self.server.handle_client_input(tc.allocate(additional_family=Family.V6), client, 0.0)
+        self.server.handle_client_input(tc.allocate(additional_family=Family.V6), _udp(client), 0.0)
         ports = {c.port for c in self._drain() if isinstance(c, CreateAllocation)}
         assert len(ports) == 1, f"allocation for {client} failed"
         self.clients[client] = tc
@@ -157,13 +162,13 @@ class Relay:
 
     def bind(self, client: Addr, channel: int, peer: Addr) -> None:
         self.server.handle_client_input(
-            self.clients[client].channel_bind(channel, peer), client, 0.0
+            self.clients[client].channel_bind(channel, peer), _udp(client), 0.0
         )
         assert any(type(c).__name__ == "CreateChannelBinding" for c in self._drain())
 
     def release(self, client: Addr) -> None:
         """Refresh with lifetime 0: the server deletes the allocation and its channels."""
-        self.server.handle_client_input(self.clients[client].refresh(lifetime=0), client, 0.0)
+        self.server.handle_client_input(self.clients[client].refresh(lifetime=0), _udp(client), 0.0)
         self._drain()
 
     def relayed(self, client: Addr) -> Addr:
@@ -175,14 +180,14 @@ class Relay:
         """The frame the userspace relay sends for input ``raw`` (None: it sends nothing)."""
         p = parse(raw)
         if p.dst[1] == LISTEN:
-            route = self.server.handle_client_input(p.payload, p.src, 0.0)
+            route = self.server.handle_client_input(p.payload, _udp(p.src), 0.0)
             if route is None:
                 return None
             if isinstance(route, LoopToClient):
                 # relay loop: the core hands the data to the other allocation's client
                 client, channel, length = route
                 return self._expect(
-                    p, client, LISTEN, channel_data(channel, p.payload[4 : 4 + length])
+                    p, client.remote, LISTEN, channel_data(channel, p.payload[4 : 4 + length])
                 )
             port, peer, span = route
             return self._expect(p, peer, port, p.payload[span])
@@ -190,7 +195,7 @@ class Relay:
         if back is None:
             return None
         client, channel = back
-        return self._expect(p, client, LISTEN, channel_data(channel, p.payload))
+        return self._expect(p, client.remote, LISTEN, channel_data(channel, p.payload))
 
     @staticmethod
     def _expect(p: Parsed, dst: Addr, sport: int, payload: bytes) -> bytes:

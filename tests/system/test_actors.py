@@ -23,7 +23,7 @@ from firezone_relay.protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
-from firezone_relay.protocol.types import Family
+from firezone_relay.protocol.types import Family, udp
 
 pytestmark = pytest.mark.system
 
@@ -202,7 +202,7 @@ def test_pipeline_routes_each_command_to_its_target() -> None:
 
         fast_path = FastPath.start()
         pipeline = Pipeline(core, sent.append, spawn, fast_path)  # type: ignore[arg-type]
-        client, peer = ("127.0.0.1", 5000), ("127.0.0.1", 6000)
+        client, peer = udp(("127.0.0.1", 5000), ("127.0.0.1", 3478)), ("127.0.0.1", 6000)
         script: list[Command] = [
             CreateAllocation(50000, Family.V4),
             CreateChannelBinding(client, 0x4000, peer, 50000),

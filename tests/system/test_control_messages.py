@@ -196,6 +196,8 @@ def test_an_allocation_reports_its_sockets_and_its_end() -> None:
             assert relay.kinds() == [PeerSocketOpened, PeerSocketClosed, AllocationStopped]
             closed, stopped = relay.seen[1][0], relay.seen[2][0]
             assert isinstance(closed, PeerSocketClosed) and closed.port == port
+            assert closed.sock is opened.sock
+            assert closed.sock.fileno() == -1  # the data plane closed it, after its routes
             assert isinstance(stopped, AllocationStopped) and stopped.port == port
             assert relay.dataplane.allocation_sockets == {}
 

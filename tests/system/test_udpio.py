@@ -294,7 +294,7 @@ class InProcessRelay:
         )
         self.server = Server(config, random.Random(7), "secret")
         self.dataplane = DataPlane(self.server, self.drain)
-        self.dataplane.listen[int(Family.V4)] = self.listen
+        self.dataplane.add_listen_socket(Family.V4, self.listen)
         self.core_calls = 0
         handle = self.server.handle_client_input
 
@@ -307,15 +307,17 @@ class InProcessRelay:
     def drain(self) -> None:
         from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation, SendMessage
 
-        sockets = self.dataplane.allocation_sockets
+        dataplane = self.dataplane
+        sockets = dataplane.allocation_sockets
         while (command := self.server.next_command()) is not None:
             if isinstance(command, SendMessage):
                 self.dataplane.send_message(command)
             elif isinstance(command, CreateAllocation):
-                key = (command.port, int(command.family))
-                sockets[key] = self._bind(command.family, "127.0.0.1", command.port)
+                sock = self._bind(command.family, "127.0.0.1", command.port)
+                dataplane.add_peer_socket(command.port, command.family, sock)
             elif isinstance(command, FreeAllocation):
-                sockets.pop((command.port, int(command.family))).close()
+                sock = sockets[(command.port, int(command.family))]
+                dataplane.close_peer_socket(command.port, command.family, sock)
             else:
                 self.dataplane.sync_channel(command)
 

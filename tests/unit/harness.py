@@ -11,7 +11,7 @@ from firezone_relay.protocol.commands import Command, SendMessage
 from firezone_relay.protocol.routes import ClientRoute
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import Attr, Class, Message
-from firezone_relay.protocol.types import Addr, Family
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, udp
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0  # the harness's clock doubles as wall clock (unix_offset = 0)
@@ -21,6 +21,13 @@ CLIENT = ("93.184.216.34", 40000)
 CLIENT6 = ("2606:2800:220:1::7", 40000)
 PEER = ("8.8.4.4", 5000)
 PEER6 = ("2001:4860:4860::8844", 5000)
+LISTEN = ("0.0.0.0", 3478)
+LISTEN6 = ("::", 3478)
+
+
+def five_tuple(client: Addr) -> FiveTuple:
+    """The 5-tuple of a UDP client at ``client`` on the listen socket of its family."""
+    return udp(client, LISTEN6 if ":" in client[0] else LISTEN)
 
 
 @dataclass
@@ -56,7 +63,9 @@ class Harness:
         return out
 
     def send(self, data: bytes, sender: Addr = CLIENT, at: float | None = None) -> Outcome:
-        relay = self.server.handle_client_input(data, sender, self.now if at is None else at)
+        relay = self.server.handle_client_input(
+            data, five_tuple(sender), self.now if at is None else at
+        )
         return Outcome(self.drain(), relay)
 
     def peer(self, data: bytes, peer: Addr, port: int) -> Outcome:
@@ -99,4 +108,14 @@ def is_success(message: Message) -> bool:
     return message.cls == Class.SUCCESS
 
 
-__all__ = ["CLIENT", "CLIENT6", "NOW", "PEER", "PEER6", "PUBLIC4", "PUBLIC6", "Family"]
+__all__ = [
+    "CLIENT",
+    "CLIENT6",
+    "NOW",
+    "PEER",
+    "PEER6",
+    "PUBLIC4",
+    "PUBLIC6",
+    "Family",
+    "five_tuple",
+]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class, Method
-from tests.unit.harness import CLIENT, PEER, Harness
+from tests.unit.harness import CLIENT, PEER, Harness, five_tuple
 
 settings.register_profile(
     "relay", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -66,7 +66,7 @@ def _drain(h: Harness) -> None:
 @given(st.binary(max_size=600), addresses)
 def test_random_bytes_never_raise(data: bytes, sender: tuple[str, int]) -> None:
     h = Harness()
-    h.server.handle_client_input(data, sender, h.now)
+    h.server.handle_client_input(data, five_tuple(sender), h.now)
     h.server.handle_peer_traffic(data, sender, 50000, h.now)
     _drain(h)
     assert h.server.stats.internal_errors == 0
@@ -105,7 +105,7 @@ def test_mutated_valid_datagrams_never_raise(which: int, flips, cut: int) -> Non
             data[position % len(data)] = value
     if cut:
         del data[len(data) - cut :]
-    h.server.handle_client_input(bytes(data), CLIENT, h.now)
+    h.server.handle_client_input(bytes(data), five_tuple(CLIENT), h.now)
     h.server.handle_timeout(h.now + 10_000)
     _drain(h)
     assert h.server.stats.internal_errors == 0
@@ -136,7 +136,7 @@ def test_random_floods_keep_the_server_consistent() -> None:
         data = rng.randbytes(rng.randrange(0, 200))
         if i % 3 == 0 and data:
             data = b"\x00\x03" + data[2:]
-        h.server.handle_client_input(data, ("198.51.100.7", 1 + i % 60000), h.now)
+        h.server.handle_client_input(data, five_tuple(("198.51.100.7", 1 + i % 60000)), h.now)
     _drain(h)
     assert h.server.num_allocations == 1 and h.server.stats.internal_errors == 0
     assert h.send(b"\x40\x00\x00\x03abc").relay is not None

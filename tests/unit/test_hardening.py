@@ -18,7 +18,7 @@ from firezone_relay.protocol.server import (
 from firezone_relay.protocol.stun import Attr, Class, Method
 from firezone_relay.protocol.transactions import ENTRY_OVERHEAD, TransactionCache
 from simulations.turn_client import TurnClient
-from tests.unit.harness import CLIENT, PEER, PUBLIC4, Harness, error_code, is_success
+from tests.unit.harness import CLIENT, PEER, PUBLIC4, Harness, error_code, five_tuple, is_success
 
 # --- 9.1 attribute parsing ------------------------------------------------------------------
 
@@ -116,7 +116,10 @@ def test_refreshing_in_a_loop_does_not_grow_the_timer_heap() -> None:
     assert len(h.server._timers) == timers
     # and the refreshed deadlines still hold: nothing expires early
     h.advance(100)
-    assert h.server.num_allocations == 1 and PEER[0] in h.server._allocations[CLIENT].permissions
+    assert (
+        h.server.num_allocations == 1
+        and PEER[0] in h.server._allocations[five_tuple(CLIENT)].permissions
+    )
     assert h.server.num_active_channels == 1
 
 
@@ -234,7 +237,7 @@ def test_seeded_rng_does_not_derive_keys_or_tokens() -> None:
     config = ServerConfig(public_ip4=PUBLIC4)
     one, two = Server(config, random.Random(1)), Server(config, random.Random(1))
     assert one.auth_secret != two.auth_secret
-    assert one._nonces.issue(CLIENT, 0) != two._nonces.issue(CLIENT, 0)
+    assert one._nonces.issue(five_tuple(CLIENT), 0) != two._nonces.issue(five_tuple(CLIENT), 0)
 
 
 def test_injected_token_source_is_used() -> None:
@@ -251,7 +254,7 @@ def test_bogus_integrity_with_a_valid_nonce_creates_no_state() -> None:
     forged = TurnClient(client.username, "wrong", realm=client.realm, nonce=client.nonce)
     for port in range(1000, 1100):
         sender = (CLIENT[0], port)
-        forged.nonce = h.server._nonces.issue(sender, h.now)
+        forged.nonce = h.server._nonces.issue(five_tuple(sender), h.now)
         assert error_code(h.send(forged.allocate(), sender).response) == 401
     assert len(h.server._nonces) == 0
     assert is_success(h.send(client.allocate()).response)
@@ -260,12 +263,12 @@ def test_bogus_integrity_with_a_valid_nonce_creates_no_state() -> None:
 
 def test_nonce_uses_are_counted_only_for_valid_requests() -> None:
     nonces = Nonces(b"k" * 32, max_uses=2)
-    nonce = nonces.issue(CLIENT, 100.0)
+    nonce = nonces.issue(five_tuple(CLIENT), 100.0)
     for _ in range(5):
-        assert nonces.validate(nonce, CLIENT, 100.0) == "ok"
-    nonces.consume(nonce, CLIENT)
-    nonces.consume(nonce, CLIENT)
-    assert nonces.validate(nonce, CLIENT, 100.0) == "stale"
+        assert nonces.validate(nonce, five_tuple(CLIENT), 100.0) == "ok"
+    nonces.consume(nonce, five_tuple(CLIENT))
+    nonces.consume(nonce, five_tuple(CLIENT))
+    assert nonces.validate(nonce, five_tuple(CLIENT), 100.0) == "stale"
 
 
 # --- 10.1 credential rotation, as connlib does it ---------------------------------------------

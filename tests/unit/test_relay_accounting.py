@@ -8,7 +8,7 @@ import pytest
 
 from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.server import Stats, size_bucket
-from tests.unit.harness import PEER, Harness, is_success
+from tests.unit.harness import PEER, Harness, five_tuple, is_success
 
 CLIENT_B = ("198.51.200.7", 50000)
 
@@ -52,7 +52,11 @@ def test_every_relay_loop_path_is_counted() -> None:
     assert h.send(channel_data.encode(0x4000, b"x" * 120)).messages
     # B binds a channel back: in place, both ways
     assert is_success(h.send(b.channel_bind(0x4ABC, (own, port_a)), CLIENT_B).response)
-    assert h.send(channel_data.encode(0x4000, b"y" * 220)).relay == (CLIENT_B, 0x4ABC, 220)
+    assert h.send(channel_data.encode(0x4000, b"y" * 220)).relay == (
+        five_tuple(CLIENT_B),
+        0x4ABC,
+        220,
+    )
     # a port of the range with no allocation may be another local socket: refused, never sent
     spare = next(p for p in (port_b + 1, port_b - 1) if p not in (port_a, port_b))
     assert not is_success(h.send(a.channel_bind(0x4001, (own, spare))).response)

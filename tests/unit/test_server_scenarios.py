@@ -29,6 +29,7 @@ from tests.unit.harness import (
     PUBLIC6,
     Harness,
     error_code,
+    five_tuple,
     is_success,
 )
 
@@ -188,7 +189,7 @@ def test_same_username_from_new_socket_frees_the_old_allocation_first() -> None:
     client.nonce = None  # nonces are per socket: the roamed client is challenged again
     out = h.allocate(client, sender=roamed)
     assert out.others[:2] == [
-        DeleteChannelBinding(CLIENT, 0x4000, PEER, old_port),
+        DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, old_port),
         FreeAllocation(old_port, Family.V4),
     ]
     assert isinstance(out.others[2], CreateAllocation)
@@ -408,7 +409,7 @@ def _bound(h: Harness, channel: int = 0x4000, peer: tuple[str, int] = PEER):  # 
 def test_channel_bind_emits_binding_before_success() -> None:
     h = Harness()
     client, port, out = _bound(h)
-    assert out.commands[0] == CreateChannelBinding(CLIENT, 0x4000, PEER, port)
+    assert out.commands[0] == CreateChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port)
     assert is_success(out.response) and client.verify(out.response)
     assert [t for t, _ in out.response.attributes] == [Attr.SOFTWARE, Attr.MESSAGE_INTEGRITY]
     assert h.server.num_active_channels == 1
@@ -423,7 +424,7 @@ def test_data_path_both_ways() -> None:
     assert out.relay == ToPeer(port, PEER, slice(4, 9)) and out.commands == []
     assert datagram[4:9] == b"hello"
     back = h.peer(b"world", PEER, port)
-    assert back.route == ToClient(CLIENT, 0x4000)  # type: ignore[attr-defined]
+    assert back.route == ToClient(five_tuple(CLIENT), 0x4000)  # type: ignore[attr-defined]
     assert h.server.stats.relayed_packets_userspace == 2
     unpadded = channel_data.encode(0x4000, b"hello!!!")
     route = h.send(unpadded).relay
@@ -462,14 +463,14 @@ def test_channel_lifecycle_expiry_cooldown_and_rebind() -> None:
     client, port, _ = _bound(h)
     h.send(client.refresh(3600))
     commands = h.advance(600)
-    assert DeleteChannelBinding(CLIENT, 0x4000, PEER, port) in commands
+    assert DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port) in commands
     assert h.send(channel_data.encode(0x4000, b"x")).relay is None
     # during the cooldown
     other_peer = ("8.8.8.8", 53)
     assert error_code(h.send(client.channel_bind(0x4000, other_peer)).response) == 400
     assert error_code(h.send(client.channel_bind(0x4001, PEER)).response) == 400
     out = h.send(client.channel_bind(0x4000, PEER))
-    assert out.commands[0] == CreateChannelBinding(CLIENT, 0x4000, PEER, port)
+    assert out.commands[0] == CreateChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port)
     assert h.send(channel_data.encode(0x4000, b"x")).relay is not None
     # expire again and wait out the cooldown: the number is free for another peer
     h.send(client.refresh(3600))
@@ -484,9 +485,9 @@ def test_channel_refresh_moves_the_expiry() -> None:
     h.send(client.refresh(3600))
     h.advance(500)
     out = h.send(client.channel_bind(0x4000, PEER))
-    assert out.commands[0] == CreateChannelBinding(CLIENT, 0x4000, PEER, port)
-    assert DeleteChannelBinding(CLIENT, 0x4000, PEER, port) not in h.advance(200)
-    assert DeleteChannelBinding(CLIENT, 0x4000, PEER, port) in h.advance(400)
+    assert out.commands[0] == CreateChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port)
+    assert DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port) not in h.advance(200)
+    assert DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port) in h.advance(400)
 
 
 def test_peer_family_must_be_served_443() -> None:
@@ -524,8 +525,8 @@ def test_deleting_an_allocation_deletes_its_channels_first() -> None:
     h.send(client.channel_bind(0x4001, PEER6))
     out = h.send(client.refresh(0))
     assert out.others == [
-        DeleteChannelBinding(CLIENT, 0x4000, PEER, port),
-        DeleteChannelBinding(CLIENT, 0x4001, PEER6, port),
+        DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port),
+        DeleteChannelBinding(five_tuple(CLIENT), 0x4001, PEER6, port),
         FreeAllocation(port, V4),
         FreeAllocation(port, V6),
     ]
@@ -590,7 +591,7 @@ def test_send_and_data_indications_follow_permissions() -> None:
     assert (message.method, message.cls) == (Method.DATA, Class.INDICATION)
     assert message.get(Attr.XOR_PEER_ADDRESS) == ("8.8.4.4", 6000)
     assert message.get(Attr.DATA) == b"pong"
-    assert back.commands[0].recipient == CLIENT  # type: ignore[union-attr]
+    assert back.commands[0].recipient == five_tuple(CLIENT)  # type: ignore[union-attr]
     # permissions last 300 s and data does not refresh them
     h.advance(299)
     h.send(indication)
@@ -760,7 +761,7 @@ def test_peer_policy_applies_to_channel_bind() -> None:
     assert error_code(h.send(client.channel_bind(0x4100, (PUBLIC4, 3478))).response) == 403
     # our own address: only a live allocation's port (issue 9.3)
     assert error_code(h.send(client.channel_bind(0x4100, (PUBLIC4, 50000))).response) == 403
-    own = h.server._allocations[CLIENT].port
+    own = h.server._allocations[five_tuple(CLIENT)].port
     assert is_success(h.send(client.channel_bind(0x4100, (PUBLIC4, own))).response)
 
 
@@ -780,7 +781,7 @@ def test_failed_bind_moves_the_allocation_to_another_port() -> None:
     client = h.client()
     h.authenticate(client)
     request = client.allocate(additional_family=V6)
-    h.server.handle_client_input(request, CLIENT, h.now)
+    h.server.handle_client_input(request, five_tuple(CLIENT), h.now)
     first = h.server.next_command()
     assert isinstance(first, CreateAllocation)
     h.server.handle_allocation_failed(first.port, h.now)
@@ -802,7 +803,9 @@ def test_failed_bind_of_an_even_port_allocation_answers_508() -> None:
     h = Harness()
     client = h.client()
     h.authenticate(client)
-    h.server.handle_client_input(client.allocate(extra=[(Attr.EVEN_PORT, True)]), CLIENT, h.now)
+    h.server.handle_client_input(
+        client.allocate(extra=[(Attr.EVEN_PORT, True)]), five_tuple(CLIENT), h.now
+    )
     command = h.server.next_command()
     assert isinstance(command, CreateAllocation)
     h.server.handle_allocation_failed(command.port, h.now)
@@ -813,7 +816,7 @@ def test_failed_binds_answer_508_after_bounded_tries() -> None:
     h = Harness()
     client = h.client()
     h.authenticate(client)
-    h.server.handle_client_input(client.allocate(), CLIENT, h.now)
+    h.server.handle_client_input(client.allocate(), five_tuple(CLIENT), h.now)
     tried = []
     for _ in range(MAX_BIND_ATTEMPTS):
         command = h.server.next_command()
@@ -836,7 +839,7 @@ def test_free_all_undoes_everything() -> None:
     _, port, _ = _bound(h)
     h.server.free_all(h.now)
     assert h.drain() == [
-        DeleteChannelBinding(CLIENT, 0x4000, PEER, port),
+        DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port),
         FreeAllocation(port, V4),
         FreeAllocation(port, V6),
     ]
@@ -864,7 +867,7 @@ def test_channel_data_header_fits_the_documented_struct() -> None:
     _, port, _ = _bound(h)
     client, channel = h.peer(b"abc", PEER, port).route  # type: ignore[attr-defined]
     assert struct.pack("!HH", channel, 3) + b"abc" == channel_data.encode(0x4000, b"abc")
-    assert client == CLIENT
+    assert client == five_tuple(CLIENT)
 
 
 def test_several_allocations_per_username_when_allowed() -> None:
@@ -923,10 +926,10 @@ def test_relay_loop_channel_to_channel_is_delivered_in_place() -> None:
     assert is_success(h.send(a.channel_bind(0x4000, (PUBLIC4, port_b))).response)
     assert is_success(h.send(b.channel_bind(0x4ABC, (PUBLIC4, port_a)), CLIENT_B).response)
     out = h.send(channel_data.encode(0x4000, b"through the loop"))
-    assert out.relay == LoopToClient(CLIENT_B, 0x4ABC, len(b"through the loop"))
+    assert out.relay == LoopToClient(five_tuple(CLIENT_B), 0x4ABC, len(b"through the loop"))
     assert out.commands == []
     back = h.send(channel_data.encode(0x4ABC, b"and back"), CLIENT_B)
-    assert back.relay == LoopToClient(CLIENT, 0x4000, len(b"and back"))
+    assert back.relay == LoopToClient(five_tuple(CLIENT), 0x4000, len(b"and back"))
 
 
 def test_relay_loop_without_a_channel_on_the_far_side_uses_its_permissions() -> None:
@@ -943,7 +946,7 @@ def test_relay_loop_without_a_channel_on_the_far_side_uses_its_permissions() -> 
     out = h.send(b.send_indication((PUBLIC4, port_a), b"hi a"), CLIENT_B)
     assert out.relay is None  # no channel on A for B yet: A has a permission (its ChannelBind)
     (to_a,) = out.commands
-    assert to_a.recipient == CLIENT  # type: ignore[union-attr]
+    assert to_a.recipient == five_tuple(CLIENT)  # type: ignore[union-attr]
     assert channel_data.decode(to_a.payload) == (0x4000, b"hi a")  # type: ignore[union-attr]
 
 
@@ -993,6 +996,8 @@ def test_time_scale_shrinks_durations_but_not_the_wire_values() -> None:
     assert h.server.poll_timeout() == pytest.approx(h.now + 3.0)  # the 300 s permission
     h.advance(2.9)
     assert h.send(client.refresh(1200)).response.get(Attr.LIFETIME) == 1200  # 12 s here
-    assert DeleteChannelBinding(CLIENT, 0x4000, PEER, port) in h.advance(3.2)  # 600 s: 6 s
+    assert DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port) in h.advance(
+        3.2
+    )  # 600 s: 6 s
     assert h.advance(8.7) == []
     assert FreeAllocation(port, V4) in h.advance(0.3)
