@@ -117,7 +117,19 @@ typedef struct {
     socklen_t dlen;
     struct sockaddr_in6 dst; /* where it goes (a sockaddr_in in its first bytes for v4) */
     uint32_t link[2][2];     /* [OUT|IN][prev, next]: refs (index + 1, 0: none) */
+    Py_buffer counts;        /* the allocation's (datagrams, bytes) this way; obj NULL: none */
 } route;
+
+/* Count one relayed datagram of length bytes in its allocation's counters. */
+static inline void
+count_route(const route *r, size_t length)
+{
+    if (r->counts.obj != NULL) {
+        unsigned long long *c = (unsigned long long *)r->counts.buf;
+        c[0]++;
+        c[1] += length;
+    }
+}
 
 typedef struct {
     uint32_t hash;
@@ -249,6 +261,9 @@ static void
 route_free(route_table *t, uint32_t ref)
 {
     route *r = route_at(t, ref);
+    if (r->counts.obj != NULL) {
+        PyBuffer_Release(&r->counts);
+    }
     r->used = 0;
     r->link[OUT][1] = t->free_ref;
     t->free_ref = ref;
@@ -352,11 +367,13 @@ fd_heads_fit(route_table *t, int fd)
     return 0;
 }
 
-/* Set the route for k: 1 set, 0 refused (no room within CLUSTER_MAX; nothing is left for
- * k), -1 out of memory. out_fd and in_fd (or -1) are below FD_LIMIT. */
+/* Set the route for k: 1 set (counts, when given, is the route's now), 0 refused (no room
+ * within CLUSTER_MAX; nothing is left for k), -1 out of memory. out_fd and in_fd (or -1) are
+ * below FD_LIMIT. */
 static int
 table_set_route(route_table *t, const route_key *k, int out_fd, int in_fd,
-                const struct sockaddr_storage *dst, socklen_t dlen, unsigned int channel)
+                const struct sockaddr_storage *dst, socklen_t dlen, unsigned int channel,
+                Py_buffer *counts)
 {
     if (fd_heads_fit(t, out_fd > in_fd ? out_fd : in_fd) < 0) {
         return -1;
@@ -393,6 +410,10 @@ table_set_route(route_table *t, const route_key *k, int out_fd, int in_fd,
     memset(&r->dst, 0, sizeof r->dst);
     memcpy(&r->dst, dst, dlen);
     r->dlen = dlen;
+    if (r->counts.obj != NULL) {
+        PyBuffer_Release(&r->counts);
+    }
+    r->counts = *counts;
     route_link(t, ref);
     return 1;
 }
@@ -434,6 +455,14 @@ table_remove_fd(route_table *t, int fd)
 static void
 table_clear(route_table *t)
 {
+    for (size_t i = 0; i < t->cap; i++) { /* every route in use has a slot */
+        if (t->slots[i].ref != 0) {
+            route *r = route_at(t, t->slots[i].ref);
+            if (r->counts.obj != NULL) {
+                PyBuffer_Release(&r->counts);
+            }
+        }
+    }
     PyMem_Free(t->slots);
     PyMem_Free(t->routes);
     PyMem_Free(t->head[OUT]);
@@ -1055,6 +1084,7 @@ relay_clients_batch(Receiver *self, PyObject *sock, PyObject *stats, int *np, in
                 break;
             }
             queue_out(self, k, r, (char *)d + 4, length);
+            count_route(r, length);
             bytes += length;
             buckets[size_bucket(length)]++;
         }
@@ -1117,6 +1147,7 @@ relay_peers_batch(Receiver *self, PyObject *sock, long port, PyObject *stats, in
             h[2] = (unsigned char)(length >> 8);
             h[3] = (unsigned char)length;
             queue_out(self, k, r, (char *)h, length + 4);
+            count_route(r, length);
             bytes += length;
             buckets[size_bucket(length)]++;
         }
@@ -1250,12 +1281,34 @@ key_of_addr(PyObject *addr, unsigned int number, route_key *key,
     return key_of(key, ss, number) < 0 ? 1 : 0;
 }
 
-/* Set or replace the entry for key: leaves through out_fd to dst, arrives on in_fd (-1: any).
- * False (and no entry for key) when it cannot be mirrored: a bad address or fd, or no room
- * within the probe bound; those datagrams go to the core. */
+/* counts (None or NULL: none) as a writable buffer of two unsigned 64-bit counters. */
+static int
+counts_view(PyObject *counts, Py_buffer *view)
+{
+    memset(view, 0, sizeof *view);
+    if (counts == NULL || counts == Py_None) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(counts, view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_ND) < 0) {
+        return -1;
+    }
+    if (view->len < 2 * (Py_ssize_t)sizeof(unsigned long long) ||
+        view->itemsize != (Py_ssize_t)sizeof(unsigned long long) || view->format == NULL ||
+        strcmp(view->format, "Q") != 0 || !PyBuffer_IsContiguous(view, 'C')) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "counts: two contiguous unsigned 64-bit integers ('Q')");
+        return -1;
+    }
+    return 0;
+}
+
+/* Set or replace the entry for key: leaves through out_fd to dst, arrives on in_fd (-1: any),
+ * counted in counts (see counts_view). False (and no entry for key) when it cannot be
+ * mirrored: a bad address or fd, or no room within the probe bound; those datagrams go to the
+ * core. */
 static PyObject *
 mirror_set(route_table *t, const route_key *key, int out_fd, int in_fd, PyObject *dst,
-           unsigned int channel)
+           unsigned int channel, PyObject *counts)
 {
     struct sockaddr_storage ss;
     socklen_t len = 0;
@@ -1268,7 +1321,14 @@ mirror_set(route_table *t, const route_key *key, int out_fd, int in_fd, PyObject
         table_remove(t, key);
         Py_RETURN_FALSE;
     }
-    int rc = table_set_route(t, key, out_fd, in_fd, &ss, len, channel);
+    Py_buffer view;
+    if (counts_view(counts, &view) < 0) {
+        return NULL;
+    }
+    int rc = table_set_route(t, key, out_fd, in_fd, &ss, len, channel, &view);
+    if (rc != 1 && view.obj != NULL) { /* not taken by a route */
+        PyBuffer_Release(&view);
+    }
     if (rc < 0) {
         return PyErr_NoMemory();
     }
@@ -1278,10 +1338,10 @@ mirror_set(route_table *t, const route_key *key, int out_fd, int in_fd, PyObject
 static PyObject *
 Receiver_set_to_peer(Receiver *self, PyObject *args)
 {
-    PyObject *client, *peer;
+    PyObject *client, *peer, *counts = NULL;
     unsigned int channel;
     int fd, in_fd = -1;
-    if (!PyArg_ParseTuple(args, "OIiO|i", &client, &channel, &fd, &peer, &in_fd)) {
+    if (!PyArg_ParseTuple(args, "OIiO|iO", &client, &channel, &fd, &peer, &in_fd, &counts)) {
         return NULL;
     }
     route_key key;
@@ -1294,16 +1354,17 @@ Receiver_set_to_peer(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return mirror_set(&self->to_peer, &key, fd, in_fd, peer, 0);
+    return mirror_set(&self->to_peer, &key, fd, in_fd, peer, 0, counts);
 }
 
 static PyObject *
 Receiver_set_to_client(Receiver *self, PyObject *args)
 {
-    PyObject *peer, *client;
+    PyObject *peer, *client, *counts = NULL;
     unsigned int port, channel;
     int fd, in_fd = -1;
-    if (!PyArg_ParseTuple(args, "IOiOI|i", &port, &peer, &fd, &client, &channel, &in_fd)) {
+    if (!PyArg_ParseTuple(args, "IOiOI|iO", &port, &peer, &fd, &client, &channel, &in_fd,
+                          &counts)) {
         return NULL;
     }
     route_key key;
@@ -1316,7 +1377,7 @@ Receiver_set_to_client(Receiver *self, PyObject *args)
     if (bad > 0) {
         Py_RETURN_FALSE;
     }
-    return mirror_set(&self->to_client, &key, fd, in_fd, client, channel & 0xFFFF);
+    return mirror_set(&self->to_client, &key, fd, in_fd, client, channel & 0xFFFF, counts);
 }
 
 static PyObject *
@@ -1483,10 +1544,11 @@ static PyMethodDef Receiver_methods[] = {
      "drain_peers(stats, handoff, sock, port): an allocation socket's reader\n"
      "callback; the rest of a batch goes on with handoff(sock, port, n, k)."},
     {"set_to_peer", (PyCFunction)Receiver_set_to_peer, METH_VARARGS,
-     "set_to_peer(client, channel, fd, peer[, in_fd]) -> installed: ChannelData from client\n"
-     "on channel (read from in_fd, if given) goes to peer through fd. False: not mirrored."},
+     "set_to_peer(client, channel, fd, peer[, in_fd[, counts]]) -> installed: ChannelData from\n"
+     "client on channel (read from in_fd, if given) goes to peer through fd, counted in counts\n"
+     "(two 'Q' items: datagrams, bytes; held until the route goes). False: not mirrored."},
     {"set_to_client", (PyCFunction)Receiver_set_to_client, METH_VARARGS,
-     "set_to_client(port, peer, fd, client, channel[, in_fd]) -> installed: what peer sends\n"
+     "set_to_client(port, peer, fd, client, channel[, in_fd[, counts]]) -> installed: what peer sends\n"
      "to the allocation port (its socket: in_fd, if given) goes to client through fd as\n"
      "ChannelData on channel. False: not mirrored (bad address or fd, or refused)."},
     {"drop_to_peer", (PyCFunction)Receiver_drop_to_peer, METH_VARARGS,
@@ -1900,7 +1962,7 @@ static PyMethodDef module_methods[] = {
 /* The version of this module's Python surface: bump it with every change that
  * actors/udpio.py must follow (it has the same number, and falls back to pure Python on a
  * mismatch, e.g. a stale build left installed beside newer sources). */
-#define UDPIO_API_VERSION 1
+#define UDPIO_API_VERSION 2
 
 static struct PyModuleDef udpio_module = {
     PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",

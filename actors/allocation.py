@@ -29,7 +29,7 @@ from firezone_relay.actors.control import (
     tell,
 )
 from firezone_relay.actors.loop_actor import LoopActor
-from firezone_relay.actors.sockets import bind_udp
+from firezone_relay.actors.sockets import ALLOCATION_RECEIVE_BYTES, bind_udp
 from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation
 from firezone_relay.protocol.types import Family
 
@@ -77,7 +77,9 @@ class AllocationActor(LoopActor):
         if family in self.sockets:
             return
         try:
-            sock = bind_udp(family, self._bind_hosts[family], self.port)
+            sock = bind_udp(
+                family, self._bind_hosts[family], self.port, receive_bytes=ALLOCATION_RECEIVE_BYTES
+            )
             if dont_fragment and family is Family.V4:
                 # DF on every datagram to peers; a too-big one fails instead of fragmenting.
                 # (IPv6 is never fragmented on the way; RFC 8656 ignores DF across families.)

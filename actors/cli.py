@@ -12,6 +12,7 @@ import argparse
 import functools
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -295,6 +296,38 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ebpf-int6-addr", type=_ip(6), default=_env("EBPF_INT6_ADDR"))
     a("--health-check-addr", type=_host_port, default=_env("HEALTH_CHECK_ADDR", "0.0.0.0:8080"))
     a("--control-endpoint", type=_host_port, default=_env("CONTROL_ENDPOINT", "127.0.0.1:9999"))
+    a(
+        "--admin-socket",
+        type=_text,
+        default=_env("ADMIN_SOCKET"),
+        metavar="PATH",
+        help="the Unix socket of the operator verbs (sessions, disconnect, drain, reload, top); "
+        "default /run/firezone-relay/control-<port of --control-endpoint>.sock",
+    )
+    a(
+        "--allocation-rate-limit",
+        type=_positive,
+        default=_env("ALLOCATION_RATE_LIMIT"),
+        metavar="BYTES_PER_S",
+        help="relayed bytes per second per allocation, each direction (excess dropped); "
+        "relays in userspace only (no XDP, no C route mirror)",
+    )
+    a(
+        "--auth-secret-file",
+        type=_text,
+        default=_env("AUTH_SECRET_FILE"),
+        metavar="FILE",
+        help="credential secrets, one per line: all accepted, the first signs new credentials; "
+        "re-read by `firezone-relay reload` and SIGHUP",
+    )
+    a(
+        "--peer-list-file",
+        type=_text,
+        default=_env("PEER_LIST_FILE"),
+        metavar="FILE",
+        help="lines 'allow CIDR' / 'deny CIDR' added to --allowed-peer-ip / --denied-peer-ip; "
+        "re-read by reload",
+    )
     # standalone TURN server options
     a("--auth-secret", type=_text, default=_env("AUTH_SECRET"), help="credential secret")
     a(
@@ -524,11 +557,16 @@ def credentials_parser() -> argparse.ArgumentParser:
         prog="firezone-relay credentials",
         description="Print a TURN username and password that a relay with this secret accepts.",
     )
-    p.add_argument(
-        "--auth-secret",
+    secret = p.add_mutually_exclusive_group(
+        required=_env("AUTH_SECRET") is None and _env("AUTH_SECRET_FILE") is None
+    )
+    secret.add_argument("--auth-secret", type=_text, default=_env("AUTH_SECRET"))
+    secret.add_argument(
+        "--auth-secret-file",
         type=_text,
-        default=_env("AUTH_SECRET"),
-        required=_env("AUTH_SECRET") is None,
+        default=_env("AUTH_SECRET_FILE"),
+        metavar="FILE",
+        help="the relay's secret file: its first secret signs",
     )
     p.add_argument(
         "--auth-scheme",
@@ -547,7 +585,15 @@ def credentials_parser() -> argparse.ArgumentParser:
 def credentials_main(argv: Sequence[str]) -> int:
     from firezone_relay.protocol.auth import make_credentials
 
-    args = credentials_parser().parse_args(argv)
+    parser = credentials_parser()
+    args = parser.parse_args(argv)
+    if args.auth_secret_file and not (args.auth_secret and "--auth-secret" in argv):
+        from firezone_relay.actors.admin import read_secret_file
+
+        try:
+            args.auth_secret = read_secret_file(args.auth_secret_file)[0]
+        except ValueError as exc:
+            parser.error(str(exc))
     user = args.salt or args.user or secrets.token_urlsafe(12)
     expiry = int(time.time()) + args.ttl
     username, password = make_credentials(args.auth_scheme, args.auth_secret, expiry, user)
@@ -604,6 +650,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ``ServerConfig``, the portal's ``PortalConfig`` and the XDP manager's ``XdpOptions`` are
     built here, once, from values the flags' validators already checked (environment
     defaults included). Cross-flag checks raise ValueError (``main`` exits 2 with it)."""
+    from firezone_relay.actors.admin import (
+        AdminConfig,
+        admin_socket_path,
+        read_peer_list_file,
+    )
     from firezone_relay.actors.daemon import Settings
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.xdp_manager import XdpOptions
@@ -622,6 +673,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     max_channels = args.max_channels_per_allocation
     if max_channels is None:
         max_channels = CHANNEL_NUMBERS if token is not None else 1024
+    admin = AdminConfig(
+        auth_secret_file=args.auth_secret_file or None,
+        peer_list_file=args.peer_list_file or None,
+        allowed_peer_ips=tuple(args.allowed_peer_ip or ()),
+        denied_peer_ips=tuple(args.denied_peer_ip or ()),
+    )
+    auth_secrets = _auth_secrets(args, token is not None)
+    allowed, denied = admin.allowed_peer_ips, admin.denied_peer_ips
+    if admin.peer_list_file:
+        more_allowed, more_denied = read_peer_list_file(admin.peer_list_file)
+        allowed, denied = allowed + more_allowed, denied + more_denied
     server = ServerConfig(
         public_ip4=args.public_ip4_addr,
         public_ip6=args.public_ip6_addr,
@@ -633,14 +695,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allow_loopback_peers=args.allow_loopback_peers,
         # Portal mode follows Firezone's relay: private and CGNAT peers allowed.
         allow_private_peers=args.allow_private_peers or token is not None,
-        allowed_peer_ips=tuple(args.allowed_peer_ip or ()),
-        denied_peer_ips=tuple(args.denied_peer_ip or ()),
+        allowed_peer_ips=allowed,
+        denied_peer_ips=denied,
         max_allocations=args.max_allocations,
         max_allocations_per_user=args.max_allocations_per_user,
         max_channels_per_allocation=max_channels,
         max_permissions_per_allocation=args.max_permissions_per_allocation,
         single_allocation_per_username=args.single_allocation_per_username,
         unauthenticated_rate_limit=args.unauthenticated_rate_limit,
+        allocation_rate_limit=args.allocation_rate_limit,
         local_addresses=_local_addresses(),
         time_scale=args.time_scale,
         software=software(),
@@ -658,7 +721,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         )
         portal.url()  # ValueError names what is wrong with the URL
     xdp = None
-    if args.ebpf_offloading:
+    if args.ebpf_offloading and args.allocation_rate_limit:
+        if args.ebpf_mandatory:
+            raise ValueError(
+                "--allocation-rate-limit relays in userspace: it cannot be combined with "
+                "--ebpf-mandatory"
+            )
+        logging.getLogger("relay").warning(
+            "--allocation-rate-limit: XDP offload stays off (the program cannot enforce "
+            "per-allocation limits); relaying in userspace"
+        )
+    elif args.ebpf_offloading:
         xdp = XdpOptions(
             interface=args.ebpf_offloading,
             attach_mode=args.ebpf_attach_mode,
@@ -678,7 +751,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         bind_ip4=args.bind_ip4_addr,
         bind_ip6=args.bind_ip6_addr,
         rng_seed=args.rng_seed,
-        auth_secret=args.auth_secret,
+        auth_secret=auth_secrets[0] if auth_secrets else args.auth_secret,
+        auth_secrets=auth_secrets,
+        admin=admin,
+        admin_socket=admin_socket_path(args.control_endpoint, args.admin_socket),
+        admin_socket_required=bool(args.admin_socket),
         otlp_grpc_endpoint=args.otlp_grpc_endpoint,
         health_check_addr=args.health_check_addr or None,
         control_endpoint=args.control_endpoint or None,
@@ -686,8 +763,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _auth_secrets(args: argparse.Namespace, portal: bool) -> tuple[str, ...]:
+    """The secrets of ``--auth-secret-file`` (standalone only; not with ``--auth-secret``)."""
+    if not args.auth_secret_file:
+        return ()
+    if args.auth_secret:
+        raise ValueError("give --auth-secret or --auth-secret-file, not both")
+    if portal:
+        raise ValueError("--auth-secret-file is for standalone mode (the portal gets its own)")
+    from firezone_relay.actors.admin import read_secret_file
+
+    return read_secret_file(args.auth_secret_file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from firezone_relay.actors.admin_cli import VERBS
+
+    if argv[:1] and argv[0] in VERBS:
+        return VERBS[argv[0]](argv[1:])
     if argv[:1] == ["credentials"]:
         return credentials_main(argv[1:])
     if argv[:1] == ["systemd-unit"]:

@@ -40,6 +40,7 @@ __all__ = [
     "PortalConnect",
     "PortalFatal",
     "PortalJoined",
+    "Reload",
     "Shutdown",
     "tell",
 ]
@@ -71,6 +72,14 @@ class PortalClosed:
 @dataclass(frozen=True, slots=True)
 class PortalFatal:
     """From the portal session: the portal cannot be reached or refused us; the relay exits 1."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """To the control actor (SIGHUP, ``systemctl reload``, ``firezone-relay reload``): re-read
+    what can change without a restart; the relay keeps running."""
 
     reason: str
 

@@ -23,6 +23,7 @@ Timers: after every input batch the core's earliest deadline (``poll_timeout``) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -39,6 +40,14 @@ import pykka
 from opentelemetry import trace
 
 from firezone_relay.actors import udpio
+from firezone_relay.actors.admin import (
+    Admin,
+    AdminConfig,
+    AdminEndpoint,
+    Disconnect,
+    Drain,
+    admin_routes,
+)
 from firezone_relay.actors.allocation import AllocationActor
 from firezone_relay.actors.control import (
     AllocationBindFailed,
@@ -50,6 +59,7 @@ from firezone_relay.actors.control import (
     PortalConnect,
     PortalFatal,
     PortalJoined,
+    Reload,
     Shutdown,
     tell,
 )
@@ -101,6 +111,14 @@ class Settings:
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
+    #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
+    #: (``--admin-socket`` given), one that cannot be made is a warning
+    admin_socket: str | None = None
+    admin_socket_required: bool = False
+    #: every accepted secret, the first one ``auth_secret`` (``--auth-secret-file``)
+    auth_secrets: tuple[str, ...] = ()
+    #: what ``reload`` re-reads
+    admin: AdminConfig = field(default_factory=AdminConfig)
     stats_interval: float = STATS_LOG_INTERVAL
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
@@ -121,6 +139,9 @@ CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
     PeerSocketClosed: "_on_peer_socket_closed",
     AllocationBindFailed: "_on_allocation_bind_failed",
     AllocationStopped: "_on_allocation_stopped",
+    Disconnect: "_on_disconnect",
+    Drain: "_on_drain",
+    Reload: "_on_reload",
 }
 
 
@@ -138,6 +159,8 @@ class Relay:
         if secret is None and seed is None:
             secret = secrets.token_hex(32)
         self.server = Server(config, rng, secret)
+        if settings.auth_secrets:
+            self.server.set_auth_secrets(settings.auth_secrets)
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self._after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
@@ -146,7 +169,8 @@ class Relay:
             message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
         }
         self.control = ControlActor.start(routes, loop=self.loop)
-        self.pipeline.mirror = self.dataplane.sync_channel
+        if config.allocation_rate_limit is None:  # limits are enforced by the core alone
+            self.pipeline.mirror = self.dataplane.sync_channel
         self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
@@ -174,6 +198,14 @@ class Relay:
         self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+        self.admin = Admin(
+            self.server,
+            settings.admin,
+            self._after_input,
+            self.request_stop,
+            self._drop_counts,
+            self._xdp_totals,
+        )
 
     @staticmethod
     def _capped(config: ServerConfig) -> ServerConfig:
@@ -194,7 +226,7 @@ class Relay:
 
     @property
     def ready(self) -> bool:
-        if not self.sockets_bound:
+        if not self.sockets_bound or self.server.draining:
             return False
         return self.standalone or self.portal_joined
 
@@ -217,6 +249,9 @@ class Relay:
                 self.loop.add_signal_handler(
                     sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
                 )
+        for sig, message in ((signal.SIGHUP, Reload("SIGHUP")), (signal.SIGUSR1, Drain())):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
@@ -319,6 +354,7 @@ class Relay:
                 await asyncio.wait(tasks, timeout=0.5)
         with contextlib.suppress(pykka.ActorDeadError):
             self.control.stop(block=False)
+        self.admin.stop()
         self._stop_endpoints()
         self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
@@ -402,6 +438,21 @@ class Relay:
     def _on_shutdown(self, message: Shutdown) -> None:
         self.request_stop(message.code, message.reason)
 
+    def _on_disconnect(self, message: Disconnect) -> None:
+        self.admin.disconnect(message)
+
+    def _on_drain(self, message: Drain) -> None:
+        self.admin.drain(message)
+
+    def _on_reload(self, message: Reload) -> None:
+        self.reload(message.reason)
+
+    def reload(self, reason: str) -> None:
+        """Re-read what can change without a restart (SIGHUP, ``systemctl reload``,
+        ``firezone-relay reload``): the secret and peer list files, then the reload hooks."""
+        logger.info("reload requested (%s)", reason)
+        self.admin.reload()
+
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
         assert self.telemetry is not None
@@ -464,6 +515,12 @@ class Relay:
             )
         logger.info("eBPF offloading enabled on %s", options.interface)
 
+    def _xdp_totals(self) -> tuple[int, int] | None:
+        if self._xdp_reader is None:
+            return None
+        counters = self._xdp_reader.read()
+        return sum(counters.packet_size_buckets), int(counters.relayed_bytes)
+
     def _xdp_sizes(self) -> tuple[Sequence[int], float]:
         counters = self._xdp_reader.read()
         return counters.packet_size_buckets, counters.relayed_bytes
@@ -501,6 +558,14 @@ class Relay:
                 endpoint = HttpEndpoint(name, address, routes)
                 await endpoint.start()
             self.endpoints.append(endpoint)
+        if s.admin_socket:
+            admin = AdminEndpoint(
+                s.admin_socket,
+                admin_routes(self.admin, lambda m: tell(self.control, m)),
+                s.admin_socket_required,
+            )
+            await admin.start()
+            self.endpoints.append(admin)
 
     def _stop_endpoints(self) -> None:
         endpoints, self.endpoints = self.endpoints, []
@@ -531,13 +596,27 @@ class Relay:
         return 200, "text/plain", b"ok\n"
 
     def _debug_routes(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        """The C route mirror against the core's channel routes (a walk of both tables, on
-        the loop: for soaks and tests, not for scraping)."""
+        """The C route mirror against the core's channel routes. Handlers run on the HTTP
+        pool, the tables change on the loop: the comparison runs on the loop, in one go (a
+        walk of both tables: for soaks and tests, not for scraping)."""
+        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def compare() -> None:
+            try:
+                answer.set_result(self._compare_routes())
+            except Exception as exc:
+                answer.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(compare)
+        body = answer.result(timeout=10)
+        return 200, "application/json", json.dumps(body).encode() + b"\n"
+
+    def _compare_routes(self) -> dict[str, Any]:
         expected = self.dataplane.expected_routes()
         held = self.dataplane.debug_routes()
         missing = sorted(set(expected) - set(held))
         extra = sorted(set(held) - set(expected))
-        body = {
+        return {
             "impl": udpio.IMPL,
             "core": self.server.num_active_channels,
             "expected": len(expected),
@@ -546,15 +625,16 @@ class Relay:
             "missing": [repr(r) for r in missing[:10]],
             "extra": [repr(r) for r in extra[:10]],
         }
-        return 200, "application/json", json.dumps(body).encode() + b"\n"
 
     def _drop_counts(self) -> dict[str, int]:
         return {
             "invalid": self.server.stats.dropped_datagrams,
             "unroutable": self.server.stats.unroutable_datagrams,
-            "rate_limited": self.server.stats.rate_limited,
+            "rate_limited": self.server.stats.rate_limited
+            + self.server.stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 
     def _log_stats(self) -> None:

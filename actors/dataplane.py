@@ -118,6 +118,12 @@ class DataPlane:
         return self._send_drops + int(self._rx.send_drops)
 
     @property
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on a full receive queue of a listen or allocation socket
+        (``SO_RXQ_OVFL``, counted by the compiled helper; the Python fallback cannot see them)."""
+        return int(self._rx.kernel_drops)
+
+    @property
     def send_errors(self) -> int:
         """Any other send failure (unreachable, bad address ...)."""
         return self._send_errors + int(self._rx.send_errors)
@@ -139,6 +145,9 @@ class DataPlane:
             command.allocation_port,
         )
         to_peer, to_client = self.server.channel_routes(client, channel, port, peer)
+        # the allocation's counters (``Allocation.counters``), which the mirror bumps in place
+        allocation = self.server.allocation_on(port)
+        counts = None if allocation is None else memoryview(allocation.counters)
         fds = self._fds
         out = listen = None
         if to_peer is not None:
@@ -149,7 +158,10 @@ class DataPlane:
             to_peer is None
             or out is None
             or listen is None
-            or not rx.set_to_peer(client.remote, channel, fds[out], to_peer.peer, fds[listen])
+            or counts is None
+            or not rx.set_to_peer(
+                client.remote, channel, fds[out], to_peer.peer, fds[listen], counts[0:2]
+            )
         ):
             rx.drop_to_peer(client.remote, channel)
         inbound = listen = None
@@ -160,8 +172,15 @@ class DataPlane:
             to_client is None
             or listen is None
             or inbound is None
+            or counts is None
             or not rx.set_to_client(
-                port, peer, fds[listen], to_client.client.remote, to_client.channel, fds[inbound]
+                port,
+                peer,
+                fds[listen],
+                to_client.client.remote,
+                to_client.channel,
+                fds[inbound],
+                counts[2:4],
             )
         ):
             rx.drop_to_client(port, peer)

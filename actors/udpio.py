@@ -98,6 +98,9 @@ class PyReceiver:
     send_drops = 0
     send_errors = 0
     datagrams_in = 0
+    kernel_drops = 0  # SO_RXQ_OVFL needs recvmsg's control messages: not counted here
+    gso_refused = 0
+    refused = 0
 
     def drain_clients(self, stats: object, handoff: Any, sock: socket.socket) -> None:
         self._drain(handoff, (sock,), sock)
@@ -124,11 +127,26 @@ class PyReceiver:
     def relay_peers(self, sock: socket.socket, port: int, stats: object) -> tuple[int, int]:
         return self.recv(sock), 0
 
-    def set_to_peer(self, client: Addr, channel: int, fd: int, peer: Addr, in_fd: int = -1) -> bool:
+    def set_to_peer(
+        self,
+        client: Addr,
+        channel: int,
+        fd: int,
+        peer: Addr,
+        in_fd: int = -1,
+        counts: object = None,
+    ) -> bool:
         return False
 
     def set_to_client(
-        self, port: int, peer: Addr, fd: int, client: Addr, channel: int, in_fd: int = -1
+        self,
+        port: int,
+        peer: Addr,
+        fd: int,
+        client: Addr,
+        channel: int,
+        in_fd: int = -1,
+        counts: object = None,
     ) -> bool:
         return False
 
@@ -172,7 +190,7 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 
 #: The compiled helper's API version these sources expect (``UDPIO_API_VERSION`` in
 #: ``actors/_udpio.c``); an installed module with another one is not used.
-API_VERSION = 1
+API_VERSION = 2
 #: Forces the pure-Python fallback when set to ``python`` (``auto``, or unset, takes the
 #: compiled helper when it is there and matches).
 DATAPATH_ENV = "RELAY_DATAPATH"

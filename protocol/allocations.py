@@ -22,6 +22,7 @@ Invariants (checked by ``check_invariants``, which the unit tests call after eve
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,8 +32,13 @@ from firezone_relay.protocol.commands import (
     FreeAllocation,
     SendMessage,
 )
+from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.routes import AFTER_HEADER, ToClient, ToPeer
 from firezone_relay.protocol.types import Addr, Family, FiveTuple
+
+#: indexes into ``Allocation.counters``
+OUT_PACKETS, OUT_BYTES, IN_PACKETS, IN_BYTES = range(4)
+COUNTERS = ("to_peer_datagrams", "to_peer_bytes", "to_client_datagrams", "to_client_bytes")
 
 
 @dataclass(slots=True, eq=False)
@@ -62,6 +68,15 @@ class Allocation:
     timer_at: float = 0.0
     #: ports tried so far; None = no retry on a failed bind (EVEN-PORT, RESERVATION-TOKEN)
     bind_attempts: int | None = 1
+    #: monotonic time it was made (``sessions`` shows its age)
+    created_at: float = 0.0
+    #: relayed traffic, plain unsigned integers (see ``COUNTERS``): client -> peer datagrams
+    #: and payload bytes, then peer -> client. An ``array`` so that the data plane's C route
+    #: mirror can count into the same memory.
+    counters: array[int] = field(default_factory=lambda: array("Q", bytes(32)))
+    #: ``--allocation-rate-limit`` buckets (None: no limit): client -> peer, peer -> client
+    limit_out: ByteBucket | None = None
+    limit_in: ByteBucket | None = None
 
 
 class AllocationTable:

@@ -15,6 +15,7 @@ Firezone's own clients; README.md lists each such choice.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -27,7 +28,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.allocations import Allocation, AllocationTable, Channel
+from firezone_relay.protocol.allocations import (
+    IN_PACKETS,
+    OUT_PACKETS,
+    Allocation,
+    AllocationTable,
+    Channel,
+)
 from firezone_relay.protocol.auth import (
     FIREZONE_REALM,
     Identity,
@@ -46,6 +53,7 @@ from firezone_relay.protocol.commands import (
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 from firezone_relay.protocol.ports import PortAllocator
+from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.ratelimit import RateLimiter
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
@@ -120,6 +128,8 @@ class ServerConfig:
     single_allocation_per_username: bool | None = None
     #: unauthenticated answers per second per source IP (burst twice that); None = no limit
     unauthenticated_rate_limit: float | None = None
+    #: relayed payload bytes per second per allocation, each direction; None = no limit
+    allocation_rate_limit: float | None = None
     #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
     #: address): refused as peers unless allowed, so a client cannot reach the host's own
     #: services through the relay
@@ -167,6 +177,8 @@ class Stats:
     dropped_datagrams: int = 0  # malformed or not for us
     unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
     rate_limited: int = 0
+    #: relayed datagrams dropped over ``--allocation-rate-limit``
+    allocation_rate_limited: int = 0
     internal_errors: int = 0
 
     def count_relayed(self, length: int) -> None:
@@ -247,6 +259,10 @@ class Server:
         self._rng = rng
         self._token_bytes = token_bytes
         self.auth_secret = secret if secret is not None else token_bytes(32).hex()
+        #: every secret credentials are accepted with; the first is ``auth_secret``
+        self.auth_secrets: tuple[str, ...] = (self.auth_secret,)
+        #: drain: new Allocates get 508, existing allocations go on
+        self.draining = False
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
@@ -316,6 +332,38 @@ class Server:
         """The latest live allocation made with ``username`` (read-only)."""
         return self._table.by_username.get(username)
 
+    def allocations(self) -> list[Allocation]:
+        """The live allocations (a copy; for the operator's listing)."""
+        return list(self._allocations.values())
+
+    def disconnect(self, allocation: Allocation) -> bool:
+        """Free a live allocation at once (the operator's ``disconnect``): its routes and
+        sockets go, and its client's next request gets 437. False if it was gone already."""
+        if self._by_port.get(allocation.port) is not allocation:
+            return False
+        log.info(
+            "allocation on port %d disconnected",
+            allocation.port,
+            extra=log_fields(client=allocation.client, allocation=allocation.port),
+        )
+        self._table.remove(allocation)
+        return True
+
+    def set_auth_secrets(self, secrets_: tuple[str, ...]) -> None:
+        """Accept credentials of any of ``secrets_`` from now on; the first one is the one
+        new credentials are minted with (``reload`` of ``--auth-secret-file``)."""
+        if not secrets_ or not all(secrets_):
+            raise ValueError("at least one non-empty secret")
+        self.auth_secret = secrets_[0]
+        self.auth_secrets = tuple(secrets_)
+
+    def set_peer_lists(self, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
+        """Replace ``--allowed-peer-ip`` / ``--denied-peer-ip`` (``reload``); judges new
+        permissions and channels, never ones already granted. ValueError on a bad CIDR."""
+        config = dataclasses.replace(self.config, allowed_peer_ips=allowed, denied_peer_ips=denied)
+        self.policy = _peer_policy(config)
+        self.config = config
+
     def check_invariants(self) -> None:
         """Assert the invariants of the allocation table and the port allocator (tests)."""
         self._table.check_invariants()
@@ -370,6 +418,8 @@ class Server:
                         return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.unroutable_datagrams += 1
                     return None
+                if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
+                    return None
                 self.stats.count_relayed(length)
                 if 4 + length == size:
                     return route  # unpadded: the channel's own route, built at bind time
@@ -404,6 +454,8 @@ class Server:
         the client as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
+            if not self._metered(self._by_port[allocation_port], IN_PACKETS, len(data), now):
+                return None
             self.stats.count_relayed(len(data))
             return route
         try:
@@ -411,6 +463,19 @@ class Server:
         except Exception:
             self._internal_error("relaying from a peer", now)
         return None
+
+    def _metered(self, allocation: Allocation, way: int, length: int, now: float) -> bool:
+        """Count a relayed datagram of ``allocation`` (``way``: ``OUT_PACKETS`` client -> peer,
+        ``IN_PACKETS`` peer -> client); False, counted as rate limited, when it is over the
+        allocation's ``--allocation-rate-limit``."""
+        bucket = allocation.limit_out if way == OUT_PACKETS else allocation.limit_in
+        if bucket is not None and not bucket.take(length, now):
+            self.stats.allocation_rate_limited += 1
+            return False
+        counters = allocation.counters
+        counters[way] += 1
+        counters[way + 1] += length
+        return True
 
     def _internal_error(self, what: str, now: float) -> None:
         """A bug met by some input: count it, and log its traceback at most once a minute,
@@ -433,6 +498,8 @@ class Server:
         expires = allocation.permissions.get(peer[0])
         if expires is None or expires <= now or len(data) > 65_000:
             self.stats.unroutable_datagrams += 1
+            return
+        if not self._metered(allocation, IN_PACKETS, len(data), now):
             return
         payload = stun.encode(
             Method.DATA,
@@ -597,8 +664,7 @@ class Server:
         )
         key = None
         if username is not None and identity is not None:
-            password = password_for(self.config.auth_scheme, self.auth_secret, username, identity)
-            key = stun.long_term_key(username, self.config.realm, password)
+            key = self._key_for(msg, username, identity, has_integrity)
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self._challenge(
                 msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
@@ -620,6 +686,22 @@ class Server:
         sha256 = msg.integrity_offset is None
         fingerprint = msg.fingerprint_offset is not None
         return Auth(key, sha256, fingerprint, verified=True), username, identity
+
+    def _key_for(self, msg: Message, username: str, identity: Identity, signed: bool) -> bytes:
+        """The long-term key of the first accepted secret that the message's integrity
+        verifies with (several during a secret rotation), else the first secret's."""
+        first = None
+        for secret in self.auth_secrets:
+            password = password_for(self.config.auth_scheme, secret, username, identity)
+            key = stun.long_term_key(username, self.config.realm, password)
+            if len(self.auth_secrets) == 1 or not signed:
+                return key
+            if first is None:
+                first = key
+            if stun.verify_integrity(msg, key):
+                return key
+        assert first is not None
+        return first
 
     def _own_allocation(
         self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
@@ -655,6 +737,8 @@ class Server:
                 raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
             self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
             return
+        if self.draining:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         families, address_error = self._check_allocate(request, auth)
         self._make_room(sender, username, identity.user, auth)
         port, reservation_token = self._choose_port(request, auth, now)
@@ -670,7 +754,11 @@ class Server:
             transaction_id=msg.transaction_id,
             bind_attempts=None if request.fixed_port else 1,
             dont_fragment=request.dont_fragment,
+            created_at=now,
         )
+        rate = self.config.allocation_rate_limit
+        if rate:
+            allocation.limit_out, allocation.limit_in = ByteBucket(rate, now), ByteBucket(rate, now)
         self._install_allocation(allocation, now)
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
@@ -960,6 +1048,8 @@ class Server:
             self.stats.unroutable_datagrams += 1
             return None
         start, end = span
+        if not self._metered(allocation, OUT_PACKETS, end - start, now):
+            return None
         if verdict is Verdict.LOOP:
             # our own address: only a live allocation, inside the relay; never a socket
             if peer[0] in self._own_hosts and peer[1] in self._by_port:
@@ -981,12 +1071,17 @@ class Server:
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
         port, peer, _ = self._c2c[(sender, channel)]
-        if peer[1] not in self._by_port:
+        target_allocation = self._by_port.get(peer[1])
+        if target_allocation is None:
             self.stats.unroutable_datagrams += 1
+            return None
+        if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
             return None
         target = self._p2c.get((peer[1], (peer[0], port)))
         if target is None:
             self._deliver_to_allocation(bytes(data[4 : 4 + length]), peer, port, now)
+            return None
+        if not self._metered(target_allocation, IN_PACKETS, length, now):
             return None
         self.stats.count_relayed(length)
         return LoopToClient(target.client, target.channel, length)
@@ -999,6 +1094,8 @@ class Server:
         target = self._p2c.get((peer[1], source))
         if target is None:
             self._data_indication(data, source, peer[1], now)
+            return
+        if not self._metered(self._by_port[peer[1]], IN_PACKETS, len(data), now):
             return
         self.stats.count_relayed(len(data))
         client, channel = target

@@ -7,14 +7,17 @@ under atheris (libFuzzer in process, the sans-IO core instrumented).
   encoded and decoded again to the same value. Only ``ValueError`` (``ParseError``,
   ``BadAttribute``) may come out.
 * ``server``: the sans-IO ``Server`` with a fixed clock, a fixed secret and seeded randomness.
-  The input is a script of steps (:class:`Script`): raw datagrams from one of three clients,
-  requests those clients sign with valid credentials and the nonce the server gave them (so
-  the fuzzer gets past authentication), ChannelData, peer datagrams to allocated ports, and
-  clock advances. After every step ``Server.check_invariants()`` holds, and every message
-  the server sends parses.
+  The input is a script of steps (:class:`Script`): raw datagrams from one of four clients
+  (UDP and TCP 5-tuples), requests they sign with valid credentials and the nonce the server
+  gave them (so the fuzzer gets past authentication), ChannelData, peer datagrams to
+  allocated ports, and clock advances. After every step ``Server.check_invariants()``
+  holds, the server counted no internal error (it catches its own exceptions), and every
+  message it sends parses.
 * ``stream_framing``: TCP/TLS stream framing, when ``firezone_relay.protocol.stream_framing``
   exists: the input is cut into reads of fuzzer-chosen sizes; the frames are those of one
   whole read, and the framer holds less than one frame.
+* ``proxy_protocol``: the PROXY v1/v2 header reader, when it exists: read whole and in pieces,
+  the same header and the same bytes after it; only ``ProxyError`` comes out.
 
 Seeds (:func:`seeds`) come from the trace files in ``simulations/traces/data``: every datagram
 of every trace for ``stun``, each trace's client datagrams as a script for ``server``.
@@ -38,7 +41,7 @@ from firezone_relay.protocol import channel_data, stun
 from firezone_relay.protocol.commands import SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import ATTRIBUTES, Attr, Class, Method
-from firezone_relay.protocol.types import Addr, Family, FiveTuple, udp
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, udp
 
 __all__ = ["TARGETS", "Script", "run_script", "seeds", "server_input", "stun_input", "write_seeds"]
 
@@ -46,10 +49,14 @@ TRACES = Path(__file__).resolve().parent / "traces" / "data"
 NOW = 1_800_000_000.0  # the server's clock, doubling as wall clock (unix_offset 0)
 SECRET = "fuzz-secret"
 PUBLIC4, PUBLIC6 = "52.0.0.1", "2600:1f00::1"
-CLIENTS: tuple[Addr, ...] = (
-    ("93.184.216.34", 40000),
-    ("93.184.216.35", 40001),
-    ("2606:2800:220:1::7", 40000),
+LISTEN4, LISTEN6 = ("0.0.0.0", 3478), ("::", 3478)
+#: the clients' 5-tuples: two over UDP/IPv4 (one user's two allocations), one over UDP/IPv6,
+#: one over TCP
+CLIENTS: tuple[FiveTuple, ...] = (
+    udp(("93.184.216.34", 40000), LISTEN4),
+    udp(("93.184.216.35", 40001), LISTEN4),
+    udp(("2606:2800:220:1::7", 40000), LISTEN6),
+    FiveTuple(Transport.TCP, ("93.184.216.36", 40002), (PUBLIC4, 3478)),
 )
 PEERS: tuple[Addr, ...] = (
     ("8.8.4.4", 5000),
@@ -176,9 +183,7 @@ def _server() -> tuple[Server, list[_Client]]:
     clients = []
     for i, addr in enumerate(CLIENTS):
         username = f"{int(NOW) + 3600}:user{i % 2}"
-        clients.append(
-            _Client(udp(addr, (PUBLIC4, 3478)), username, rest_password(SECRET, username))
-        )
+        clients.append(_Client(addr, username, rest_password(SECRET, username)))
     return server, clients
 
 
@@ -266,6 +271,8 @@ def run_script(data: bytes) -> Counter[str]:
             if isinstance(command, SendMessage):
                 _learn(clients, command)
         server.check_invariants()
+        # the server turns its own exceptions into a count and a log line: any is a bug
+        assert server.stats.internal_errors == 0
         server.poll_timeout()
     return emitted
 
@@ -316,20 +323,66 @@ def stream_framing_input(data: bytes) -> None:
         assert frames == whole
 
 
+def proxy_protocol_input(data: bytes) -> None:
+    """One input of the ``proxy_protocol`` target: the header read whole and in reads of
+    fuzzer-chosen sizes gives the same header and the same bytes after it."""
+    from firezone_relay.protocol import proxy_protocol as pp  # type: ignore[attr-defined]
+
+    if not data:
+        return
+    stream = data[1:]
+    try:
+        whole = pp.ProxyReader().feed(stream)
+    except pp.ProxyError:
+        whole = "error"
+    reader = pp.ProxyReader()
+    rng = random.Random(data[0])
+    pos, chunked = 0, None
+    try:
+        while pos < len(stream):
+            n = rng.choice((1, 2, 5, 16, 200))
+            got = reader.feed(stream[pos : pos + n])
+            pos += n
+            if got is not None:
+                chunked = (got[0], got[1] + stream[pos:])
+                break
+    except pp.ProxyError:
+        chunked = "error"
+    assert whole == chunked, (whole, chunked)
+
+
 # -- registry, seeds, entry point -------------------------------------------------------------
 
 
-def _stream_framing_exists() -> bool:
+def _exists(module: str) -> bool:
     try:
-        return importlib.util.find_spec("firezone_relay.protocol.stream_framing") is not None
+        return importlib.util.find_spec(f"firezone_relay.protocol.{module}") is not None
     except ImportError:
         return False
 
 
 #: name -> the one-input function; a target whose code is not there yet is left out
 TARGETS: dict[str, Callable[[bytes], None]] = {"stun": stun_input, "server": server_input}
-if _stream_framing_exists():
+if _exists("stream_framing"):
     TARGETS["stream_framing"] = stream_framing_input
+if _exists("proxy_protocol"):
+    TARGETS["proxy_protocol"] = proxy_protocol_input
+
+#: PROXY headers as balancers send them (v1 lines; v2 IPv4, IPv6 with a TLV, LOCAL)
+PROXY_SEEDS = (
+    b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 3478\r\n",
+    b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 3478\r\n",
+    b"PROXY UNKNOWN\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\xc6\x33\x64\x01\x9c\x40\x0d\x96",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x2a"
+    + bytes(15)
+    + b"\x01"
+    + bytes(15)
+    + b"\x02"
+    + b"\x9c\x40\x0d\x96"
+    + b"\x04\x00\x03abc",
+    b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+)
 
 
 def _trace_frames() -> Iterator[tuple[str, Any]]:
@@ -342,7 +395,10 @@ def _trace_frames() -> Iterator[tuple[str, Any]]:
 def seeds(target: str) -> Iterator[bytes]:
     """The seed inputs of ``target``, from the trace files."""
     for _name, frames in _trace_frames():
-        if target in ("stun", "stream_framing"):
+        if target == "proxy_protocol":
+            for header in PROXY_SEEDS:
+                yield b"\x00" + header + (frames[0].payload if frames else b"")
+        elif target in ("stun", "stream_framing"):
             payloads = [f.payload for f in frames]
             yield from payloads
             if target == "stream_framing" and payloads:

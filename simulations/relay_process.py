@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANGE_LOW, RANGE_HIGH = 20000, 32000
 READY_TIMEOUT = 15.0
 #: Settings the daemon reads from its environment: a test runner's must not leak into it.
+#: (``RELAY_DATAPATH`` does, on purpose: tox runs a system suite with it set to ``python``.)
 CONFIG_ENV = (
     "FIREZONE_TOKEN",
     "FIREZONE_API_URL",

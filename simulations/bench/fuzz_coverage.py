@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         _child(argv[1], argv[2:])
         return 0
+    if argv[:1] == ["--replay"]:
+        return _replay(Path(argv[1]))
     from simulations.fuzz_targets import TARGETS
 
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__)
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, help="executions per target instead of a time")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"of {','.join(TARGETS)}")
     p.add_argument("--corpus", type=Path, help="keep the corpus (and crashes) here")
+    p.add_argument(
+        "--lines",
+        action="store_true",
+        help="then replay the corpus under coverage.py and print the core's line coverage",
+    )
     args = p.parse_args(argv)
     targets = args.targets.split(",")
     unknown = [t for t in targets if t not in TARGETS]
@@ -174,7 +181,42 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         for crash in result.crashes:
             print(f"crash in {result.target}: {crash}")
+    if args.lines:
+        print(line_coverage(work), flush=True)
     return 1 if any(r.crashes for r in results) else 0
+
+
+def _replay(corpus: Path) -> int:
+    """Run every saved input of every target (``corpus/<target>/*``) once, plainly."""
+    from simulations.fuzz_targets import TARGETS
+
+    for target, run in TARGETS.items():
+        directory = corpus / target
+        for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+            run(path.read_bytes())
+    return 0
+
+
+def line_coverage(work: Path) -> str:
+    """``coverage report`` of ``firezone_relay.protocol`` over a replay of the corpus (the
+    lines the inputs reach; needs coverage.py installed)."""
+    data = work / ".coverage"
+    python = [sys.executable, "-m", "coverage"]
+    source = "--source=firezone_relay.protocol"
+    corpus = str(work / "corpus")
+    replay = subprocess.run(
+        [*python, "run", source, f"--data-file={data}", "-m", MODULE, "--replay", corpus],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if replay.returncode != 0:
+        return f"no line coverage (pip install coverage?): {replay.stderr.strip()[-300:]}"
+    report = subprocess.run(
+        [*python, "report", f"--data-file={data}"], capture_output=True, text=True, check=False
+    )
+    return report.stdout
 
 
 if __name__ == "__main__":

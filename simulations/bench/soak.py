@@ -31,6 +31,7 @@ import os
 import random
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
@@ -55,10 +56,12 @@ REBIND_S = 12.0  # a traffic allocation moves to a new channel and peer this oft
 RETRY_S = 1.0  # a request unanswered this long is sent again ...
 RETRIES = 5  # ... this many times, then the allocation is given up (and counted)
 PAUSE_S = 0.5  # traffic pauses this long before each minute's check, so nothing is in flight
+DRAIN_S = 3.0  # ... and the check waits up to this much longer for datagrams still on the way
 TRAFFIC_ALLOCATIONS = 32  # per relay
 PEERS = 8  # peer sockets per relay
 BUFFER = 4 << 20  # the soak's own receive buffers: its sockets must not be what drops
 FIRST_CHANNEL = 0x4000
+SO_RCVBUFFORCE = 33  # Linux
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Side:
     sent: int = 0  # datagrams the soak sent that the relay must deliver
     received: int = 0  # of those, what arrived
     counts: dict[str, int] = field(default_factory=dict)
+    kernel_drops: dict[str, int] = field(default_factory=dict)  # relay socket inode -> drops
     rows: list[Row] = field(default_factory=list)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -116,6 +120,7 @@ class Row:
     rss_mb: float
     sent: int  # cumulative datagrams that had to arrive
     lost: int  # cumulative: sent and not received after the pause
+    kdrops: int  # cumulative: datagrams the kernel dropped on the relay's full sockets
     created: int
     deleted: int
     expired: int  # left to expire
@@ -125,7 +130,8 @@ class Row:
 
     HEADER = (
         f"{'min':>4} {'path':>8} {'allocs':>6} {'chans':>6} {'mirror':>6} {'equal':>5} "
-        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'created':>7} {'deleted':>7} "
+        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'kdrop':>5} {'created':>7} "
+        f"{'deleted':>7} "
         f"{'expired':>7} {'binds':>7} {'errors':>6} {'tb':>3}"
     )
 
@@ -133,14 +139,17 @@ class Row:
         return (
             f"{self.minute:>4} {self.side:>8} {self.allocations:>6} {self.channels:>6} "
             f"{self.mirror:>6} {self.equal!s:>5} {self.fds:>5} {self.rss_mb:>7.1f} "
-            f"{self.sent:>10} {self.lost:>5} {self.created:>7} {self.deleted:>7} "
+            f"{self.sent:>10} {self.lost:>5} {self.kdrops:>5} {self.created:>7} {self.deleted:>7} "
             f"{self.expired:>7} {self.binds:>7} {self.errors:>6} {self.tracebacks:>3}"
         )
 
 
 def _udp(host: str = HOST) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+    try:  # past net.core.rmem_max where allowed (root); Python does not name the option
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, BUFFER)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
     s.setblocking(False)
     s.bind((host, 0))
     return s
@@ -163,22 +172,26 @@ class Soak:
         base = args.port_base
         # allocations left to expire hold their port for a lifetime beyond the population
         span = 4 * args.allocations + 2 * TRAFFIC_ALLOCATIONS + 200
-        for i, name in enumerate(args.paths):
-            low = base + i * span
-            relay = start_local(
-                log_dir,
-                "--time-scale",
-                str(self.scale),
-                "--max-channels-per-allocation",
-                str(max(1024, args.attack_channels)),
-                ports=(low, low + span - 1),
-                secret=SECRET,
-                env={"RELAY_DATAPATH": "python" if name == "python" else "auto"},
-            )
-            side = Side(name, relay, [_udp() for _ in range(PEERS)])
-            for p in side.peers:
-                self.poller.register(p.fileno(), select.EPOLLIN)
-            self.sides.append(side)
+        try:
+            for i, name in enumerate(args.paths):
+                low = base + i * span
+                peers = [_udp() for _ in range(PEERS)]
+                relay = start_local(
+                    log_dir,
+                    "--time-scale",
+                    str(self.scale),
+                    "--max-channels-per-allocation",
+                    str(max(1024, args.attack_channels)),
+                    ports=(low, low + span - 1),
+                    secret=SECRET,
+                    env={"RELAY_DATAPATH": "python" if name == "python" else "auto"},
+                )
+                self.sides.append(Side(name, relay, peers))
+                for p in peers:
+                    self.poller.register(p.fileno(), select.EPOLLIN)
+        except BaseException:
+            self.stop()  # the relays started so far
+            raise
         self.peer_fds = {p.fileno(): (s, p) for s in self.sides for p in s.peers}
         self.paused = False
 
@@ -367,11 +380,13 @@ class Soak:
         side.pos = 0
 
     def attack_plan(self, side: Side) -> list[tuple[str, Any]]:
-        """Bind channels to consecutive ports nobody listens on, refresh them once, delete."""
+        """Bind channels to consecutive ports nobody listens on, refresh them (and the
+        allocation, which a ChannelBind does not refresh) once, delete."""
         n = self.args.attack_channels
         binds = [("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))) for i in range(n)]
         hold = self.lifetime * 0.5
-        return [*binds, ("wait", hold), *binds, ("wait", hold), ("refresh", 0)]
+        keep = ("refresh", 600)
+        return [*binds, keep, ("wait", hold), *binds, keep, ("wait", hold), ("refresh", 0)]
 
     def attack_noise(self, side: Side) -> None:
         """A few datagrams of the attacker's: ChannelData to its dead peers, on unbound
@@ -421,6 +436,12 @@ class Soak:
             now = time.monotonic()
             if now >= next_check:
                 minute += 1
+                # what is still in flight gets up to DRAIN_S more (a relay may be descheduled
+                # on a busy machine); what has not arrived then is lost
+                drain_end = now + DRAIN_S
+                while any(s.received < s.sent for s in self.sides) and now < drain_end:
+                    self.poll(now)
+                    now = time.monotonic()
                 for side in self.sides:
                     side.rows.append(self.check(side, minute))
                     print(side.rows[-1].line(), flush=True)
@@ -546,6 +567,7 @@ class Soak:
             rss_mb=relay.rss_kb() / 1024 if relay.alive() else -1.0,
             sent=side.sent,
             lost=side.sent - side.received,
+            kdrops=self.kernel_drops(side),
             created=c.get("created", 0),
             deleted=c.get("deleted", 0),
             expired=c.get("expired", 0),
@@ -553,6 +575,26 @@ class Soak:
             errors=errors,
             tracebacks=log.count("Traceback"),
         )
+
+    def kernel_drops(self, side: Side) -> int:
+        """Datagrams the kernel dropped on the relay's sockets (a full receive queue: the
+        relay fell behind), summed over every socket it has had (``/proc/net/udp*`` drops)."""
+        pid = side.relay.pid
+        mine = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                mine.add(link[8:-1])
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            with open(table) as f:
+                for line in f.read().splitlines()[1:]:
+                    parts = line.split()
+                    if parts[9] in mine:
+                        side.kernel_drops[parts[9]] = int(parts[-1])
+        return sum(side.kernel_drops.values())
 
     def stop(self) -> None:
         for side in self.sides:
@@ -592,7 +634,10 @@ def verdict(rows: list[Row]) -> tuple[bool, list[str]]:
         mine = [r for r in rows if r.side == side]
         final = mine[-1]
         if final.lost:
-            problems.append(f"{side}: {final.lost} of {final.sent} datagrams lost")
+            why = f" ({final.kdrops} dropped by the kernel on the relay's full sockets)"
+            problems.append(
+                f"{side}: {final.lost} of {final.sent} datagrams lost{why if final.kdrops else ''}"
+            )
         if final.errors:
             problems.append(f"{side}: {final.errors} requests failed or unanswered")
         steady = mine[1:]
@@ -655,6 +700,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like ^C, so the relays are stopped and the sockets closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log_dir = Path(tempfile.mkdtemp(prefix="soak-"))
     result = run(args, log_dir)
     for name, counts in result.counts.items():

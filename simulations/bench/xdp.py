@@ -28,7 +28,7 @@ nothing; the whole run is bounded (``--budget``, at most 90 s) and every flood i
    top rate with the relay process idle.
 
 Run: ``python -m simulations.bench.xdp [--rates 20000,50000,100000,max] [--daemon-seconds S]
-[--seconds S] [--mode generic|driver] [--skip-daemon] [--skip-topology]``. Numbers on a shared
+[--seconds S] [--mode generic|driver|both] [--skip-daemon] [--skip-topology]``. Numbers on a shared
 2-vCPU machine are noisy; compare them with each other.
 """
 
@@ -46,7 +46,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.commands import CreateChannelBinding
@@ -59,6 +58,7 @@ from simulations.netns.relay import (
     RelayDaemon,
     Sent,
     allocate_and_bind,
+    attach_xdp_pass,
     cpu_seconds,
     generate,
     udp_receive_drops,
@@ -278,14 +278,8 @@ def bench_topology(seconds: float, limit: int, mode: str) -> list[tuple[str, flo
     t = Topology()
     try:
         t.build()
-        if mode == "driver":  # native XDP on veth needs a program on the peer veth too
-            from firezone_relay.xdp.loader import import_bcc
-
-            bcc = import_bcc()
-            peer_prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-            with t.rtr.entered():
-                fn = peer_prog.load_func(b"xdp_pass", bcc.BPF.XDP)
-                peer_prog.attach_xdp(b"r-pub", fn, bcc.BPF.XDP_FLAGS_DRV_MODE)
+        if mode == "driver":
+            peer_prog = attach_xdp_pass(t.rtr, "r-pub")
         ref = start_offload(
             XdpOptions(
                 interface="p0",
@@ -404,18 +398,6 @@ class ModeRun:
     error: str | None = None
 
 
-def _peer_pass_program(t: Topology) -> Any:
-    """Native XDP on a veth needs an XDP program on its peer too (recipe §5.1)."""
-    from firezone_relay.xdp.loader import import_bcc
-
-    bcc = import_bcc()
-    prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-    with t.rtr.entered():
-        fn = prog.load_func(b"xdp_pass", bcc.BPF.XDP)
-        prog.attach_xdp(b"r-pub", fn, bcc.BPF.XDP_FLAGS_DRV_MODE)
-    return prog
-
-
 def bench_daemon(
     offload: bool, mode: str, seconds: float, rates: list[str], limit: int, deadline: float
 ) -> ModeRun:
@@ -425,7 +407,7 @@ def bench_daemon(
     run = ModeRun(f"XDP {mode} on p0 (--ebpf-offloading p0)" if offload else "userspace", offload)
     with Topology() as t, contextlib.ExitStack() as stack:
         if offload and mode == "driver":
-            stack.callback(_peer_pass_program(t).cleanup)
+            stack.callback(attach_xdp_pass(t.rtr, "r-pub").cleanup)
         relay = RelayDaemon(t, "p0" if offload else None, mode)
         stack.callback(relay.stop)
         try:
@@ -534,13 +516,24 @@ def print_targets(program: list[PathCost], runs: list[ModeRun]) -> None:
         f" -> {verdict(worst <= 200)}"
     )
     user = next((r for r in runs if not r.offload), None)
-    xdp = next((r for r in runs if r.offload), None)
+    xdp_runs = [r for r in runs if r.offload]
+    for xdp in xdp_runs:
+        print(f"  {xdp.name}:")
+        _print_xdp_targets(user, xdp, path_ns)
+    if not xdp_runs or any(x.error for x in xdp_runs):
+        print("  (no complete XDP daemon run: see above)")
+
+
+def _print_xdp_targets(user: ModeRun | None, xdp: ModeRun, path_ns: float) -> None:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
     for direction in DIRECTIONS:
         u_steps = [s for s in (user.steps if user else []) if s.sent and s.delivered]
         u_steps = [s for s in u_steps if s.direction == direction]
-        x_steps = [s for s in (xdp.steps if xdp else []) if s.sent and s.direction == direction]
+        x_steps = [s for s in xdp.steps if s.sent and s.direction == direction]
         if not u_steps:
-            print(f"  CPU per relayed packet, {direction}: no userspace figure")
+            print(f"    CPU per relayed packet, {direction}: no userspace figure")
             continue
         best = min(s.relay_us for s in u_steps)
         ratio = best * 1e3 / path_ns
@@ -557,23 +550,21 @@ def print_targets(program: list[PathCost], runs: list[ModeRun]) -> None:
                 f" = {cpu / max(delivered, 1) * 1e6:.3f} µs/packet"
             )
         print(
-            f"  CPU per relayed packet, {direction}: userspace relay {best:.2f} µs (its lowest over"
-            f" the rates) / XDP program {path_ns:.0f} ns = {ratio:.0f}x; target >= 20x -> "
+            f"    CPU per relayed packet, {direction}: userspace relay {best:.2f} µs (its lowest "
+            f"over the rates) / XDP program {path_ns:.0f} ns = {ratio:.0f}x; target >= 20x -> "
             f"{verdict(ratio >= 20)}{own}"
         )
-    for st in xdp.steps if xdp else []:
+    for st in xdp.steps:
         if st.rate != "max" or st.sent is None:
             continue
         idle = st.relay_cpu / st.window
         ok = st.loss <= 0.001 and idle < 0.02
         print(
-            f"  XDP at the generator's top rate, {st.direction}: offered "
+            f"    XDP at the generator's top rate, {st.direction}: offered "
             f"{_kpps(st.sent.pps).strip()}pps, delivered {st.delivered}/{st.sent.packets} "
             f"({st.loss:.2%} loss), relay process "
             f"{idle:.1%} of a core; target: every packet, relay idle (<2%) -> {verdict(ok)}"
         )
-    if xdp is None or xdp.error:
-        print("  (no complete XDP daemon run: see above)")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -602,7 +593,12 @@ def main() -> None:
         metavar="NAME=SOURCE",
         help="also measure this source of the XDP program (e.g. the build before a change)",
     )
-    parser.add_argument("--mode", choices=("generic", "driver"), default="generic")
+    parser.add_argument(
+        "--mode",
+        choices=("generic", "driver", "both"),
+        default="both",
+        help="XDP attach mode on the relay veth (both: generic, then native)",
+    )
     parser.add_argument("--budget", type=float, default=90.0, help="whole run, seconds (max 90)")
     parser.add_argument("--skip-topology", action="store_true", help="no direct-map flood")
     parser.add_argument("--skip-daemon", action="store_true", help="no daemon comparison")
@@ -613,6 +609,7 @@ def main() -> None:
     started = time.monotonic()
     deadline = started + min(args.budget, 90.0) - 1.0
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    modes = ["generic", "driver"] if args.mode == "both" else [args.mode]
     for r in rates:
         if r != "max" and not r.isdigit():
             sys.exit(f"bad rate {r!r}")
@@ -634,23 +631,24 @@ def main() -> None:
             f"{DRAIN:g} s drain (share of one core); relay/pkt = that CPU / delivered; sender/pkt "
             f"= the generator's CPU incl. the kernel path run in its softirq"
         )
-        for offload in (False, True):
-            run = bench_daemon(offload, args.mode, seconds, rates, args.limit, deadline)
+        for offload, mode in ((False, "generic"), *((True, m) for m in modes)):
+            run = bench_daemon(offload, mode, seconds, rates, args.limit, deadline)
             print_daemon(run, seconds)
             runs.append(run)
 
     if not args.skip_topology:
-        seconds = min(args.seconds, 5.0, (deadline - time.monotonic() - 6.0) / 3)
-        if seconds < 0.5:
-            print("\nnamespace topology with map entries installed directly: skipped (time budget)")
-        else:
+        for i, mode in enumerate(modes):
+            left = len(modes) - i
+            seconds = min(args.seconds, 5.0, (deadline - time.monotonic() - 6.0 * left) / 3 / left)
+            if seconds < 0.5:
+                print(f"\nnamespace topology, XDP {mode} mode: skipped (time budget)")
+                continue
             t0 = time.monotonic()
             print(
-                f"\nnamespace topology, XDP {args.mode} mode on the relay veth, map entries "
-                f"installed directly (no daemon), {seconds:.3g} s per direction, Python sender on "
-                f"CPU0"
+                f"\nnamespace topology, XDP {mode} mode on the relay veth, map entries installed "
+                f"directly (no daemon), {seconds:.3g} s per direction, Python sender on CPU0"
             )
-            for name, offered, delivered, relayed in bench_topology(seconds, args.limit, args.mode):
+            for name, offered, delivered, relayed in bench_topology(seconds, args.limit, mode):
                 print(
                     f"  {name:<40} offered {offered / 1e3:6.1f} kpps  delivered "
                     f"{delivered / 1e3:6.1f} kpps  (XDP relayed {relayed})"

@@ -21,6 +21,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import make_credentials
@@ -32,6 +33,21 @@ from simulations.turn_client import TurnClient
 
 SECRET = "bench-xdp-secret"
 HEALTH_PORT = 8080  # inside the relay namespace, so no clash with anything else
+
+
+def attach_xdp_pass(ns: Netns, dev: str) -> Any:
+    """An XDP_PASS program on ``dev`` in ``ns``, native mode: a veth can only carry XDP_TX in
+    native (driver) mode when its peer runs an XDP program too (without one the frames are
+    dropped as xdp_tx_errors). Keep the returned bcc object; ``.cleanup()`` releases it, and
+    deleting the namespace detaches the program."""
+    from firezone_relay.xdp.loader import import_bcc
+
+    bcc = import_bcc()
+    prog = bcc.BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    with ns.entered():
+        fn = prog.load_func(b"xdp_pass", bcc.BPF.XDP)
+        prog.attach_xdp(dev.encode(), fn, bcc.BPF.XDP_FLAGS_DRV_MODE)
+    return prog
 
 
 def cpu_seconds(pid: int) -> float:

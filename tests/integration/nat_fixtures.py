@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from firezone_relay.protocol.auth import make_credentials, portal_salt
+from simulations.netns.relay import attach_xdp_pass
 from simulations.netns.signalling import Hub
 from simulations.netns.topology import Topology, TopologyOptions
 from simulations.portal_thread import PortalThread
@@ -91,8 +92,8 @@ def xdp_unavailable() -> str | None:
 
 
 def datapath(mode: str) -> bool:
-    """``"userspace"`` or ``"xdp"`` -> whether to offload; skips the XDP variant (with the
-    reason) where bcc cannot run."""
+    """``"userspace"``, ``"xdp"`` or ``"xdp-driver"`` -> whether to offload; skips the XDP
+    variants (with the reason) where bcc cannot run."""
     if mode == "userspace":
         return False
     reason = xdp_unavailable()
@@ -101,7 +102,15 @@ def datapath(mode: str) -> bool:
     return True
 
 
+def attach_mode(mode: str) -> str:
+    """The ``--ebpf-attach-mode`` of a test mode: ``xdp-driver`` is native mode on the veth."""
+    return "driver" if mode == "xdp-driver" else "generic"
+
+
 MODES = ["userspace", "xdp"]
+#: Native (driver) mode beside them, for the tests that also run it (one scenario suffices:
+#: the program is the same; test_xdp_netns runs every path in both modes).
+MODES_WITH_DRIVER = [*MODES, "xdp-driver"]
 _BLOB: tuple[Path, str] | None = None
 
 
@@ -158,6 +167,7 @@ class RelayProcess:
         dual: bool = True,
         allow_private: bool = False,
         xdp: bool = False,
+        xdp_mode: str = "generic",
     ) -> None:
         self.topo = topo
         self.log_dir = log_dir
@@ -167,6 +177,7 @@ class RelayProcess:
         self.dual = dual
         self.allow_private = allow_private
         self.xdp = xdp
+        self.xdp_mode = xdp_mode
         self.daemon: Daemon | None = None
         self.logs: list[Path] = []
 
@@ -191,7 +202,7 @@ class RelayProcess:
         if self.allow_private:
             a.append("--allow-private-peers")
         if self.xdp:
-            a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", "generic"]
+            a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", self.xdp_mode]
             if REQUIRE_ALL:  # CI: a machine that can run XDP must, or the relay exits
                 a.append("--ebpf-mandatory")
         options = self.topo.options
@@ -322,7 +333,8 @@ class NatRun:
       (or server-reflexive) family the channels point at;
     * ``gateway_allocates``: False = the gateway only opens its NAT towards the client's
       relayed address (client -> relay -> gateway's public address);
-    * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode generic``;
+    * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode <xdp_mode>`` (``generic``, or
+      ``driver``: native mode, with an XDP_PASS program on the router's end of the veth);
     * ``relay_dual``: False = the relay has no public IPv6 address (IPv4 only);
     * ``portal``: the relay joins a test portal, which mints the agents' credentials.
     """
@@ -336,6 +348,7 @@ class NatRun:
     gateway_allocates: bool = True
     xdp: bool = False
     relay_dual: bool = True
+    xdp_mode: str = "generic"
     portal: bool = False
     refresh_scale: float = 0.01
     probe_after: float = 1.5
@@ -364,6 +377,8 @@ class NatRun:
     def _up(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.topo = self._stack.enter_context(Topology(self.options))
+        if self.xdp and self.xdp_mode == "driver":
+            self._stack.callback(attach_xdp_pass(self.topo.rtr, "r-pub").cleanup)
         hub_dir = tempfile.mkdtemp(prefix="fznhub")  # short: Unix socket paths are limited
         self._stack.callback(shutil.rmtree, hub_dir, True)
         self.hub = self._stack.enter_context(
@@ -381,6 +396,7 @@ class NatRun:
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
                 dual=self.relay_dual,
+                xdp_mode=self.xdp_mode,
             )
         else:
             self.secret = os.urandom(32).hex()
@@ -391,6 +407,7 @@ class NatRun:
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
                 dual=self.relay_dual,
+                xdp_mode=self.xdp_mode,
             )
         self._stack.callback(self.relay.stop)
         self.relay.start()

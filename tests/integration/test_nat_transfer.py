@@ -3,8 +3,9 @@
 Each test runs the real relay daemon in its namespace, two TURN agents with TUN tunnels, and
 curl fetching a blob from a small HTTP server (``gated_web``) on the gateway side, through the
 tunnel, so through the relay; the kernel's TCP handles loss. Userspace relaying and XDP offload
-(generic mode on the relay's veth) each run every scenario. Afterwards the relay's log must hold
-no warning and no error (Firezone's integration tests check the same).
+(generic mode on the relay's veth) each run every scenario; the plain download also runs with
+XDP in native (driver) mode. Afterwards the relay's log must hold no warning and no error
+(Firezone's integration tests check the same).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 from simulations.netns.topology import Loss, TopologyOptions
 from tests.integration.nat_fixtures import (
     MODES,
+    MODES_WITH_DRIVER,
+    attach_mode,
     datapath,
     nat_run,
     require_nat_tools,
@@ -32,7 +35,7 @@ def blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_WITH_DRIVER)
 def test_relayed_download(mode: str, family: int, tmp_path: Path, blob: tuple[Path, str]) -> None:
     """Client relayed, gateway reached at its NAT's public address (client -> relay ->
     gateway), over IPv4 or IPv6 end to end."""
@@ -40,6 +43,7 @@ def test_relayed_download(mode: str, family: int, tmp_path: Path, blob: tuple[Pa
         tmp_path,
         blob,
         xdp=datapath(mode),
+        xdp_mode=attach_mode(mode),
         gateway_allocates=False,
         relay_family=family,
         peer_family=family,

@@ -481,3 +481,40 @@ def test_debug_routes_lists_every_mirrored_route_as_plain_tuples(
     rx.drop_to_peer(me, 0x4001)
     rx.drop_to_client(port, ("::1", 7))
     assert rx.debug_routes() == [("to_peer", me, 0x4000, allocation.fileno(), them)]
+
+
+@needs_compiled
+def test_each_route_counts_into_its_allocations_counters_and_lets_go_of_them(
+    sockets: dict[str, socket.socket],
+) -> None:
+    from array import array
+
+    listen, allocation, client, peer = (
+        sockets[n] for n in ("listen", "allocation", "client", "peer")
+    )
+    rx = COMPILED[0](8, 65540, 4)
+    port = allocation.getsockname()[1]
+    counters = array("Q", bytes(32))
+    view = memoryview(counters)
+    assert rx.set_to_peer(client.getsockname(), 0x4000, allocation.fileno(), peer.getsockname(),
+                          -1, view[0:2])  # fmt: skip
+    assert rx.set_to_client(port, peer.getsockname(), listen.fileno(), client.getsockname(),
+                            0x4000, -1, view[2:4])  # fmt: skip
+    del view
+    client.sendto(_channel_data(0x4000, b"a" * 10), listen.getsockname())
+    client.sendto(_channel_data(0x4000, b"b" * 20, padding=3), listen.getsockname())
+    assert rx.relay_clients(listen, Counted()) == (2, 2)
+    peer.sendto(b"c" * 7, allocation.getsockname())
+    assert rx.relay_peers(allocation, port, Counted()) == (1, 1)
+    assert list(counters) == [2, 30, 1, 7]
+    with pytest.raises(BufferError):  # the mirror holds the counters: they cannot move
+        counters.append(0)
+    for bad in (bytearray(16), array("q", bytes(16)), array("Q", bytes(8)), b"\0" * 16):
+        with pytest.raises((TypeError, BufferError)):
+            rx.set_to_peer(client.getsockname(), 0x4001, allocation.fileno(), peer.getsockname(),
+                           -1, memoryview(bad))  # fmt: skip
+    rx.drop_to_peer(client.getsockname(), 0x4000)
+    rx.drop_fd(listen.fileno())  # the peer -> client route leaves with its socket
+    assert rx.routes == (0, 0)
+    counters.append(0)  # let go of
+    assert len(counters) == 5

@@ -194,3 +194,51 @@ def test_a_bad_environment_list_fails_even_beside_the_flag(
         build_parser().parse_args(["--allowed-peer-ip", "192.0.2.0/24"])
     assert exited.value.code == 2
     assert "bad environment variable value ALLOWED_PEER_IP='300.1.1.1'" in capsys.readouterr().err
+
+
+def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest as _pytest
+
+    from firezone_relay.actors.cli import build_parser, settings_from_args
+
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# rotation\nnew-secret\n\nold-secret\n")
+    peers = tmp_path / "peers"
+    peers.write_text("allow 10.1.0.0/16\ndeny 203.0.113.0/24\n")
+    base = ["--public-ip4-addr", "127.0.0.1", "--control-endpoint", "127.0.0.1:19999"]
+    args = build_parser().parse_args(
+        [*base, "--auth-secret-file", str(secrets), "--peer-list-file", str(peers),
+         "--allowed-peer-ip", "10.2.0.0/16", "--allocation-rate-limit", "250000"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert settings.auth_secrets == ("new-secret", "old-secret")
+    assert settings.auth_secret == "new-secret"
+    assert settings.server.allowed_peer_ips == ("10.2.0.0/16", "10.1.0.0/16")
+    assert settings.server.denied_peer_ips == ("203.0.113.0/24",)
+    assert settings.server.allocation_rate_limit == 250000
+    assert settings.admin_socket is not None and settings.admin_socket.endswith(
+        "control-19999.sock"
+    )
+    assert not settings.admin_socket_required
+
+    peers.write_text("permit 10.0.0.0/8\n")
+    for extra, words in (
+        (["--peer-list-file", str(peers)], "expected 'allow CIDR' or 'deny CIDR'"),
+        (["--auth-secret-file", str(tmp_path / "missing")], "cannot read the secret file"),
+        (["--auth-secret-file", str(secrets), "--auth-secret", "x"], "not both"),
+    ):
+        with _pytest.raises(ValueError, match=words):
+            settings_from_args(build_parser().parse_args([*base, *extra]))
+
+
+def test_the_allocation_rate_limit_keeps_xdp_off(caplog) -> None:  # type: ignore[no-untyped-def]
+    import pytest as _pytest
+
+    from firezone_relay.actors.cli import build_parser, settings_from_args
+
+    base = ["--public-ip4-addr", "127.0.0.1", "--allocation-rate-limit", "1000",
+            "--ebpf-offloading", "lo"]  # fmt: skip
+    assert settings_from_args(build_parser().parse_args(base)).xdp is None
+    assert "XDP offload stays off" in caplog.text
+    with _pytest.raises(ValueError, match="--ebpf-mandatory"):
+        settings_from_args(build_parser().parse_args([*base, "--ebpf-mandatory"]))

@@ -14,8 +14,8 @@ from simulations.bench.fuzz_coverage import fuzz
 from simulations.fuzz_targets import TARGETS, run_script, seeds
 from tests.required import REQUIRE_ALL
 
-#: executions per target in the bounded run: about 3 s for the codec, 10 s for the server
-RUNS = {"stun": 50_000, "server": 15_000, "stream_framing": 50_000}
+#: executions per target in the bounded run: about 3 s for the codec, 7 s for the server
+RUNS = {"stun": 50_000, "server": 10_000, "stream_framing": 50_000, "proxy_protocol": 50_000}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
