@@ -1962,7 +1962,7 @@ static PyMethodDef module_methods[] = {
 /* The version of this module's Python surface: bump it with every change that
  * actors/udpio.py must follow (it has the same number, and falls back to pure Python on a
  * mismatch, e.g. a stale build left installed beside newer sources). */
-#define UDPIO_API_VERSION 2
+#define UDPIO_API_VERSION 3
 
 static struct PyModuleDef udpio_module = {
     PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",

@@ -33,7 +33,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from firezone_relay.actors.control import Reload
 from firezone_relay.actors.http_endpoints import HttpEndpoint, Routes, parse_host_port
 from firezone_relay.actors.startup_errors import StartupError
 from firezone_relay.protocol.allocations import COUNTERS, IN_BYTES, OUT_BYTES
@@ -482,6 +481,8 @@ def _clear_stale(path: Path) -> None:
 
 def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
     """The routes of the admin socket; ``tell`` hands a message to the control actor."""
+    # here, not at the top: the verbs' client imports this module and needs no pykka
+    from firezone_relay.actors.control import Reload
 
     def disconnect(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ports = admin.matching(query)

@@ -87,7 +87,9 @@ class AdminClient:
 
 
 def _parser(verb: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"firezone-relay {verb}", description=description)
+    from firezone_relay.actors.subcommands import verb_parser
+
+    p = verb_parser(verb, description)
     p.add_argument(
         "--control-endpoint",
         default=os.environ.get("CONTROL_ENDPOINT") or "127.0.0.1:9999",

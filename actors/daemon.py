@@ -28,9 +28,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +70,18 @@ from firezone_relay.actors.http_endpoints import HttpEndpoint, parse_host_port
 from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
 from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.pipeline import Pipeline
+from firezone_relay.actors.signals import (
+    DRAIN,
+    FAILURE_EXIT,
+    IGNORED,
+    RELOAD,
+    STOP_CLEAN,
+    exit_code,
+)
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError, binding
+from firezone_relay.actors.stream_relay import StreamRelay
+from firezone_relay.actors.streams import StreamOptions, Streams
 from firezone_relay.actors.telemetry import (
     BucketHistogram,
     BucketSource,
@@ -77,6 +89,7 @@ from firezone_relay.actors.telemetry import (
     Telemetry,
     packet_size_histogram,
 )
+from firezone_relay.actors.tls import TlsConfigError, TlsContexts
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.auth import secret_bits
 from firezone_relay.protocol.server import Server, ServerConfig
@@ -85,6 +98,7 @@ from firezone_relay.protocol.types import Family
 if TYPE_CHECKING:
     from firezone_relay.actors.portal import PortalConfig
     from firezone_relay.actors.portal_session import PortalSession
+    from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
 __all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
@@ -108,6 +122,8 @@ class Settings:
     bind_ip6: str = "::"
     rng_seed: int | None = None
     auth_secret: str | None = None
+    #: where ``auth_secret`` came from (None: generated for this run)
+    secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
@@ -123,6 +139,12 @@ class Settings:
     export_interval_ms: float | None = None
     #: OpenTelemetry resource attributes found by cloud metadata discovery
     resource_attributes: dict[str, str] = field(default_factory=dict)
+    #: TURN over TCP on the listen port; over TLS on ``tls_listen_port`` with a certificate
+    tcp: bool = True
+    tls_listen_port: int = 5349
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    streams: StreamOptions = field(default_factory=StreamOptions)
 
 
 #: The relay's control inputs: every message type its control actor receives, and the ``Relay``
@@ -135,13 +157,13 @@ CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
     PortalClosed: "_on_portal_closed",
     PortalFatal: "_on_portal_fatal",
     Shutdown: "_on_shutdown",
+    Reload: "_on_reload",
     PeerSocketOpened: "_on_peer_socket_opened",
     PeerSocketClosed: "_on_peer_socket_closed",
     AllocationBindFailed: "_on_allocation_bind_failed",
     AllocationStopped: "_on_allocation_stopped",
     Disconnect: "_on_disconnect",
     Drain: "_on_drain",
-    Reload: "_on_reload",
 }
 
 
@@ -198,6 +220,10 @@ class Relay:
         self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
+        self.tls: TlsContexts | None = None
+        self.stream_relay = StreamRelay(self.server, self.dataplane, self._after_input)
+        self.streams = Streams(self.loop, settings.streams, self.stream_relay)
+        self.dataplane.stream_send = self.stream_relay.send
         self.admin = Admin(
             self.server,
             settings.admin,
@@ -234,6 +260,7 @@ class Relay:
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT (or a fatal portal error), clean up."""
+        self._handle_signals()
         try:
             await self.start()
         except Exception as exc:
@@ -244,17 +271,29 @@ class Relay:
             with contextlib.suppress(pykka.ActorDeadError):
                 self.control.stop(block=False)
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(
-                    sig, tell, self.control, Shutdown(0, signal.Signals(sig).name)
-                )
-        for sig, message in ((signal.SIGHUP, Reload("SIGHUP")), (signal.SIGUSR1, Drain())):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self.loop.add_signal_handler(sig, tell, self.control, message)
         await self._stopping.wait()
         await self.shutdown()
         return self.exit_code
+
+    def _handle_signals(self) -> None:
+        """Every signal that would end the process is a logged Shutdown; SIGHUP a Reload,
+        SIGUSR1 a Drain, SIGUSR2 nothing; each with a log line (see ``actors.signals``)."""
+        messages: dict[int, tuple[object, str]] = {
+            RELOAD: (Reload(signal.Signals(RELOAD).name), "reloading"),
+            DRAIN: (Drain(), "draining"),
+        }
+        for sig in (*STOP_CLEAN, *FAILURE_EXIT):
+            messages[sig] = (Shutdown(exit_code(sig), signal.Signals(sig).name), "stopping")
+        for sig in IGNORED:
+            messages[sig] = (None, "ignored")
+        for sig, (message, what) in messages.items():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self.loop.add_signal_handler(sig, self._on_signal, sig, message, what)
+
+    def _on_signal(self, sig: int, message: object, what: str) -> None:
+        logger.info("%s received: %s", signal.Signals(sig).name, what)
+        if message is not None:
+            tell(self.control, message)
 
     async def start(self) -> None:
         raise_nofile_limit()
@@ -265,6 +304,8 @@ class Relay:
             responses=lambda: self.server.stats.responses,
             drops=self._drop_counts,
             bridge=self.bridge,
+            connections=self.streams.open_counts,
+            connection_events=self.streams.event_counts,
             otlp_endpoint=self.settings.otlp_grpc_endpoint,
             export_interval_ms=self.settings.export_interval_ms,
             resource_attributes=self.settings.resource_attributes,
@@ -295,23 +336,10 @@ class Relay:
             logger.info(
                 "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
             )
+        await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
-            if self.settings.auth_secret is None:
-                logger.warning(
-                    "standalone mode: generated auth secret %s (scheme %s); make credentials "
-                    "with `firezone-relay credentials --auth-secret <secret> --auth-scheme %s`",
-                    self.server.auth_secret,
-                    config.auth_scheme,
-                    config.auth_scheme,
-                )
-            else:
-                logger.info("standalone mode (no portal token), auth scheme %s", config.auth_scheme)
-                if secret_bits(self.settings.auth_secret) < 128:
-                    logger.warning(
-                        "--auth-secret looks weaker than 128 bits: anyone holding one credential "
-                        "can guess it offline; use e.g. `openssl rand -hex 32`"
-                    )
+            self._announce_secret()
         else:
             self._start_portal(self.settings.portal)
         self.loop.call_later(self.settings.stats_interval, self._log_stats)
@@ -319,6 +347,77 @@ class Relay:
         self.tracing.end_startup(
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
+
+    async def _start_streams(self) -> None:
+        """TURN over TCP on the listen port and over TLS on the TLS port, on each family's bind
+        address; a reload (SIGHUP, ``firezone-relay reload``) re-reads the certificate."""
+        s = self.settings
+        config = s.server
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            try:
+                self.tls = TlsContexts(s.tls_cert_file, s.tls_key_file)
+            except TlsConfigError as exc:
+                raise StartupError(str(exc)) from None
+            self.admin.reload_hooks.append(self.tls.reload)
+        ports: list[tuple[int, TlsContexts | None]] = []
+        if s.tcp:
+            ports.append((config.listen_port, None))
+        if self.tls is not None:
+            ports.append((s.tls_listen_port, self.tls))
+        for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
+            if public is None:
+                continue
+            host = self._bind_hosts[family]
+            for port, tls in ports:
+                kind = "TLS" if tls is not None else "TCP"
+                with binding(f"{kind} listen socket", host, port):
+                    await self.streams.listen(host, port, tls)
+                logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
+
+    def _announce_secret(self) -> None:
+        """Say where the standalone secret is, never what it is: a log is no place for it. A
+        secret generated for this run is shown once on the terminal, if there is one."""
+        scheme = self.settings.server.auth_scheme
+        origin = self.settings.secret_origin
+        if self.settings.auth_secret is None:
+            if os.isatty(sys.stderr.fileno()):
+                sys.stderr.write(
+                    f"\nauth secret for this run (not logged): {self.server.auth_secret}\n"
+                    "make credentials with: firezone-relay credentials --auth-secret "
+                    f"{self.server.auth_secret} --auth-scheme {scheme}\n\n"
+                )
+                sys.stderr.flush()
+                how = "shown on this terminal only"
+            else:
+                how = "not logged, so no credential can be made for it"
+            logger.warning(
+                "standalone mode, auth scheme %s: the auth secret was generated for this run "
+                "(%s) and changes at every restart; keep one with --auth-secret or "
+                "--auth-secret-file FILE (the systemd unit keeps one in its state directory)",
+                scheme,
+                how,
+            )
+            return
+        where = origin.origin if origin is not None else "--auth-secret"
+        if origin is not None and origin.path is not None:
+            made = "generated now" if origin.generated else "kept across restarts"
+            logger.info(
+                "standalone mode, auth scheme %s: auth secret from %s (%s); make credentials "
+                "with `firezone-relay credentials --auth-secret-file %s --auth-scheme %s`",
+                scheme,
+                where,
+                made,
+                origin.path,
+                scheme,
+            )
+        else:
+            logger.info("standalone mode, auth scheme %s: auth secret from %s", scheme, where)
+        if secret_bits(self.settings.auth_secret) < 128:
+            logger.warning(
+                "the auth secret (%s) looks weaker than 128 bits: anyone holding one credential "
+                "can guess it offline; use e.g. `openssl rand -hex 32`",
+                where,
+            )
 
     def request_stop(self, code: int = 0, reason: str = "") -> None:
         """Ask the daemon to shut down (loop thread only; the Shutdown and PortalFatal messages
@@ -333,6 +432,7 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
+        self.streams.close()
         for sock in self.dataplane.listen.values():
             self.loop.remove_reader(sock.fileno())
         self.dataplane.close_listen_sockets()
@@ -398,6 +498,9 @@ class Relay:
         finally:
             self.tracing.on_timers = False
 
+    def _tracing_on_close(self, closing: bool) -> None:
+        self.tracing.on_close = closing
+
     def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
         return AllocationActor.start(
             port, self.control, self._bind_hosts, self.dataplane.on_peer_readable, loop=self.loop
@@ -460,6 +563,7 @@ class Relay:
         self.tracing = RelayTracing(self.telemetry.tracer(), self.server, enabled)
         if enabled:
             self.pipeline.observe(self.tracing.observe)
+            self.stream_relay.on_close = self._tracing_on_close
         config = self.settings.server
         self.tracing.begin_startup(
             {
@@ -634,6 +738,7 @@ class Relay:
             + self.server.stats.allocation_rate_limited,
             "send_blocked": self.dataplane.send_drops,
             "send_failed": self.dataplane.send_errors,
+            "stream_backlog": self.streams.dropped + self.stream_relay.lost,
             "kernel_rx_overflow": self.dataplane.kernel_drops,
         }
 

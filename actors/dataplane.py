@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
+from firezone_relay.protocol.stream_framing import channel_data_frame
 from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, log_fields
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ BATCH = 64
 HEADROOM = 4  # ChannelData header
 SLOT_BYTES = 65536 + HEADROOM
 
-_pack_header = struct.Struct("!HH").pack_into
+_HEADER = struct.Struct("!HH")
+_pack_header = _HEADER.pack_into
 _V4, _V6 = int(Family.V4), int(Family.V6)
 _UDP = Transport.UDP
 
@@ -89,6 +91,8 @@ class DataPlane:
         self._send_drops = 0  # sendto would block (socket buffer full) or no socket for the port
         self._send_errors = 0  # any other send failure (unreachable, bad address ...)
         self.input_errors = 0  # the core raised on a datagram (a bug, but never fatal)
+        #: sends a whole frame to a TCP/TLS client (``StreamRelay.send``, when streams are on)
+        self.stream_send: Callable[[FiveTuple, bytes], bool] = _no_streams
 
     def listen_socket_for(self, client: FiveTuple) -> socket.socket | None:
         """The listen socket ``client`` sent to: where everything to it leaves from (UDP:
@@ -291,6 +295,9 @@ class DataPlane:
                 continue
             if type(route) is LoopToClient:  # ChannelData for another client here
                 client, channel, length = route
+                if client.transport is not _UDP:  # on a TCP/TLS connection
+                    self.stream_send(client, channel_data_frame(channel, views[i][4 : 4 + length]))
+                    continue
                 _pack_header(buf, i * SLOT_BYTES + HEADROOM, channel, length)
                 out += (to_client(client), views[i][: 4 + length], client.remote)
             else:
@@ -319,6 +326,7 @@ class DataPlane:
         core_busy = False
         last_client: FiveTuple | None = None
         client_sock: socket.socket | None = None
+        stream = False
         for i in range(k, n):
             addr = addrs[i]
             length = lens[i]
@@ -332,7 +340,12 @@ class DataPlane:
                 continue
             client, channel = route
             if client is not last_client:  # one allocation socket: almost always one client
-                last_client, client_sock = client, to_client(client)
+                last_client = client
+                stream = client.transport is not _UDP
+                client_sock = None if stream else to_client(client)
+            if stream:  # through the client's TCP/TLS connection
+                self.stream_send(client, channel_data_frame(channel, views[i][:length]))
+                continue
             _pack_header(buf, i * SLOT_BYTES, channel, length)
             out += (client_sock, slots[i][: length + HEADROOM], client.remote)
         if out:
@@ -343,10 +356,27 @@ class DataPlane:
     # -- control plane --------------------------------------------------------------------
 
     def send_message(self, command: SendMessage) -> None:
-        """Carry out a SendMessage: from the listen socket of the recipient's family."""
+        """Carry out a SendMessage: from the listen socket of the recipient's family, or
+        through the recipient's TCP/TLS connection."""
         recipient = command.recipient
+        if recipient.transport is not _UDP:
+            self.stream_send(recipient, command.payload)
+            return
         if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
             logger.debug("send failed", extra=log_fields(recipient=recipient))
+
+    def send_channel_data(self, client: FiveTuple, channel: int, data: bytes | memoryview) -> None:
+        """ChannelData to ``client`` (the relay loop from a stream client): padded through
+        its connection, or from the listen socket of its family."""
+        if client.transport is not _UDP:
+            self.stream_send(client, channel_data_frame(channel, data))
+            return
+        frame = _HEADER.pack(channel, len(data)) + bytes(data)
+        self.flush([self.listen_socket_for(client), frame, client.remote])
+
+    def input_failed(self, sender: Addr) -> None:
+        """The core raised on input from ``sender`` (a bug, never fatal): count, log a few."""
+        self._input_failed(sender)
 
     def _input_failed(self, sender: Addr) -> None:
         self.input_errors += 1
@@ -356,3 +386,7 @@ class DataPlane:
                 self.input_errors,
                 extra=log_fields(sender=sender, errors=self.input_errors),
             )
+
+
+def _no_streams(client: FiveTuple, frame: bytes) -> bool:
+    return False  # no stream listener: nothing can be addressed to a stream client

@@ -65,10 +65,13 @@ def _handler_pool() -> ThreadPoolExecutor:
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """``0.0.0.0:8080`` / ``[::]:8080`` -> (host, port); ValueError if malformed."""
+    """``0.0.0.0:8080`` / ``[::]:8080`` -> (host, port); ValueError if malformed or the port
+    is outside 1-65535 (the kernel would silently take it modulo 65536)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isascii() or not port.isdigit():
         raise ValueError(f"expected host:port, got {text!r}")
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"port {port} of {text!r} is outside 1-65535")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
 

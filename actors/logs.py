@@ -8,9 +8,10 @@ Directives can be replaced at run time (control endpoint ``POST /log_filter``).
 Nothing the network sends may flood the log or print a traceback (a TURN server is attacked by
 people without credentials), so the handler carries a :class:`FloodGuard`: each call site may
 write ``FLOOD_BURST`` warnings and errors (``FLOOD_BURST_INFO`` info lines, so a busy relay keeps
-its allocation lines) per ``FLOOD_INTERVAL`` seconds; the rest are counted and summarised
-("suppressed K"). An exception is rendered as one line (type, message and the innermost frame)
-unless its logger is enabled for DEBUG, where the full traceback helps.
+its allocation lines; lines marked ``from_network`` get the smaller burst at any level) per
+``FLOOD_INTERVAL`` seconds; the rest are counted and summarised ("suppressed K"). An exception
+is rendered as one line (type, message and the innermost frame) unless its logger is enabled
+for DEBUG, where the full traceback helps.
 """
 
 from __future__ import annotations
@@ -134,9 +135,10 @@ class FloodGuard(logging.Filter):
                     record.msg = f"{record.msg} (suppressed {state.suppressed} like this before)"
                 state.start, state.lines, state.suppressed = now, 0, 0
             state.lines += 1
-            if state.lines <= (
-                self.burst if record.levelno >= logging.WARNING else self.burst_info
-            ):
+            # lines the network can cause (``extra={"from_network": True}``) get the warnings'
+            # burst at any level
+            strict = record.levelno >= logging.WARNING or getattr(record, "from_network", False)
+            if state.lines <= (self.burst if strict else self.burst_info):
                 return True
             state.suppressed += 1
             return False

@@ -101,13 +101,20 @@ class Streams:
         self.protocol_errors = 0  # bad PROXY header, TLS failure, bad framing
         self.timeouts = 0  # handshake or idle
         self.dropped = 0  # writes dropped: the client's write buffer was full
+        #: open connections by transport, kept on the loop; read from the metrics thread
+        self.open_by_transport = {"tcp": 0, "tls": 0}
 
     def open_counts(self) -> dict[str, int]:
-        """Open connections by transport (``tcp``, ``tls``)."""
-        counts = {"tcp": 0, "tls": 0}
-        for conn in self.connections:
-            counts[conn.transport_name] += 1
-        return counts
+        """Open connections by transport (``tcp``, ``tls``); any thread may call it."""
+        return dict(self.open_by_transport)
+
+    def event_counts(self) -> dict[str, int]:
+        return {
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "protocol_error": self.protocol_errors,
+            "timeout": self.timeouts,
+        }
 
     def trusted_proxy(self, host: str) -> bool:
         if not self._proxy_nets:
@@ -221,6 +228,7 @@ class StreamConnection(asyncio.Protocol):
                 return
             self._counted_source = self.peer[0]
         streams.connections.add(self)
+        streams.open_by_transport[self.transport_name] += 1
         streams.accepted += 1
         transport.set_write_buffer_limits(high=streams.options.max_write_buffer)
         loop = streams.loop
@@ -403,7 +411,9 @@ class StreamConnection(asyncio.Protocol):
             return
         self._stage = _CLOSED
         streams = self.streams
-        streams.connections.discard(self)
+        if self in streams.connections:
+            streams.connections.discard(self)
+            streams.open_by_transport[self.transport_name] -= 1
         if self._counted_source is not None:
             streams.release_source(self._counted_source)
             self._counted_source = None

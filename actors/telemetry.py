@@ -360,6 +360,8 @@ class Telemetry:
         responses: Callable[[], dict[tuple[str, str, int | None], int]],
         drops: Callable[[], dict[str, int]],
         bridge: HistogramBridge,
+        connections: Callable[[], dict[str, int]] | None = None,
+        connection_events: Callable[[], dict[str, int]] | None = None,
         otlp_endpoint: str | None = None,
         export_interval_ms: float | None = None,
         resource_attributes: Mapping[str, str] | None = None,
@@ -448,6 +450,37 @@ class Telemetry:
                 [datapath_info],
                 unit="1",
                 description="Always 1; its attributes say which userspace data path runs",
+            )
+
+        if connections is not None:
+            open_now = connections
+
+            def open_connections(_: CallbackOptions) -> Iterable[Observation]:
+                for transport, n in open_now().items():
+                    yield Observation(
+                        n,
+                        {"network.transport": "tcp", "relay.tls": str(transport == "tls").lower()},
+                    )
+
+            meter.create_observable_up_down_counter(
+                "relay.stream.connections",
+                [open_connections],
+                unit="{connection}",
+                description="TURN connections open over TCP and TLS",
+            )
+        if connection_events is not None:
+            events = connection_events
+
+            def event_counts(_: CallbackOptions) -> Iterable[Observation]:
+                for event, n in events().items():
+                    yield Observation(n, {"event": event})
+
+            meter.create_observable_counter(
+                "relay.stream.events",
+                [event_counts],
+                unit="{connection}",
+                description="TCP/TLS connections accepted, refused at a cap, closed for a "
+                "protocol error or a timeout",
             )
 
     def prometheus_text(self) -> str:

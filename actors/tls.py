@@ -5,7 +5,7 @@ client offering nothing, or only other protocols, still gets a session: browsers
 the whole chain of the certificate file served (Let's Encrypt's ``fullchain.pem``). The
 listener takes ``TlsContexts.context`` for each new connection, so a reload changes what new
 connections get and leaves open ones alone; a file that does not load keeps the old context
-and logs one error.
+and logs one error (through the reload that ran it).
 """
 
 from __future__ import annotations
@@ -30,17 +30,20 @@ def build_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols([ALPN])
+    for path in (cert_file, key_file):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise TlsConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         context.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: no such file") from exc
-    except PermissionError as exc:
-        raise TlsConfigError(f"cannot read {exc.filename or cert_file}: permission denied") from exc
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         raise TlsConfigError(
-            f"cannot load the TLS certificate {cert_file} with key {key_file}: {reason}"
-        ) from exc
+            f"cannot load the TLS certificate {cert_file} with key {key_file}: {reason} "
+            "(a PEM certificate chain and the key that belongs to it?)"
+        ) from None
     return context
 
 
@@ -55,18 +58,17 @@ class TlsContexts:
         self.reloads = 0
         self.reload_failures = 0
 
-    def load(self) -> ssl.SSLContext | None:
-        """Read the files again (blocking: run it off the loop); None when they do not load."""
+    def reload(self) -> str | None:
+        """A reload hook (``Admin.reload_hooks``: SIGHUP, ``firezone-relay reload``): read the
+        files again and make them what new connections get. The files are small, read once per
+        reload on the loop. Returns the error, for the reload's one log line and report, when
+        they do not load; the previous certificate then stays."""
         try:
-            return build_context(self.cert_file, self.key_file)
+            context = build_context(self.cert_file, self.key_file)
         except TlsConfigError as exc:
             self.reload_failures += 1
-            logger.error("TLS reload failed, keeping the previous certificate: %s", exc)
-            return None
-
-    def install(self, context: ssl.SSLContext | None) -> None:
-        """Make ``context`` the one new connections get (on the loop)."""
-        if context is not None:
-            self.context = context
-            self.reloads += 1
-            logger.info("TLS certificate reloaded from %s", self.cert_file)
+            return f"TLS reload failed, keeping the previous certificate: {exc}"
+        self.context = context
+        self.reloads += 1
+        logger.info("TLS certificate reloaded from %s", self.cert_file)
+        return None

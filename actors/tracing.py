@@ -39,7 +39,7 @@ from firezone_relay.protocol.commands import (
     SendMessage,
 )
 from firezone_relay.protocol.stun import Attr
-from firezone_relay.protocol.types import Addr, Family, FiveTuple
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.allocations import Allocation
@@ -75,6 +75,8 @@ class RelayTracing:
         self._shutting_down = False
         #: set by the daemon while it carries out what the core's timers produced
         self.on_timers = False
+        #: set while a TCP/TLS client's closed connection frees its allocation
+        self.on_close = False
         self._startup: trace.Span | None = None
         self._shutdown: trace.Span | None = None
         self.errors = 0
@@ -176,6 +178,8 @@ class RelayTracing:
     def _end_reason(self, tracked: _Tracked, now: float) -> str:
         if self._shutting_down:
             return "shutdown"
+        if self.on_close:
+            return "closed"  # the client's TCP/TLS connection closed
         if self.on_timers or tracked.allocation.expires_at <= now:
             return "expired"
         current = _allocation_of_user(self._server, tracked.allocation.username)
@@ -245,14 +249,18 @@ class RelayTracing:
             five_tuple.transport.network,
         )
         server_ip = config.public_ip6 if family == Family.V6 else config.public_ip4
+        server_port = config.listen_port
+        if five_tuple.transport is not Transport.UDP:  # the port the connection reached
+            server_port = five_tuple.local[1]
         return {
             "client.address": client[0],
             "client.port": client[1],
             "server.address": server_ip or "",
-            "server.port": config.listen_port,
+            "server.port": server_port,
             "network.transport": transport,
+            "relay.tls": five_tuple.transport is Transport.TLS,
             "relay.five_tuple": (
-                f"{transport} {_fmt(client)} {_fmt((server_ip or '', config.listen_port))}"
+                f"{transport} {_fmt(client)} {_fmt((server_ip or '', server_port))}"
             ),
         }
 

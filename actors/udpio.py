@@ -190,7 +190,7 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 
 #: The compiled helper's API version these sources expect (``UDPIO_API_VERSION`` in
 #: ``actors/_udpio.c``); an installed module with another one is not used.
-API_VERSION = 2
+API_VERSION = 3
 #: Forces the pure-Python fallback when set to ``python`` (``auto``, or unset, takes the
 #: compiled helper when it is there and matches).
 DATAPATH_ENV = "RELAY_DATAPATH"

@@ -328,6 +328,10 @@ class Server:
         """The live allocation on ``port`` (for observers such as tracing; read-only)."""
         return self._by_port.get(port)
 
+    def allocation_of(self, client: FiveTuple) -> Allocation | None:
+        """The live allocation of ``client``'s 5-tuple (read-only)."""
+        return self._allocations.get(client)
+
     def allocation_of_username(self, username: str) -> Allocation | None:
         """The latest live allocation made with ``username`` (read-only)."""
         return self._table.by_username.get(username)
@@ -418,7 +422,12 @@ class Server:
                         return self._loop_channel_data(data, sender, channel, length, now)
                     self.stats.unroutable_datagrams += 1
                     return None
-                if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
+                allocation = self._by_port[route.port]  # an int key: cheaper than sender
+                if allocation.limit_out is None:  # _metered, inlined on the hot path
+                    counters = allocation.counters
+                    counters[0] += 1  # OUT_PACKETS, OUT_BYTES
+                    counters[1] += length
+                elif not self._metered(allocation, OUT_PACKETS, length, now):
                     return None
                 self.stats.count_relayed(length)
                 if 4 + length == size:
@@ -454,9 +463,15 @@ class Server:
         the client as ChannelData; Data indications come out as commands."""
         route = self._p2c.get((allocation_port, peer))
         if route is not None:
-            if not self._metered(self._by_port[allocation_port], IN_PACKETS, len(data), now):
+            length = len(data)
+            allocation = self._by_port[allocation_port]
+            if allocation.limit_in is None:  # _metered, inlined on the hot path
+                counters = allocation.counters
+                counters[2] += 1  # IN_PACKETS, IN_BYTES
+                counters[3] += length
+            elif not self._metered(allocation, IN_PACKETS, length, now):
                 return None
-            self.stats.count_relayed(len(data))
+            self.stats.count_relayed(length)
             return route
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
@@ -467,7 +482,8 @@ class Server:
     def _metered(self, allocation: Allocation, way: int, length: int, now: float) -> bool:
         """Count a relayed datagram of ``allocation`` (``way``: ``OUT_PACKETS`` client -> peer,
         ``IN_PACKETS`` peer -> client); False, counted as rate limited, when it is over the
-        allocation's ``--allocation-rate-limit``."""
+        allocation's ``--allocation-rate-limit``. The two ChannelData paths inline the count
+        and call this only for a limited allocation (which it then counts)."""
         bucket = allocation.limit_out if way == OUT_PACKETS else allocation.limit_in
         if bucket is not None and not bucket.take(length, now):
             self.stats.allocation_rate_limited += 1
@@ -657,7 +673,7 @@ class Server:
         """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
         username = msg.get(Attr.USERNAME)
         nonce = msg.get(Attr.NONCE)
-        msg.get(Attr.REALM)  # validate its encoding
+        realm = msg.get(Attr.REALM)  # also validates its encoding
         has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
         identity = (
             parse_username(self.config.auth_scheme, username) if username is not None else None
@@ -665,6 +681,8 @@ class Server:
         key = None
         if username is not None and identity is not None:
             key = self._key_for(msg, username, identity, has_integrity)
+        if has_integrity and username is not None and identity is None:
+            _auth_failed(sender, username, realm, f"not a {self.config.auth_scheme} username")
         if not has_integrity or username is None or nonce is None or identity is None:
             raise self._challenge(
                 msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
@@ -677,10 +695,10 @@ class Server:
         if check == NonceCheck.STALE:
             raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
         if identity.expiry < unix_now:
-            log.debug("credentials of %s expired", sender)
+            _auth_failed(sender, username, realm, "the credential expired")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         if not stun.verify_integrity(msg, key):
-            log.debug("bad MESSAGE-INTEGRITY from %s", sender)
+            _auth_failed(sender, username, realm, "wrong password (or another secret)")
             raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
         self._nonces.consume(nonce, sender)  # state only once integrity passed
         sha256 = msg.integrity_offset is None
@@ -1190,10 +1208,45 @@ class Server:
         self._commands.clear()
         self._commands.extend(rebuilt)
 
+    def handle_client_closed(self, client: FiveTuple, now: float) -> None:
+        """A stream client's connection closed: its allocation goes at once (RFC 8656 §3.1:
+        on TCP and TLS the allocation lives as long as the connection)."""
+        allocation = self._allocations.get(client)
+        if allocation is not None:
+            log.info(
+                "%s closed its connection: allocation on port %d freed", client, allocation.port
+            )
+            self._table.remove(allocation)
+
     def free_all(self, now: float) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
+
+
+def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) -> None:
+    """One INFO line an operator can act on (a client with a bad or stale credential). Its
+    text comes from the network: quoted and cut short, and marked ``from_network`` so the log
+    handler holds it to the warnings' per-site rate limit (an attacker needs no credential)."""
+    host, port = sender.remote
+    log.info(
+        "authentication failed from %s:%d (%s): %s (username %r, realm %r)",
+        f"[{host}]" if ":" in host else host,
+        port,
+        sender.transport.name.lower(),
+        why,
+        username[:64],
+        None if realm is None else realm[:64],
+        extra={
+            "from_network": True,
+            **log_fields(
+                sender=sender,
+                transport=sender.transport.name.lower(),
+                username=username[:64],
+                realm=None if realm is None else realm[:64],
+            ),
+        },
+    )
 
 
 def _peer_policy(config: ServerConfig) -> PeerPolicy:

@@ -43,7 +43,7 @@ from simulations.relay_process import spawn_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 COTURN_CONF = Path(__file__).resolve().parent / "coturn" / "bench.conf"
-SECRET = "bench-secret"
+SECRET = "bench-daemon-secret-0123456789"
 #: relay ports of the relays under test: below the kernel's ephemeral range, apart from the
 #: system tests' 61000+ slices and the simulator's 20000-32000 (they may run at the same time)
 PORTS = (16000, 19999)

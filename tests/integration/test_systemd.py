@@ -1,8 +1,10 @@
-"""The systemd unit: it verifies, and the privileges it grants are enough for the relay with XDP.
+"""The systemd unit with its XDP drop-in grants enough for the relay with XDP, and no more.
 
-The second test does what the unit does without systemd: the relay runs as an unprivileged
-user with exactly the unit's capabilities (``setpriv``), offload on, in the relay namespace of
-the NAT topology, and relays a channel in the kernel.
+(The unit's own checks, ``systemd-analyze verify`` included, are in
+``tests/system/test_systemd_unit.py``.) The XDP test does what the unit does without systemd:
+the relay runs as an unprivileged user with exactly the capabilities of the unit and its
+drop-in (``setpriv``), offload on, in the relay namespace of the NAT topology, and relays a
+channel in the kernel.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +23,13 @@ from simulations.frames import channel_data
 from simulations.netns.relay import SECRET, allocate_and_bind
 from simulations.netns.topology import Topology
 from tests.integration.conftest import require_bcc
+from tests.unprivileged import unprivileged_python, world_readable_site
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "actors" / "systemd" / "firezone-relay.service"
+DROP_IN = REPO / "actors" / "systemd" / "xdp.conf"
 HEALTH = 8080
 
 
@@ -44,68 +45,28 @@ def directives(text: str) -> dict[str, list[str]]:
 
 
 def unit_caps() -> list[str]:
-    """The unit's ambient capabilities, as setpriv names them (``net_admin``)."""
-    (caps,) = directives(UNIT.read_text())["AmbientCapabilities"]
-    return sorted(c.removeprefix("CAP_").lower() for c in caps.split())
+    """The ambient capabilities of the unit with its XDP drop-in (systemd merges the lists),
+    as setpriv names them (``net_admin``)."""
+    caps = [
+        cap
+        for text in (UNIT.read_text(), DROP_IN.read_text())
+        for line in directives(text)["AmbientCapabilities"]
+        for cap in line.split()
+    ]
+    return sorted(c.removeprefix("CAP_").lower() for c in caps)
 
 
-def test_unit_verifies(tmp_path: Path) -> None:
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
-    relay = Path(sys.executable).parent / "firezone-relay"
-    assert relay.exists(), relay
-    unit = tmp_path / "firezone-relay.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/firezone-relay", str(relay)))
-    res = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0 and not res.stderr.strip(), res.stderr
-    d = directives(UNIT.read_text())
-    assert d["DynamicUser"] == ["yes"] and d["NoNewPrivileges"] == ["yes"]
-    assert d["Restart"] == ["on-failure"] and d["EnvironmentFile"]
-    assert d["ProtectSystem"] == ["strict"] and d["ProtectHome"] == ["yes"]
-    assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"]
+def test_xdp_capabilities_come_only_with_the_drop_in() -> None:
+    unit, drop_in = directives(UNIT.read_text()), directives(DROP_IN.read_text())
+    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert drop_in["AmbientCapabilities"] == drop_in["CapabilityBoundingSet"]
     assert unit_caps() == ["bpf", "net_admin", "net_bind_service", "perfmon"]
-
-
-def test_cli_prints_the_unit_and_its_environment_file() -> None:
-    for args, name in (([], "firezone-relay.service"), (["--env"], "firezone-relay.env")):
-        out = subprocess.run(
-            [sys.executable, "-m", "firezone_relay.actors.cli", "systemd-unit", *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        assert out == (UNIT.parent / name).read_text()
 
 
 @pytest.fixture
 def world_readable_env() -> Iterator[Path]:
-    """This tox environment's packages, hard-linked where an unprivileged user can read them
-    (``.tox`` and a pyenv under /root are not); removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="fzrelay-", dir="/tmp"))
-    try:
-        base.chmod(0o755)
-        purelib = sysconfig.get_paths()["purelib"]
-        subprocess.run(["cp", "-al", purelib, str(base / "site")], check=True, timeout=60)
+    with world_readable_site() as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def unprivileged_python() -> str:
-    """An interpreter the unprivileged user can run, of this interpreter's minor version."""
-    candidates = [sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]
-    for python in candidates:
-        res = subprocess.run(
-            ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", python, "-V"],
-            capture_output=True,
-            timeout=30,
-        )
-        if res.returncode == 0:
-            return python
-    pytest.fail(f"none of {candidates} runs as nobody")
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> object:
@@ -141,6 +102,8 @@ def test_relays_with_xdp_as_an_unprivileged_user(
     t = topology
     caps = ",".join(["-all", *(f"+{c}" for c in unit_caps())])
     python = unprivileged_python()
+    if python is None:
+        pytest.fail("no Python interpreter runs as nobody")
     log_path = tmp_path / "relay.log"
     with log_path.open("wb") as log:
         proc = t.rly.popen(

@@ -120,13 +120,15 @@ class PageServer:
 
 
 @contextlib.contextmanager
-def chromium(url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def chromium(
+    url: str, log_path: Path, flags: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """Headless Chromium on ``url`` in its own session (so its helper processes end with it)
     and a throwaway profile."""
     assert CHROMIUM is not None
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile, open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
+            [CHROMIUM, *CHROMIUM_FLAGS, *flags, f"--user-data-dir={profile}", url],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -168,24 +170,35 @@ def wait_for(predicate: Any, timeout: float) -> bool:
 
 
 def run_page(
-    relay: RelayProcess, creds_a: tuple[str, str], creds_b: tuple[str, str], tmp_path: Path
+    relay: RelayProcess,
+    creds_a: tuple[str, str],
+    creds_b: tuple[str, str],
+    tmp_path: Path,
+    *,
+    url: str | None = None,
+    relay_protocol: str = "udp",
+    messages: int = MESSAGES,
+    flags: tuple[str, ...] = (),
 ) -> None:
-    """Drive the page against ``relay`` and assert on the page, the relay's metrics and log."""
+    """Drive the page against ``relay`` and assert on the page, the relay's metrics and log.
+    ``url``: the TURN server's URL (default UDP on the listen port), whose transport
+    ``relay_protocol`` the selected candidates must show."""
+    url = url or f"turn:127.0.0.1:{relay.listen_port}?transport=udp"
     server = PageServer()
     query = urllib.parse.urlencode(
         {
-            "port": relay.listen_port,
+            "url": url,
             "a_user": creds_a[0],
             "a_pass": creds_a[1],
             "b_user": creds_b[0],
             "b_pass": creds_b[1],
-            "count": MESSAGES,
+            "count": messages,
             "timeout_ms": PAGE_TIMEOUT_MS,
         }
     )
     browser_log = tmp_path / "chromium.log"
     try:
-        with chromium(f"http://127.0.0.1:{server.port}/?{query}", browser_log) as proc:
+        with chromium(f"http://127.0.0.1:{server.port}/?{query}", browser_log, flags) as proc:
             deadline = time.monotonic() + RESULT_TIMEOUT
             while not server.got_result.wait(0.2):
                 assert proc.poll() is None, f"chromium exited early:\n{browser_log.read_text()}"
@@ -199,8 +212,8 @@ def run_page(
             assert result.get("error") is None, context
 
             # Both ways, in order, nothing lost.
-            assert result["seenByB"] == [f"ping {i}" for i in range(MESSAGES)], context
-            assert result["echoed"] == [f"pong ping {i}" for i in range(MESSAGES)], context
+            assert result["seenByB"] == [f"ping {i}" for i in range(messages)], context
+            assert result["echoed"] == [f"pong ping {i}" for i in range(messages)], context
 
             # ICE settled on relay/relay: each side's local candidate is an allocation on our
             # relay and its remote candidate is the other side's allocation (the relay loop).
@@ -211,8 +224,8 @@ def run_page(
                     assert end["type"] == "relay", context
                     assert end["address"] == "127.0.0.1", context
                     assert relay.lowest_port <= end["port"] <= relay.highest_port, context
-                assert pair["local"]["relayProtocol"] == "udp"
-                assert pair["local"]["url"] == f"turn:127.0.0.1:{relay.listen_port}?transport=udp"
+                assert pair["local"]["relayProtocol"] == relay_protocol, context
+                assert pair["local"]["url"] == url, context
             assert pair_a["local"]["port"] == pair_b["remote"]["port"]
             assert pair_b["local"]["port"] == pair_a["remote"]["port"]
             port_a, port_b = pair_a["local"]["port"], pair_b["local"]["port"]

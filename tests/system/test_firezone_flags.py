@@ -91,7 +91,10 @@ def _sample(action: argparse.Action) -> list[str]:
         return [str(c) for c in action.choices]
     if action.nargs == 0:
         return ["true"]
-    return ["192.0.2.7", "2001:db8::7", "4242", "2.5", "203.0.113.0/24", "some-value"]
+    return [
+        *("192.0.2.7", "2001:db8::7", "4242", "2.5", "203.0.113.0/24", "some-value"),
+        "a-value-longer-than-sixteen-characters",
+    ]
 
 
 def test_every_environment_variable_in_help_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def relay_args(listen: int, health: int, control: int, *extra: str) -> list[str]:
     """A loopback relay's flags (without the interpreter) for these ports."""
     cmd = daemon_args(listen, port_range(), health, control, "firezone", "127.0.0.1", None)
-    return [*cmd, "--auth-secret", "s", *extra]
+    return [*cmd, "--auth-secret", "operability-test-secret", *extra]
 
 
 def fails_with(res: subprocess.CompletedProcess[str], code: int, message: str) -> None:
@@ -105,7 +105,11 @@ def test_bad_flag_values(args: list[str], env: dict[str, str], message: str) -> 
 
 
 def test_no_public_address() -> None:
-    fails_with(run_cli("--auth-secret", "s"), 2, "--public-ip4-addr / --public-ip6-addr")
+    fails_with(
+        run_cli("--auth-secret", "operability-test-secret"),
+        2,
+        "--public-ip4-addr / --public-ip6-addr",
+    )
     fails_with(run_cli("--public-ip4-addr", "::1"), 2, "not an IPv4 address: ::1")
 
 

@@ -93,3 +93,45 @@ def test_uclient_send_indications_echo_without_loss(
     log = relay.log()
     assert log.count("allocated port") >= CLIENTS
     assert (" families=V6 " in log) == v6
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_uclient_over_tcp_and_tls_echo_without_loss(
+    relay_factory,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    tls: bool,
+) -> None:
+    """`turnutils_uclient -t` and `-S -t`: several sessions in one process (one username,
+    so several allocations per username), every message echoed back."""
+    from simulations.relay_process import free_port
+    from tests.system.tls_files import make_cert
+
+    extra = ["--no-single-allocation-per-username"]
+    if tls:
+        cert, key = make_cert(tmp_path)
+        tls_port = free_port()
+        extra += ["--tls-listen-port", str(tls_port)]
+        extra += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    relay: RelayProcess = relay_factory(*extra, scheme="rest")
+    peer_port = free_udp_pair("127.0.0.1")
+    peer = start_turnutils_peer("127.0.0.1", peer_port, tmp_path / "peer.log")
+    sessions, messages = 8, 200
+    try:
+        args = [
+            "timeout", "45", "turnutils_uclient", "-t", "-s", "-c", "-m", str(sessions),
+            "-n", str(messages), "-l", "171", "-z", "5", "-W", relay.secret, "-u", "streamer",
+            "-e", "127.0.0.1", "-r", str(peer_port),
+            "-p", str(tls_port if tls else relay.listen_port), "127.0.0.1",
+        ]  # fmt: skip
+        if tls:
+            args.insert(args.index("-t"), "-S")
+        proc = subprocess.run(args, capture_output=True, timeout=60)
+        result = parse_uclient(proc.returncode, proc.stdout.decode(errors="replace"))
+    finally:
+        peer.terminate()
+        peer.wait(5)
+    assert result.returncode == 0, result.output[-2000:]
+    assert "Total lost packets 0 " in result.output, result.output[-2000:]
+    assert (result.sent, result.received) == (sessions * messages,) * 2, result.output[-2000:]
+    assert relay.alive()
+    assert "Traceback" not in relay.log()

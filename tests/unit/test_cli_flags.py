@@ -202,7 +202,7 @@ def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_pat
     from firezone_relay.actors.cli import build_parser, settings_from_args
 
     secrets = tmp_path / "secrets"
-    secrets.write_text("# rotation\nnew-secret\n\nold-secret\n")
+    secrets.write_text("# rotation\nnew-secret-0123456789\n\nold-secret-0123456789\n")
     peers = tmp_path / "peers"
     peers.write_text("allow 10.1.0.0/16\ndeny 203.0.113.0/24\n")
     base = ["--public-ip4-addr", "127.0.0.1", "--control-endpoint", "127.0.0.1:19999"]
@@ -211,8 +211,8 @@ def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_pat
          "--allowed-peer-ip", "10.2.0.0/16", "--allocation-rate-limit", "250000"]
     )  # fmt: skip
     settings = settings_from_args(args)
-    assert settings.auth_secrets == ("new-secret", "old-secret")
-    assert settings.auth_secret == "new-secret"
+    assert settings.auth_secrets == ("new-secret-0123456789", "old-secret-0123456789")
+    assert settings.auth_secret == "new-secret-0123456789"
     assert settings.server.allowed_peer_ips == ("10.2.0.0/16", "10.1.0.0/16")
     assert settings.server.denied_peer_ips == ("203.0.113.0/24",)
     assert settings.server.allocation_rate_limit == 250000
@@ -225,7 +225,7 @@ def test_secret_and_peer_list_files_are_read_at_start_and_bad_ones_named(tmp_pat
     for extra, words in (
         (["--peer-list-file", str(peers)], "expected 'allow CIDR' or 'deny CIDR'"),
         (["--auth-secret-file", str(tmp_path / "missing")], "cannot read the secret file"),
-        (["--auth-secret-file", str(secrets), "--auth-secret", "x"], "not both"),
+        (["--auth-secret-file", str(secrets), "--auth-secret", "x" * 16], "not both"),
     ):
         with _pytest.raises(ValueError, match=words):
             settings_from_args(build_parser().parse_args([*base, *extra]))
