@@ -55,7 +55,12 @@ class AdminClient:
         target = route + (f"?{urlencode(params)}" if params else "")
         conn = _UnixConnection(self.path, self.timeout)
         try:
-            conn.request(method, target, body=b"" if method == "POST" else None)
+            try:
+                conn.request(method, target, body=b"" if method == "POST" else None)
+            except (BrokenPipeError, ConnectionResetError):
+                # A refused caller's 403 can be answered and closed before the request is
+                # written: the answer is still there to read.
+                pass
             response = conn.getresponse()
             status, body = response.status, response.read()
         except PermissionError:

@@ -633,22 +633,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_stream_flags(p: argparse.ArgumentParser) -> None:
     """TURN over TCP (on the listen port) and TLS (README: "TURN over TCP and TLS")."""
-    a = p.add_argument
+    streams = p.add_argument_group("streams (TURN over TCP and TLS)")
+    a = streams.add_argument
     a(
         "--no-tcp",
         action="store_true",
         default=_env_bool("NO_TCP"),
-        help="do not accept TURN over TCP on the listen port",
+        help="do not accept TURN over TCP on the listen port (default: TCP on)",
     )
-    a("--tls-listen-port", type=_port, default=_env("TLS_LISTEN_PORT", 5349))
+    a(
+        "--tls-listen-port",
+        type=_port,
+        default=_env("TLS_LISTEN_PORT", 5349),
+        help="TURN over TLS port, used when a certificate and key are given (default: 5349)",
+    )
     a(
         "--tls-cert-file",
         type=_text,
         default=_env("TLS_CERT_FILE"),
         metavar="PEM",
-        help="certificate chain (e.g. fullchain.pem) for TURN over TLS; SIGHUP re-reads it",
+        help="certificate chain (e.g. fullchain.pem) for TURN over TLS; SIGHUP re-reads it "
+        "(default: none, no TLS)",
     )
-    a("--tls-key-file", type=_text, default=_env("TLS_KEY_FILE"), metavar="PEM")
+    a(
+        "--tls-key-file",
+        type=_text,
+        default=_env("TLS_KEY_FILE"),
+        metavar="PEM",
+        help="private key of --tls-cert-file; SIGHUP re-reads it (default: none)",
+    )
     a(
         "--proxy-protocol-from",
         action=_AppendPeerIp,
@@ -657,19 +670,19 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
         metavar="CIDR",
         help="connections from CIDR must start with a PROXY protocol v1/v2 header, whose "
         "client address the relay then uses (repeatable; env: comma-separated); no one "
-        "else's header is believed",
+        "else's header is believed (default: none)",
     )
     a(
         "--max-stream-connections",
         type=_positive,
         default=_env("MAX_STREAM_CONNECTIONS", 8192),
-        help="TCP and TLS connections open at once",
+        help="TCP and TLS connections open at once (default: 8192)",
     )
     a(
         "--max-stream-connections-per-source",
         type=_positive,
         default=_env("MAX_STREAM_CONNECTIONS_PER_SOURCE", 64),
-        help="TCP and TLS connections open at once from one client address",
+        help="TCP and TLS connections open at once from one client address (default: 64)",
     )
 
 
