@@ -66,7 +66,7 @@ class Offload:
                 BucketHistogram(
                     "relay.xdp.processing.duration",
                     "ns",
-                    "Time the XDP program spent per packet",
+                    "Time the eBPF XDP program spent processing one relayed packet",
                     _ns_bounds(),
                     [BucketSource({}, self._durations)],
                 )

@@ -21,7 +21,7 @@ from firezone_relay.protocol.auth import (
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.responses import Auth, Reject
 from firezone_relay.protocol.stun import Attr, Message
-from firezone_relay.protocol.types import FiveTuple
+from firezone_relay.protocol.types import FiveTuple, log_fields
 
 log = logging.getLogger("relay")
 
@@ -128,5 +128,13 @@ def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) 
         why,
         username[:64],
         None if realm is None else realm[:64],
-        extra={"from_network": True},
+        extra={
+            "from_network": True,
+            **log_fields(
+                sender=sender,
+                transport=sender.transport.name.lower(),
+                username=username[:64],
+                realm=None if realm is None else realm[:64],
+            ),
+        },
     )

@@ -22,6 +22,7 @@ from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.ports import PortAllocator
 from firezone_relay.protocol.stun import Attr, Class
 from firezone_relay.protocol.transactions import TransactionCache
+from firezone_relay.protocol.types import log_fields
 
 __all__ = ["MAX_BIND_ATTEMPTS", "BindRecovery"]
 
@@ -90,7 +91,12 @@ class BindRecovery:
         pending = allocation.pending_response
         if port is None or pending is None:
             return False
-        log.info("port %d is taken; allocation for %s moves to %d", failed, allocation.client, port)
+        log.info(
+            "port %d is taken; the allocation moves to %d",
+            failed,
+            port,
+            extra=log_fields(client=allocation.client, allocation=port, taken=failed),
+        )
         allocation.bind_attempts = attempts + 1
         self._table.move(allocation, port)
         response = SendMessage(_readdress(pending.payload, port, allocation.key), pending.recipient)

@@ -64,7 +64,7 @@ from firezone_relay.protocol.timers import (
     Timers,
 )
 from firezone_relay.protocol.transactions import TransactionCache
-from firezone_relay.protocol.types import Addr, Family, FiveTuple
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, log_fields
 
 log = logging.getLogger("relay")
 
@@ -248,7 +248,11 @@ class Server:
         sockets go, and its client's next request gets 437. False if it was gone already."""
         if self._by_port.get(allocation.port) is not allocation:
             return False
-        log.info("allocation on port %d for %s disconnected", allocation.port, allocation.client)
+        log.info(
+            "allocation on port %d disconnected",
+            allocation.port,
+            extra=log_fields(client=allocation.client, allocation=allocation.port),
+        )
         self._table.remove(allocation)
         return True
 
@@ -456,7 +460,11 @@ class Server:
         if self._by_port.get(allocation.port) is not allocation:
             return
         if allocation.expires_at <= now:
-            log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
+            log.info(
+                "allocation on port %d expired",
+                allocation.port,
+                extra=log_fields(client=allocation.client, allocation=allocation.port),
+            )
             self._table.remove(allocation)
         else:  # refreshed since this timer was armed
             self._schedule_allocation(allocation, now)
@@ -468,7 +476,16 @@ class Server:
         rebind_deadline = channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale
         if channel.bound and channel.expires_at <= now:
             self._table.unbind(allocation, channel)
-            log.info("channel %#06x of %s expired", channel.number, allocation.client)
+            log.info(
+                "channel %#06x expired",
+                channel.number,
+                extra=log_fields(
+                    channel=channel.number,
+                    client=allocation.client,
+                    peer=channel.peer,
+                    allocation=allocation.port,
+                ),
+            )
             self._timers.schedule(rebind_deadline, record)
         elif channel.bound:  # refreshed since this timer was armed
             self._timers.schedule(channel.expires_at, record)
@@ -496,7 +513,7 @@ class Server:
         try:
             msg = stun.parse(data)
         except stun.ParseError as exc:
-            log.debug("dropping malformed STUN from %s: %s", sender, exc)
+            log.debug("dropping malformed STUN: %s", exc, extra=log_fields(sender=sender))
             self.stats.dropped_datagrams += 1
             return None
         if msg.cls == Class.REQUEST:
@@ -533,7 +550,7 @@ class Server:
         try:
             handler(self, msg, sender, now)
         except stun.BadAttribute as exc:
-            log.debug("bad attribute from %s: %s", sender, exc)
+            log.debug("bad attribute: %s", exc, extra=log_fields(sender=sender))
             self._responder.reply_error(
                 msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint), now
             )
@@ -604,12 +621,15 @@ class Server:
         if address_error is not None:
             extra.append((Attr.ADDRESS_ERROR_CODE, address_error))
         log.info(
-            "allocated port %d %s for %s (%s), lifetime %ds",
+            "allocated port %d",
             port,
-            "+".join(f.name for f in families),
-            sender,
-            username,
-            lifetime,
+            extra=log_fields(
+                sender=sender,
+                port=port,
+                lifetime=f"{lifetime}s",
+                families="+".join(f.name for f in families),
+                username=username,
+            ),
         )
         self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
 
@@ -634,10 +654,13 @@ class Server:
         previous = self._table.by_username.get(username)
         if previous is not None and self.single_allocation_per_username:
             log.info(
-                "%s allocates again from %s: freeing its allocation for %s",
-                username,
-                sender,
-                previous.client,
+                "username allocates again: freeing its previous allocation",
+                extra=log_fields(
+                    username=username,
+                    sender=sender,
+                    previous_client=previous.client,
+                    previous_allocation=previous.port,
+                ),
             )
             self._table.remove(previous)
         if self._table.allocations_of(user) >= self.config.allocations_per_user_limit:
@@ -736,15 +759,22 @@ class Server:
         if deleting:
             if allocation.username != username:
                 log.info(
-                    "%s deletes its allocation of %s with new credentials %s",
-                    sender,
-                    allocation.username,
-                    username,
+                    "allocation deleted with new credentials",
+                    extra=log_fields(
+                        sender=sender,
+                        allocation=allocation.port,
+                        previous_username=allocation.username,
+                        username=username,
+                    ),
                 )
             if requested_family is not None and len(allocation.families) > 1:
                 self._table.drop_family(allocation, requested_family)
             else:
-                log.info("%s deleted its allocation on port %d", sender, allocation.port)
+                log.info(
+                    "deleted allocation on port %d",
+                    allocation.port,
+                    extra=log_fields(sender=sender, allocation=allocation.port),
+                )
                 self._table.remove(allocation)
             self._responder.reply(
                 msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now, cache=True
@@ -838,11 +868,11 @@ class Server:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         channel = self._table.add_channel(allocation, number, peer, expires_at)
         log.info(
-            "%s bound channel %#06x to %s on port %d",
-            allocation.client,
+            "bound channel %#06x",
             number,
-            peer,
-            allocation.port,
+            extra=log_fields(
+                sender=allocation.client, allocation=allocation.port, peer=peer, channel=number
+            ),
         )
         # one timer per channel: it re-arms itself while the channel is refreshed
         self._timers.schedule(expires_at, ChannelExpiry(allocation, channel))

@@ -343,6 +343,7 @@ class NatRun:
       relayed address (client -> relay -> gateway's public address);
     * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode <xdp_mode>`` (``generic``, or
       ``driver``: native mode, with an XDP_PASS program on the router's end of the veth);
+    * ``relay_dual``: False = the relay has no public IPv6 address (IPv4 only);
     * ``portal``: the relay joins a test portal, which mints the agents' credentials;
     * ``client_transport``: ``udp``, ``tcp`` or ``tls``: how the client reaches the relay
       (the gateway stays on UDP).
@@ -356,6 +357,7 @@ class NatRun:
     inner_family: int = 4
     gateway_allocates: bool = True
     xdp: bool = False
+    relay_dual: bool = True
     xdp_mode: str = "generic"
     portal: bool = False
     client_transport: str = "udp"
@@ -404,6 +406,7 @@ class NatRun:
                 token=self.portal_thread.token,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
             )
         else:
@@ -414,6 +417,7 @@ class NatRun:
                 secret=self.secret,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
                 tls=self._tls_files() if self.client_transport == "tls" else None,
             )

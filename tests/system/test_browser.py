@@ -238,8 +238,8 @@ def run_page(
             assert seen["relay_active_channels"] == 2, seen
             assert seen['relay_packet_size_bytes_count{relay_datapath="userspace"}'] > 0, seen
             log = relay.log()
-            assert f"to ('127.0.0.1', {port_b}) on port {port_a}" in log, log
-            assert f"to ('127.0.0.1', {port_a}) on port {port_b}" in log, log
+            assert f"allocation={port_a} peer=127.0.0.1:{port_b} " in log, log
+            assert f"allocation={port_b} peer=127.0.0.1:{port_a} " in log, log
 
             # Closing the connections deallocates (Refresh with LIFETIME 0).
             server.release()
