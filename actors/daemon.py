@@ -10,11 +10,16 @@ Threads and who owns what:
 * the HTTP endpoints serve on the loop (route handlers on a two-thread pool); they and the
   OpenTelemetry exporter only read plain ints and thread-safe flags.
 
+``Relay`` is the process: the control actor, the portal session, and the parts one process
+has once whatever number of workers it runs (``actors.endpoints.Endpoints``: HTTP endpoints
+and metrics; ``actors.offload.Offload``: XDP). One worker's share, the core with its sockets,
+pipeline and timer, is ``actors.datapath.DataPath``.
+
 Inputs: datagrams go from the data plane's reader callbacks straight into the core, and the
-core's own timer is a loop callback (below). Everything else (the portal session's news,
-signals, what became of an allocation port) is a message to the control actor, dispatched
-through one table, ``CONTROL_ROUTES``. Outputs: the core's commands go through the pipeline's
-table, ``actors.pipeline.ROUTES``.
+core's own timer is a loop callback (``DataPath.rearm``). Everything else (the portal
+session's news, signals, what became of an allocation port) is a message to the control actor,
+dispatched through one table, ``CONTROL_ROUTES``. Outputs: the core's commands go through the
+pipeline's table, ``actors.pipeline.ROUTES``.
 
 Timers: after every input batch the core's earliest deadline (``poll_timeout``) is armed with
 ``loop.call_at``; nothing ever scans the allocations.
@@ -23,10 +28,9 @@ Timers: after every input batch the core's earliest deadline (``poll_timeout``) 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
-import json
+import functools
 import logging
 import os
 import random
@@ -34,7 +38,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -50,7 +54,6 @@ from firezone_relay.actors.admin import (
     Drain,
     admin_routes,
 )
-from firezone_relay.actors.allocation import AllocationActor
 from firezone_relay.actors.control import (
     AllocationBindFailed,
     AllocationStopped,
@@ -65,10 +68,12 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
+from firezone_relay.actors.datapath import DataPath
 from firezone_relay.actors.dataplane import DataPlane
-from firezone_relay.actors.http_endpoints import HttpEndpoint, parse_host_port
+from firezone_relay.actors.endpoints import Endpoints
 from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
 from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.offload import Offload
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.signals import (
     DRAIN,
@@ -78,21 +83,14 @@ from firezone_relay.actors.signals import (
     STOP_CLEAN,
     exit_code,
 )
-from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_nofile_limit
+from firezone_relay.actors.sockets import raise_nofile_limit
 from firezone_relay.actors.startup_errors import StartupError, binding
-from firezone_relay.actors.stream_relay import StreamRelay
-from firezone_relay.actors.streams import StreamOptions, Streams
-from firezone_relay.actors.telemetry import (
-    BucketHistogram,
-    BucketSource,
-    HistogramBridge,
-    Telemetry,
-    packet_size_histogram,
-)
+from firezone_relay.actors.streams import StreamOptions
 from firezone_relay.actors.tls import TlsConfigError, TlsContexts
 from firezone_relay.actors.tracing import RelayTracing
 from firezone_relay.protocol.auth import secret_bits
-from firezone_relay.protocol.server import Server, ServerConfig
+from firezone_relay.protocol.config import ServerConfig
+from firezone_relay.protocol.server import Server
 from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
@@ -147,28 +145,11 @@ class Settings:
     streams: StreamOptions = field(default_factory=StreamOptions)
 
 
-#: The relay's control inputs: every message type its control actor receives, and the ``Relay``
-#: method that handles it. Adding an input means adding a row here (and the message to
-#: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
-#: allocations, whose actors must find the control actor idle (see
-#: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
-CONTROL_ROUTES: Final[Mapping[type[object], str]] = {
-    PortalJoined: "_on_portal_joined",
-    PortalClosed: "_on_portal_closed",
-    PortalFatal: "_on_portal_fatal",
-    Shutdown: "_on_shutdown",
-    Reload: "_on_reload",
-    PeerSocketOpened: "_on_peer_socket_opened",
-    PeerSocketClosed: "_on_peer_socket_closed",
-    AllocationBindFailed: "_on_allocation_bind_failed",
-    AllocationStopped: "_on_allocation_stopped",
-    Disconnect: "_on_disconnect",
-    Drain: "_on_drain",
-}
-
-
 class Relay:
-    """One relay process's worth of state; drive it with ``await relay.run()``."""
+    """One relay process: the control actor, the portal session and the process-wide parts
+    (``Endpoints``: HTTP endpoints and metrics; ``Offload``: XDP) around one worker's
+    ``DataPath`` (the core, its sockets, pipeline and timer). Drive it with
+    ``await relay.run()``."""
 
     def __init__(self, settings: Settings, log_filter: LogFilter | None = None) -> None:
         self.settings = settings
@@ -180,22 +161,16 @@ class Relay:
         secret = settings.auth_secret
         if secret is None and seed is None:
             secret = secrets.token_hex(32)
-        self.server = Server(config, rng, secret)
+        bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
+        self.datapath = DataPath(config, rng, secret, bind_hosts, self.loop, settings.streams)
         if settings.auth_secrets:
             self.server.set_auth_secrets(settings.auth_secrets)
-        self.server.unix_offset = time.time() - time.monotonic()
-        self.dataplane = DataPlane(self.server, self._after_input)
-        self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)
-        # Any: each handler takes the message type it is keyed by
-        routes: dict[type[object], Callable[[Any], None]] = {
-            message_type: getattr(self, name) for message_type, name in CONTROL_ROUTES.items()
-        }
-        self.control = ControlActor.start(routes, loop=self.loop)
-        if config.allocation_rate_limit is None:  # limits are enforced by the core alone
-            self.pipeline.mirror = self.dataplane.sync_channel
-        self._bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed: float | None = None
+        self.control = ControlActor.start(self.control_handlers(), loop=self.loop)
+        self.datapath.control = self.control
+        self.endpoints = Endpoints(
+            settings, self.log_filter, self.datapath, lambda: self.ready, self.loop
+        )
+        self.offload = Offload(settings.xdp)
         self._stopping = asyncio.Event()
         self.exit_code = 0
         # read from other threads (HTTP): plain attributes, written only on the loop
@@ -203,35 +178,38 @@ class Relay:
         self.portal_joined = False
         self.standalone = settings.portal is None
         self.portal: pykka.ActorRef[PortalSession] | None = None
-        self.fast_path: pykka.ActorRef[XdpManager] | None = None
-        self._xdp_reader: Any = None
-        self.endpoints: list[HttpEndpoint] = []
-        self._last_stats = (time.monotonic(), 0)
-        stats = self.server.stats
-        self.packet_sizes = packet_size_histogram(
-            [
-                BucketSource(
-                    {"relay.datapath": "userspace"},
-                    lambda: (stats.packet_size_buckets, stats.relayed_bytes_userspace),
-                )
-            ]
-        )
-        self.bridge = HistogramBridge([self.packet_sizes])
-        self.telemetry: Telemetry | None = None
         self.tracing = RelayTracing(trace.NoOpTracer(), self.server, enabled=False)
         self._stop_reason = ""
         self.tls: TlsContexts | None = None
-        self.stream_relay = StreamRelay(self.server, self.dataplane, self._after_input)
-        self.streams = Streams(self.loop, settings.streams, self.stream_relay)
-        self.dataplane.stream_send = self.stream_relay.send
         self.admin = Admin(
             self.server,
             settings.admin,
-            self._after_input,
+            self.datapath.after_input,
             self.request_stop,
-            self._drop_counts,
-            self._xdp_totals,
+            self.datapath.drop_counts,
+            self.offload.totals,
         )
+
+    # the worker's parts, under the names tools and tests read
+    @property
+    def server(self) -> Server:
+        return self.datapath.server
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.datapath.dataplane
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.datapath.pipeline
+
+    @property
+    def fast_path(self) -> pykka.ActorRef[XdpManager] | None:
+        return self.offload.ref
+
+    def control_handlers(self) -> dict[type[object], Callable[[Any], None]]:
+        """``CONTROL_ROUTES`` bound to this relay: what its control actor dispatches to."""
+        return {kind: functools.partial(handle, self) for kind, handle in CONTROL_ROUTES.items()}
 
     @staticmethod
     def _capped(config: ServerConfig) -> ServerConfig:
@@ -267,7 +245,7 @@ class Relay:
             self.tracing.end_startup(exc)
             # a StartupError already says what and where
             logger.error("%s" if isinstance(exc, StartupError) else "failed to start: %s", exc)
-            self._stop_endpoints()
+            self.endpoints.stop()
             with contextlib.suppress(pykka.ActorDeadError):
                 self.control.stop(block=False)
             return 1
@@ -298,19 +276,7 @@ class Relay:
     async def start(self) -> None:
         raise_nofile_limit()
         config = self.settings.server
-        self.telemetry = Telemetry(
-            allocations=lambda: self.server.num_allocations,
-            channels=lambda: self.server.num_active_channels,
-            responses=lambda: self.server.stats.responses,
-            drops=self._drop_counts,
-            bridge=self.bridge,
-            connections=self.streams.open_counts,
-            connection_events=self.streams.event_counts,
-            otlp_endpoint=self.settings.otlp_grpc_endpoint,
-            export_interval_ms=self.settings.export_interval_ms,
-            resource_attributes=self.settings.resource_attributes,
-            datapath={"relay.userspace.impl": udpio.IMPL},
-        )
+        self.endpoints.start_telemetry()
         self._start_tracing()
         # which userspace data path runs: one line, a WARN when it fell back unasked
         logger.log(
@@ -322,28 +288,19 @@ class Relay:
         warning = port_range_warning(config.lowest_port, config.highest_port)
         if warning is not None:
             logger.warning("%s", warning)
-        await self._start_endpoints()
+        await self.endpoints.start()
+        await self._start_admin()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
-        await self._start_fast_path()
-        for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
-            if public is None:
-                continue
-            host = self._bind_hosts[family]
-            with binding("listen socket", host, config.listen_port):
-                sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
-            self.dataplane.add_listen_socket(family, sock)
-            self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
-            logger.info(
-                "listening on %s:%d (%s, public %s)", host, config.listen_port, family.name, public
-            )
+        await self.offload.start(self.loop, [self.pipeline], self.endpoints)
+        self.datapath.bind_listen_sockets()
         await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
             self._announce_secret()
         else:
             self._start_portal(self.settings.portal)
-        self.loop.call_later(self.settings.stats_interval, self._log_stats)
-        self._rearm()
+        self.endpoints.log_stats_every(self.loop, self.settings.stats_interval)
+        self.datapath.rearm()
         self.tracing.end_startup(
             None, **{"relay.datapath": "xdp" if self.fast_path else "userspace"}
         )
@@ -367,11 +324,11 @@ class Relay:
         for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
             if public is None:
                 continue
-            host = self._bind_hosts[family]
+            host = self.datapath.bind_hosts[family]
             for port, tls in ports:
                 kind = "TLS" if tls is not None else "TCP"
                 with binding(f"{kind} listen socket", host, port):
-                    await self.streams.listen(host, port, tls)
+                    await self.datapath.streams.listen(host, port, tls)
                 logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
     def _announce_secret(self) -> None:
@@ -432,18 +389,7 @@ class Relay:
     async def shutdown(self) -> None:
         """Stop accepting, free every allocation, stop the actors. Bounded in time."""
         self.tracing.begin_shutdown(self._stop_reason)
-        self.streams.close()
-        for sock in self.dataplane.listen.values():
-            self.loop.remove_reader(sock.fileno())
-        self.dataplane.close_listen_sockets()
-        if self._timer is not None:
-            self._timer.cancel()
-        freed = self.server.num_allocations
-        self.server.free_all(time.monotonic())
-        self.pipeline.drain()
-        for ref in list(self.pipeline.allocations.values()):  # anything the core forgot
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(block=False)
+        freed = self.datapath.stop()
         logger.info("freed %d allocations", freed)
         if self.portal is not None:
             portal, self.portal = self.portal, None
@@ -455,79 +401,30 @@ class Relay:
         with contextlib.suppress(pykka.ActorDeadError):
             self.control.stop(block=False)
         self.admin.stop()
-        self._stop_endpoints()
+        self.endpoints.stop()
         self.log_filter.flush_suppressed()
         self.tracing.end_shutdown(**{"relay.allocations_freed": freed})
 
     def finish(self) -> None:
         """After the loop: stop thread-hosted actors, endpoints and exporters (bounded)."""
         deadline = time.monotonic() + 1.2
-        if self.fast_path is not None:
-            with contextlib.suppress(Exception):
-                self.fast_path.stop(block=True, timeout=max(0.1, deadline - time.monotonic()))
-        self._stop_endpoints()
-        if self.telemetry is not None:
-            self.telemetry.shutdown(max(0.1, min(0.5, deadline - time.monotonic())))
-
-    # -- the core's outputs ---------------------------------------------------------------
-
-    def _after_input(self) -> None:
-        self.pipeline.drain()
-        self._rearm()
-
-    def _rearm(self) -> None:
-        deadline = self.server.poll_timeout()
-        if deadline == self._armed and (deadline is None or self._timer is not None):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._armed = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - time.monotonic())
-            self._timer = self.loop.call_at(self.loop.time() + delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline = self._armed if self._armed is not None else 0.0
-        self._armed = None
-        self.server.handle_timeout(max(time.monotonic(), deadline))
-        self.tracing.on_timers = True  # what this drain frees has expired
-        try:
-            self._after_input()
-        finally:
-            self.tracing.on_timers = False
-
-    def _tracing_on_close(self, closing: bool) -> None:
-        self.tracing.on_close = closing
-
-    def _spawn_allocation(self, port: int) -> pykka.ActorRef[AllocationActor]:
-        return AllocationActor.start(
-            port, self.control, self._bind_hosts, self.dataplane.on_peer_readable, loop=self.loop
-        )
+        self.offload.stop(max(0.1, deadline - time.monotonic()))
+        self.endpoints.stop()
+        self.endpoints.shutdown_telemetry(max(0.1, min(0.5, deadline - time.monotonic())))
 
     # -- control messages (see CONTROL_ROUTES) --------------------------------------------
 
     def _on_peer_socket_opened(self, message: PeerSocketOpened) -> None:
-        self.dataplane.add_peer_socket(message.port, message.family, message.sock)
+        self.datapath.peer_socket_opened(message)
 
     def _on_peer_socket_closed(self, message: PeerSocketClosed) -> None:
-        self.dataplane.close_peer_socket(message.port, message.family, message.sock)
+        self.datapath.peer_socket_closed(message)
 
     def _on_allocation_stopped(self, message: AllocationStopped) -> None:
-        self.pipeline.allocation_gone(message.port, message.actor)
+        self.datapath.allocation_stopped(message)
 
     def _on_allocation_bind_failed(self, message: AllocationBindFailed) -> None:
-        """The core moves the allocation to another port, or turns its queued success into
-        508. Both need the Allocate's response still queued, which holds because this runs
-        within the pipeline's drain that carried the ``CreateAllocation``: the pipeline tells
-        the allocation actor, which tells this actor, each loop-hosted and idle, so each
-        handles the message at once in the teller's stack (``actors.loop_actor``)."""
-        if not self.pipeline.draining:  # the invariant broke: the client was told success
-            logger.error(
-                "allocation port %d failed outside the drain that created it", message.port
-            )
-        self.server.handle_allocation_failed(message.port, message.at)
+        self.datapath.allocation_bind_failed(message)
 
     def _on_portal_joined(self, _message: PortalJoined) -> None:
         self.portal_joined = True
@@ -556,14 +453,18 @@ class Relay:
         logger.info("reload requested (%s)", reason)
         self.admin.reload()
 
+    # -- actors beside the data path ------------------------------------------------------
+
     def _start_tracing(self) -> None:
         """Spans (when exported): startup now, allocations and channels from the pipeline."""
-        assert self.telemetry is not None
-        enabled = self.telemetry.tracer_provider is not None
-        self.tracing = RelayTracing(self.telemetry.tracer(), self.server, enabled)
+        telemetry = self.endpoints.telemetry
+        assert telemetry is not None
+        enabled = telemetry.tracer_provider is not None
+        self.tracing = RelayTracing(telemetry.tracer(), self.server, enabled)
+        self.datapath.tracing = self.tracing
         if enabled:
             self.pipeline.observe(self.tracing.observe)
-            self.stream_relay.on_close = self._tracing_on_close
+            self.datapath.stream_relay.on_close = self._tracing_on_close
         config = self.settings.server
         self.tracing.begin_startup(
             {
@@ -575,7 +476,20 @@ class Relay:
             }
         )
 
-    # -- actors beside the data plane -----------------------------------------------------
+    async def _start_admin(self) -> None:
+        """The operator's Unix socket (``actors.admin``), served beside the HTTP endpoints."""
+        s = self.settings
+        if s.admin_socket:
+            admin = AdminEndpoint(
+                s.admin_socket,
+                admin_routes(self.admin, lambda m: tell(self.control, m)),
+                s.admin_socket_required,
+            )
+            await admin.start()
+            self.endpoints.http.append(admin)
+
+    def _tracing_on_close(self, closing: bool) -> None:
+        self.tracing.on_close = closing
 
     def _start_portal(self, config: PortalConfig) -> None:
         """The session joins with the core's secret and reports back to the control actor."""
@@ -586,193 +500,26 @@ class Relay:
         )
         self.portal.tell(PortalConnect(self.server.auth_secret))
 
-    async def _start_fast_path(self) -> None:
-        options = self.settings.xdp
-        if options is None:
-            return
-        from firezone_relay.actors import xdp_manager
 
-        # Loading compiles and verifies the program (seconds of blocking bcc calls): do it on a
-        # worker thread while the loop stays responsive. Unavailable offload returns None (one
-        # warning logged) and the relay relays in userspace; mandatory offload raises.
-        ref = await self.loop.run_in_executor(None, xdp_manager.start_offload, options)
-        if ref is None:
-            return
-        self.fast_path = ref
-        self.pipeline.fast_path = ref
-        reader = await self.loop.run_in_executor(
-            None, lambda: ref.proxy().counter_reader().get(timeout=10)
-        )
-        if reader is not None:
-            self._xdp_reader = reader
-            self.packet_sizes.sources.append(
-                BucketSource({"relay.datapath": "xdp"}, self._xdp_sizes)
-            )
-            self.bridge.add(
-                BucketHistogram(
-                    "relay.xdp.processing.duration",
-                    "ns",
-                    "Time the XDP program spent per packet",
-                    _xdp_ns_bounds(),
-                    [BucketSource({}, self._xdp_durations)],
-                )
-            )
-        logger.info("eBPF offloading enabled on %s", options.interface)
-
-    def _xdp_totals(self) -> tuple[int, int] | None:
-        if self._xdp_reader is None:
-            return None
-        counters = self._xdp_reader.read()
-        return sum(counters.packet_size_buckets), int(counters.relayed_bytes)
-
-    def _xdp_sizes(self) -> tuple[Sequence[int], float]:
-        counters = self._xdp_reader.read()
-        return counters.packet_size_buckets, counters.relayed_bytes
-
-    def _xdp_durations(self) -> tuple[Sequence[int], float]:
-        counters = self._xdp_reader.read()
-        return counters.processing_ns_buckets, counters.processing_ns_total
-
-    # -- endpoints, stats -----------------------------------------------------------------
-
-    async def _start_endpoints(self) -> None:
-        s = self.settings
-        wanted: list[tuple[str, str, dict[tuple[str, str], Any]]] = []
-        if s.health_check_addr:
-            health = {
-                ("GET", "/healthz"): lambda _q: (200, "text/plain", b"ok\n"),
-                ("GET", "/readyz"): self._readyz,
-                ("GET", "/metrics"): self._metrics,
-            }
-            wanted.append(("health", s.health_check_addr, health))
-        if s.control_endpoint:
-            wanted.append(
-                (
-                    "control",
-                    s.control_endpoint,
-                    {
-                        ("POST", "/log_filter"): self._log_filter,
-                        ("GET", "/debug/routes"): self._debug_routes,
-                    },
-                )
-            )
-        for name, text, routes in wanted:
-            address = parse_host_port(text)
-            with binding(f"{name} endpoint", *address):
-                endpoint = HttpEndpoint(name, address, routes)
-                await endpoint.start()
-            self.endpoints.append(endpoint)
-        if s.admin_socket:
-            admin = AdminEndpoint(
-                s.admin_socket,
-                admin_routes(self.admin, lambda m: tell(self.control, m)),
-                s.admin_socket_required,
-            )
-            await admin.start()
-            self.endpoints.append(admin)
-
-    def _stop_endpoints(self) -> None:
-        endpoints, self.endpoints = self.endpoints, []
-        for endpoint in endpoints:
-            with contextlib.suppress(Exception):  # after the loop ended: nothing left to close
-                endpoint.stop()
-
-    def _readyz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        from firezone_relay.actors.version import relay_version
-
-        body = f"{relay_version()}\n".encode()
-        return (200 if self.ready else 503), "text/plain", body
-
-    def _metrics(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        assert self.telemetry is not None
-        text = self.telemetry.prometheus_text()
-        return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
-
-    def _log_filter(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        values = query.get("directives")
-        if not values:
-            return 400, "text/plain", b"missing directives\n"
-        try:
-            self.log_filter.apply(values[0])
-        except ValueError as exc:
-            return 400, "text/plain", f"{exc}\n".encode()
-        logger.info("log filter set to %r", values[0])
-        return 200, "text/plain", b"ok\n"
-
-    def _debug_routes(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        """The C route mirror against the core's channel routes. Handlers run on the HTTP
-        pool, the tables change on the loop: the comparison runs on the loop, in one go (a
-        walk of both tables: for soaks and tests, not for scraping)."""
-        answer: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-
-        def compare() -> None:
-            try:
-                answer.set_result(self._compare_routes())
-            except Exception as exc:
-                answer.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(compare)
-        body = answer.result(timeout=10)
-        return 200, "application/json", json.dumps(body).encode() + b"\n"
-
-    def _compare_routes(self) -> dict[str, Any]:
-        expected = self.dataplane.expected_routes()
-        held = self.dataplane.debug_routes()
-        missing = sorted(set(expected) - set(held))
-        extra = sorted(set(held) - set(expected))
-        return {
-            "impl": udpio.IMPL,
-            "core": self.server.num_active_channels,
-            "expected": len(expected),
-            "mirror": len(held),
-            "equal": expected == held,
-            "missing": [repr(r) for r in missing[:10]],
-            "extra": [repr(r) for r in extra[:10]],
-        }
-
-    def _drop_counts(self) -> dict[str, int]:
-        return {
-            "invalid": self.server.stats.dropped_datagrams,
-            "unroutable": self.server.stats.unroutable_datagrams,
-            "rate_limited": self.server.stats.rate_limited
-            + self.server.stats.allocation_rate_limited,
-            "send_blocked": self.dataplane.send_drops,
-            "send_failed": self.dataplane.send_errors,
-            "stream_backlog": self.streams.dropped + self.stream_relay.lost,
-            "kernel_rx_overflow": self.dataplane.kernel_drops,
-        }
-
-    def _log_stats(self) -> None:
-        if self._stopping.is_set():
-            return
-        self.log_filter.flush_suppressed()
-        now = time.monotonic()
-        total = self.server.stats.relayed_bytes_userspace
-        then, before = self._last_stats
-        self._last_stats = (now, total)
-        rate = (total - before) / max(now - then, 1e-9)
-        logger.info(
-            "Allocations = %d Channels = %d Throughput = %s",
-            self.server.num_allocations,
-            self.server.num_active_channels,
-            _throughput(rate),
-        )
-        self.loop.call_later(self.settings.stats_interval, self._log_stats)
-
-
-def _xdp_ns_bounds() -> tuple[float, ...]:
-    """The XDP program's processing-time buckets: bucket 0 is 0 ns, bucket i [2^(i-1), 2^i)."""
-    from firezone_relay.xdp.maps import NUM_NS_BUCKETS
-
-    return (0.0, *(float(1 << i) for i in range(1, NUM_NS_BUCKETS - 1)))
-
-
-def _throughput(bytes_per_s: float) -> str:
-    for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
-        if bytes_per_s < 1000 or unit == "GB/s":
-            return f"{bytes_per_s:.2f} {unit}"
-        bytes_per_s /= 1000
-    raise AssertionError
+#: The relay's control inputs: every message type its control actor receives, and the ``Relay``
+#: method that handles it. Adding an input means adding a row here (and the message to
+#: ``actors.control``). The core's timer stays a plain loop callback: its drain frees
+#: allocations, whose actors must find the control actor idle (see
+#: ``_on_allocation_bind_failed``), which they would not if the timer were a message too.
+# Any: each handler takes the message type it is keyed by
+CONTROL_ROUTES: Final[Mapping[type[object], Callable[[Relay, Any], None]]] = {
+    PortalJoined: Relay._on_portal_joined,
+    PortalClosed: Relay._on_portal_closed,
+    PortalFatal: Relay._on_portal_fatal,
+    Shutdown: Relay._on_shutdown,
+    PeerSocketOpened: Relay._on_peer_socket_opened,
+    PeerSocketClosed: Relay._on_peer_socket_closed,
+    AllocationBindFailed: Relay._on_allocation_bind_failed,
+    AllocationStopped: Relay._on_allocation_stopped,
+    Disconnect: Relay._on_disconnect,
+    Drain: Relay._on_drain,
+    Reload: Relay._on_reload,
+}
 
 
 def run(settings: Settings, log_filter: LogFilter | None = None) -> int:

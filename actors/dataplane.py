@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.udpio import PyReceiver, Receiver, send_batch
 from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding, SendMessage
 from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.stream_framing import channel_data_frame
-from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
+from firezone_relay.protocol.stream_framing import channel_data_frame, for_stream
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, log_fields
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.server import Server
@@ -133,6 +133,13 @@ class DataPlane:
         return self._send_errors + int(self._rx.send_errors)
 
     # -- the route mirror -----------------------------------------------------------------
+
+    def sync_routes(
+        self, commands: tuple[CreateChannelBinding | DeleteChannelBinding, ...]
+    ) -> None:
+        """The pipeline's ``RouteSink``: one drain's channel commands, in order."""
+        for command in commands:
+            self.sync_channel(command)
 
     def sync_channel(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
         """Make the mirror's two routes of the channel in ``command`` what the core's are now
@@ -359,11 +366,11 @@ class DataPlane:
         """Carry out a SendMessage: from the listen socket of the recipient's family, or
         through the recipient's TCP/TLS connection."""
         recipient = command.recipient
-        if recipient.transport is not _UDP:
-            self.stream_send(recipient, command.payload)
+        if recipient.transport is not _UDP:  # ChannelData (the relay loop) padded for it
+            self.stream_send(recipient, for_stream(command.payload))
             return
         if self.flush([self.listen_socket_for(recipient), command.payload, recipient.remote]):
-            logger.debug("send to %s failed", recipient)
+            logger.debug("send failed", extra=log_fields(recipient=recipient))
 
     def send_channel_data(self, client: FiveTuple, channel: int, data: bytes | memoryview) -> None:
         """ChannelData to ``client`` (the relay loop from a stream client): padded through
@@ -382,7 +389,9 @@ class DataPlane:
         self.input_errors += 1
         if self.input_errors <= 10 or self.input_errors % 10_000 == 0:
             logger.exception(
-                "core failed on a datagram from %s (%d so far)", sender, self.input_errors
+                "core failed on a datagram (%d so far)",
+                self.input_errors,
+                extra=log_fields(sender=sender, errors=self.input_errors),
             )
 
 

@@ -27,6 +27,8 @@ import traceback
 from dataclasses import dataclass
 from typing import TextIO
 
+from opentelemetry import trace as otel_trace
+
 __all__ = ["FloodGuard", "LogFilter", "configure", "parse_directives"]
 
 #: lines one call site may log per interval (INFO and above) before it is suppressed
@@ -202,36 +204,78 @@ class LogFilter:
             self.current = text
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """The event's structured fields (``extra=log_fields(...)``), or none."""
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    """RFC 3339 in UTC with microseconds, as tracing-subscriber's default timer prints it."""
+    ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _level(record: logging.LogRecord) -> str:
+    """tracing's level names: TRACE, DEBUG, INFO, WARN, ERROR (CRITICAL is ERROR)."""
+    if record.levelno >= logging.ERROR:
+        return "ERROR"
+    if record.levelno >= logging.WARNING:
+        return "WARN"
+    if record.levelno >= logging.INFO:
+        return "INFO"
+    return "DEBUG" if record.levelno >= logging.DEBUG else "TRACE"
+
+
+def _target(record: logging.LogRecord) -> str:
+    """The logger name as a Rust target (``relay.portal`` -> ``relay::portal``), the names
+    RUST_LOG directives use."""
+    return record.name.replace(".", "::")
+
+
+def _current_span() -> dict[str, object] | None:
+    """The current OpenTelemetry span as tracing-subscriber's JSON layer shows a span: its
+    fields, then ``name``; None outside a recording span."""
+    span = otel_trace.get_current_span()
+    name = getattr(span, "name", None)
+    if not span.is_recording() or not isinstance(name, str):
+        return None
+    attributes = getattr(span, "attributes", None) or {}
+    return {**{k: v for k, v in attributes.items()}, "name": name}
+
+
 class HumanFormatter(logging.Formatter):
-    """``2025-01-01T12:00:00.123456Z  INFO relay.daemon: message``"""
+    """``2025-01-01T12:00:00.123456Z  INFO relay::daemon: message key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        line = (
-            f"{ts.strftime('%Y-%m-%dT%H:%M:%S.%f')}Z {_short(record.levelname):>5} "
-            f"{record.name}: {record.getMessage()}"
-        )
+        line = f"{_timestamp(record)} {_level(record):>5} {_target(record)}: {record.getMessage()}"
+        for key, value in _fields(record).items():
+            line += f" {key}={value}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the fields log collectors expect."""
+    """One JSON object per line in the shape of tracing-subscriber's JSON layer (Firezone's
+    ``--log-format json``): ``timestamp``, ``level``, ``fields`` (``message`` first, then the
+    event's fields), ``target``, and ``span`` / ``spans`` when a span is current."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        out: dict[str, object] = {
-            "timestamp": ts.isoformat().replace("+00:00", "Z"),
-            "level": record.levelname,
-            "target": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out["fields"] = fields
+        fields: dict[str, object] = {"message": record.getMessage()}
+        fields.update((k, v) for k, v in _fields(record).items() if k != "message")
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            fields["error"] = self.formatException(record.exc_info)
+        out: dict[str, object] = {
+            "timestamp": _timestamp(record),
+            "level": _level(record),
+            "fields": fields,
+            "target": _target(record),
+        }
+        span = _current_span()
+        if span is not None:
+            out["span"] = span
+            out["spans"] = [span]
         return json.dumps(out, default=str)
 
 
@@ -253,7 +297,3 @@ def configure(fmt: str, directives: str, stream: TextIO | None = None) -> LogFil
         log_filter.apply("info")
         logging.getLogger("relay").warning("ignoring bad log directives %r: %s", directives, exc)
     return log_filter
-
-
-def _short(levelname: str) -> str:
-    return "WARN" if levelname == "WARNING" else levelname

@@ -2,7 +2,7 @@
 
 Allocation actors must touch loop-owned sockets (``loop.add_reader``) and the sans-IO core, which
 are not thread-safe, and there may be ten thousand of them: a thread each would be wasteful and
-fragile (see python-stack.md §1.3). A :class:`LoopActor` runs its handlers on the loop thread, so
+fragile. A :class:`LoopActor` runs its handlers on the loop thread, so
 it can own loop resources directly, costs no thread, and still speaks pykka (``tell``, ``ask``,
 ``stop``, proxies) to the rest of the system.
 

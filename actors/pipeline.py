@@ -1,23 +1,26 @@
 """The declarative command pipeline: which actor (or loop handler) carries out each command.
 
-``ROUTES`` is the one table mapping every command type the core emits to a *target*; adding a
-command means adding a row here (and, for a new kind of work, a target in ``Pipeline``). The
-pipeline drains the core's FIFO after every input and hands each command to its target in order.
+``ROUTES`` (at the end of the module) is the one table mapping every command type the core
+emits to the ``Pipeline`` method that carries it out; adding a command means adding a row there
+(and, for a new kind of work, a method). The pipeline drains the core's FIFO after every input
+and hands each command to its target in order.
 
 Targets:
 
-``send``        loop handler: send the payload from the listen socket (``DataPlane.send_message``)
-``allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
-``fast_path``   the XDP map manager actor, if offload is on: channel commands are collected
-                over one drain and told to it as one tuple; and ``mirror`` (the data plane's
-                copy of the channel routes), called at once, on the loop, for each
+``_to_send``        loop handler: send the payload to the client (``DataPlane.send_message``)
+``_to_allocation``  the per-port :class:`~actors.allocation.AllocationActor`, spawned on first use
+``_to_route_sinks`` channel commands: collected over one drain and handed, as one tuple in
+                    the order the core emitted them, to every ``RouteSink`` (the data plane's
+                    C route mirror, the XDP map manager) when the drain ends, before the next
+                    input is read
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from firezone_relay.protocol.commands import (
     Command,
@@ -32,20 +35,27 @@ if TYPE_CHECKING:
     import pykka
 
     from firezone_relay.actors.allocation import AllocationActor
-    from firezone_relay.actors.xdp_manager import XdpManager
     from firezone_relay.protocol.server import Server
 
-__all__ = ["ROUTES", "Pipeline"]
+__all__ = ["ROUTES", "ChannelCommand", "Pipeline", "RouteSink"]
 
 logger = logging.getLogger("relay.pipeline")
 
-ROUTES: Final[Mapping[type[Command], str]] = {
-    SendMessage: "send",
-    CreateAllocation: "allocation",
-    FreeAllocation: "allocation",
-    CreateChannelBinding: "fast_path",
-    DeleteChannelBinding: "fast_path",
-}
+ChannelCommand = CreateChannelBinding | DeleteChannelBinding
+
+
+class RouteSink(Protocol):
+    """A copy of the core's channel routes kept outside it: the C route mirror
+    (``DataPlane``), the XDP maps (``actors.offload.XdpRouteSink``); a third consumer (stream
+    clients, workers) is one more implementation.
+
+    The one ordering rule: when a drain ends, each sink gets that drain's channel commands as
+    one tuple, in the order the core emitted them, before the next input is read. A sink
+    makes its copy what the core holds after them (by re-reading the core, or by coalescing
+    per key with the last command winning); every change of the core's routes comes with
+    one of these commands (the allocation table's invariant 6)."""
+
+    def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None: ...
 
 
 class Pipeline:
@@ -56,25 +66,19 @@ class Pipeline:
         server: Server,
         send: Callable[[SendMessage], None],
         spawn_allocation: Callable[[int], pykka.ActorRef[AllocationActor]],
-        fast_path: pykka.ActorRef[XdpManager] | None = None,
+        route_sinks: tuple[RouteSink, ...] = (),
     ) -> None:
         self._server = server
         self._send = send
         self._spawn_allocation = spawn_allocation
-        self.fast_path = fast_path
-        #: keeps the data plane's route mirror in step (``DataPlane.sync_channel``)
-        self.mirror: Callable[[CreateChannelBinding | DeleteChannelBinding], None] | None = None
+        #: who keeps a copy of the channel routes (see ``RouteSink``)
+        self.route_sinks: list[RouteSink] = list(route_sinks)
         #: allocation port -> its actor; the actor removes itself when it stops
         self.allocations: dict[int, pykka.ActorRef[AllocationActor]] = {}
-        self._fast_path_batch: list[Command] = []
+        self._channel_batch: list[ChannelCommand] = []
         # Any: each handler takes the command type it is keyed by, which no dict type can say
-        targets: dict[str, Callable[[Any], None]] = {
-            "send": self._send,
-            "allocation": self._to_allocation,
-            "fast_path": self._to_fast_path,
-        }
         self._handlers: dict[type, Callable[[Any], None]] = {
-            command_type: targets[target] for command_type, target in ROUTES.items()
+            command_type: functools.partial(target, self) for command_type, target in ROUTES.items()
         }
         #: True while ``drain`` runs: what a target reports back synchronously (an allocation
         #: port that could not be bound) still finds the core's later commands queued
@@ -97,20 +101,22 @@ class Pipeline:
                     logger.exception("carrying out %r failed", command)
         finally:
             self.draining = False
-        if self._fast_path_batch:
-            batch, self._fast_path_batch = tuple(self._fast_path_batch), []
-            if self.fast_path is not None:
+        if self._channel_batch:
+            batch, self._channel_batch = tuple(self._channel_batch), []
+            for sink in self.route_sinks:
                 try:
-                    self.fast_path.tell(batch)
-                except Exception:  # dead actor: offload is gone, userspace still relays
-                    logger.warning("XDP map manager is gone; channel updates dropped")
-                    self.fast_path = None
+                    sink.sync_routes(batch)
+                except Exception:
+                    logger.exception("route sink %r failed", sink)
 
     def observe(self, observer: Callable[[Command], None]) -> None:
         """Also show each command to ``observer`` once its target has it (tracing). Installed
         only when spans are exported, so without them the drain is unchanged."""
         for command_type, handler in list(self._handlers.items()):
             self._handlers[command_type] = _then(handler, observer)
+
+    def _to_send(self, command: SendMessage) -> None:
+        self._send(command)
 
     def _to_allocation(self, command: CreateAllocation | FreeAllocation) -> None:
         ref = self.allocations.get(command.port)
@@ -121,11 +127,9 @@ class Pipeline:
             self.allocations[command.port] = ref
         ref.tell(command)
 
-    def _to_fast_path(self, command: CreateChannelBinding | DeleteChannelBinding) -> None:
-        if self.mirror is not None:
-            self.mirror(command)
-        if self.fast_path is not None:
-            self._fast_path_batch.append(command)
+    def _to_route_sinks(self, command: ChannelCommand) -> None:
+        if self.route_sinks:
+            self._channel_batch.append(command)
 
     def allocation_gone(self, port: int, actor: pykka.ActorRef[AllocationActor]) -> None:
         """The allocation actor ``actor`` of ``port`` has stopped (a newer one may own the
@@ -133,6 +137,16 @@ class Pipeline:
         if self.allocations.get(port) is actor:
             del self.allocations[port]
 
+
+#: command type -> the ``Pipeline`` method that carries it out
+# Any: each method takes the command type it is keyed by, which no dict type can say
+ROUTES: Final[Mapping[type[Command], Callable[[Pipeline, Any], None]]] = {
+    SendMessage: Pipeline._to_send,
+    CreateAllocation: Pipeline._to_allocation,
+    FreeAllocation: Pipeline._to_allocation,
+    CreateChannelBinding: Pipeline._to_route_sinks,
+    DeleteChannelBinding: Pipeline._to_route_sinks,
+}
 
 C = TypeVar("C", bound=Command)
 

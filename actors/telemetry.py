@@ -78,12 +78,16 @@ TRACER_NAME = "relay"
 #: upper bounds of relay.packet.size buckets (the core's 16 buckets: 15 bounds + overflow)
 PACKET_SIZE_BOUNDS: tuple[float, ...] = tuple(float(100 * i) for i in range(1, 16))
 
-#: LowMemory, as the reference's exporter: cumulative sums, delta histograms
+#: Firezone's exporter (``Temporality::LowMemory`` of opentelemetry_sdk 0.32): synchronous
+#: counters and histograms delta, everything else cumulative. Firezone's ``relay.responses`` is
+#: a synchronous counter; ours is observable (the data path only bumps ints), so observable
+#: counters take the synchronous counter's delta here, and the exporter drops the zero
+#: increments a synchronous counter would not have recorded.
 LOW_MEMORY: dict[type, AggregationTemporality] = {
     SdkCounter: AggregationTemporality.DELTA,
     SdkUpDownCounter: AggregationTemporality.CUMULATIVE,
     SdkHistogram: AggregationTemporality.DELTA,
-    ObservableCounter: AggregationTemporality.CUMULATIVE,
+    ObservableCounter: AggregationTemporality.DELTA,
     ObservableUpDownCounter: AggregationTemporality.CUMULATIVE,
     ObservableGauge: AggregationTemporality.CUMULATIVE,
 }
@@ -219,6 +223,29 @@ def add_metrics(data: MetricsData | None, metrics: list[Metric], resource: Resou
     return MetricsData(resource_metrics=resource_metrics)
 
 
+def _without_empty_deltas(data: MetricsData) -> MetricsData:
+    """Delta sums as a synchronous counter exports them: only the attribute sets that counted
+    something since the last export (an observable counter's delta has a 0 for each of the
+    others), and no metric without points."""
+    out = []
+    for rm in data.resource_metrics:
+        scopes = []
+        for sm in rm.scope_metrics:
+            metrics = []
+            for m in sm.metrics:
+                d = m.data
+                if isinstance(d, Sum) and d.aggregation_temporality is AggregationTemporality.DELTA:
+                    points = [p for p in d.data_points if p.value != 0]
+                    if not points:
+                        continue
+                    d = Sum(points, d.aggregation_temporality, d.is_monotonic)
+                    m = Metric(m.name, m.description, m.unit, d)
+                metrics.append(m)
+            scopes.append(ScopeMetrics(sm.scope, metrics, sm.schema_url))
+        out.append(ResourceMetrics(rm.resource, scopes, rm.schema_url))
+    return MetricsData(resource_metrics=out)
+
+
 class BridgingExporter(MetricExporter):
     """Wraps an exporter and adds the bridged histograms to every export."""
 
@@ -241,7 +268,7 @@ class BridgingExporter(MetricExporter):
         snapshot = self.bridge.snapshot()
         metrics = self.bridge.metrics(self.temporality, self._previous, self._previous_ns, snapshot)
         self._previous, self._previous_ns = snapshot, time.time_ns()
-        merged = add_metrics(metrics_data, metrics, self.resource)
+        merged = add_metrics(_without_empty_deltas(metrics_data), metrics, self.resource)
         return self.inner.export(merged, timeout_millis=timeout_millis, **kwargs)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -397,7 +424,7 @@ class Telemetry:
             "relay.active_allocations",
             [active_allocations],
             unit="{allocation}",
-            description="Allocations currently active",
+            description="The number of active allocations",
         )
         meter.create_observable_up_down_counter(
             "relay.active_channels",
@@ -409,7 +436,7 @@ class Telemetry:
             "relay.responses",
             [response_counts],
             unit="{response}",
-            description="STUN/TURN responses sent",
+            description="The number of responses",
         )
         meter.create_observable_counter(
             "relay.datagrams.dropped",

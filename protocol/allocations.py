@@ -147,6 +147,18 @@ class AllocationTable:
                     self.unbind(allocation, channel)
                 self.forget(allocation, channel)
 
+    # --- permissions ---------------------------------------------------------------------
+
+    def permit(self, allocation: Allocation, host: str, until: float) -> bool:
+        """Install or refresh the permission for ``host``; True when it is new."""
+        fresh = host not in allocation.permissions
+        allocation.permissions[host] = until
+        return fresh
+
+    def revoke(self, allocation: Allocation, host: str) -> None:
+        """The permission for ``host`` expired."""
+        allocation.permissions.pop(host, None)
+
     # --- channels ------------------------------------------------------------------------
 
     def add_channel(
@@ -156,6 +168,12 @@ class AllocationTable:
         allocation.channels[number] = channel
         allocation.channel_by_peer[peer] = number
         return channel
+
+    def renew_channel(self, channel: Channel, expires_at: float) -> None:
+        """A ChannelBind refreshed ``channel`` (bound, or within its rebind timeout): it
+        relays until ``expires_at`` once ``route`` has installed its routes."""
+        channel.expires_at = expires_at
+        channel.bound = True
 
     def route(self, allocation: Allocation, channel: Channel, loop: bool) -> None:
         """Install the fast-path routes of a (re)bound channel."""

@@ -76,8 +76,6 @@ class Responder:
         self._counters = counters
         self._limiter = limiter
         self._transactions = transactions
-        #: the ``now`` of the request being answered (the rate limiter's clock)
-        self.input_time = 0.0
 
     def reply(
         self,
@@ -86,10 +84,11 @@ class Responder:
         cls: int,
         attributes: Attributes,
         auth: Auth,
-        now: float | None = None,
+        now: float,
+        cache: bool = False,
     ) -> SendMessage:
-        """Queue the response (unless rate-limited) and return it; with ``now``, a verified
-        answer goes into the retransmission cache."""
+        """Queue the response (unless rate-limited at ``now``) and return it; with ``cache``,
+        a verified answer goes into the retransmission cache."""
         payload = stun.encode(
             msg.method,
             cls,
@@ -101,11 +100,7 @@ class Responder:
         )
         command = SendMessage(payload, sender)
         limiter = self._limiter
-        if (
-            not auth.verified
-            and limiter is not None
-            and not limiter.allow(sender.remote[0], self.input_time)
-        ):
+        if not auth.verified and limiter is not None and not limiter.allow(sender.remote[0], now):
             self._counters.rate_limited += 1
             return command  # not sent: a spoofed source must not make us reflect
         self._emit(command)
@@ -115,7 +110,7 @@ class Responder:
             msg.method,
             None if success else error_code_of(attributes),
         )
-        if now is not None and auth.verified:
+        if cache and auth.verified:
             # an authenticated answer: a retransmission gets the same one
             self._transactions.store(sender, msg.transaction_id, msg.raw, payload, now)
         return command
@@ -126,11 +121,12 @@ class Responder:
         sender: FiveTuple,
         code: ErrorCode,
         auth: Auth,
+        now: float,
         extra: tuple[tuple[int, object], ...] = (),
     ) -> None:
-        attributes: Attributes = [(Attr.ERROR_CODE, (code, stun.REASONS[code]))]
+        attributes: Attributes = [(Attr.ERROR_CODE, (code, code.reason))]
         attributes.extend(extra)
-        self.reply(msg, sender, Class.ERROR, attributes, auth)
+        self.reply(msg, sender, Class.ERROR, attributes, auth, now)
 
     def count(self, cls: str, method: int, code: int | None) -> None:
         key = (cls, MESSAGE_TYPES.get(method, "unknown"), code)

@@ -23,7 +23,6 @@ import secrets
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -35,14 +34,8 @@ from firezone_relay.protocol.allocations import (
     AllocationTable,
     Channel,
 )
-from firezone_relay.protocol.auth import (
-    FIREZONE_REALM,
-    Identity,
-    NonceCheck,
-    Nonces,
-    parse_username,
-    password_for,
-)
+from firezone_relay.protocol.auth import Nonces
+from firezone_relay.protocol.authenticator import Authenticator
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
 from firezone_relay.protocol.commands import (
     Command,
@@ -50,13 +43,16 @@ from firezone_relay.protocol.commands import (
     CreateChannelBinding,
     SendMessage,
 )
+from firezone_relay.protocol.config import ServerConfig
 from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.policy import PeerPolicy, Verdict, networks
 from firezone_relay.protocol.ports import PortAllocator
 from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.ratelimit import RateLimiter
+from firezone_relay.protocol.rebind import MAX_BIND_ATTEMPTS, BindRecovery
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.stats import Stats
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.timers import (
     AllocationExpiry,
@@ -68,7 +64,7 @@ from firezone_relay.protocol.timers import (
     Timers,
 )
 from firezone_relay.protocol.transactions import TransactionCache
-from firezone_relay.protocol.types import Addr, Family, FiveTuple
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, log_fields
 
 log = logging.getLogger("relay")
 
@@ -83,10 +79,6 @@ TRANSACTION_CACHE_BYTES = 16 * 1024 * 1024
 #: distinct peer addresses one CreatePermission may carry; beyond it the request gets 508
 #: (the server cannot install that many at once; the client may split the request)
 MAX_PEERS_PER_REQUEST = 32
-#: with the rest scheme (and firezone's) when --max-allocations-per-user is not given
-DEFAULT_MAX_ALLOCATIONS_PER_USER = 256
-#: ports one Allocate may try when binds fail (each failed port is quarantined) before 508
-MAX_BIND_ATTEMPTS = 8
 INTERNAL_ERROR_LOG_INTERVAL = 60.0
 RESERVATION_LIFETIME = 30
 FOREIGN_PORT_QUARANTINE = 60.0
@@ -95,108 +87,15 @@ UDP = 17
 _HH = struct.Struct("!HH")
 _unpack_hh = _HH.unpack_from
 
-__all__ = ["Allocation", "Channel", "ClientRoute", "Server", "ServerConfig", "Stats"]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    public_ip4: str | None = None
-    public_ip6: str | None = None
-    listen_port: int = 3478
-    lowest_port: int = 49152
-    highest_port: int = 65535
-    auth_scheme: str = "firezone"
-    realm: str = FIREZONE_REALM
-    allow_loopback_peers: bool = False
-    allow_private_peers: bool = False
-    #: CIDRs always allowed as peers (override ``denied_peer_ips`` and the built-in
-    #: refusals other than port 0, unspecified, broadcast, multicast and our listen port)
-    allowed_peer_ips: tuple[str, ...] = ()
-    #: CIDRs refused as peers on top of the built-in refusals
-    denied_peer_ips: tuple[str, ...] = ()
-    #: total allocations; None = as many as the port range holds. The daemon may lower it
-    #: (e.g. from the file-descriptor limit) with ``dataclasses.replace`` before building
-    #: the Server; beyond it Allocate gets 508.
-    max_allocations: int | None = None
-    #: allocations per user (the part after ``<expiry>:``); None = 256 (486 beyond)
-    max_allocations_per_user: int | None = None
-    max_channels_per_allocation: int = 1024
-    max_permissions_per_allocation: int = 1024
-    #: a new Allocate frees the username's previous allocation (Firezone's rule, for NATs
-    #: that flip source ports). None: on for the firezone scheme, off for rest, whose
-    #: credentials WebRTC apps share across a user's peer connections.
-    single_allocation_per_username: bool | None = None
-    #: unauthenticated answers per second per source IP (burst twice that); None = no limit
-    unauthenticated_rate_limit: float | None = None
-    #: relayed payload bytes per second per allocation, each direction; None = no limit
-    allocation_rate_limit: float | None = None
-    #: this host's interface addresses (loopback, behind a 1:1 NAT the relay's private
-    #: address): refused as peers unless allowed, so a client cannot reach the host's own
-    #: services through the relay
-    local_addresses: frozenset[str] = frozenset()
-    nonce_lifetime: float = 3600.0
-    #: every duration (lifetimes, permissions, channels, nonces) is multiplied by this; the
-    #: values on the wire stay nominal. Only for simulations and tests of real-time expiry.
-    time_scale: float = 1.0
-    nonce_uses: int = 10_000
-    software: str = "firezone-relay-py; rev=0.1.0"
-
-    def __post_init__(self) -> None:
-        if self.public_ip4 is None and self.public_ip6 is None:
-            raise ValueError("Must listen on at least one of IPv4 or IPv6")
-        if self.auth_scheme not in ("firezone", "rest"):
-            raise ValueError(f"unknown auth scheme {self.auth_scheme!r}")
-        if not 0 < self.lowest_port <= self.highest_port <= 65535:
-            raise ValueError("bad allocation port range")
-        if not self.time_scale > 0:
-            raise ValueError("time_scale must be positive")
-        networks(self.allowed_peer_ips)  # raises ValueError on a bad CIDR
-        networks(self.denied_peer_ips)
-
-    @property
-    def allocation_limit(self) -> int:
-        """Allocations the server grants at most: the configured cap, never more than the
-        ports of the range."""
-        ports = self.highest_port - self.lowest_port + 1
-        return ports if self.max_allocations is None else min(self.max_allocations, ports)
-
-    @property
-    def allocations_per_user_limit(self) -> int:
-        cap = self.max_allocations_per_user
-        return DEFAULT_MAX_ALLOCATIONS_PER_USER if cap is None else cap
-
-
-@dataclass(slots=True)
-class Stats:
-    """Plain integer counters: the data path bumps them, telemetry reads them."""
-
-    relayed_packets_userspace: int = 0
-    relayed_bytes_userspace: int = 0
-    packet_size_buckets: list[int] = field(default_factory=lambda: [0] * 16)
-    responses: dict[tuple[str, str, int | None], int] = field(default_factory=dict)
-    dropped_datagrams: int = 0  # malformed or not for us
-    unroutable_datagrams: int = 0  # well-formed, but no channel, permission or allocation
-    rate_limited: int = 0
-    #: relayed datagrams dropped over ``--allocation-rate-limit``
-    allocation_rate_limited: int = 0
-    internal_errors: int = 0
-
-    def count_relayed(self, length: int) -> None:
-        """One datagram of ``length`` payload bytes relayed in userspace: the packet and byte
-        counters and ``relay.packet.size`` move together, on every relaying path."""
-        self.relayed_packets_userspace += 1
-        self.relayed_bytes_userspace += length
-        self.packet_size_buckets[_SIZE_BUCKET[length]] += 1
-
-
-def size_bucket(length: int) -> int:
-    """The ``relay.packet.size`` bucket of a payload: 100 bytes wide, the last one (15) for
-    1500 and more; the XDP program buckets the same way."""
-    return length // 100 if length < 1500 else 15
-
-
-#: size_bucket of every UDP payload length, so the per-datagram count is one index
-_SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
+__all__ = [
+    "MAX_BIND_ATTEMPTS",
+    "Allocation",
+    "Channel",
+    "ClientRoute",
+    "Server",
+    "ServerConfig",
+    "Stats",
+]
 
 
 class _AllocateRequest(NamedTuple):
@@ -258,16 +157,17 @@ class Server:
         self.config = config
         self._rng = rng
         self._token_bytes = token_bytes
-        self.auth_secret = secret if secret is not None else token_bytes(32).hex()
-        #: every secret credentials are accepted with; the first is ``auth_secret``
-        self.auth_secrets: tuple[str, ...] = (self.auth_secret,)
+        first_secret = secret if secret is not None else token_bytes(32).hex()
         #: drain: new Allocates get 508, existing allocations go on
         self.draining = False
         self.unix_offset = 0.0
         self.stats = Stats()
         self._scale = config.time_scale
-        self._nonces = Nonces(
-            token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses
+        self._auth = Authenticator(
+            config.auth_scheme,
+            config.realm,
+            (first_secret,),
+            Nonces(token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses),
         )
         self.policy = _peer_policy(config)
         self._families = tuple(
@@ -305,6 +205,9 @@ class Server:
             TRANSACTION_CACHE_TTL * self._scale, TRANSACTION_CACHE_SIZE, TRANSACTION_CACHE_BYTES
         )
         self._error_logged_at: float | None = None
+        self._rebind = BindRecovery(
+            self._commands, self._table, self._ports, self._transactions, config.software
+        )
         rate = config.unauthenticated_rate_limit
         self._responder = Responder(
             config.software,
@@ -345,17 +248,30 @@ class Server:
         sockets go, and its client's next request gets 437. False if it was gone already."""
         if self._by_port.get(allocation.port) is not allocation:
             return False
-        log.info("allocation on port %d for %s disconnected", allocation.port, allocation.client)
+        log.info(
+            "allocation on port %d disconnected",
+            allocation.port,
+            extra=log_fields(client=allocation.client, allocation=allocation.port),
+        )
         self._table.remove(allocation)
         return True
+
+    @property
+    def auth_secret(self) -> str:
+        """The secret new credentials are minted with."""
+        return self._auth.secrets[0]
+
+    @property
+    def auth_secrets(self) -> tuple[str, ...]:
+        """Every secret credentials are accepted with; the first is ``auth_secret``."""
+        return self._auth.secrets
 
     def set_auth_secrets(self, secrets_: tuple[str, ...]) -> None:
         """Accept credentials of any of ``secrets_`` from now on; the first one is the one
         new credentials are minted with (``reload`` of ``--auth-secret-file``)."""
         if not secrets_ or not all(secrets_):
             raise ValueError("at least one non-empty secret")
-        self.auth_secret = secrets_[0]
-        self.auth_secrets = tuple(secrets_)
+        self._auth.secrets = tuple(secrets_)
 
     def set_peer_lists(self, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
         """Replace ``--allowed-peer-ip`` / ``--denied-peer-ip`` (``reload``); judges new
@@ -391,7 +307,7 @@ class Server:
         timer = self._timers.next_deadline()
         if timer is not None:
             deadlines.append(timer)
-        nonce_expiry = self._nonces.next_expiry()
+        nonce_expiry = self._auth.nonces.next_expiry()
         if nonce_expiry is not None:
             deadlines.append(nonce_expiry - self.unix_offset)
         return min(deadlines) if deadlines else None
@@ -526,7 +442,7 @@ class Server:
 
     def handle_timeout(self, now: float) -> None:
         try:
-            self._nonces.expire(now + self.unix_offset)
+            self._auth.nonces.expire(now + self.unix_offset)
             for record in self._timers.pop_due(now):
                 _TIMER_HANDLERS[type(record)](self, record, now)
         except Exception:
@@ -544,7 +460,11 @@ class Server:
         if self._by_port.get(allocation.port) is not allocation:
             return
         if allocation.expires_at <= now:
-            log.info("allocation on port %d for %s expired", allocation.port, allocation.client)
+            log.info(
+                "allocation on port %d expired",
+                allocation.port,
+                extra=log_fields(client=allocation.client, allocation=allocation.port),
+            )
             self._table.remove(allocation)
         else:  # refreshed since this timer was armed
             self._schedule_allocation(allocation, now)
@@ -556,7 +476,16 @@ class Server:
         rebind_deadline = channel.expires_at + CHANNEL_REBIND_TIMEOUT * self._scale
         if channel.bound and channel.expires_at <= now:
             self._table.unbind(allocation, channel)
-            log.info("channel %#06x of %s expired", channel.number, allocation.client)
+            log.info(
+                "channel %#06x expired",
+                channel.number,
+                extra=log_fields(
+                    channel=channel.number,
+                    client=allocation.client,
+                    peer=channel.peer,
+                    allocation=allocation.port,
+                ),
+            )
             self._timers.schedule(rebind_deadline, record)
         elif channel.bound:  # refreshed since this timer was armed
             self._timers.schedule(channel.expires_at, record)
@@ -564,10 +493,9 @@ class Server:
             self._table.forget(allocation, channel)
 
     def _on_permission_expiry(self, record: PermissionExpiry, now: float) -> None:
-        permissions = record.allocation.permissions
-        expires = permissions.get(record.host)
+        expires = record.allocation.permissions.get(record.host)
         if expires is not None and expires <= now:
-            del permissions[record.host]
+            self._table.revoke(record.allocation, record.host)
         elif expires is not None:  # refreshed since this timer was armed
             self._timers.schedule(expires, record)
 
@@ -585,7 +513,7 @@ class Server:
         try:
             msg = stun.parse(data)
         except stun.ParseError as exc:
-            log.debug("dropping malformed STUN from %s: %s", sender, exc)
+            log.debug("dropping malformed STUN: %s", exc, extra=log_fields(sender=sender))
             self.stats.dropped_datagrams += 1
             return None
         if msg.cls == Class.REQUEST:
@@ -597,7 +525,6 @@ class Server:
         return None
 
     def _handle_request(self, msg: Message, sender: FiveTuple, now: float) -> None:
-        self._responder.input_time = now
         cached = self._transactions.lookup(sender, msg.transaction_id, msg.raw, now)
         if cached is not None:
             self._commands.append(SendMessage(cached, sender))
@@ -610,99 +537,26 @@ class Server:
                 sender,
                 ErrorCode.UNKNOWN_ATTRIBUTE,
                 Auth(None, False, fingerprint),
+                now,
                 ((Attr.UNKNOWN_ATTRIBUTES, unknown),),
             )
             return
         handler = _HANDLERS.get(msg.method)
         if handler is None:
             self._responder.reply_error(
-                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint), now
             )
             return
         try:
             handler(self, msg, sender, now)
         except stun.BadAttribute as exc:
-            log.debug("bad attribute from %s: %s", sender, exc)
+            log.debug("bad attribute: %s", exc, extra=log_fields(sender=sender))
             self._responder.reply_error(
-                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint)
+                msg, sender, ErrorCode.BAD_REQUEST, Auth(None, False, fingerprint), now
             )
         except Reject as reject:
             auth = reject.auth or Auth(None, False, fingerprint)
-            self._responder.reply_error(msg, sender, reject.code, auth, reject.extra)
-
-    # --- authentication ------------------------------------------------------------------
-
-    def _challenge(
-        self, msg: Message, sender: FiveTuple, code: ErrorCode, now: float, key: bytes | None
-    ) -> Reject:
-        """401/438 with REALM and a nonce for this socket. Signed when we know the key and
-        the scheme is firezone (connlib checks every response, and the portal's secret is
-        random); unsigned with rest as RFC 8489 says, so a challenge gives nothing to test
-        guesses of the shared secret against offline."""
-        nonce = self._nonces.issue(sender, now + self.unix_offset)
-        if self.config.auth_scheme != "firezone":
-            key = None
-        fingerprint = msg.fingerprint_offset is not None
-        sha256 = msg.integrity_sha256_offset is not None and msg.integrity_offset is None
-        return Reject(
-            code,
-            Auth(key, sha256, fingerprint),
-            ((Attr.REALM, self.config.realm), (Attr.NONCE, nonce)),
-        )
-
-    def _authenticate(
-        self, msg: Message, sender: FiveTuple, now: float
-    ) -> tuple[Auth, str, Identity]:
-        """RFC 8489 §9.2.4 checks; returns how to sign and who the user is, or raises."""
-        username = msg.get(Attr.USERNAME)
-        nonce = msg.get(Attr.NONCE)
-        realm = msg.get(Attr.REALM)  # also validates its encoding
-        has_integrity = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
-        identity = (
-            parse_username(self.config.auth_scheme, username) if username is not None else None
-        )
-        key = None
-        if username is not None and identity is not None:
-            key = self._key_for(msg, username, identity, has_integrity)
-        if has_integrity and username is not None and identity is None:
-            _auth_failed(sender, username, realm, f"not a {self.config.auth_scheme} username")
-        if not has_integrity or username is None or nonce is None or identity is None:
-            raise self._challenge(
-                msg, sender, ErrorCode.UNAUTHORIZED, now, key if has_integrity else None
-            )
-        assert key is not None
-        unix_now = now + self.unix_offset
-        check = self._nonces.validate(nonce, sender, unix_now)
-        if check == NonceCheck.MALFORMED:
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        if check == NonceCheck.STALE:
-            raise self._challenge(msg, sender, ErrorCode.STALE_NONCE, now, key)
-        if identity.expiry < unix_now:
-            _auth_failed(sender, username, realm, "the credential expired")
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        if not stun.verify_integrity(msg, key):
-            _auth_failed(sender, username, realm, "wrong password (or another secret)")
-            raise self._challenge(msg, sender, ErrorCode.UNAUTHORIZED, now, key)
-        self._nonces.consume(nonce, sender)  # state only once integrity passed
-        sha256 = msg.integrity_offset is None
-        fingerprint = msg.fingerprint_offset is not None
-        return Auth(key, sha256, fingerprint, verified=True), username, identity
-
-    def _key_for(self, msg: Message, username: str, identity: Identity, signed: bool) -> bytes:
-        """The long-term key of the first accepted secret that the message's integrity
-        verifies with (several during a secret rotation), else the first secret's."""
-        first = None
-        for secret in self.auth_secrets:
-            password = password_for(self.config.auth_scheme, secret, username, identity)
-            key = stun.long_term_key(username, self.config.realm, password)
-            if len(self.auth_secrets) == 1 or not signed:
-                return key
-            if first is None:
-                first = key
-            if stun.verify_integrity(msg, key):
-                return key
-        assert first is not None
-        return first
+            self._responder.reply_error(msg, sender, reject.code, auth, now, reject.extra)
 
     def _own_allocation(
         self, sender: FiveTuple, auth: Auth, username: str, any_username: bool = False
@@ -722,7 +576,7 @@ class Server:
     def _on_binding(self, msg: Message, sender: FiveTuple, now: float) -> None:
         auth = Auth(None, False, msg.fingerprint_offset is not None)
         self._responder.reply(
-            msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender.remote)], auth
+            msg, sender, Class.SUCCESS, [(Attr.XOR_MAPPED_ADDRESS, sender.remote)], auth, now
         )
 
     # --- Allocate ------------------------------------------------------------------------
@@ -731,7 +585,7 @@ class Server:
         request = _AllocateRequest.of(msg)
         if request.transport is None:
             raise Reject(ErrorCode.BAD_REQUEST)
-        auth, username, identity = self._authenticate(msg, sender, now)
+        auth, username, identity = self._auth.authenticate(msg, sender, now + self.unix_offset)
         existing = self._allocations.get(sender)
         if existing is not None:
             if existing.transaction_id != msg.transaction_id:
@@ -767,12 +621,15 @@ class Server:
         if address_error is not None:
             extra.append((Attr.ADDRESS_ERROR_CODE, address_error))
         log.info(
-            "allocated port %d %s for %s (%s), lifetime %ds",
+            "allocated port %d",
             port,
-            "+".join(f.name for f in families),
-            sender,
-            username,
-            lifetime,
+            extra=log_fields(
+                sender=sender,
+                port=port,
+                lifetime=f"{lifetime}s",
+                families="+".join(f.name for f in families),
+                username=username,
+            ),
         )
         self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
 
@@ -797,10 +654,13 @@ class Server:
         previous = self._table.by_username.get(username)
         if previous is not None and self.single_allocation_per_username:
             log.info(
-                "%s allocates again from %s: freeing its allocation for %s",
-                username,
-                sender,
-                previous.client,
+                "username allocates again: freeing its previous allocation",
+                extra=log_fields(
+                    username=username,
+                    sender=sender,
+                    previous_client=previous.client,
+                    previous_allocation=previous.port,
+                ),
             )
             self._table.remove(previous)
         if self._table.allocations_of(user) >= self.config.allocations_per_user_limit:
@@ -856,7 +716,7 @@ class Server:
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
         allocation.pending_response = self._responder.reply(
-            msg, allocation.client, Class.SUCCESS, attributes, auth, now
+            msg, allocation.client, Class.SUCCESS, attributes, auth, now, cache=True
         )
 
     def _public_ip(self, family: Family) -> str:
@@ -891,7 +751,7 @@ class Server:
     def _on_refresh(self, msg: Message, sender: FiveTuple, now: float) -> None:
         lifetime_request = msg.get(Attr.LIFETIME)
         requested_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         deleting = lifetime_request == 0
         allocation = self._own_allocation(sender, auth, username, any_username=deleting)
         if requested_family is not None and requested_family not in allocation.families:
@@ -899,28 +759,39 @@ class Server:
         if deleting:
             if allocation.username != username:
                 log.info(
-                    "%s deletes its allocation of %s with new credentials %s",
-                    sender,
-                    allocation.username,
-                    username,
+                    "allocation deleted with new credentials",
+                    extra=log_fields(
+                        sender=sender,
+                        allocation=allocation.port,
+                        previous_username=allocation.username,
+                        username=username,
+                    ),
                 )
             if requested_family is not None and len(allocation.families) > 1:
                 self._table.drop_family(allocation, requested_family)
             else:
-                log.info("%s deleted its allocation on port %d", sender, allocation.port)
+                log.info(
+                    "deleted allocation on port %d",
+                    allocation.port,
+                    extra=log_fields(sender=sender, allocation=allocation.port),
+                )
                 self._table.remove(allocation)
-            self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now)
+            self._responder.reply(
+                msg, sender, Class.SUCCESS, [(Attr.LIFETIME, 0)], auth, now, cache=True
+            )
             return
         lifetime = _effective_lifetime(lifetime_request)
         allocation.expires_at = now + lifetime * self._scale
         self._schedule_allocation(allocation, now)
-        self._responder.reply(msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now)
+        self._responder.reply(
+            msg, sender, Class.SUCCESS, [(Attr.LIFETIME, lifetime)], auth, now, cache=True
+        )
 
     # --- CreatePermission ----------------------------------------------------------------
 
     def _on_create_permission(self, msg: Message, sender: FiveTuple, now: float) -> None:
         peers: list[Addr] = msg.get_all(Attr.XOR_PEER_ADDRESS)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         if not peers:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         allocation = self._own_allocation(sender, auth, username)
@@ -939,15 +810,13 @@ class Server:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         for host in hosts:
             self._permit(allocation, host, now)
-        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now, cache=True)
 
     def _permit(self, allocation: Allocation, host: str, now: float) -> None:
         """Install or refresh a permission; a timer only for a new one (the timer re-arms
         itself for refreshed ones), so refreshing in a loop cannot grow the heap."""
         until = now + PERMISSION_LIFETIME * self._scale
-        fresh = host not in allocation.permissions
-        allocation.permissions[host] = until
-        if fresh:
+        if self._table.permit(allocation, host, until):
             self._timers.schedule(until, PermissionExpiry(allocation, host))
 
     # --- ChannelBind ---------------------------------------------------------------------
@@ -957,14 +826,14 @@ class Server:
         peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
             raise Reject(ErrorCode.BAD_REQUEST)
-        auth, username, _ = self._authenticate(msg, sender, now)
+        auth, username, _ = self._auth.authenticate(msg, sender, now + self.unix_offset)
         allocation = self._own_allocation(sender, auth, username)
         loop = self._check_channel_peer(allocation, peer, auth)
         channel = self._channel_for(allocation, number, peer, auth, now)
         self._table.route(allocation, channel, loop)
         self._permit(allocation, peer[0], now)
         self._commands.append(CreateChannelBinding(sender, number, peer, allocation.port))
-        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now)
+        self._responder.reply(msg, sender, Class.SUCCESS, [], auth, now, cache=True)
 
     def _check_channel_peer(self, allocation: Allocation, peer: Addr, auth: Auth) -> bool:
         """Whether the peer may be bound at all; True when it is another allocation of this
@@ -993,18 +862,17 @@ class Server:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         expires_at = now + CHANNEL_LIFETIME * self._scale
         if channel is not None:
-            channel.expires_at = expires_at
-            channel.bound = True
+            self._table.renew_channel(channel, expires_at)
             return channel
         if len(allocation.channels) >= self.config.max_channels_per_allocation:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         channel = self._table.add_channel(allocation, number, peer, expires_at)
         log.info(
-            "%s bound channel %#06x to %s on port %d",
-            allocation.client,
+            "bound channel %#06x",
             number,
-            peer,
-            allocation.port,
+            extra=log_fields(
+                sender=allocation.client, allocation=allocation.port, peer=peer, channel=number
+            ),
         )
         # one timer per channel: it re-arms itself while the channel is refreshed
         self._timers.schedule(expires_at, ChannelExpiry(allocation, channel))
@@ -1101,77 +969,9 @@ class Server:
         for EVEN-PORT/RESERVATION-TOKEN allocations, the allocation is dropped and a queued
         success becomes 508. With ``now``, the port is avoided for a while either way."""
         try:
-            allocation = self._by_port.get(port)
-            if now is not None:
-                self._ports.quarantine(port, now)
-            if allocation is None:
-                return
-            pending = allocation.pending_response
-            queued = pending is not None and pending in self._commands
-            if queued and self._move_allocation(allocation, port):
-                return
-            self._table.remove(allocation)
-            if pending is not None and queued:
-                self._fail_pending(allocation, pending)
+            self._rebind.failed(port, now)
         except Exception:
-            self._internal_error("handling a failed allocation", now or self._responder.input_time)
-
-    def _fail_pending(self, allocation: Allocation, pending: SendMessage) -> None:
-        """Turn a still-queued Allocate success into 508 (signed alike), uncached."""
-        index = self._commands.index(pending)
-        parsed = stun.parse(pending.payload)
-        code = ErrorCode.INSUFFICIENT_CAPACITY
-        error = stun.encode(
-            parsed.method,
-            Class.ERROR,
-            parsed.transaction_id,
-            [(Attr.SOFTWARE, self.config.software), (Attr.ERROR_CODE, (code, code.reason))],
-            integrity_key=allocation.key or None,
-        )
-        self._commands[index] = SendMessage(error, pending.recipient)
-        self._transactions.discard(allocation.client, allocation.transaction_id)
-
-    def _move_allocation(self, allocation: Allocation, failed: int) -> bool:
-        """Re-home a just-made allocation whose port could not be bound; False if it may
-        not move (out of tries, no free port, or a port the client asked for)."""
-        attempts = allocation.bind_attempts
-        if attempts is None or attempts >= MAX_BIND_ATTEMPTS:
-            return False
-        port = self._ports.pick(even=False, avoid=failed)
-        pending = allocation.pending_response
-        if port is None or pending is None:
-            return False
-        log.info("port %d is taken; allocation for %s moves to %d", failed, allocation.client, port)
-        allocation.bind_attempts = attempts + 1
-        self._table.move(allocation, port)
-        response = SendMessage(_readdress(pending.payload, port, allocation.key), pending.recipient)
-        allocation.pending_response = response
-        self._transactions.replace_response(
-            allocation.client, allocation.transaction_id, response.payload
-        )
-        self._requeue_binds(allocation, failed, pending, response)
-        return True
-
-    def _requeue_binds(
-        self, allocation: Allocation, failed: int, pending: SendMessage, response: SendMessage
-    ) -> None:
-        """Drop the failed port's remaining binds (the actor gave up the whole port), and
-        bind the new port right before the response, keeping "socket before response"."""
-        rebuilt: list[Command] = []
-        for command in self._commands:
-            if isinstance(command, CreateAllocation) and command.port == failed:
-                continue
-            if command is pending:
-                rebuilt.extend(
-                    CreateAllocation(allocation.port, family, allocation.dont_fragment)
-                    for family in allocation.families
-                )
-                rebuilt.append(response)
-            else:
-                rebuilt.append(command)
-        # in place: the allocation table holds the queue's append
-        self._commands.clear()
-        self._commands.extend(rebuilt)
+            self._internal_error("handling a failed allocation", now if now is not None else 0.0)
 
     def handle_client_closed(self, client: FiveTuple, now: float) -> None:
         """A stream client's connection closed: its allocation goes at once (RFC 8656 §3.1:
@@ -1187,23 +987,6 @@ class Server:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
-
-
-def _auth_failed(sender: FiveTuple, username: str, realm: str | None, why: str) -> None:
-    """One INFO line an operator can act on (a client with a bad or stale credential). Its
-    text comes from the network: quoted and cut short, and marked ``from_network`` so the log
-    handler holds it to the warnings' per-site rate limit (an attacker needs no credential)."""
-    host, port = sender.remote
-    log.info(
-        "authentication failed from %s:%d (%s): %s (username %r, realm %r)",
-        f"[{host}]" if ":" in host else host,
-        port,
-        sender.transport.name.lower(),
-        why,
-        username[:64],
-        None if realm is None else realm[:64],
-        extra={"from_network": True},
-    )
 
 
 def _peer_policy(config: ServerConfig) -> PeerPolicy:
@@ -1229,31 +1012,6 @@ def _effective_lifetime(requested: int | None) -> int:
     if requested is None:
         return DEFAULT_LIFETIME
     return max(DEFAULT_LIFETIME, min(requested, MAX_LIFETIME))
-
-
-def _readdress(payload: bytes, port: int, key: bytes) -> bytes:
-    """Our Allocate success response with its XOR-RELAYED-ADDRESS port(s) changed,
-    re-signed the way it was signed."""
-    parsed = stun.parse(payload)
-    tid = parsed.transaction_id
-    attributes: list[tuple[int, object]] = []
-    for attr_type, value in parsed.attributes:
-        if attr_type in (Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT):
-            continue
-        decoded = stun.ATTRIBUTES[attr_type].decode(value, tid)
-        if attr_type == Attr.XOR_RELAYED_ADDRESS:
-            decoded = (decoded[0], port)
-        attributes.append((attr_type, decoded))
-    signed = parsed.integrity_offset is not None or parsed.integrity_sha256_offset is not None
-    return stun.encode(
-        parsed.method,
-        parsed.cls,
-        tid,
-        attributes,
-        integrity_key=key if signed and key else None,
-        integrity_sha256=parsed.integrity_offset is None,
-        fingerprint=parsed.fingerprint_offset is not None,
-    )
 
 
 def _find_value(raw: bytes, attr_type: int) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ import struct
 
 from firezone_relay.protocol.stun import COOKIE_BYTES
 
-__all__ = ["MAX_FRAME", "FramingError", "StreamFramer", "channel_data_frame"]
+__all__ = ["MAX_FRAME", "FramingError", "StreamFramer", "channel_data_frame", "for_stream"]
 
 #: the longest frame there can be: a STUN header and the largest length its 16-bit field allows
 #: (a multiple of 4); padded ChannelData (4 + 65535 + 1) is shorter
@@ -94,3 +94,11 @@ class StreamFramer:
 def channel_data_frame(channel: int, data: bytes | memoryview) -> bytes:
     """ChannelData for a stream: the header, the data and padding to a multiple of 4."""
     return _HEADER.pack(channel, len(data)) + bytes(data) + _PAD[len(data) & 3]
+
+
+def for_stream(frame: bytes) -> bytes:
+    """A whole STUN message or ChannelData as a stream carries it: ChannelData padded to a
+    multiple of 4 (the core builds some unpadded, as UDP allows), STUN as it is."""
+    if frame and 0x40 <= frame[0] < 0x50:
+        return frame + _PAD[len(frame) & 3]
+    return frame

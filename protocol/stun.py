@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from firezone_relay.protocol.errors import ErrorCode
 from firezone_relay.protocol.types import Addr, Family
 
 MAGIC_COOKIE = 0x2112A442
@@ -83,22 +84,8 @@ class Attr:
     ICE_CONTROLLING = 0x802A
 
 
-REASONS = {
-    300: "Try Alternate",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    420: "Unknown Attribute",
-    437: "Allocation Mismatch",
-    438: "Stale Nonce",
-    440: "Address Family not Supported",
-    441: "Wrong Credentials",
-    442: "Unsupported Transport Protocol",
-    443: "Peer Address Family Mismatch",
-    486: "Allocation Quota Reached",
-    500: "Server Error",
-    508: "Insufficient Capacity",
-}
+#: the reason phrase of each error code we send (defined once, by ``errors.ErrorCode``)
+REASONS = {int(code): code.reason for code in ErrorCode}
 
 
 class ParseError(ValueError):

@@ -51,7 +51,7 @@ class FiveTuple(NamedTuple):
     local: Addr
 
     def __str__(self) -> str:
-        return f"{self.transport.name.lower()} {_fmt(self.remote)} -> {_fmt(self.local)}"
+        return f"{self.transport.name.lower()} {addr_text(self.remote)} -> {addr_text(self.local)}"
 
     @property
     def family(self) -> Family:
@@ -63,5 +63,24 @@ def udp(remote: Addr, local: Addr) -> FiveTuple:
     return FiveTuple(Transport.UDP, remote, local)
 
 
-def _fmt(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+def addr_text(addr: Addr) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), as Rust's ``SocketAddr`` displays it: the form
+    log fields carry, never the Python tuple."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def log_fields(**fields: object) -> dict[str, dict[str, str]]:
+    """``extra=`` for a log call: the event's structured fields, which the JSON format puts
+    under ``fields`` and the human one appends as ``key=value``. Values are text, as the
+    Firezone relay records its fields (``%sender``: Display), addresses as ``addr_text``."""
+    return {"fields": {k: _field_text(v) for k, v in fields.items()}}
+
+
+def _field_text(value: object) -> str:
+    """A client is its address (``sender`` in Firezone's logs), an address ``host:port``."""
+    if isinstance(value, FiveTuple):
+        return addr_text(value.remote)
+    if isinstance(value, tuple) and len(value) == 2:
+        return addr_text(value)
+    return str(value)

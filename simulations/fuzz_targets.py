@@ -367,6 +367,12 @@ if _exists("stream_framing"):
     TARGETS["stream_framing"] = stream_framing_input
 if _exists("proxy_protocol"):
     TARGETS["proxy_protocol"] = proxy_protocol_input
+#: modules the targets import inside their functions (they may not exist yet)
+LAZY_MODULES = [
+    f"firezone_relay.protocol.{name}"
+    for name in ("stream_framing", "proxy_protocol")
+    if _exists(name)
+]
 
 #: PROXY headers as balancers send them (v1 lines; v2 IPv4, IPv6 with a TLV, LOCAL)
 PROXY_SEEDS = (

@@ -372,6 +372,8 @@ class RelaySystem:
             return cached
         now = int(time.time())
         expiry = now - 3600 if spec.get("expired") else now + int(spec.get("ttl", 3600))
+        if "expiry" in spec:  # absolute, as the portal gives gateways (2038-01-01)
+            expiry = int(spec["expiry"])
         if "literal" in spec:  # a username kept as recorded (malformed on purpose)
             username = password = spec["literal"]
         elif self.portal is not None and "public_key" in spec:

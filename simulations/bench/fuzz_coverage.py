@@ -17,6 +17,7 @@ and crashes, and exits 1 when anything crashed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def _child(target: str, flags: list[str]) -> None:
 
     with atheris.instrument_imports(include=INSTRUMENT):
         from simulations import fuzz_targets
+
+        # what the targets import lazily must be imported here too, to be instrumented
+        for module in fuzz_targets.LAZY_MODULES:
+            importlib.import_module(module)
     atheris.Setup([sys.argv[0], *flags], fuzz_targets.TARGETS[target])
     atheris.Fuzz()
 

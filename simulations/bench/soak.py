@@ -537,8 +537,10 @@ class Soak:
                 for i in range(n):
                     view = rx.views[i][: rx.lens[i]]
                     if view and 0x40 <= view[0] < 0x80:
-                        side.received += 1
-                    else:
+                        # what comes back to the attacker (a "dead" port that answered) was
+                        # never counted as sent
+                        side.received += a.kind != "attack"
+                    elif a.kind != "attack" or stun.is_stun(view):
                         self.on_response(a, bytes(view), now)
                 if a.closed:
                     break

@@ -24,6 +24,10 @@ TURN behaviour, after connlib's ``snownet`` allocation:
   refreshed at once: that is how the agent notices a restarted relay (connlib learns it from
   failing connections and the portal).
 
+``--transport tcp`` or ``tls`` reaches the relay over one TCP (or TLS, certificate not checked:
+a lab) connection instead of UDP, as a browser behind a UDP-blocking firewall does: the same
+messages, framed on the stream (RFC 8656 §12.5); relaying to the partner stays UDP.
+
 Without ``--allocate`` the agent only learns its server-reflexive address and exchanges raw
 UDP with the partner's relayed address (a gateway reachable through its NAT). The partner's
 addresses arrive from the signalling hub (``simulations.netns.signalling``); the agent binds a
@@ -42,6 +46,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -50,6 +55,7 @@ from typing import Any
 
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from firezone_relay.protocol.stream_framing import StreamFramer
 from firezone_relay.protocol.stun import Attr, Class, Method
 from firezone_relay.protocol.types import Addr, Family
 from simulations.netns import tun
@@ -87,6 +93,7 @@ class Config:
     probe_after: float = 25.0
     keepalive: float = 1.0
     mtu: int = tun.DEFAULT_MTU
+    transport: str = "udp"
 
 
 @dataclass
@@ -127,6 +134,9 @@ class Agent:
         if cfg.username is not None and cfg.password is not None:
             self.turn = TurnClient(cfg.username, cfg.password, rng=self.rng)
         self.sock: socket.socket | None = None
+        #: over TCP/TLS: the stream's framer and what waits for the socket to take it
+        self.framer = StreamFramer()
+        self.outgoing = bytearray()
         self.tun_fd = -1
         self.pending: dict[bytes, Pending] = {}
         self.relayed: dict[str, Addr] = {}
@@ -178,6 +188,9 @@ class Agent:
         os.close(self.tun_fd)
 
     def _open_socket(self, bind: str | None) -> None:
+        if self.cfg.transport != "udp":
+            self._open_stream(bind)
+            return
         fam = socket.AF_INET6 if ":" in self.cfg.server[0] else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_DGRAM)
         if fam == socket.AF_INET6:
@@ -189,9 +202,29 @@ class Agent:
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._on_udp)
 
+    def _open_stream(self, bind: str | None) -> None:
+        """One connection to the relay (blocking connect and handshake: bounded, at start)."""
+        source = (bind, 0) if bind else None
+        sock = socket.create_connection(self.cfg.server, timeout=5, source_address=source)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.cfg.transport == "tls":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["stun.turn"])
+            sock = context.wrap_socket(sock)
+        sock.setblocking(False)
+        self.framer = StreamFramer()
+        self.outgoing.clear()
+        self.sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_stream)
+
     def _close_socket(self) -> None:
         if self.sock is not None:
             self.loop.remove_reader(self.sock.fileno())
+            if self.outgoing:
+                self.loop.remove_writer(self.sock.fileno())
+                self.outgoing.clear()
             self.sock.close()
             self.sock = None
 
@@ -327,11 +360,19 @@ class Agent:
     ) -> None:
         tid = data[8:20]
         now = time.monotonic()
+        if self.sock is None and self.cfg.transport != "udp":  # the relay closed it: again
+            try:
+                self._open_stream(self.cfg.bind)
+            except OSError as exc:
+                log.info("cannot reconnect to the relay: %s", exc)
         self.pending[tid] = Pending(method, data, now, INITIAL_RTO, 1, had_nonce, info or {})
         self._sendto(data, self.cfg.server)
 
     def _sendto(self, data: bytes, dest: Addr) -> None:
         if self.sock is None:
+            return
+        if self.cfg.transport != "udp" and dest == self.cfg.server:
+            self._stream_send(data)
             return
         try:
             self.sock.sendto(data, dest)
@@ -627,6 +668,71 @@ class Agent:
             else:
                 self.stats["unknown_rx"] += 1
 
+    def _stream_send(self, data: bytes) -> None:
+        """Queue a frame (ChannelData padded to 4 bytes) and write what the socket takes; a
+        backlog past 4 MiB drops, as a full UDP socket buffer would."""
+        if data[0] >= 0x40:
+            data += bytes(-len(data) % 4)
+        if len(self.outgoing) > 4 << 20:
+            self.stats["udp_send_drops"] += 1
+            return
+        waiting = bool(self.outgoing)
+        self.outgoing += data
+        self.stats["udp_tx"] += 1
+        if not waiting:
+            self._flush_stream()
+
+    def _flush_stream(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        while self.outgoing:
+            try:
+                sent = sock.send(self.outgoing)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                break
+            except (ssl.SSLWantReadError, OSError) as exc:
+                log.debug("stream send failed: %s", exc)
+                break
+            del self.outgoing[:sent]
+        if self.outgoing:
+            self.loop.add_writer(sock.fileno(), self._flush_stream)
+        else:
+            self.loop.remove_writer(sock.fileno())
+
+    def _on_stream(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(256):
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except OSError as exc:
+                data = b""
+                log.info("relay connection failed: %s", exc)
+            if not data:  # the relay closed the connection: its allocation is gone
+                self.event("relay_closed")
+                self._close_socket()
+                self._invalidate("connection closed")
+                return
+            self.last_rx_relay = time.monotonic()
+            try:
+                frames = self.framer.feed(data)
+            except ValueError:
+                self.stats["unknown_rx"] += 1
+                continue
+            for frame in frames:
+                self.stats["udp_rx"] += 1
+                if frame[0] >= 0x40:
+                    self._on_channel_data(frame)
+                else:
+                    try:
+                        self._on_response(stun.parse(frame))
+                    except ValueError:
+                        continue
+
     def _on_channel_data(self, data: bytes) -> None:
         if len(data) < 4:
             return
@@ -684,6 +790,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--probe-after", type=float, default=25.0)
     p.add_argument("--keepalive", type=float, default=1.0)
     p.add_argument("--mtu", type=int, default=tun.DEFAULT_MTU)
+    p.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp")
     a = p.parse_args(argv)
     return Config(
         name=a.name,
@@ -701,6 +808,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         probe_after=a.probe_after,
         keepalive=a.keepalive,
         mtu=a.mtu,
+        transport=a.transport,
     )
 
 

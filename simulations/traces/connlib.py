@@ -15,17 +15,23 @@ so replaying them shows only that the relay agrees with that client. The traces 
   Bindings every 25 s (``BINDING_INTERVAL``), retransmission after 1 s (``REQUEST_TIMEOUT``,
   ``backoff.rs``); credential rotation from ``node/allocations.rs`` (``upsert`` replaces the
   allocation, from the same socket, when the portal hands out new credentials);
-* the Firezone relay's acceptance tests, ``rust/relay/server/tests/regression.rs`` and the
-  unit tests of ``rust/relay/server/src/server.rs``: requests built as those tests build them
+* the Firezone relay's acceptance tests, ``rust/relay/proto/tests/regression.rs`` and the
+  unit tests of ``rust/relay/proto/src/server.rs``: requests built as those tests build them
   (attribute order included; no REALM attribute, the same transaction id after a 401) and
   the answers they assert (SOFTWARE first; Allocate: XOR-RELAYED-ADDRESS, XOR-MAPPED-ADDRESS,
   LIFETIME). Those tests use proptest values, not literal bytes, so the bytes here are ours.
 
+Every citation (``derived_from``) names ``FIREZONE_COMMIT`` and files that exist there;
+``SOURCES.json`` holds their blobs, and ``--verify-sources <clone>`` checks the files and the
+cited names against a clone. Credentials are the portal's: ``<expiry>:<salt>`` with the salt
+base64 (no padding) of a SHA-256, gateways expiring 2038-01-01.
+
 Expected answers are what the relay must send: Firezone's answer, except where the README's
-"Where we differ" table says otherwise (MESSAGE-INTEGRITY on answers to signed requests,
-ADDRESS-ERROR-CODE on a partial dual-stack allocation). Time in these traces is connlib's
-(seconds of its clock); they replay ``speed`` times faster against a relay started with
-``--time-scale 1/speed``, so expiry and refresh deadlines fall where they would.
+"Where we differ" table says otherwise; a trace lists what only we send under ``ours``
+(ADDRESS-ERROR-CODE on a partial dual-stack allocation, the hour after which our nonces go
+stale), and a trace that checks our own rules throughout is named ``ours_``. Time in these
+traces is connlib's (seconds of its clock); they replay ``speed`` times faster against a relay
+started with ``--time-scale 1/speed``, so expiry and refresh deadlines fall where they would.
 
 ``python -m simulations.traces.connlib`` writes them again (deterministic).
 """
@@ -33,8 +39,11 @@ ADDRESS-ERROR-CODE on a partial dual-stack allocation). Time in these traces is 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
+import re
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +61,13 @@ REPO = "firezone/firezone"
 ALLOCATION_RS = "rust/libs/connlib/snownet/src/allocation.rs"
 ALLOCATIONS_RS = "rust/libs/connlib/snownet/src/node/allocations.rs"
 BACKOFF_RS = "rust/libs/connlib/snownet/src/backoff.rs"
-REGRESSION_RS = "rust/relay/server/tests/regression.rs"
-SERVER_RS = "rust/relay/server/src/server.rs"
-CLIENT_MESSAGE_RS = "rust/relay/server/src/server/client_message.rs"
+REGRESSION_RS = "rust/relay/proto/tests/regression.rs"
+SERVER_RS = "rust/relay/proto/src/server.rs"
+CLIENT_MESSAGE_RS = "rust/relay/proto/src/server/client_message.rs"
+COMPOSE_YML = "docker-compose.yml"
+#: the firezone/firezone commit every ``derived_from`` cites: its files hold what is named
+FIREZONE_COMMIT = "df8139e82dd537f4bc99af32f7f94033b809ef3e"
+SOURCES = Path(__file__).resolve().parent / "data" / "firezone" / "SOURCES.json"
 
 SPEED = 100.0  # replay speed; the relay runs with --time-scale 1/SPEED
 RELAY4: Addr = ("127.0.0.1", 3478)
@@ -68,21 +81,28 @@ DEFAULT_LIFETIME = 600
 CHANNEL_LIFETIME = 600.0
 CHANNEL_REBIND_TIMEOUT = 300.0
 RTT = 0.002  # connlib's clock between a request and its answer in these traces
+#: the expiry the portal puts in every gateway's relay credentials (``@relay_credentials_expire_at``
+#: in elixir/lib/portal_api/gateway/channel/shared.ex): 2038-01-01T00:00:00Z
+GATEWAY_EXPIRY = 2145916800
+#: a client's relay credentials expire with its session (``subject.expires_at``): a week on
+CLIENT_EXPIRY = 1800604800
+CLIENT_TTL = 7 * 86400
+NONCE_LIFETIME = 3600.0  # our relay's nonces go stale after an hour
 
 
-def _relay(**extra: Any) -> dict[str, Any]:
+def _relay(speed: float = SPEED, **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "auth": "standalone",
         "ip4": RELAY4[0],
         "ip6": RELAY6[0],
-        "args": ["--time-scale", f"{1 / SPEED:g}"],
+        "args": ["--time-scale", f"{1 / speed:g}"],
     }
     spec.update(extra)
     return spec
 
 
 def _origin(path: str, *functions: str) -> dict[str, Any]:
-    return {"repo": REPO, "path": path, "functions": list(functions)}
+    return {"repo": REPO, "commit": FIREZONE_COMMIT, "path": path, "functions": list(functions)}
 
 
 @dataclass
@@ -94,6 +114,9 @@ class Builder:
     derived_from: list[dict[str, Any]]
     relay: dict[str, Any] = field(default_factory=_relay)
     needs: str | None = None  # a relay feature not on every branch yet ("rotation", ...)
+    #: what the expected answers hold that Firezone's relay would not send (ours only)
+    ours: list[str] = field(default_factory=list)
+    speed: float = SPEED
     t: float = 0.0
     frames: list[Frame] = field(default_factory=list)
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -138,8 +161,9 @@ class Builder:
         path = tracefile.save(out_dir / f"{self.name}.pcap", self.frames, expectations)
         data = json.loads(tracefile.expectations_path(path).read_text())
         data["derived_from"] = self.derived_from
-        data["speed"] = SPEED
+        data["speed"] = self.speed
         data["needs"] = self.needs
+        data["ours"] = self.ours
         tracefile.expectations_path(path).write_text(json.dumps(data, indent=1) + "\n")
         return path
 
@@ -154,25 +178,47 @@ class Connlib:
     b: Builder
     role: str
     sock: Addr
-    user: str  # the salt of the Firezone username; the replayer mints the live credential
+    key_label: str  # stands for the WireGuard public key the portal hashes into the salt
     relay: Addr = RELAY4
+    #: connlib's socket of the other family; with it (and a dual-stack relay) connlib sends one
+    #: Binding per family and keeps the socket whose answer comes first
+    sock6: Addr | None = None
     nonce: str | None = None
     relayed4: Addr | None = None
     relayed6: Addr | None = None
     with_realm: bool = True  # Firezone's relay tests sign without a REALM attribute
     software: bool = True
+    _late_binding_answer: bytes | None = None
 
     def __post_init__(self) -> None:
         self.b.role(self.role, self.sock)
-        self.b.credentials[self.username] = {"user": self.user}
+        if self.sock6 is not None:
+            self.b.role(self.role, self.sock6)
+        spec: dict[str, Any] = {"user": self.user}
+        if self.role == "gateway":
+            spec["expiry"] = GATEWAY_EXPIRY
+        else:
+            spec["ttl"] = CLIENT_TTL
+        self.b.credentials[self.username] = spec
+
+    @property
+    def user(self) -> str:
+        """The salt of the username as the portal makes it: base64 (no padding) of the
+        SHA-256 of the client's or gateway's public key (``generate_hash``)."""
+        digest = hashlib.sha256(f"{self.key_label} public key".encode()).digest()
+        return base64.b64encode(digest).decode().rstrip("=")
+
+    @property
+    def expiry(self) -> int:
+        return GATEWAY_EXPIRY if self.role == "gateway" else CLIENT_EXPIRY
 
     @property
     def username(self) -> str:
-        return f"1800000000:{self.user}"
+        return f"{self.expiry}:{self.user}"
 
     @property
     def key(self) -> bytes:
-        return long_term_key(self.username, REALM, f"trace-password-{self.user}")
+        return long_term_key(self.username, REALM, f"trace-password-{self.key_label}")
 
     # -- requests (MessagePrototype) --
 
@@ -193,6 +239,7 @@ class Connlib:
     def request(self, method: int, attrs: list[tuple[int, Any]], note: str, tid: bytes) -> bytes:
         data = self._sign(method, attrs, tid)
         self.b.add(self.sock, self.relay, data, note)
+        self._after_first_request()
         return tid
 
     # -- answers the relay must give --
@@ -216,6 +263,37 @@ class Connlib:
         self.answer(method, Class.ERROR, tid, [(Attr.ERROR_CODE, (code, _REASONS[code])), *extra])
 
     # -- what connlib does --
+
+    def pick_socket(self) -> None:
+        """``send_binding_requests``: a Binding to each of the relay's families from the socket
+        of that family; the first answer (IPv4 here) picks the active socket, and the other
+        answer arrives after connlib has already sent its Allocate from the picked one."""
+        dual = self.sock6 is not None and "ip6" in self.b.relay
+        tid4 = self.b.tid()
+        request = stun.encode(Method.BINDING, Class.REQUEST, tid4, self._soft())
+        self.b.add(self.sock, self.relay, request, "Binding to the relay's IPv4 address")
+        tid6 = self.b.tid()
+        if dual:
+            assert self.sock6 is not None
+            request = stun.encode(Method.BINDING, Class.REQUEST, tid6, self._soft())
+            self.b.add(self.sock6, RELAY6, request, "Binding to the relay's IPv6 address")
+        self.answer(
+            Method.BINDING, Class.SUCCESS, tid4, [(Attr.XOR_MAPPED_ADDRESS, self.sock)], False
+        )
+        self._late_binding_answer = tid6 if dual else None
+
+    def _after_first_request(self) -> None:
+        """The IPv6 Binding's answer, second: connlib has picked IPv4 and ignores it."""
+        tid6, self._late_binding_answer = self._late_binding_answer, None
+        if tid6 is None or self.sock6 is None:
+            return
+        data = stun.encode(
+            Method.BINDING,
+            Class.SUCCESS,
+            tid6,
+            [(Attr.SOFTWARE, RELAY_SOFTWARE), (Attr.XOR_MAPPED_ADDRESS, self.sock6)],
+        )
+        self.b.add(RELAY6, self.sock6, data, "IPv6 answer second: the socket is already picked")
 
     def binding(self, note: str = "Binding (keepalive / socket selection)") -> None:
         tid = self.b.tid()
@@ -251,9 +329,9 @@ class Connlib:
         )
 
     def connect(self) -> None:
-        """``Allocation::new``: Binding picks the socket, Allocate without NONCE gets 401,
-        Allocate with it succeeds (dual-stack through ADDITIONAL-ADDRESS-FAMILY)."""
-        self.binding("Binding: pick the active socket")
+        """``Allocation::new``: a Binding per family picks the socket, Allocate without NONCE
+        gets 401, Allocate with it succeeds (dual-stack through ADDITIONAL-ADDRESS-FAMILY)."""
+        self.pick_socket()
         self.challenge(Method.ALLOCATE, self.transport() + self._soft(), "Allocate without NONCE")
         self.allocated(self.allocate_request("Allocate with the NONCE of the 401"))
 
@@ -336,6 +414,8 @@ def _wireguard(tag: str, size: int = 148) -> bytes:
 
 CLIENT: Addr = ("127.0.0.2", 52625)
 GATEWAY: Addr = ("127.0.0.3", 52626)
+CLIENT6: Addr = ("::1", 52627)  # connlib's IPv6 socket
+GATEWAY6: Addr = ("::1", 52629)
 PEER: Addr = ("127.0.0.4", 51820)
 PEER2: Addr = ("127.0.0.4", 51821)
 PEER6: Addr = ("::1", 51822)
@@ -347,8 +427,10 @@ PEER6: Addr = ("::1", 51822)
 def connlib_allocate() -> Builder:
     b = Builder(
         "connlib_allocate",
-        "connlib's allocation on a dual-stack relay: Binding on both families (the first "
-        "answer picks the socket), Allocate without NONCE -> signed 401, Allocate with the "
+        "connlib's allocation on a dual-stack relay: a Binding from each family's socket; the "
+        "IPv4 answer comes first and picks the socket, connlib sends its Allocate from it "
+        "before the IPv6 answer arrives (ignored); Allocate without NONCE -> signed 401, "
+        "Allocate with the "
         "NONCE -> both relayed addresses and LIFETIME 600; keepalive Bindings every 25 s; "
         "Refresh at 300 s (LIFETIME/2) with the same attributes as Allocate; a lost Refresh "
         "answer: connlib re-sends after 1 s with a new transaction id (a new request, not a "
@@ -368,9 +450,7 @@ def connlib_allocate() -> Builder:
             _origin(BACKOFF_RS, "new", "ExponentialBackoff::handle_timeout"),
         ],
     )
-    c = Connlib(b, "client", CLIENT, "connlib-allocate")
-    c6 = Connlib(b, "client", ("::1", 52627), "connlib-allocate", relay=RELAY6)
-    c6.binding("Binding to the relay's IPv6 socket (answer arrives second: not picked)")
+    c = Connlib(b, "client", CLIENT, "connlib-allocate", sock6=CLIENT6)
     c.connect()
     c.keepalives(300.0)
     c.refresh()
@@ -410,7 +490,7 @@ def connlib_channels() -> Builder:
     )
     b.role("peer", PEER)
     b.role("peer", PEER6)
-    c = Connlib(b, "client", CLIENT, "connlib-channels")
+    c = Connlib(b, "client", CLIENT, "connlib-channels", sock6=CLIENT6)
     c.connect()
     b.wait(1)
     c.bind(0x4000, PEER, "ChannelBind 0x4000 (IPv4 peer)")
@@ -450,8 +530,8 @@ def connlib_resync_allocate() -> Builder:
         ],
     )
     b.role("peer", PEER)
-    c = Connlib(b, "client", CLIENT, "connlib-resync-allocate")
-    c.binding()
+    c = Connlib(b, "client", CLIENT, "connlib-resync-allocate", sock6=CLIENT6)
+    c.pick_socket()
     c.challenge(Method.ALLOCATE, c.transport() + c._soft(), "Allocate without NONCE")
     c.allocated(c.allocate_request("Allocate; its answer is lost"))
     b.wait(REQUEST_TIMEOUT - RTT)
@@ -480,7 +560,7 @@ def connlib_resync_refresh() -> Builder:
         ],
     )
     b.role("peer", PEER)
-    c = Connlib(b, "client", CLIENT, "connlib-resync-refresh")
+    c = Connlib(b, "client", CLIENT, "connlib-resync-refresh", sock6=CLIENT6)
     c.connect()
     b.wait(1)
     c.bind(0x4000, PEER)
@@ -512,7 +592,7 @@ def connlib_resync_channel_bind() -> Builder:
     )
     b.role("peer", PEER)
     b.role("peer", PEER2)
-    c = Connlib(b, "client", CLIENT, "connlib-resync-bind")
+    c = Connlib(b, "client", CLIENT, "connlib-resync-bind", sock6=CLIENT6)
     c.connect()
     b.wait(1)
     c.bind(0x4000, PEER)
@@ -541,9 +621,9 @@ def connlib_bad_credentials() -> Builder:
             )
         ],
     )
-    c = Connlib(b, "client", CLIENT, "connlib-expired")
-    b.credentials[c.username] = {"user": "connlib-expired", "expired": True}
-    c.binding()
+    c = Connlib(b, "client", CLIENT, "connlib-expired", sock6=CLIENT6)
+    b.credentials[c.username] = {"user": c.user, "expired": True}
+    c.pick_socket()
     c.challenge(Method.ALLOCATE, c.transport() + c._soft(), "Allocate without NONCE")
     tid = c.allocate_request("Allocate with the NONCE: still 401, connlib gives up")
     c.error(Method.ALLOCATE, tid, 401, (Attr.REALM, REALM), (Attr.NONCE, c.nonce))
@@ -569,14 +649,14 @@ def connlib_rotation() -> Builder:
         needs="rotation",
     )
     b.role("peer", PEER)
-    old = Connlib(b, "client", CLIENT, "connlib-rotation-a")
+    old = Connlib(b, "client", CLIENT, "connlib-rotation-a", sock6=CLIENT6)
     old.connect()
     b.wait(1)
     old.bind(0x4000, PEER)
     old.ping_pong(0x4000, PEER, "old credentials", 1)
     b.wait(120)
-    new = Connlib(b, "client", CLIENT, "connlib-rotation-b")
-    new.binding("new Allocation: Binding")
+    new = Connlib(b, "client", CLIENT, "connlib-rotation-b", sock6=CLIENT6)
+    new.pick_socket()  # a new Allocation picks its socket again
     new.challenge(Method.ALLOCATE, new.transport() + new._soft(), "new credentials, no NONCE")
     tid = new.allocate_request("Allocate with the new credentials")
     new.error(Method.ALLOCATE, tid, 437)
@@ -614,7 +694,13 @@ def _pair(side: str) -> Builder:
     )
     other_relayed: Addr = ("127.0.0.6", 49160)
     b.role("remote_relay", other_relayed)
-    me = Connlib(b, side, CLIENT if client_side else GATEWAY, f"connlib-pair-{side}")
+    me = Connlib(
+        b,
+        side,
+        CLIENT if client_side else GATEWAY,
+        f"connlib-pair-{side}",
+        sock6=CLIENT6 if client_side else GATEWAY6,
+    )
     me.connect()
     b.wait(0.5)
     me.bind(0x4000, other_relayed, "ChannelBind to the other relay's allocation")
@@ -889,7 +975,8 @@ def firezone_relay_address_families() -> Builder:
         "The address-family rules of Firezone's server.rs unit tests on an IPv4-only relay: "
         "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together -> 400; ADDITIONAL IPv4 -> 400; "
         "REQUESTED IPv6 -> 440; ADDITIONAL IPv6 (connlib's Allocate) -> an IPv4 allocation "
-        "(Firezone: no ADDRESS-ERROR-CODE; here ADDRESS-ERROR-CODE 440 for the IPv6 half).",
+        "with ADDRESS-ERROR-CODE 440 for the IPv6 half, which only this relay sends "
+        "(Firezone's relay answers without it; see `ours`).",
         [
             _origin(
                 SERVER_RS,
@@ -900,6 +987,10 @@ def firezone_relay_address_families() -> Builder:
             )
         ],
         relay={"auth": "standalone", "ip4": RELAY4[0]},
+        ours=[
+            "ADDRESS-ERROR-CODE (IPv6, 440) in the answer to connlib's Allocate on an IPv4-only "
+            "relay: Firezone's relay allocates IPv4 and says nothing about IPv6"
+        ],
     )
     c = Connlib(b, "client", CLIENT, "fz-families")
     c.challenge(Method.ALLOCATE, c.transport() + c._soft(), "Allocate without NONCE")
@@ -940,26 +1031,85 @@ def firezone_relay_address_families() -> Builder:
             (Attr.ADDRESS_ERROR_CODE, (Family.V6, 440, "Address Family not Supported")),
         ],
     )
+    b.notes[str(len(b.frames))] = {
+        "note": "ADDRESS-ERROR-CODE is ours (RFC 8656 §7.1); Firezone's relay omits it"
+    }
     return b
 
 
-def firezone_lab_peer_rules() -> Builder:
+def ours_lab_peer_rules() -> Builder:
     b = Builder(
-        "firezone_lab_peer_rules",
-        "A relay configured as for Firezone's compose lab (--allowed-peer-ip 203.0.113.0/24): "
-        "ChannelBind to a gateway on 203.0.113.0/24 (TEST-NET-3) succeeds; another "
-        "documentation range (198.51.100.0/24) stays refused with 403.",
-        [_origin("rust/relay/server/src/main.rs", "Args (peer address rules)")],
+        "ours_lab_peer_rules",
+        "Our peer rules, not Firezone's (its relay refuses no peer address): a relay "
+        "configured for Firezone's compose lab, whose internet is 203.0.113.0/24 "
+        "(--allowed-peer-ip 203.0.113.0/24): ChannelBind to a gateway on 203.0.113.0/24 "
+        "(TEST-NET-3) succeeds; another documentation range (198.51.100.0/24) stays refused "
+        "with 403.",
+        [_origin(COMPOSE_YML, "networks: internet (203.0.113.0/24)")],
         relay=_relay(
             args=["--time-scale", f"{1 / SPEED:g}", "--allowed-peer-ip", "203.0.113.0/24"]
         ),
         needs="allow-list",
+        ours=["the 403 to a peer on 198.51.100.0/24: Firezone's relay binds any peer"],
     )
-    c = Connlib(b, "client", CLIENT, "fz-lab-rules")
+    c = Connlib(b, "client", CLIENT, "fz-lab-rules", sock6=CLIENT6)
     c.connect()
     c.bind(0x4000, ("203.0.113.20", 51820), "ChannelBind to the lab's gateway NAT")
     tid = c.bind_request(0x4001, ("198.51.100.7", 51820), "ChannelBind to TEST-NET-2")
     c.error(Method.CHANNEL_BIND, tid, 403)
+    return b
+
+
+STALE_NONCE_SPEED = 150.0  # an hour of connlib's time in 25 s of replay
+
+
+def connlib_stale_nonce_438() -> Builder:
+    b = Builder(
+        "connlib_stale_nonce_438",
+        "connlib's stale-nonce path: the NONCE of the first 401 signs every request for an "
+        "hour (keepalives every 25 s, Refresh every 300 s); the host then suspends for 7 "
+        "minutes (connlib's clock stops, the allocation refreshed at 3300 s lives until "
+        "3900 s), and on waking connlib binds a channel for a new remote candidate with the "
+        "nonce it has, now past the relay's hour: 438 Stale Nonce, signed, with a new NONCE; "
+        "connlib re-signs the same ChannelBind with it (a new transaction) and that succeeds; "
+        "data flows; on shutdown Refresh LIFETIME 0 with the new NONCE.",
+        [
+            _origin(
+                ALLOCATION_RS,
+                "Allocation::handle_input (Unauthorized or StaleNonce: take the new Nonce, "
+                "authenticate_and_queue the original request)",
+                "Allocation::authenticate_and_queue",
+                "tests::upon_stale_nonce_reauthorizes_using_new_nonce",
+                "Allocation::bind_channel",
+            ),
+            _origin(SERVER_RS, "Server::verify_auth (StaleNonce)"),
+        ],
+        relay=_relay(STALE_NONCE_SPEED),
+        speed=STALE_NONCE_SPEED,
+        ours=[
+            "the 438 itself: our nonces go stale after an hour; Firezone's relay counts "
+            "10,000 requests per nonce (Nonces::NUM_REQUESTS in rust/relay/proto/src/auth.rs) "
+            "and would accept this ChannelBind; connlib handles a 438 the same either way"
+        ],
+    )
+    b.role("peer", PEER)
+    c = Connlib(b, "client", CLIENT, "connlib-stale-nonce", sock6=CLIENT6)
+    c.connect()
+    refreshed = b.t
+    while refreshed + 300 < NONCE_LIFETIME - 200:
+        c.keepalives(refreshed + 300)
+        c.refresh()
+        refreshed = b.t
+    b.wait(10)
+    b.wait(7 * 60)  # suspended: nothing is sent, the relay's clock goes on
+    stale = c.nonce
+    tid = c.bind_request(0x4000, PEER, "after waking: ChannelBind with the hour-old NONCE")
+    c.nonce = _uuid(b.name, tid)
+    assert c.nonce != stale
+    c.error(Method.CHANNEL_BIND, tid, 438, (Attr.REALM, REALM), (Attr.NONCE, c.nonce))
+    c.bind(0x4000, PEER, "the same ChannelBind re-signed with the new NONCE")
+    c.ping_pong(0x4000, PEER, "after 438")
+    c.deleted(c.delete_request("Refresh LIFETIME 0 on shutdown, new NONCE"))
     return b
 
 
@@ -978,9 +1128,66 @@ BUILDERS: dict[str, Callable[[], Builder]] = {
         firezone_relay_regression,
         firezone_relay_rebind_after_expiry,
         firezone_relay_address_families,
-        firezone_lab_peer_rules,
+        ours_lab_peer_rules,
+        connlib_stale_nonce_438,
     )
 }
+
+
+def cited_sources() -> dict[str, list[str]]:
+    """Every Firezone file the traces cite, with the names cited from it."""
+    cited: dict[str, list[str]] = {}
+    for build in BUILDERS.values():
+        for origin in build().derived_from:
+            cited.setdefault(origin["path"], []).extend(origin["functions"])
+    return cited
+
+
+def _names(function: str) -> list[str]:
+    """The identifiers a cited function stands on: ``Allocation::handle_input (...)`` ->
+    ``Allocation``, ``handle_input``; ``a / b`` and ``x/y`` name several."""
+    head = function.split(" (")[0]
+    return [n for n in re.split(r"::|[./, ]+|:", head) if n and n[0].isalpha()]
+
+
+def verify_sources(checkout: Path) -> list[str]:
+    """Problems with the citations against a firezone/firezone clone: a file missing at
+    FIREZONE_COMMIT, a name not in it, or SOURCES.json not listing that file's blob."""
+    manifest = json.loads(SOURCES.read_text())
+    problems = []
+    if manifest["commit"] != FIREZONE_COMMIT:
+        problems.append(f"SOURCES.json is for {manifest['commit']}, not {FIREZONE_COMMIT}")
+    for path, functions in sorted(cited_sources().items()):
+        spec = f"{FIREZONE_COMMIT}:{path}"
+        git = ["git", "-C", str(checkout)]
+        shown = subprocess.run([*git, "show", spec], capture_output=True, text=True)
+        if shown.returncode != 0:
+            problems.append(f"{path}: not in firezone/firezone at {FIREZONE_COMMIT}")
+            continue
+        blob = subprocess.run([*git, "rev-parse", spec], capture_output=True, text=True)
+        if manifest["files"].get(path) != blob.stdout.strip():
+            problems.append(f"{path}: SOURCES.json has no blob {blob.stdout.strip()}")
+        for function in functions:
+            for name in _names(function):
+                if not re.search(rf"\b{re.escape(name)}\b", shown.stdout):
+                    problems.append(f"{path}: {name!r} (from {function!r}) not found")
+    return problems
+
+
+def write_sources(checkout: Path) -> None:
+    """SOURCES.json: the commit and the blob of every cited file at it."""
+    files = {}
+    for path in sorted(cited_sources()):
+        spec = f"{FIREZONE_COMMIT}:{path}"
+        blob = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", spec],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        files[path] = blob.stdout.strip()
+    data = {"repo": REPO, "commit": FIREZONE_COMMIT, "files": files}
+    SOURCES.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -990,7 +1197,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("names", nargs="*", help=f"default all: {', '.join(BUILDERS)}")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument(
+        "--verify-sources",
+        type=Path,
+        metavar="CLONE",
+        help="check every citation against a firezone/firezone clone (and rewrite "
+        "SOURCES.json with --write-sources) instead of writing traces",
+    )
+    parser.add_argument("--write-sources", action="store_true")
     args = parser.parse_args(argv)
+    if args.verify_sources is not None:
+        if args.write_sources:
+            write_sources(args.verify_sources)
+        problems = verify_sources(args.verify_sources)
+        print("\n".join(problems) or f"every citation holds at {FIREZONE_COMMIT}")
+        return 1 if problems else 0
     for name in args.names or list(BUILDERS):
         path = BUILDERS[name]().save(args.out)
         print(f"{path}: {len(tracefile.read_pcap(path))} frames")

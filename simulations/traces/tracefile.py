@@ -79,7 +79,8 @@ class Expectations:
     * ``roles``: role name -> trace endpoints (``"127.0.0.2:41000"``); every other endpoint on
       a relay address is the relay (the listen port 3478, or a relayed address);
     * ``credentials``: recorded USERNAME -> how to mint the live one (``public_key`` for the
-      portal, ``user`` for standalone, ``expired``, ``sign_password`` to sign wrongly);
+      portal, ``user`` for standalone, ``expired``, ``ttl`` seconds from now or an absolute
+      ``expiry``, ``sign_password`` to sign wrongly);
     * ``kind``: "legit" or "hostile"; a hostile trace names the legit trace it runs
       ``beside``, and may ``allow_loss`` on its own expectations;
     * ``frames``: per-frame notes and options, keyed by tshark's 1-based frame number

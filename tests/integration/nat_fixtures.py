@@ -172,8 +172,10 @@ class RelayProcess:
         allow_private: bool = False,
         xdp: bool = False,
         xdp_mode: str = "generic",
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.topo = topo
+        self.tls = tls
         self.log_dir = log_dir
         self.secret = secret
         self.portal_url = portal_url
@@ -209,6 +211,8 @@ class RelayProcess:
             a += ["--ebpf-offloading", self.topo.relay_dev, "--ebpf-attach-mode", self.xdp_mode]
             if REQUIRE_ALL:  # CI: a machine that can run XDP must, or the relay exits
                 a.append("--ebpf-mandatory")
+        if self.tls is not None:  # TURN over TLS on the default port, 5349
+            a += ["--tls-cert-file", str(self.tls[0]), "--tls-key-file", str(self.tls[1])]
         options = self.topo.options
         if options.relay_behind_nat:  # allocate only where the router forwards
             low, high = options.relay_ports
@@ -339,7 +343,10 @@ class NatRun:
       relayed address (client -> relay -> gateway's public address);
     * ``xdp``: ``--ebpf-offloading p0 --ebpf-attach-mode <xdp_mode>`` (``generic``, or
       ``driver``: native mode, with an XDP_PASS program on the router's end of the veth);
-    * ``portal``: the relay joins a test portal, which mints the agents' credentials.
+    * ``relay_dual``: False = the relay has no public IPv6 address (IPv4 only);
+    * ``portal``: the relay joins a test portal, which mints the agents' credentials;
+    * ``client_transport``: ``udp``, ``tcp`` or ``tls``: how the client reaches the relay
+      (the gateway stays on UDP).
     """
 
     tmp: Path
@@ -350,8 +357,10 @@ class NatRun:
     inner_family: int = 4
     gateway_allocates: bool = True
     xdp: bool = False
+    relay_dual: bool = True
     xdp_mode: str = "generic"
     portal: bool = False
+    client_transport: str = "udp"
     refresh_scale: float = 0.01
     probe_after: float = 1.5
     topo: Topology = field(init=False)
@@ -397,6 +406,7 @@ class NatRun:
                 token=self.portal_thread.token,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
             )
         else:
@@ -407,7 +417,9 @@ class NatRun:
                 secret=self.secret,
                 allow_private=not self.gateway_allocates,
                 xdp=self.xdp,
+                dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
+                tls=self._tls_files() if self.client_transport == "tls" else None,
             )
         self._stack.callback(self.relay.stop)
         self.relay.start()
@@ -428,10 +440,24 @@ class NatRun:
         expiry = int(time.time()) + 3600
         return make_credentials("firezone", secret or self.secret, expiry, portal_salt(public_key))
 
-    def _server(self) -> str:
+    def _tls_files(self) -> tuple[Path, Path]:
+        cert, key = self.tmp / "relay-cert.pem", self.tmp / "relay-key.pem"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=relay",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        return cert, key
+
+    def _server(self, name: str = "gateway") -> str:
+        port = 5349 if name == "client" and self.client_transport == "tls" else 3478
         if self.relay_family == 6:
-            return f"[{self.topo.relay6}]:3478"
-        return f"{self.topo.relay4}:3478"
+            return f"[{self.topo.relay6}]:{port}"
+        return f"{self.topo.relay4}:{port}"
 
     def _start_agent(self, name: str, ns: str, tun_addrs: list[str], allocate: bool) -> None:
         key = CLIENT_KEY if name == "client" else GATEWAY_KEY
@@ -443,7 +469,7 @@ class NatRun:
             "--name",
             name,
             "--server",
-            self._server(),
+            self._server(name),
             "--signal",
             self.hub.path,
             "--tun",
@@ -464,6 +490,8 @@ class NatRun:
             args += ["--tun-addr", cidr]
         if not allocate:
             args.append("--no-allocate")
+        if name == "client":
+            args += ["--transport", self.client_transport]
         log = (self.tmp / f"{name}.log").open("wb")
         self._stack.callback(log.close)
         proc = self.topo.popen(ns, args, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -619,11 +647,15 @@ class NatRun:
 
     def assert_datapath(self) -> None:
         """With XDP, the kernel relayed most of the packets (userspace handles only what
-        arrives before a binding reaches the maps); without, userspace relayed them all."""
+        arrives before a binding reaches the maps), unless the client is on TCP/TLS; without,
+        userspace relayed them all."""
         packets = self.relay.relayed_packets()
         xdp, user = packets.get("xdp", 0.0), packets.get("userspace", 0.0)
         print(f"relayed packets: xdp {xdp:.0f}, userspace {user:.0f}")
-        if self.xdp:
+        if self.xdp and self.client_transport != "udp":
+            # the client is on a stream: XDP never takes its channel, userspace relays it all
+            assert xdp == 0 and user > BLOB_SIZE / 1500, packets
+        elif self.xdp:
             assert xdp > 4 * user, f"XDP did not carry the transfer: {packets}"
         else:
             assert xdp == 0 and user > BLOB_SIZE / 1500, packets

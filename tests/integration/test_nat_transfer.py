@@ -57,6 +57,25 @@ def test_relayed_download(mode: str, family: int, tmp_path: Path, blob: tuple[Pa
         assert channel[0][0] == public  # the peer is the gateway's NAT, not the relay
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_ipv4_only_relay(mode: str, tmp_path: Path, blob: tuple[Path, str]) -> None:
+    """A single-stack relay (no public IPv6 address) relays both ways, with XDP in the
+    kernel: Firezone's XDP program looks up both public addresses for every client->peer
+    ChannelData (``is_own_public_ip``) and drops the packet when one is unset (IpAddrUnset is
+    XDP_DROP), so there the client's half of the transfer would never leave. Here the
+    download completes and ``assert_datapath`` (at the end of ``nat_run``) holds the kernel
+    to carrying at least four fifths of the packets, the client's ACKs included."""
+    with nat_run(
+        tmp_path,
+        blob,
+        xdp=datapath(mode),
+        relay_dual=False,
+        gateway_allocates=False,
+    ) as run:
+        assert "--public-ip6-addr" not in run.relay.args()
+        run.transfer(max_time=60)
+
+
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", MODES)
 def test_double_symmetric_nat_through_the_relay_loop(
@@ -96,3 +115,22 @@ def test_download_with_20_percent_loss(mode: str, tmp_path: Path, blob: tuple[Pa
         tmp_path, blob, options=options, xdp=datapath(mode), gateway_allocates=False
     ) as run:
         run.transfer(max_time=90)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+@pytest.mark.parametrize("mode", MODES)
+def test_download_with_the_client_on_tcp_or_tls(
+    mode: str, transport: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """The client reaches the relay over TCP (or TLS on 5349), as a browser behind a UDP-
+    blocking firewall does; the gateway stays on UDP (reached at its NAT's public address).
+    With XDP on, the client's channel stays in userspace: the program never sends UDP to a
+    stream client."""
+    with nat_run(
+        tmp_path, blob, xdp=datapath(mode), client_transport=transport, gateway_allocates=False
+    ) as run:
+        run.transfer(max_time=60)
+        client = run.stats("client")
+        (channel,) = client["channels"].values()
+        assert channel[1] is True
+        assert run.relay.metric("relay_stream_connections") == 1

@@ -32,11 +32,120 @@ def test_every_builder_has_its_trace() -> None:
 
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
 def test_trace_says_where_it_comes_from(trace: Path) -> None:
+    """Each citation names a commit and a file that exists there: SOURCES.json holds the blob
+    of every cited file at that commit, as ``python -m simulations.traces.connlib
+    --verify-sources <firezone clone>`` found it (which also finds every cited name in it)."""
     meta = _meta(trace)
+    sources = json.loads(connlib.SOURCES.read_text())
     assert meta["derived_from"], "each trace names the Firezone code it was built from"
     for origin in meta["derived_from"]:
-        assert origin["repo"] == "firezone/firezone"
-        assert origin["path"].startswith("rust/") and origin["functions"]
+        assert origin["repo"] == sources["repo"] == "firezone/firezone"
+        assert origin["commit"] == sources["commit"] == connlib.FIREZONE_COMMIT
+        assert origin["path"] in sources["files"], origin["path"]
+        assert origin["functions"]
+    assert set(sources["files"]) == set(connlib.cited_sources())
+
+
+def _stun_frames(trace: Path) -> list[tuple[tracefile.Frame, Any]]:
+    from firezone_relay.protocol import stun
+
+    out = []
+    for frame in tracefile.load(trace).frames:
+        try:
+            out.append((frame, stun.parse(frame.payload)))
+        except stun.ParseError:
+            continue  # ChannelData, relayed data
+    return out
+
+
+@pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
+def test_what_only_we_send_is_labelled_ours(trace: Path) -> None:
+    """A trace expecting an answer Firezone's relay would not give says so under ``ours``;
+    one whose expectations are ours throughout is named ``ours_``."""
+    from firezone_relay.protocol.stun import Attr
+
+    meta = _meta(trace)
+    to_clients = [
+        msg for frame, msg in _stun_frames(trace) if frame.src[1] == tracefile.TRACE_LISTEN_PORT
+    ]
+    if any(Attr.ADDRESS_ERROR_CODE in dict(m.attributes) for m in to_clients):
+        assert any("ADDRESS-ERROR-CODE" in text for text in meta["ours"])
+    if trace.stem.startswith("ours_") or meta["needs"] == "allow-list":
+        assert trace.stem.startswith("ours_") and meta["ours"]
+
+
+def test_stale_nonce_path_is_connlibs() -> None:
+    """438 with a new NONCE, then the same request re-signed with that NONCE (a new
+    transaction) succeeds, and later requests carry it."""
+    from firezone_relay.protocol.stun import Attr, Class
+
+    (trace,) = [p for p in TRACES if "stale_nonce" in p.stem and "438" in p.stem]
+    frames = _stun_frames(trace)
+    stale = [i for i, (_, m) in enumerate(frames) if m.cls == Class.ERROR]
+    (i,) = [i for i in stale if frames[i][1].get(Attr.ERROR_CODE)[0] == 438]
+    answer = frames[i][1]
+    request = next(m for f, m in frames[:i] if m.transaction_id == answer.transaction_id)
+    fresh = answer.get(Attr.NONCE)
+    assert request.get(Attr.NONCE) != fresh
+    retry = next(m for f, m in frames[i + 1 :] if m.cls == Class.REQUEST)
+    assert retry.method == request.method and retry.transaction_id != request.transaction_id
+    assert retry.get(Attr.NONCE) == fresh
+    assert retry.get(Attr.CHANNEL_NUMBER) == request.get(Attr.CHANNEL_NUMBER)
+    ok = next(
+        m
+        for f, m in frames[i + 1 :]
+        if m.transaction_id == retry.transaction_id and m.cls != Class.REQUEST
+    )
+    assert ok.cls == Class.SUCCESS
+    later = [
+        m for _, m in frames[i + 1 :] if m.cls == Class.REQUEST and Attr.NONCE in dict(m.attributes)
+    ]
+    assert later and all(m.get(Attr.NONCE) == fresh for m in later)
+
+
+@pytest.mark.parametrize(
+    "trace", [p for p in TRACES if p.stem.startswith("connlib_")], ids=lambda p: p.stem
+)
+def test_connlib_picks_its_socket_as_connlib_does(trace: Path) -> None:
+    """One Binding per family of a dual-stack relay, from that family's socket; the first
+    answer (IPv4) picks the socket, the first Allocate leaves from it before the IPv6 answer
+    arrives, and every authenticated request of the trace leaves from it."""
+    from firezone_relay.protocol.stun import Attr, Class, Method
+
+    frames = _stun_frames(trace)
+    b4, b6, a4, allocate = frames[:4]
+    assert b4[1].method == b6[1].method == Method.BINDING
+    assert b4[1].cls == b6[1].cls == Class.REQUEST
+    assert ":" not in b4[0].dst[0] + b4[0].src[0] and ":" in b6[0].dst[0] and ":" in b6[0].src[0]
+    assert a4[1].transaction_id == b4[1].transaction_id and a4[0].dst == b4[0].src
+    assert allocate[1].method == Method.ALLOCATE and allocate[0].src == b4[0].src
+    late = [
+        i
+        for i, (_, m) in enumerate(frames)
+        if m.cls == Class.SUCCESS and m.transaction_id == b6[1].transaction_id
+    ]
+    assert late and late[0] > 3, "the IPv6 answer comes after the Allocate"
+    signed = {
+        f.src
+        for f, m in frames
+        if f.dst[1] == tracefile.TRACE_LISTEN_PORT and Attr.USERNAME in dict(m.attributes)
+    }
+    assert signed == {b4[0].src}
+
+
+@pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
+def test_credentials_are_the_portals(trace: Path) -> None:
+    """Usernames as the portal mints them: ``<expiry>:<salt>``, the salt base64 (no
+    padding) of a SHA-256; a gateway's expiry is 2038-01-01, as the portal gives gateways."""
+    import base64
+
+    meta = _meta(trace)
+    for username, spec in meta["credentials"].items():
+        expiry, salt = username.split(":")
+        assert len(base64.b64decode(salt + "=")) == 32 and "=" not in salt
+        assert spec["user"] == salt
+        if "gateway" in trace.stem:
+            assert int(expiry) == spec["expiry"] == 2145916800
 
 
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)

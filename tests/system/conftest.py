@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from simulations import relay_process
 from simulations.relay_process import ROOT, http, port_range, spawn_daemon, start_local
 from simulations.relay_process import LocalDaemon as RelayProcess
 
@@ -34,20 +35,9 @@ pytestmark = pytest.mark.system
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
-    """A port that is free for both UDP and TCP on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, kind) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
-        try:
-            with socket.socket(family, other) as s:
-                s.bind((host, port))
-        except OSError:
-            continue
-        return int(port)
-    raise RuntimeError("no free port")
+    """A port that is free for both UDP and TCP on ``host`` right now (whatever ``kind``:
+    both are checked), as the daemon launcher finds them."""
+    return relay_process.free_port((host,), tcp_too=True)
 
 
 def start_relay(

@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.offload import XdpRouteSink
 from firezone_relay.actors.pipeline import ROUTES, Pipeline
 from firezone_relay.protocol.commands import (
     Command,
@@ -201,7 +202,8 @@ def test_pipeline_routes_each_command_to_its_target() -> None:
             return Alloc.start(port)
 
         fast_path = FastPath.start()
-        pipeline = Pipeline(core, sent.append, spawn, fast_path)  # type: ignore[arg-type]
+        sink = XdpRouteSink(fast_path)  # type: ignore[arg-type]
+        pipeline = Pipeline(core, sent.append, spawn, (sink,))  # type: ignore[arg-type]
         client, peer = udp(("127.0.0.1", 5000), ("127.0.0.1", 3478)), ("127.0.0.1", 6000)
         script: list[Command] = [
             CreateAllocation(50000, Family.V4),
@@ -222,14 +224,17 @@ def test_pipeline_routes_each_command_to_its_target() -> None:
         assert batches == [(script[1], script[3])]  # one tuple per drain, in order
         fast_path.stop()
 
-        # offload off: channel commands are no-ops for the fast path; the data plane's route
-        # mirror, when there is one, sees each at once, in order
-        pipeline.fast_path = None
-        mirrored: list[Command] = []
-        pipeline.mirror = mirrored.append
+        # every route sink gets the same tuple per drain; a dead XDP manager is dropped
+        mirrored: list[tuple[Command, ...]] = []
+
+        class Mirror:
+            def sync_routes(self, commands: tuple[Any, ...]) -> None:
+                mirrored.append(commands)
+
+        pipeline.route_sinks.append(Mirror())
         core.commands.extend([script[1], script[3]])
         pipeline.drain()
-        assert mirrored == [script[1], script[3]]
+        assert mirrored == [(script[1], script[3])] and sink.ref is None
 
     _on_loop(body)
 

@@ -238,8 +238,8 @@ def run_page(
             assert seen["relay_active_channels"] == 2, seen
             assert seen['relay_packet_size_bytes_count{relay_datapath="userspace"}'] > 0, seen
             log = relay.log()
-            assert f"to ('127.0.0.1', {port_b}) on port {port_a}" in log, log
-            assert f"to ('127.0.0.1', {port_a}) on port {port_b}" in log, log
+            assert f"allocation={port_a} peer=127.0.0.1:{port_b} " in log, log
+            assert f"allocation={port_b} peer=127.0.0.1:{port_a} " in log, log
 
             # Closing the connections deallocates (Refresh with LIFETIME 0).
             server.release()
@@ -277,3 +277,33 @@ def test_browser_shared_credential_needs_several_allocations_per_username(
     )
     shared = relay.credentials("carol")
     run_page(relay, shared, shared, tmp_path)
+
+
+@requires_chromium
+def test_browser_over_tcp(relay_factory: Any, tmp_path: Path) -> None:
+    """A browser whose network allows only TCP: `turn:...?transport=tcp`, 100 messages."""
+    relay = relay_factory("--log-filter", "debug", scheme="rest")
+    run_page(
+        relay, relay.credentials("alice"), relay.credentials("bob"), tmp_path,
+        url=f"turn:127.0.0.1:{relay.listen_port}?transport=tcp", relay_protocol="tcp",
+        messages=100,
+    )  # fmt: skip
+
+
+@requires_chromium
+def test_browser_over_tls(relay_factory: Any, tmp_path: Path) -> None:
+    """`turns:` with a self-signed certificate the browser is told to accept."""
+    from simulations.relay_process import free_port
+    from tests.system.tls_files import make_cert
+
+    cert, key = make_cert(tmp_path)
+    tls_port = free_port()
+    relay = relay_factory(
+        "--log-filter", "debug", "--tls-listen-port", str(tls_port), "--tls-cert-file",
+        str(cert), "--tls-key-file", str(key), scheme="rest",
+    )  # fmt: skip
+    run_page(
+        relay, relay.credentials("alice"), relay.credentials("bob"), tmp_path,
+        url=f"turns:127.0.0.1:{tls_port}?transport=tcp", relay_protocol="tls", messages=100,
+        flags=("--ignore-certificate-errors",),
+    )  # fmt: skip

@@ -48,16 +48,19 @@ class RecordingRelay(Relay):
 
     def __init__(self, settings: Settings) -> None:
         self.seen: list[tuple[object, bool]] = []  # (message, pipeline draining)
-        for name in set(CONTROL_ROUTES.values()):
-            setattr(self, name, self._recording(getattr(Relay, name)))
         super().__init__(settings)
 
-    def _recording(self, method: Callable[[Relay, Any], None]) -> Callable[[Any], None]:
-        def handle(message: Any) -> None:
-            self.seen.append((message, self.pipeline.draining))
-            method(self, message)
+    def control_handlers(self) -> dict[type[object], Callable[[Any], None]]:
+        return {
+            kind: self._recording(handle) for kind, handle in super().control_handlers().items()
+        }
 
-        return handle
+    def _recording(self, handle: Callable[[Any], None]) -> Callable[[Any], None]:
+        def recorded(message: Any) -> None:
+            self.seen.append((message, self.pipeline.draining))
+            handle(message)
+
+        return recorded
 
     def kinds(self, *types: type) -> list[type]:
         return [type(m) for m, _ in self.seen if not types or isinstance(m, types)]
@@ -117,7 +120,7 @@ def _credentials() -> tuple[str, str]:
 
 
 def test_every_control_message_has_a_handler() -> None:
-    assert all(callable(getattr(Relay, name)) for name in CONTROL_ROUTES.values())
+    assert all(callable(handle) for handle in CONTROL_ROUTES.values())
 
 
 def test_a_portal_join_loss_and_fatal_error_arrive_as_messages() -> None:

@@ -60,9 +60,34 @@ def test_log_filter_rejects_bad_directives(relay: RelayProcess, query: str) -> N
 
 
 def test_json_logs(relay_factory) -> None:  # type: ignore[no-untyped-def]
+    """Every line in the shape of Firezone's JSON logs (``tests/unit/test_log_format.py``),
+    client addresses as fields in Firezone's names and form, never a tuple in the text."""
     import json
 
+    from tests.system.peers import echo_peer, run, turn_client
+    from tests.unit.test_log_format import FIREZONE, check_firezone_shape
+
     relay = relay_factory("--log-format", "json")
-    for line in relay.log().splitlines():
-        record = json.loads(line)
-        assert {"timestamp", "level", "target", "message"} <= record.keys()
+    username, password = relay.credentials()
+
+    async def body() -> tuple[str, int]:
+        _peer, peer_addr = await echo_peer()
+        transport, inbox = await turn_client(("127.0.0.1", relay.listen_port), username, password)
+        transport.sendto(b"json logs", peer_addr)
+        await inbox.get()
+        mapped: tuple[str, int] = transport.get_extra_info("related_address")
+        transport.close()
+        return mapped
+
+    client = run(body)
+    relay.stop()
+    lines = [json.loads(line) for line in relay.log().splitlines()]
+    for record in lines:
+        check_firezone_shape(record)
+        assert "('" not in record["fields"]["message"], record
+    (bound,) = [r for r in lines if r["fields"]["message"].startswith("bound channel")]
+    assert set(FIREZONE[1]["fields"]) <= set(bound["fields"])
+    assert bound["fields"]["sender"] == f"{client[0]}:{client[1]}"
+    assert bound["fields"]["channel"].isdigit() and bound["fields"]["allocation"].isdigit()
+    (allocated,) = [r for r in lines if r["fields"]["message"].startswith("allocated port")]
+    assert {"sender", "port", "lifetime"} <= set(allocated["fields"])

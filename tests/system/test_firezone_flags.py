@@ -140,9 +140,9 @@ def _turn_works(relay: RelayProcess) -> None:
 
 def _warnings(log: str) -> list[str]:
     return [
-        json.loads(line)["message"]
+        json.loads(line)["fields"]["message"]
         for line in log.splitlines()
-        if line.startswith("{") and json.loads(line).get("level") in ("WARN", "WARNING")
+        if line.startswith("{") and json.loads(line).get("level") == "WARN"
     ]
 
 

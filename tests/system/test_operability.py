@@ -126,6 +126,17 @@ def test_invalid_portal_url(url: str, message: str) -> None:
     fails_with(res, 2, message)
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [({"AUTH_SCHEME": "rest"}, "AUTH_SCHEME"), ({"REALM": "example.org"}, "REALM")],
+)
+def test_portal_mode_refuses_what_locks_connlib_out(env: dict[str, str], named: str) -> None:
+    """A Firezone deployment's environment with a stray standalone setting: exit 2 naming
+    the variable, before anything starts."""
+    env = {"FIREZONE_TOKEN": "t", "FIREZONE_API_URL": "wss://portal.example", **env}
+    fails_with(run_cli("--public-ip4-addr", "127.0.0.1", env=env), 2, f"{named} / --")
+
+
 def test_mandatory_xdp_that_cannot_start(tmp_path: Path) -> None:
     listen = free_port()
     health, control = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)

@@ -144,3 +144,69 @@ def test_prometheus_metrics_endpoint(relay: RelayProcess) -> None:
     assert 'relay_packet_size_bytes_bucket{relay_datapath="userspace",le="200.0"} 10' in lines
     assert 'relay_packet_size_bytes_count{relay_datapath="userspace"} 10' in lines
     assert any(line.startswith("target_info{") and 'service_name="relay"' in line for line in lines)
+
+
+def test_responses_are_exported_as_firezones_delta_counter(relay_factory, receiver) -> None:  # type: ignore[no-untyped-def]
+    """Firezone's ``relay.responses`` is a synchronous u64 counter under the LowMemory
+    temporality: a monotonic delta sum of ints, each export holding only the attribute sets
+    that counted since the previous one. Summed over exports, ours gives the true counts;
+    once traffic stops the metric leaves the exports, while ``relay.active_allocations`` (an
+    up-down counter) stays cumulative."""
+    relay = relay_factory(
+        "--otlp-grpc-endpoint",
+        f"127.0.0.1:{receiver.port}",
+        env={"OTEL_METRIC_EXPORT_INTERVAL": "200"},
+    )
+    _relay_some_traffic(relay, 3)
+    deadline = time.monotonic() + 10
+    while True:
+        with receiver.lock:
+            exports = len(receiver.requests)
+        _, metrics = receiver.metrics()
+        if "relay.responses" in metrics and exports >= 3:
+            break
+        assert time.monotonic() < deadline, f"no export yet: {sorted(metrics)}"
+        time.sleep(0.1)
+    quiet_from = exports
+    while True:  # three more exports with no new request
+        with receiver.lock:
+            exports = len(receiver.requests)
+        if exports >= quiet_from + 3:
+            break
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.1)
+    with receiver.lock:
+        requests = list(receiver.requests)
+    totals: dict[tuple[Any, ...], int] = {}
+    per_export: list[list[Any]] = []
+    for req in requests:
+        points = []
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                assert sm.scope.name == "relay"
+                for m in sm.metrics:
+                    if m.name == "relay.active_allocations":
+                        assert m.sum.aggregation_temporality == 2  # CUMULATIVE
+                        assert not m.sum.is_monotonic
+                    if m.name != "relay.responses":
+                        continue
+                    assert (m.unit, m.description) == ("{response}", "The number of responses")
+                    assert m.sum.aggregation_temporality == 1  # DELTA
+                    assert m.sum.is_monotonic
+                    for p in m.sum.data_points:
+                        assert p.WhichOneof("value") == "as_int" and p.as_int > 0
+                        assert p.start_time_unix_nano < p.time_unix_nano
+                        key = tuple(sorted(_attrs(p).items()))
+                        totals[key] = totals.get(key, 0) + p.as_int
+                        points.append(p)
+        per_export.append(points)
+    allocate_ok = (("message_type", "allocate"), ("response_class", "success"))
+    assert totals[allocate_ok] == 1  # once in all the exports together, not once per export
+    assert totals[(("error_code", 401), *allocate_ok[:1], ("response_class", "error"))] >= 1
+    assert not any(per_export[-2:]), "no responses, no relay.responses in the export"
+    last_end: dict[tuple[Any, ...], int] = {}
+    for points in per_export:  # each attribute set's delta windows follow one another
+        for p in points:
+            key = tuple(sorted(_attrs(p).items()))
+            assert p.start_time_unix_nano >= last_end.get(key, 0)
+            last_end[key] = p.time_unix_nano

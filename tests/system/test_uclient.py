@@ -92,7 +92,7 @@ def test_uclient_send_indications_echo_without_loss(
     assert relay.alive()
     log = relay.log()
     assert log.count("allocated port") >= CLIENTS
-    assert (" V6 for " in log) == v6
+    assert (" families=V6 " in log) == v6
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])

@@ -9,12 +9,8 @@ import pytest
 from firezone_relay.protocol import channel_data, stun
 from firezone_relay.protocol.auth import Nonces, parse_username, secret_bits
 from firezone_relay.protocol.commands import CreateAllocation
-from firezone_relay.protocol.server import (
-    DEFAULT_MAX_ALLOCATIONS_PER_USER,
-    MAX_PEERS_PER_REQUEST,
-    Server,
-    ServerConfig,
-)
+from firezone_relay.protocol.config import DEFAULT_MAX_ALLOCATIONS_PER_USER, ServerConfig
+from firezone_relay.protocol.server import MAX_PEERS_PER_REQUEST, Server
 from firezone_relay.protocol.stun import Attr, Class, Method
 from firezone_relay.protocol.transactions import ENTRY_OVERHEAD, TransactionCache
 from simulations.turn_client import TurnClient
@@ -237,7 +233,9 @@ def test_seeded_rng_does_not_derive_keys_or_tokens() -> None:
     config = ServerConfig(public_ip4=PUBLIC4)
     one, two = Server(config, random.Random(1)), Server(config, random.Random(1))
     assert one.auth_secret != two.auth_secret
-    assert one._nonces.issue(five_tuple(CLIENT), 0) != two._nonces.issue(five_tuple(CLIENT), 0)
+    assert one._auth.nonces.issue(five_tuple(CLIENT), 0) != two._auth.nonces.issue(
+        five_tuple(CLIENT), 0
+    )
 
 
 def test_injected_token_source_is_used() -> None:
@@ -254,11 +252,11 @@ def test_bogus_integrity_with_a_valid_nonce_creates_no_state() -> None:
     forged = TurnClient(client.username, "wrong", realm=client.realm, nonce=client.nonce)
     for port in range(1000, 1100):
         sender = (CLIENT[0], port)
-        forged.nonce = h.server._nonces.issue(five_tuple(sender), h.now)
+        forged.nonce = h.server._auth.nonces.issue(five_tuple(sender), h.now)
         assert error_code(h.send(forged.allocate(), sender).response) == 401
-    assert len(h.server._nonces) == 0
+    assert len(h.server._auth.nonces) == 0
     assert is_success(h.send(client.allocate()).response)
-    assert len(h.server._nonces) == 1
+    assert len(h.server._auth.nonces) == 1
 
 
 def test_nonce_uses_are_counted_only_for_valid_requests() -> None:

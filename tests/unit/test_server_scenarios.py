@@ -278,16 +278,16 @@ def test_nonce_use_counters_are_forgotten_when_nonces_expire() -> None:
     h = Harness(nonce_lifetime=100.0)
     for i in range(20):
         h.allocate(h.client(f"salt{i}"), sender=("93.184.216.34", 41000 + i))
-    assert len(h.server._nonces) == 20
+    assert len(h.server._auth.nonces) == 20
     h.advance(101)
-    assert len(h.server._nonces) == 0
+    assert len(h.server._auth.nonces) == 0
 
 
 def test_401_challenges_keep_no_state() -> None:
     h = Harness()
     for port in range(1, 2000):
         h.send(h.client().allocate(signed=False), ("198.51.100.9", port))
-    assert len(h.server._nonces) == 0
+    assert len(h.server._auth.nonces) == 0
 
 
 def test_expired_username_is_401() -> None:

@@ -24,6 +24,7 @@ from firezone_relay.protocol.stream_framing import (
     FramingError,
     StreamFramer,
     channel_data_frame,
+    for_stream,
 )
 
 BINDING = stun.encode(stun.Method.BINDING, stun.Class.REQUEST, b"\x01" * 12, [])
@@ -56,6 +57,12 @@ def test_channel_data_is_padded_on_output() -> None:
     assert channel_data_frame(0x4000, b"abc") == b"\x40\x00\x00\x03abc\0"
     assert channel_data_frame(0x4000, b"abcd") == b"\x40\x00\x00\x04abcd"
     assert len(channel_data_frame(0x4000, b"a" * 65535)) % 4 == 0
+
+
+def test_for_stream_pads_channel_data_only() -> None:
+    assert for_stream(b"\x40\x00\x00\x03abc") == b"\x40\x00\x00\x03abc\0"
+    assert for_stream(b"\x40\x00\x00\x04abcd") == b"\x40\x00\x00\x04abcd"
+    assert for_stream(BINDING) == BINDING
 
 
 def test_one_read_with_several_frames() -> None:
