@@ -98,7 +98,8 @@ class LabRun(NatRun):
             relay = LabRelay(
                 _RelayHost(lab, ns, addr),
                 self.tmp / f"relay-{name}",
-                self.relay_args,
+                # two relays on one host: each its own admin socket (the default is per port)
+                (*self.relay_args, "--admin-socket", os.path.join(hub_dir, f"admin-{name}.sock")),
                 secret=self.secret,
                 xdp=self.xdp,
             )
