@@ -118,8 +118,8 @@ class LabRun(NatRun):
         if self.wait:
             self.wait_tunnel()
 
-    def _server(self) -> str:
-        return f"{self._agent_relay}:3478"
+    def _server(self, name: str = "gateway") -> str:
+        return f"{self._agent_relay}:3478"  # both agents on UDP in the lab
 
     @property
     def relays(self) -> list[RelayProcess]:
