@@ -191,7 +191,7 @@ class Admin:
     def session_row(self, allocation: Allocation, now: float) -> dict[str, Any]:
         server = self.server
         ips = {Family.V4: server.public_ip4, Family.V6: server.public_ip6}
-        counters = allocation.counters
+        counters = allocation.traffic()
         row: dict[str, Any] = {
             "id": allocation.port,
             "username": allocation.username,
@@ -234,7 +234,7 @@ class Admin:
         movers: list[tuple[float, Allocation, int]] = []
         channels = 0
         for allocation in server.allocations():
-            counters = allocation.counters
+            counters = allocation.traffic()
             for i in range(4):
                 totals[i] += counters[i]
             moved = counters[OUT_BYTES] + counters[IN_BYTES]
