@@ -491,7 +491,7 @@ def _clear_stale(path: Path) -> None:
 def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
     """The routes of the admin socket; ``tell`` hands a message to the control actor."""
     # here, not at the top: the verbs' client imports this module and needs no pykka
-    from firezone_relay.actors.control import Reload
+    from firezone_relay.actors.messages import Reload
 
     def disconnect(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ports = admin.matching(query)
