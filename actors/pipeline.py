@@ -130,9 +130,11 @@ class Pipeline:
 
     def observe(self, observer: Callable[[Command], None]) -> None:
         """Also show each command to ``observer`` once its target has it (tracing). Installed
-        only when spans are exported, so without them the drain is unchanged."""
+        only when spans are exported, so without them the drain is unchanged; never for
+        ``ForwardToWorker``, which is one per datagram."""
         for command_type, handler in list(self._handlers.items()):
-            self._handlers[command_type] = _then(handler, observer)
+            if command_type is not ForwardToWorker:
+                self._handlers[command_type] = _then(handler, observer)
 
     def _to_send(self, command: SendMessage) -> None:
         self._send(command)

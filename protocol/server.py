@@ -41,6 +41,7 @@ from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
+    ForwardToWorker,
     ReleaseAllocation,
     ReserveAllocation,
     SendMessage,
@@ -235,6 +236,8 @@ class Server:
         #: Allocates waiting for the registry's answer, by ticket and by client
         self._waiting: dict[int, _WaitingAllocate] = {}
         self._waiting_clients: dict[FiveTuple, _WaitingAllocate] = {}
+        #: the port shares of the relay's workers; None when this core is the only one
+        self._shares = config.port_shares if config.workers > 1 else None
         first_port, last_port = config.port_share
         #: what this worker grants at most: the relay's cap within its share of the ports
         self._local_limit = min(config.allocation_limit, last_port - first_port + 1)
@@ -271,7 +274,7 @@ class Server:
             config.software,
             self._commands.append,
             self.stats,
-            RateLimiter(rate) if rate else None,
+            RateLimiter.for_workers(rate, config.workers) if rate else None,
             self._transactions,
         )
 
@@ -1023,9 +1026,13 @@ class Server:
         verdict = self.policy.classify(*peer)
         if verdict is Verdict.REFUSE or (
             verdict is Verdict.LOOP
-            and not (peer[0] in self._own_hosts and peer[1] in self._by_port)
+            and not (
+                peer[0] in self._own_hosts
+                and (peer[1] in self._by_port or self._other_worker(peer[1]) is not None)
+            )
         ):
             # our own address only in its canonical form, and only on a live allocation
+            # (of this worker; another worker's port is judged by that worker, per datagram)
             raise Reject(ErrorCode.FORBIDDEN, auth)
         return verdict is Verdict.LOOP
 
@@ -1088,10 +1095,17 @@ class Server:
             return None
         if verdict is Verdict.LOOP:
             # our own address: only a live allocation, inside the relay; never a socket
-            if peer[0] in self._own_hosts and peer[1] in self._by_port:
-                self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
-            else:
-                self.stats.unroutable_datagrams += 1
+            if peer[0] in self._own_hosts:
+                if peer[1] in self._by_port:
+                    self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
+                    return None
+                owner = self._other_worker(peer[1])
+                if owner is not None:
+                    self._commands.append(
+                        ForwardToWorker(owner, (peer[0], allocation.port), peer, msg.raw[start:end])
+                    )
+                    return None
+            self.stats.unroutable_datagrams += 1
             return None
         self.stats.count_relayed(end - start)
         return ToPeer(allocation.port, peer, slice(start, end))
@@ -1109,7 +1123,12 @@ class Server:
         port, peer, _ = self._c2c[(sender, channel)]
         target_allocation = self._by_port.get(peer[1])
         if target_allocation is None:
-            self.stats.unroutable_datagrams += 1
+            owner = self._other_worker(peer[1])
+            if owner is None:
+                self.stats.unroutable_datagrams += 1
+            elif self._metered(self._allocations[sender], OUT_PACKETS, length, now):
+                payload = bytes(data[4 : 4 + length])
+                self._commands.append(ForwardToWorker(owner, (peer[0], port), peer, payload))
             return None
         if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
             return None
@@ -1121,6 +1140,36 @@ class Server:
             return None
         self.stats.count_relayed(length)
         return LoopToClient(target.client, target.channel, length)
+
+    def _other_worker(self, port: int) -> int | None:
+        """The worker of several whose share holds ``port``, if it is not this one."""
+        shares = self._shares
+        if shares is None:
+            return None
+        owner = shares.owner(port)
+        return None if owner == self._worker else owner
+
+    def handle_forwarded(
+        self, from_relayed_addr: Addr, to_port: int, payload: bytes, now: float
+    ) -> ToClient | None:
+        """The relay loop from another worker (its ``ForwardToWorker``): ``payload`` left
+        that worker's allocation ``from_relayed_addr`` for our allocation on ``to_port``.
+        Judged as a datagram of the peer ``from_relayed_addr`` on ``to_port``
+        (``handle_peer_traffic``: the channel bound to it, else a permission for its address,
+        else dropped), and answered the same way: a ``ToClient`` to send as ChannelData, or
+        a Data indication among the commands."""
+        shares = self._shares
+        host, from_port = from_relayed_addr
+        if (
+            shares is None
+            or host not in self._own_hosts
+            or shares.owner(from_port) in (None, self._worker)
+            or shares.owner(to_port) != self._worker
+            or len(payload) > 0xFFFF
+        ):
+            self.stats.unroutable_datagrams += 1
+            return None
+        return self.handle_peer_traffic(payload, from_relayed_addr, to_port, now)
 
     def _deliver_to_allocation(self, data: bytes, peer: Addr, from_port: int, now: float) -> None:
         """What the allocation on ``peer``'s port would do with ``data`` arriving from our
