@@ -61,6 +61,9 @@ TRAFFIC_ALLOCATIONS = 32  # per relay
 PEERS = 8  # peer sockets per relay
 BUFFER = 4 << 20  # the soak's own receive buffers: its sockets must not be what drops
 FIRST_CHANNEL = 0x4000
+ATTACK_REFRESH_EVERY = 100  # the attacker refreshes its allocation every this many binds
+REALTIME_PRIORITY = 10  # --relay-priority realtime: SCHED_RR at this priority
+ERROR_DETAILS = 20  # the first this many failed requests are described in the summary
 SO_RCVBUFFORCE = 33  # Linux
 
 
@@ -84,6 +87,8 @@ class Alloc:
     channel: int = 0  # traffic: the channel it sends on now
     peer: tuple[str, int] | None = None  # traffic: the peer it talks to now
     closed: bool = False
+    created: float = field(default_factory=time.monotonic)
+    last_ok: float = field(default_factory=time.monotonic)  # when a request last succeeded
 
 
 @dataclass
@@ -168,6 +173,7 @@ class Soak:
         self.timers: list[tuple[float, int, Alloc]] = []
         self._seq = 0
         self.to_close: list[tuple[float, socket.socket]] = []
+        self.failures: list[str] = []
         self.rx = Receiver(64, 2048, 0)
         base = args.port_base
         # allocations left to expire hold their port for a lifetime beyond the population
@@ -187,6 +193,8 @@ class Soak:
                     env={"RELAY_DATAPATH": "python" if name == "python" else "auto"},
                 )
                 self.sides.append(Side(name, relay, peers))
+                if args.relay_priority == "realtime":
+                    realtime(relay.pid)
                 for p in peers:
                     self.poller.register(p.fileno(), select.EPOLLIN)
         except BaseException:
@@ -261,17 +269,21 @@ class Soak:
             return  # a retransmission's second answer
         what, arg = a.op
         a.pending = None
+        if msg.cls != Class.ERROR:
+            a.last_ok = now
         if msg.cls == Class.ERROR:
             code = (msg.get(Attr.ERROR_CODE) or (0, ""))[0]
             if code in (401, 438) and msg.get(Attr.NONCE) is not None:
                 if code == 401 and a.client.nonce is not None:
                     a.side.count(f"error {code}")
+                    self.describe_failure(a, f"error {code}", now)
                     self.close(a, now)
                     return
                 a.client.learn(msg)
                 self.send_request(a, now, fresh=True)
                 return
             a.side.count(f"error {code}")
+            self.describe_failure(a, f"error {code}", now)
             self.close(a, now)
             return
         if what == "allocate":
@@ -288,6 +300,16 @@ class Soak:
             a.channels[channel] = peer
             a.peer_used[peer] = now
         self.next_op(a, now)
+
+    def describe_failure(self, a: Alloc, what: str, now: float) -> None:
+        """Keep the first few failed requests with what the allocation had been doing, so a
+        FAIL says which request failed and when, not only how many."""
+        if len(self.failures) < ERROR_DETAILS:
+            self.failures.append(
+                f"{a.side.name}: {what} for {a.op[0]} {a.op[1]!r} of a {a.kind} allocation "
+                f"{now - a.created:.1f} s old (last request {now - a.last_ok:.1f} s after the "
+                f"previous success, {a.tries} retransmissions, {len(a.channels)} channels)"
+            )
 
     def close(
         self, a: Alloc, now: float, expired: bool = False, after: float | None = None
@@ -383,9 +405,15 @@ class Soak:
         """Bind channels to consecutive ports nobody listens on, refresh them (and the
         allocation, which a ChannelBind does not refresh) once, delete."""
         n = self.args.attack_channels
-        binds = [("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))) for i in range(n)]
-        hold = self.lifetime * 0.5
         keep = ("refresh", 600)
+        binds: list[tuple[str, Any]] = []
+        for i in range(n):
+            # a ChannelBind refreshes its channel, not the allocation: a round of a thousand
+            # binds on a busy machine can outlast the allocation, so refresh it as it goes
+            if i and i % ATTACK_REFRESH_EVERY == 0:
+                binds.append(keep)
+            binds.append(("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))))
+        hold = self.lifetime * 0.5
         return [*binds, keep, ("wait", hold), *binds, keep, ("wait", hold), ("refresh", 0)]
 
     def attack_noise(self, side: Side) -> None:
@@ -443,6 +471,8 @@ class Soak:
                     self.poll(now)
                     now = time.monotonic()
                 for side in self.sides:
+                    if args.relay_priority == "realtime" and side.relay.alive():
+                        realtime(side.relay.pid)  # threads started since
                     side.rows.append(self.check(side, minute))
                     print(side.rows[-1].line(), flush=True)
                 # the check took the driver's time, not the relays': no retransmission for it
@@ -498,6 +528,7 @@ class Soak:
                         a.tries += 1
                         if a.tries > RETRIES:
                             side.count("given up")
+                            self.describe_failure(a, "given up", now)
                             a.pending = None
                             self.close(a, now)
                         else:
@@ -669,6 +700,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--paths", default="compiled,python", type=lambda s: s.split(","), help="relays to run"
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--relay-priority",
+        choices=("normal", "realtime"),
+        default="normal",
+        help="realtime: run the relays under SCHED_RR (root), for a machine shared with other "
+        "work, so that their losses are their own",
+    )
     return p.parse_args(argv)
 
 
@@ -678,6 +716,19 @@ class Result:
     ok: bool
     problems: list[str]
     counts: dict[str, dict[str, int]]
+    failures: list[str] = field(default_factory=list)
+
+
+def realtime(pid: int) -> None:
+    """Every thread of ``pid`` under SCHED_RR: on a machine shared with other work, the relay
+    then gets a core when it needs one, so its losses are its own, not the neighbours'. (At
+    the soak's rates a relay uses a fraction of a core, so it cannot starve anything.)"""
+    param = os.sched_param(REALTIME_PRIORITY)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setscheduler(int(task), os.SCHED_RR, param)
+        except ProcessLookupError:
+            pass  # a thread that just ended
 
 
 def run(args: argparse.Namespace, log_dir: Path) -> Result:
@@ -688,7 +739,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
         print(
             f"soak: {args.minutes:g} min, {args.rate} datagrams/s of traffic, "
             f"{args.allocations} churning allocations and {args.attack_channels} attacker "
-            f"channels per relay, time scale {args.time_scale:g}; driver I/O {IMPLEMENTATION}",
+            f"channels per relay, time scale {args.time_scale:g}; driver I/O {IMPLEMENTATION}; "
+            f"relays at {args.relay_priority} priority",
             flush=True,
         )
         print(Row.HEADER, flush=True)
@@ -697,7 +749,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
     finally:
         soak.stop()
     ok, problems = verdict(rows)
-    return Result(rows, ok, problems, counts)
+    return Result(rows, ok, problems, counts, soak.failures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, log_dir)
     for name, counts in result.counts.items():
         print(f"{name}: {counts}")
+    for failure in result.failures:
+        print(f"failed: {failure}")
     print(f"relay logs in {log_dir}")
     if result.ok:
         print("verdict: PASS")
