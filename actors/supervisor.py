@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import pickle
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pykka
 
+from firezone_relay.actors.admin import AdminEndpoint
 from firezone_relay.actors.control import (
     ControlActor,
     PortalClosed,
@@ -58,7 +60,13 @@ from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp, raise_n
 from firezone_relay.actors.startup_errors import StartupError, binding
 from firezone_relay.actors.steering import attach_steering, reuseport_socket
 from firezone_relay.actors.worker import WorkerSpec, worker_settings
-from firezone_relay.actors.worker_channel import WorkerChannel, WorkerReady, WorkerStats
+from firezone_relay.actors.worker_channel import (
+    AdminAnswer,
+    AdminRequest,
+    WorkerChannel,
+    WorkerReady,
+    WorkerStats,
+)
 from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
@@ -72,6 +80,8 @@ logger = logging.getLogger("relay")
 SHUTDOWN_BUDGET: Final = 2.0  # SIGTERM to exit, seconds
 #: a worker still running this long after its SIGTERM is killed
 WORKER_STOP_GRACE: Final = 1.4
+#: how long the admin socket waits for the workers' answers
+ADMIN_ANSWER_TIMEOUT: Final = 5.0
 #: pause before restarting a worker that keeps failing at once (never more than this)
 MAX_RESTART_DELAY: Final = 0.5
 
@@ -231,6 +241,11 @@ class Supervisor:
         self.exit_code = 0
         self._stopping = asyncio.Event()
         self._started = False
+        #: drain: a worker that exits is not restarted; the relay stops when none is left
+        self.draining = False
+        self._requests = 0
+        self._pending: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        log_filter.on_change.append(self._log_filter_changed)
 
     def _handlers(self) -> dict[type[object], Callable[[Any], None]]:
         return {kind: functools.partial(handle, self) for kind, handle in SUPERVISOR_ROUTES.items()}
@@ -239,7 +254,7 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        if not all(w.ready for w in self.workers) or self.totals.draining():
+        if self.draining or self.totals.draining() or not all(w.ready for w in self.workers):
             return False
         return self.standalone or self.portal_joined
 
@@ -272,6 +287,12 @@ class Supervisor:
             logger.warning("XDP offload is off with several workers (not available yet)")
         self.endpoints.start_telemetry()
         await self.endpoints.start()
+        if self.settings.admin_socket:
+            admin = WorkersAdminEndpoint(
+                self.settings.admin_socket, self, self.settings.admin_socket_required
+            )
+            await admin.start()
+            self.endpoints.http.append(admin)
         self._bind_sockets()
         for worker in self.workers:
             self._spawn(worker)
@@ -390,6 +411,10 @@ class Supervisor:
             return
         if isinstance(message, WorkerStats) and message.index == worker.index:
             self.totals.update(message)
+        elif isinstance(message, AdminAnswer):
+            future = self._pending.get(message.request)
+            if future is not None and not future.done():
+                future.set_result((message.status, message.body))
         elif isinstance(message, WorkerReady) and message.index == worker.index:
             worker.ready = worker.ever_ready = True
             worker.quick_failures = 0
@@ -412,6 +437,11 @@ class Supervisor:
             worker.channel = None
         self.totals.retire(worker.index)
         if self._stopping.is_set() or not self._started:
+            return
+        if self.draining:
+            logger.info("worker %d drained (%s)", worker.index, _describe(code))
+            if all(w.proc is None or w.proc.poll() is not None for w in self.workers):
+                self.request_stop(0, "drained: no allocation left")
             return
         lived = time.monotonic() - worker.started
         worker.quick_failures = worker.quick_failures + 1 if lived < 1.0 else 0
@@ -449,7 +479,67 @@ class Supervisor:
     def _forward_signal(self, sig: int) -> None:
         """SIGHUP (reload) and SIGUSR1 (drain) are each worker's to act on."""
         logger.info("%s received: passed to the workers", signal.Signals(sig).name)
+        if sig == DRAIN:
+            self.draining = True
         self._signal_workers(sig)
+
+    # -- the operator's verbs, asked of every worker --------------------------------------
+
+    async def ask_workers(
+        self, verb: str, arguments: dict[str, Any]
+    ) -> list[tuple[int, dict[str, Any]] | None]:
+        """Each worker's answer to one verb (None: down, or no answer in time)."""
+        asked: list[tuple[int, asyncio.Future[tuple[int, dict[str, Any]]]] | None] = []
+        for worker in self.workers:
+            if worker.channel is None or not worker.ready:
+                asked.append(None)
+                continue
+            self._requests += 1
+            future = self.loop.create_future()
+            self._pending[self._requests] = future
+            worker.channel.send(AdminRequest(self._requests, verb, arguments))
+            asked.append((self._requests, future))
+        deadline = self.loop.time() + ADMIN_ANSWER_TIMEOUT
+        answers: list[tuple[int, dict[str, Any]] | None] = []
+        for item in asked:
+            if item is None:
+                answers.append(None)
+                continue
+            request, future = item
+            try:
+                answers.append(
+                    await asyncio.wait_for(future, max(0.0, deadline - self.loop.time()))
+                )
+            except TimeoutError:
+                answers.append(None)
+            finally:
+                self._pending.pop(request, None)
+        return answers
+
+    async def admin(
+        self, method: str, path: str, query: dict[str, list[str]]
+    ) -> tuple[int, dict[str, Any]]:
+        """The admin socket's verbs for the relay as a whole: asked of each worker, the
+        answers merged (``sessions`` rows say their ``worker``)."""
+        if (method, path) == ("POST", "/drain"):
+            self.draining = True
+        answers = await self.ask_workers(f"{method} {path}", dict(query))
+        missing = [i for i, a in enumerate(answers) if a is None]
+        got = [(i, a[0], a[1]) for i, a in enumerate(answers) if a is not None]
+        for _, status, body in got:
+            if status == 400:
+                return 400, body
+        merged = _MERGES[path](got)
+        if missing:
+            merged[1]["missing_workers"] = missing
+        return merged
+
+    def _log_filter_changed(self, directives: str) -> None:
+        """``POST /log_filter`` on the supervisor: every worker takes the same directives."""
+        self.loop.call_soon_threadsafe(self._send_log_filter, directives)
+
+    def _send_log_filter(self, directives: str) -> None:
+        self.loop.create_task(self.ask_workers("POST /log_filter", {"directives": [directives]}))
 
     def _signal_workers(self, sig: int) -> None:
         for worker in self.workers:
@@ -539,6 +629,125 @@ class Supervisor:
 
     def _on_reload(self, _message: Reload) -> None:
         self._signal_workers(RELOAD)
+
+
+Answers = list[tuple[int, int, dict[str, Any]]]  # (worker, status, body)
+
+
+def _merge_sessions(got: Answers) -> tuple[int, dict[str, Any]]:
+    rows = [
+        {"worker": i, **row}
+        for i, _, body in got
+        for row in body.get("sessions") or ()
+        if isinstance(row, dict)
+    ]
+    rows.sort(key=lambda r: (str(r.get("user")), int(r.get("id") or 0)))
+    return 200, {"sessions": rows}
+
+
+def _sum_into(total: dict[str, Any], part: object) -> None:
+    if not isinstance(part, dict):
+        return
+    for key, value in part.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            total[key] = total.get(key, 0) + value
+
+
+def _merge_stats(got: Answers) -> tuple[int, dict[str, Any]]:
+    body: dict[str, Any] = {
+        "time": time.time(),
+        "allocations": 0,
+        "channels": 0,
+        "draining": False,
+        "totals": {},
+        "userspace": {},
+        "xdp": None,
+        "drops": {},
+        "top": [],
+        "workers": len(got),
+    }
+    for i, _, part in got:
+        body["allocations"] += int(part.get("allocations") or 0)
+        body["channels"] += int(part.get("channels") or 0)
+        body["draining"] = body["draining"] or bool(part.get("draining"))
+        for key in ("totals", "userspace", "drops"):
+            _sum_into(body[key], part.get(key))
+        body["top"] += [{"worker": i, **r} for r in part.get("top") or () if isinstance(r, dict)]
+    body["top"].sort(key=lambda r: float(r.get("bytes_per_s") or 0), reverse=True)
+    limit = max((len(p.get("top") or ()) for _, _, p in got), default=0)
+    body["top"] = body["top"][:limit]
+    return 200, body
+
+
+def _merge_disconnect(got: Answers) -> tuple[int, dict[str, Any]]:
+    ids = [port for _, _, body in got for port in body.get("ids") or ()]
+    if not ids:
+        return 404, {"error": "no such allocation", "disconnected": 0}
+    return 200, {"disconnected": len(ids), "ids": sorted(ids)}
+
+
+def _merge_drain(got: Answers) -> tuple[int, dict[str, Any]]:
+    allocations = sum(int(body.get("allocations") or 0) for _, _, body in got)
+    deadline = next((body.get("deadline_s") for _, _, body in got), None)
+    return 200, {"draining": True, "allocations": allocations, "deadline_s": deadline}
+
+
+def _merge_reload(got: Answers) -> tuple[int, dict[str, Any]]:
+    ok = bool(got) and all(status == 200 and body.get("ok") for _, status, body in got)
+    body: dict[str, Any] = dict(got[0][2]) if got else {}
+    body["ok"] = ok
+    body["workers"] = [{"worker": i, **part} for i, _, part in got]
+    return (200 if ok else 409), body
+
+
+_MERGES: Final[Mapping[str, Callable[[Answers], tuple[int, dict[str, Any]]]]] = {
+    "/sessions": _merge_sessions,
+    "/stats": _merge_stats,
+    "/disconnect": _merge_disconnect,
+    "/drain": _merge_drain,
+    "/reload": _merge_reload,
+}
+_VERBS: Final = {
+    ("GET", "/sessions"),
+    ("GET", "/stats"),
+    ("POST", "/disconnect"),
+    ("POST", "/drain"),
+    ("POST", "/reload"),
+}
+
+
+def _unused(_query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+    raise AssertionError("answered by WorkersAdminEndpoint._dispatch")
+
+
+class WorkersAdminEndpoint(AdminEndpoint):
+    """The admin socket of a relay of several workers: the same verbs, same checks on who
+    may ask, each answered by the workers together (``Supervisor.admin``)."""
+
+    def __init__(self, path: str, supervisor: Supervisor, required: bool) -> None:
+        super().__init__(path, dict.fromkeys(_VERBS, _unused), required)
+        self.supervisor = supervisor
+
+    async def _dispatch(self, method: str, target: str) -> tuple[int, str, bytes]:
+        from urllib.parse import parse_qs, urlsplit
+
+        try:
+            url = urlsplit(target)
+            query = parse_qs(url.query, keep_blank_values=True, max_num_fields=32)
+        except ValueError:
+            return 400, "text/plain", b"Bad Request"
+        if (method, url.path) not in _VERBS:
+            known = any(path == url.path for _, path in _VERBS)
+            return (405, "text/plain", b"Method Not Allowed") if known else (
+                404, "text/plain", b"Not Found")  # fmt: skip
+        try:
+            status, body = await self.supervisor.admin(method, url.path, query)
+        except Exception as exc:
+            logger.error("admin socket: %s %s failed: %r", method, url.path, exc)
+            return 500, "text/plain", b"internal error"
+        return status, "application/json", (json.dumps(body) + "\n").encode()
 
 
 def _describe(code: int) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -24,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from firezone_relay.actors.admin import admin_routes
+from firezone_relay.actors.control import tell
 from firezone_relay.actors.daemon import GivenSockets, Relay, Settings
 from firezone_relay.actors.logs import LogFilter, configure
 from firezone_relay.actors.worker_channel import (
@@ -128,6 +131,7 @@ class WorkerRelay(Relay):
             streams={k: _adopt(fd, socket.SOCK_STREAM) for k, fd in spec.stream_fds.items()},
         )
         self.channel: WorkerChannel | None = None
+        self.admin_routes = admin_routes(self.admin, lambda m: tell(self.control, m))
         self._stats_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -155,8 +159,27 @@ class WorkerRelay(Relay):
                 self.channel.send(AdminAnswer(message.request, status, body))
 
     def answer(self, request: AdminRequest) -> tuple[int, dict[str, Any]]:
-        """One operator verb, answered by this worker (stage two fills this in)."""
-        return 404, {"error": f"unknown verb {request.verb!r}"}
+        """One operator verb (``"METHOD /path"`` with its query), answered by this worker's
+        own admin routes; ``POST /log_filter`` sets its log levels."""
+        query = {
+            str(k): [str(x) for x in v] for k, v in request.arguments.items() if isinstance(v, list)
+        }
+        if request.verb == "POST /log_filter":
+            try:
+                self.log_filter.apply((query.get("directives") or [""])[0])
+            except ValueError as exc:
+                return 400, {"error": str(exc)}
+            return 200, {"ok": True}
+        method, _, path = request.verb.partition(" ")
+        route = self.admin_routes.get((method, path))
+        if route is None:
+            return 404, {"error": f"unknown verb {request.verb[:40]!r}"}
+        status, _, body = route(query)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = {"error": body.decode(errors="replace")[:200]}
+        return status, answer if isinstance(answer, dict) else {"answer": answer}
 
     def _on_supervisor_gone(self) -> None:
         self.request_stop(0, "the supervisor is gone")

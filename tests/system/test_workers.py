@@ -24,6 +24,7 @@ from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, http, start_relay
 from tests.system.test_daemon_portal import _wait_status
+from tests.system.test_operating import sessions, verb
 
 pytestmark = pytest.mark.system
 
@@ -54,7 +55,9 @@ class UdpClient:
     """A TURN client on a socket of its own, whose source port is chosen so that the steering
     program sends it to worker ``worker``."""
 
-    def __init__(self, relay: RelayProcess, worker: int, port: int | None = None) -> None:
+    def __init__(
+        self, relay: RelayProcess, worker: int, port: int | None = None, user: str | None = None
+    ) -> None:
         self.relay = relay
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         if port is not None:
@@ -68,7 +71,7 @@ class UdpClient:
                 self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         assert worker_for("127.0.0.1", self.port, WORKERS) == worker
         self.sock.settimeout(5)
-        username, password = relay.credentials()
+        username, password = relay.credentials(user)
         self.turn = TurnClient(username, password)
 
     @property
@@ -329,5 +332,47 @@ def test_portal_fatal_stops_every_worker(tmp_path: Path, portal: PortalThread) -
         code = relay.proc.wait(20)
         assert code == 1, relay.log()[-2000:]
         assert "rejected the token" in relay.log()
+    finally:
+        relay.stop(signal.SIGKILL)
+
+
+def test_operator_verbs_answer_for_every_worker(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path, "--num-worker-threads", str(WORKERS), scheme="rest")
+    try:
+        with echo_peer() as peer:
+            alice = [UdpClient(relay, w, user="alice") for w in (0, 1)]
+            bob = UdpClient(relay, 1, user="bob")
+            ports = [_relayed_on(relay, w, c, peer) for w, c in ((0, alice[0]), (1, alice[1]))]
+            bob_port = _relayed_on(relay, 1, bob, peer)
+
+            rows = sessions(relay)
+            assert sorted((r["worker"], r["id"], r["user"]) for r in rows) == [
+                (0, ports[0], "alice"),
+                (1, ports[1], "alice"),
+                (1, bob_port, "bob"),
+            ]
+            table = verb(relay, "sessions").stdout.splitlines()
+            assert table[0].split()[:3] == ["WORKER", "ID", "USER"] and len(table) == 4
+
+            done = verb(relay, "disconnect", "--user", "alice")
+            assert done.returncode == 0, done.stderr
+            assert "disconnected 2 allocation(s)" in done.stdout
+            assert [r["user"] for r in sessions(relay)] == ["bob"]
+            assert verb(relay, "reload").returncode == 0
+
+            done = verb(relay, "drain")
+            assert done.returncode == 0, done.stderr
+            assert "draining: 1 allocation(s) left" in done.stdout
+            assert http("GET", f"{relay.health}/readyz")[0] == 503
+            refused = UdpClient(relay, 1)
+            with pytest.raises(AssertionError, match="508"):
+                refused.allocate()
+            refused.close()
+            # the last allocation ends: both workers have exited, and so does the relay
+            assert bob.transact(bob.turn.refresh(0)).cls == Class.SUCCESS
+            assert relay.proc.wait(5) == 0
+            assert "drained: no allocation left" in relay.log()
+            for client in (*alice, bob):
+                client.close()
     finally:
         relay.stop(signal.SIGKILL)
