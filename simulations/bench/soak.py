@@ -52,6 +52,8 @@ __all__ = ["Row", "Soak", "main", "run"]
 SECRET = "soak-secret-0123456789abcdef0123456789abcdef"
 HOST = "127.0.0.1"
 PAYLOAD = 120  # bytes of each traffic datagram
+TAG = 8  # ... the first of which tag it, so a duplicate or a stranger is told from a datagram
+ZEROS = bytes(PAYLOAD - TAG)
 REBIND_S = 12.0  # a traffic allocation moves to a new channel and peer this often (real s)
 RETRY_S = 1.0  # a request unanswered this long is sent again ...
 RETRIES = 5  # ... this many times, then the allocation is given up (and counted)
@@ -105,12 +107,22 @@ class Side:
     pos: int = 0
     sent: int = 0  # datagrams the soak sent that the relay must deliver
     received: int = 0  # of those, what arrived
+    next_tag: int = 0  # every datagram that must arrive carries a tag of its own ...
+    in_flight: set[int] = field(default_factory=set)  # ... kept here until it arrives
+    surplus: int = 0  # datagrams that arrived with a tag already seen or never sent
     counts: dict[str, int] = field(default_factory=dict)
     kernel_drops: dict[str, int] = field(default_factory=dict)  # relay socket inode -> drops
     rows: list[Row] = field(default_factory=list)
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
+
+    def payload(self) -> bytes:
+        """A datagram's payload with a new tag in its first 8 bytes."""
+        tag = self.next_tag
+        self.next_tag += 1
+        self.in_flight.add(tag)
+        return tag.to_bytes(TAG, "big") + ZEROS
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +137,7 @@ class Row:
     rss_mb: float
     sent: int  # cumulative datagrams that had to arrive
     lost: int  # cumulative: sent and not received after the pause
+    surplus: int  # cumulative: arrived twice, or never sent (a duplicating relay)
     kdrops: int  # cumulative: datagrams the kernel dropped on the relay's full sockets
     created: int
     deleted: int
@@ -135,7 +148,7 @@ class Row:
 
     HEADER = (
         f"{'min':>4} {'path':>8} {'allocs':>6} {'chans':>6} {'mirror':>6} {'equal':>5} "
-        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'kdrop':>5} {'created':>7} "
+        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'dup':>3} {'kdrop':>5} {'created':>7} "
         f"{'deleted':>7} "
         f"{'expired':>7} {'binds':>7} {'errors':>6} {'tb':>3}"
     )
@@ -144,7 +157,8 @@ class Row:
         return (
             f"{self.minute:>4} {self.side:>8} {self.allocations:>6} {self.channels:>6} "
             f"{self.mirror:>6} {self.equal!s:>5} {self.fds:>5} {self.rss_mb:>7.1f} "
-            f"{self.sent:>10} {self.lost:>5} {self.kdrops:>5} {self.created:>7} {self.deleted:>7} "
+            f"{self.sent:>10} {self.lost:>5} {self.surplus:>3} {self.kdrops:>5} {self.created:>7} "
+            f"{self.deleted:>7} "
             f"{self.expired:>7} {self.binds:>7} {self.errors:>6} {self.tracebacks:>3}"
         )
 
@@ -361,9 +375,9 @@ class Soak:
             return
         items: list[Any] = []
         for channel in a.channels:
-            data = struct.pack("!HH", channel, PAYLOAD) + bytes(PAYLOAD)
+            header = struct.pack("!HH", channel, PAYLOAD)
             for _ in range(n):
-                items += (a.sock, data, a.side.relay.address)
+                items += (a.sock, header + a.side.payload(), a.side.relay.address)
         dropped, failed = send_batch(items)
         a.side.sent += len(items) // 3 - dropped - failed
 
@@ -395,9 +409,9 @@ class Soak:
         for a in side.traffic:
             if a.peer is None or a.relayed is None:
                 continue
-            data = struct.pack("!HH", a.channel, PAYLOAD) + bytes(PAYLOAD)
-            items += (a.sock, data, side.relay.address)
-            items += (peer_socks[a.peer], bytes(PAYLOAD), a.relayed)
+            # the data is a ChannelData header (or none) that each send completes with a tag
+            items += (a.sock, struct.pack("!HH", a.channel, PAYLOAD), side.relay.address)
+            items += (peer_socks[a.peer], b"", a.relayed)
         side.items = items
         side.pos = 0
 
@@ -508,6 +522,8 @@ class Soak:
                     while due > 0:
                         take = min(due, total - side.pos, 128)
                         batch = side.items[3 * side.pos : 3 * (side.pos + take)]
+                        for k in range(1, len(batch), 3):
+                            batch[k] += side.payload()
                         dropped, failed = send_batch(batch)
                         side.sent += take - dropped - failed
                         side.count("traffic send failed", dropped + failed)
@@ -563,18 +579,35 @@ class Soak:
                 if n < 0:
                     break
                 if a is None:  # a peer socket: traffic towards peers
-                    side.received += n
+                    for i in range(n):
+                        self.arrived(side, rx.views[i][: rx.lens[i]], 0, "at a peer")
                     continue
                 for i in range(n):
                     view = rx.views[i][: rx.lens[i]]
                     if view and 0x40 <= view[0] < 0x80:
                         # what comes back to the attacker (a "dead" port that answered) was
                         # never counted as sent
-                        side.received += a.kind != "attack"
+                        if a.kind != "attack":
+                            self.arrived(side, view, 4, f"at a {a.kind} client")
                     elif a.kind != "attack" or stun.is_stun(view):
                         self.on_response(a, bytes(view), now)
                 if a.closed:
                     break
+
+    def arrived(self, side: Side, data: memoryview, at: int, where: str) -> None:
+        """Count a datagram by its tag: once, and only if the soak sent it."""
+        tag = int.from_bytes(data[at : at + TAG], "big")
+        if len(data) == at + PAYLOAD and tag in side.in_flight:
+            side.in_flight.remove(tag)
+            side.received += 1
+            return
+        side.surplus += 1
+        if len(self.failures) < ERROR_DETAILS:
+            what = "again" if tag < side.next_tag and len(data) == at + PAYLOAD else "unsent"
+            self.failures.append(
+                f"{side.name}: a datagram {where} arrived {what} ({len(data)} bytes, tag {tag} "
+                f"of {side.next_tag} sent)"
+            )
 
     # -- the minute's check -----------------------------------------------------------------
 
@@ -600,6 +633,7 @@ class Soak:
             rss_mb=relay.rss_kb() / 1024 if relay.alive() else -1.0,
             sent=side.sent,
             lost=side.sent - side.received,
+            surplus=side.surplus,
             kdrops=self.kernel_drops(side),
             created=c.get("created", 0),
             deleted=c.get("deleted", 0),
@@ -671,6 +705,8 @@ def verdict(rows: list[Row]) -> tuple[bool, list[str]]:
             problems.append(
                 f"{side}: {final.lost} of {final.sent} datagrams lost{why if final.kdrops else ''}"
             )
+        if final.surplus:
+            problems.append(f"{side}: {final.surplus} datagrams arrived twice or unsent")
         if final.errors:
             problems.append(f"{side}: {final.errors} requests failed or unanswered")
         steady = mine[1:]
