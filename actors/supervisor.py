@@ -48,6 +48,8 @@ from firezone_relay.actors.control import (
 )
 from firezone_relay.actors.endpoints import Endpoints
 from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.offload import Offload, XdpRouteSink
+from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.signals import (
     DRAIN,
     FAILURE_EXIT,
@@ -66,7 +68,10 @@ from firezone_relay.actors.worker_channel import (
     WorkerChannel,
     WorkerReady,
     WorkerStats,
+    XdpRoutes,
+    route_commands,
 )
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
 from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
@@ -243,6 +248,11 @@ class Supervisor:
         self._started = False
         #: drain: a worker that exits is not restarted; the relay stops when none is left
         self.draining = False
+        self.offload = Offload(settings.xdp)
+        #: the XDP map manager as a route sink (None: userspace only)
+        self.xdp: XdpRouteSink | None = None
+        #: each worker's channel routes in the XDP maps, removed when the worker exits
+        self.xdp_routes: list[dict[tuple[object, int], ChannelCommand]] = [{} for _ in range(count)]
         self._requests = 0
         self._pending: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
         log_filter.on_change.append(self._log_filter_changed)
@@ -278,15 +288,12 @@ class Supervisor:
 
     async def start(self) -> None:
         raise_nofile_limit()
-        if self.settings.xdp is not None:
-            if self.settings.xdp.mandatory:
-                raise StartupError(
-                    "--ebpf-mandatory: XDP with several workers is not available yet; "
-                    "run --num-worker-threads 1"
-                )
-            logger.warning("XDP offload is off with several workers (not available yet)")
         self.endpoints.start_telemetry()
         await self.endpoints.start()
+        # XDP once for the host, before any worker can bind a channel
+        await self.offload.start(self.loop, [], self.endpoints)
+        if self.offload.ref is not None:
+            self.xdp = XdpRouteSink(self.offload.ref)
         if self.settings.admin_socket:
             admin = WorkersAdminEndpoint(
                 self.settings.admin_socket, self, self.settings.admin_socket_required
@@ -378,6 +385,7 @@ class Supervisor:
             stream_fds=stream_fds,
             log_format=self.log_format,
             log_directives=self.log_filter.current or "info",
+            xdp_routes=self.xdp is not None,
         )
         fds = (child.fileno(), *udp_fds.values(), *stream_fds.values())
         proc = subprocess.Popen(
@@ -411,6 +419,8 @@ class Supervisor:
             return
         if isinstance(message, WorkerStats) and message.index == worker.index:
             self.totals.update(message)
+        elif isinstance(message, XdpRoutes) and message.index == worker.index:
+            self._xdp_routes(worker, message)
         elif isinstance(message, AdminAnswer):
             future = self._pending.get(message.request)
             if future is not None and not future.done():
@@ -419,6 +429,36 @@ class Supervisor:
             worker.ready = worker.ever_ready = True
             worker.quick_failures = 0
             logger.info("worker %d ready (pid %d)", worker.index, message.pid)
+
+    def _xdp_routes(self, worker: _Worker, message: XdpRoutes) -> None:
+        """A worker's channel commands, to the map manager; what it created is remembered,
+        so that its routes leave the maps with it."""
+        if self.xdp is None:
+            return
+        try:
+            commands = route_commands(message.commands)
+        except ValueError as exc:
+            logger.error("worker %d sent bad routes: %s", worker.index, exc)
+            return
+        live = self.xdp_routes[worker.index]
+        for command in commands:
+            key = (command.client, command.channel)
+            if isinstance(command, CreateChannelBinding):
+                live[key] = command
+            else:
+                live.pop(key, None)
+        self.xdp.sync_routes(commands)
+
+    def _forget_xdp_routes(self, worker: _Worker) -> None:
+        live, self.xdp_routes[worker.index] = self.xdp_routes[worker.index], {}
+        if self.xdp is not None and live:
+            self.xdp.sync_routes(
+                tuple(
+                    DeleteChannelBinding(c.client, c.channel, c.peer, c.allocation_port)
+                    for c in live.values()
+                )
+            )
+            logger.info("worker %d: %d channel routes left the XDP maps", worker.index, len(live))
 
     def _on_lost(self, worker: _Worker) -> None:
         worker.ready = False
@@ -436,6 +476,7 @@ class Supervisor:
             worker.channel.close()
             worker.channel = None
         self.totals.retire(worker.index)
+        self._forget_xdp_routes(worker)
         if self._stopping.is_set() or not self._started:
             return
         if self.draining:
@@ -610,6 +651,7 @@ class Supervisor:
         self.log_filter.flush_suppressed()
 
     def finish(self) -> None:
+        self.offload.stop(0.8)
         self.endpoints.stop()
         self.endpoints.shutdown_telemetry(0.3)
 

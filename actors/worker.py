@@ -29,12 +29,15 @@ from firezone_relay.actors.admin import admin_routes
 from firezone_relay.actors.control import tell
 from firezone_relay.actors.daemon import GivenSockets, Relay, Settings
 from firezone_relay.actors.logs import LogFilter, configure
+from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.worker_channel import (
     AdminAnswer,
     AdminRequest,
     WorkerChannel,
     WorkerReady,
     WorkerStats,
+    XdpRoutes,
+    route_row,
 )
 from firezone_relay.protocol.config import ServerConfig
 from firezone_relay.protocol.types import Family
@@ -64,6 +67,8 @@ class WorkerSpec:
     stream_fds: dict[tuple[Family, int], int]
     log_format: str = "human"
     log_directives: str = "info"
+    #: the supervisor runs the XDP map manager: send it this worker's channel commands
+    xdp_routes: bool = False
 
 
 def port_share(lowest: int, highest: int, index: int, count: int) -> tuple[int, int]:
@@ -139,6 +144,8 @@ class WorkerRelay(Relay):
         self.channel = await WorkerChannel.open(
             self.loop, sock, self._on_message, self._on_supervisor_gone
         )
+        if self.spec.xdp_routes:
+            self.pipeline.route_sinks.append(ChannelRouteSink(self.spec.index, self.channel))
         await super().start()
         self.channel.send(WorkerReady(self.spec.index, os.getpid()))
         self._send_stats()
@@ -190,6 +197,18 @@ class WorkerRelay(Relay):
         await super().shutdown()
         if self.channel is not None:
             self.channel.close()
+
+
+class ChannelRouteSink:
+    """The supervisor's XDP map manager as this worker's ``RouteSink``: each drain's channel
+    commands go to it over the channel, in the order the core emitted them."""
+
+    def __init__(self, index: int, channel: WorkerChannel) -> None:
+        self.index = index
+        self.channel = channel
+
+    def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None:
+        self.channel.send(XdpRoutes(self.index, [route_row(c) for c in commands]))
 
 
 def _adopt(fd: int, kind: int) -> socket.socket:

@@ -23,6 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.protocol.types import FiveTuple, Transport
+
+ChannelCommand = CreateChannelBinding | DeleteChannelBinding
+
 __all__ = [
     "MAX_FRAME",
     "MESSAGES",
@@ -32,8 +37,11 @@ __all__ = [
     "WorkerChannel",
     "WorkerReady",
     "WorkerStats",
+    "XdpRoutes",
     "decode",
     "encode",
+    "route_commands",
+    "route_row",
 ]
 
 logger = logging.getLogger("relay.workers")
@@ -85,10 +93,65 @@ class AdminAnswer:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class XdpRoutes:
+    """Worker → supervisor: one drain's channel commands for the XDP map manager, which the
+    supervisor runs once for the host; each row is ``route_row``'s form."""
+
+    index: int
+    commands: list[Any]
+
+
 #: the closed set of messages the channel carries
 MESSAGES: Final[dict[str, type[Any]]] = {
-    cls.__name__: cls for cls in (WorkerReady, WorkerStats, AdminRequest, AdminAnswer)
+    cls.__name__: cls for cls in (WorkerReady, WorkerStats, AdminRequest, AdminAnswer, XdpRoutes)
 }
+#: the most channel commands one ``XdpRoutes`` row list may hold when decoded
+MAX_ROUTES: Final = 65536
+
+
+def route_row(command: ChannelCommand) -> list[Any]:
+    """A channel command as a JSON row: kind, transport, client address, relay address,
+    channel, peer, allocation port."""
+    client = command.client
+    return [
+        "create" if isinstance(command, CreateChannelBinding) else "delete",
+        int(client.transport),
+        client.remote[0],
+        client.remote[1],
+        client.local[0],
+        client.local[1],
+        command.channel,
+        command.peer[0],
+        command.peer[1],
+        command.allocation_port,
+    ]
+
+
+def route_commands(rows: list[Any]) -> tuple[ChannelCommand, ...]:
+    """The channel commands of ``XdpRoutes.commands``; ChannelError on any malformed row."""
+    if len(rows) > MAX_ROUTES:
+        raise ChannelError(f"{len(rows)} routes in one message")
+    commands: list[ChannelCommand] = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 10:
+            raise ChannelError("a route row is a list of 10")
+        kind, transport, rhost, rport, lhost, lport, channel, phost, pport, port = row
+        texts = (rhost, lhost, phost)
+        numbers = (transport, rport, lport, channel, pport, port)
+        if kind not in ("create", "delete") or not all(isinstance(t, str) for t in texts):
+            raise ChannelError("a route row's kind or addresses are wrong")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+            raise ChannelError("a route row's numbers are wrong")
+        try:
+            client = FiveTuple(Transport(transport), (rhost, rport), (lhost, lport))
+        except ValueError:
+            raise ChannelError("a route row's transport is wrong") from None
+        cls = CreateChannelBinding if kind == "create" else DeleteChannelBinding
+        commands.append(cls(client, channel, (phost, pport), port))
+    return tuple(commands)
+
+
 _HINTS: Final = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
 
 
@@ -120,6 +183,8 @@ def _fits(value: object, hint: object) -> bool:
         return isinstance(value, bool)
     if origin is dict:
         return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
     return False
 
 

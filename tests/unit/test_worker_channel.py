@@ -17,10 +17,14 @@ from firezone_relay.actors.worker_channel import (
     WorkerChannel,
     WorkerReady,
     WorkerStats,
+    XdpRoutes,
     decode,
     encode,
+    route_commands,
+    route_row,
 )
-from firezone_relay.protocol.types import Family
+from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.protocol.types import Family, FiveTuple, Transport
 
 
 def test_messages_round_trip() -> None:
@@ -100,3 +104,26 @@ def test_the_hash_spreads_sources_and_the_programs_are_bounded() -> None:
         assert len(program(family, 2)) < 32
     with pytest.raises(ValueError):
         program(Family.V4, 0)
+
+
+def test_channel_routes_round_trip_and_bad_rows_are_refused() -> None:
+    client = FiveTuple(Transport.UDP, ("198.51.100.7", 40000), ("0.0.0.0", 3478))
+    commands = (
+        CreateChannelBinding(client, 0x4000, ("2001:db8::9", 5000), 50001),
+        DeleteChannelBinding(client, 0x4001, ("192.0.2.1", 6000), 50001),
+    )
+    message = XdpRoutes(1, [route_row(c) for c in commands])
+    decoded = decode(encode(message)[4:])
+    assert isinstance(decoded, XdpRoutes)
+    assert route_commands(decoded.commands) == commands
+    good = route_row(commands[0])
+    for bad in (
+        [good[:9]],
+        ["update", *good[1:]],
+        [[*good[:1], 9, *good[2:]]],
+        [[*good[:3], "40000", *good[4:]]],
+        [[*good[:6], True, *good[7:]]],
+        ["not a row"],
+    ):
+        with pytest.raises(ChannelError):
+            route_commands(bad)  # type: ignore[arg-type]
