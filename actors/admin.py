@@ -60,6 +60,8 @@ RUNTIME_DIR = "/run/firezone-relay"
 #: bounds on the files ``reload`` reads
 MAX_FILE_BYTES = 64 * 1024
 MAX_SECRETS = 16
+#: the shortest credential secret accepted, at start and at reload (``actors.secret_files``)
+MIN_SECRET_CHARS = 16
 #: allocations ``/stats`` names at most (``top``)
 MAX_TOP = 100
 DRAIN_CHECK_INTERVAL = 0.2  # seconds between "is the last allocation gone?" checks
@@ -129,6 +131,13 @@ def read_secret_file(path: str) -> tuple[str, ...]:
         raise ValueError(f"the secret file {path} holds no secret")
     if len(secrets_) > MAX_SECRETS:
         raise ValueError(f"the secret file {path} holds more than {MAX_SECRETS} secrets")
+    for secret in secrets_:
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"the auth secret in {path} is too short ({len(secret)} characters): anyone "
+                f"could mint credentials; use at least {MIN_SECRET_CHARS}, e.g. "
+                "`openssl rand -hex 32`"
+            )
     return secrets_
 
 
