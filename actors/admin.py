@@ -60,6 +60,8 @@ RUNTIME_DIR = "/run/firezone-relay"
 #: bounds on the files ``reload`` reads
 MAX_FILE_BYTES = 64 * 1024
 MAX_SECRETS = 16
+#: the shortest credential secret accepted, at start and at reload (``actors.secret_files``)
+MIN_SECRET_CHARS = 16
 #: allocations ``/stats`` names at most (``top``)
 MAX_TOP = 100
 DRAIN_CHECK_INTERVAL = 0.2  # seconds between "is the last allocation gone?" checks
@@ -129,6 +131,13 @@ def read_secret_file(path: str) -> tuple[str, ...]:
         raise ValueError(f"the secret file {path} holds no secret")
     if len(secrets_) > MAX_SECRETS:
         raise ValueError(f"the secret file {path} holds more than {MAX_SECRETS} secrets")
+    for secret in secrets_:
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"the auth secret in {path} is too short ({len(secret)} characters): anyone "
+                f"could mint credentials; use at least {MIN_SECRET_CHARS}, e.g. "
+                "`openssl rand -hex 32`"
+            )
     return secrets_
 
 
@@ -191,7 +200,7 @@ class Admin:
     def session_row(self, allocation: Allocation, now: float) -> dict[str, Any]:
         server = self.server
         ips = {Family.V4: server.public_ip4, Family.V6: server.public_ip6}
-        counters = allocation.counters
+        counters = allocation.traffic()
         row: dict[str, Any] = {
             "id": allocation.port,
             "username": allocation.username,
@@ -234,7 +243,7 @@ class Admin:
         movers: list[tuple[float, Allocation, int]] = []
         channels = 0
         for allocation in server.allocations():
-            counters = allocation.counters
+            counters = allocation.traffic()
             for i in range(4):
                 totals[i] += counters[i]
             moved = counters[OUT_BYTES] + counters[IN_BYTES]
@@ -482,7 +491,7 @@ def _clear_stale(path: Path) -> None:
 def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
     """The routes of the admin socket; ``tell`` hands a message to the control actor."""
     # here, not at the top: the verbs' client imports this module and needs no pykka
-    from firezone_relay.actors.control import Reload
+    from firezone_relay.actors.messages import Reload
 
     def disconnect(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ports = admin.matching(query)

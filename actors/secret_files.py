@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from firezone_relay.actors import admin
+
 __all__ = [
     "MIN_SECRET_CHARS",
     "SECRET_CREDENTIAL",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: the shortest credential secret accepted (an empty one lets anybody mint credentials)
-MIN_SECRET_CHARS = 16
+MIN_SECRET_CHARS = admin.MIN_SECRET_CHARS
 #: systemd credential names (``LoadCredential=token:...``, ``LoadCredential=auth-secret:...``)
 TOKEN_CREDENTIAL = "token"
 SECRET_CREDENTIAL = "auth-secret"
@@ -126,12 +128,10 @@ def state_secret_file() -> Path | None:
 def read_secrets(path: Path) -> tuple[str, ...]:
     """The secrets of a secret file (one per line, the first signs; ``actors.admin``), each
     long enough."""
-    from firezone_relay.actors.admin import read_secret_file as read_lines
-
-    found = read_lines(str(path))
-    for secret in found:
-        _check_length(secret, str(path))
-    return found
+    try:
+        return admin.read_secret_file(str(path))
+    except ValueError as exc:
+        raise SecretFileError(str(exc)) from None
 
 
 def load_auth_secret(flag: str | None, file: str | None, portal: bool = False) -> AuthSecret | None:

@@ -52,6 +52,8 @@ __all__ = ["Row", "Soak", "main", "run"]
 SECRET = "soak-secret-0123456789abcdef0123456789abcdef"
 HOST = "127.0.0.1"
 PAYLOAD = 120  # bytes of each traffic datagram
+TAG = 8  # ... the first of which tag it, so a duplicate or a stranger is told from a datagram
+ZEROS = bytes(PAYLOAD - TAG)
 REBIND_S = 12.0  # a traffic allocation moves to a new channel and peer this often (real s)
 RETRY_S = 1.0  # a request unanswered this long is sent again ...
 RETRIES = 5  # ... this many times, then the allocation is given up (and counted)
@@ -61,6 +63,9 @@ TRAFFIC_ALLOCATIONS = 32  # per relay
 PEERS = 8  # peer sockets per relay
 BUFFER = 4 << 20  # the soak's own receive buffers: its sockets must not be what drops
 FIRST_CHANNEL = 0x4000
+ATTACK_REFRESH_EVERY = 100  # the attacker refreshes its allocation every this many binds
+REALTIME_PRIORITY = 10  # --relay-priority realtime: SCHED_RR at this priority
+ERROR_DETAILS = 20  # the first this many failed requests are described in the summary
 SO_RCVBUFFORCE = 33  # Linux
 
 
@@ -84,6 +89,8 @@ class Alloc:
     channel: int = 0  # traffic: the channel it sends on now
     peer: tuple[str, int] | None = None  # traffic: the peer it talks to now
     closed: bool = False
+    created: float = field(default_factory=time.monotonic)
+    last_ok: float = field(default_factory=time.monotonic)  # when a request last succeeded
 
 
 @dataclass
@@ -100,12 +107,22 @@ class Side:
     pos: int = 0
     sent: int = 0  # datagrams the soak sent that the relay must deliver
     received: int = 0  # of those, what arrived
+    next_tag: int = 0  # every datagram that must arrive carries a tag of its own ...
+    in_flight: set[int] = field(default_factory=set)  # ... kept here until it arrives
+    surplus: int = 0  # datagrams that arrived with a tag already seen or never sent
     counts: dict[str, int] = field(default_factory=dict)
     kernel_drops: dict[str, int] = field(default_factory=dict)  # relay socket inode -> drops
     rows: list[Row] = field(default_factory=list)
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
+
+    def payload(self) -> bytes:
+        """A datagram's payload with a new tag in its first 8 bytes."""
+        tag = self.next_tag
+        self.next_tag += 1
+        self.in_flight.add(tag)
+        return tag.to_bytes(TAG, "big") + ZEROS
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +137,7 @@ class Row:
     rss_mb: float
     sent: int  # cumulative datagrams that had to arrive
     lost: int  # cumulative: sent and not received after the pause
+    surplus: int  # cumulative: arrived twice, or never sent (a duplicating relay)
     kdrops: int  # cumulative: datagrams the kernel dropped on the relay's full sockets
     created: int
     deleted: int
@@ -130,7 +148,7 @@ class Row:
 
     HEADER = (
         f"{'min':>4} {'path':>8} {'allocs':>6} {'chans':>6} {'mirror':>6} {'equal':>5} "
-        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'kdrop':>5} {'created':>7} "
+        f"{'fds':>5} {'rss MB':>7} {'sent':>10} {'lost':>5} {'dup':>3} {'kdrop':>5} {'created':>7} "
         f"{'deleted':>7} "
         f"{'expired':>7} {'binds':>7} {'errors':>6} {'tb':>3}"
     )
@@ -139,7 +157,8 @@ class Row:
         return (
             f"{self.minute:>4} {self.side:>8} {self.allocations:>6} {self.channels:>6} "
             f"{self.mirror:>6} {self.equal!s:>5} {self.fds:>5} {self.rss_mb:>7.1f} "
-            f"{self.sent:>10} {self.lost:>5} {self.kdrops:>5} {self.created:>7} {self.deleted:>7} "
+            f"{self.sent:>10} {self.lost:>5} {self.surplus:>3} {self.kdrops:>5} {self.created:>7} "
+            f"{self.deleted:>7} "
             f"{self.expired:>7} {self.binds:>7} {self.errors:>6} {self.tracebacks:>3}"
         )
 
@@ -168,6 +187,7 @@ class Soak:
         self.timers: list[tuple[float, int, Alloc]] = []
         self._seq = 0
         self.to_close: list[tuple[float, socket.socket]] = []
+        self.failures: list[str] = []
         self.rx = Receiver(64, 2048, 0)
         base = args.port_base
         # allocations left to expire hold their port for a lifetime beyond the population
@@ -187,6 +207,8 @@ class Soak:
                     env={"RELAY_DATAPATH": "python" if name == "python" else "auto"},
                 )
                 self.sides.append(Side(name, relay, peers))
+                if args.relay_priority == "realtime":
+                    realtime(relay.pid)
                 for p in peers:
                     self.poller.register(p.fileno(), select.EPOLLIN)
         except BaseException:
@@ -261,17 +283,21 @@ class Soak:
             return  # a retransmission's second answer
         what, arg = a.op
         a.pending = None
+        if msg.cls != Class.ERROR:
+            a.last_ok = now
         if msg.cls == Class.ERROR:
             code = (msg.get(Attr.ERROR_CODE) or (0, ""))[0]
             if code in (401, 438) and msg.get(Attr.NONCE) is not None:
                 if code == 401 and a.client.nonce is not None:
                     a.side.count(f"error {code}")
+                    self.describe_failure(a, f"error {code}", now)
                     self.close(a, now)
                     return
                 a.client.learn(msg)
                 self.send_request(a, now, fresh=True)
                 return
             a.side.count(f"error {code}")
+            self.describe_failure(a, f"error {code}", now)
             self.close(a, now)
             return
         if what == "allocate":
@@ -288,6 +314,16 @@ class Soak:
             a.channels[channel] = peer
             a.peer_used[peer] = now
         self.next_op(a, now)
+
+    def describe_failure(self, a: Alloc, what: str, now: float) -> None:
+        """Keep the first few failed requests with what the allocation had been doing, so a
+        FAIL says which request failed and when, not only how many."""
+        if len(self.failures) < ERROR_DETAILS:
+            self.failures.append(
+                f"{a.side.name}: {what} for {a.op[0]} {a.op[1]!r} of a {a.kind} allocation "
+                f"{now - a.created:.1f} s old (last request {now - a.last_ok:.1f} s after the "
+                f"previous success, {a.tries} retransmissions, {len(a.channels)} channels)"
+            )
 
     def close(
         self, a: Alloc, now: float, expired: bool = False, after: float | None = None
@@ -339,9 +375,9 @@ class Soak:
             return
         items: list[Any] = []
         for channel in a.channels:
-            data = struct.pack("!HH", channel, PAYLOAD) + bytes(PAYLOAD)
+            header = struct.pack("!HH", channel, PAYLOAD)
             for _ in range(n):
-                items += (a.sock, data, a.side.relay.address)
+                items += (a.sock, header + a.side.payload(), a.side.relay.address)
         dropped, failed = send_batch(items)
         a.side.sent += len(items) // 3 - dropped - failed
 
@@ -373,9 +409,9 @@ class Soak:
         for a in side.traffic:
             if a.peer is None or a.relayed is None:
                 continue
-            data = struct.pack("!HH", a.channel, PAYLOAD) + bytes(PAYLOAD)
-            items += (a.sock, data, side.relay.address)
-            items += (peer_socks[a.peer], bytes(PAYLOAD), a.relayed)
+            # the data is a ChannelData header (or none) that each send completes with a tag
+            items += (a.sock, struct.pack("!HH", a.channel, PAYLOAD), side.relay.address)
+            items += (peer_socks[a.peer], b"", a.relayed)
         side.items = items
         side.pos = 0
 
@@ -383,9 +419,15 @@ class Soak:
         """Bind channels to consecutive ports nobody listens on, refresh them (and the
         allocation, which a ChannelBind does not refresh) once, delete."""
         n = self.args.attack_channels
-        binds = [("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))) for i in range(n)]
-        hold = self.lifetime * 0.5
         keep = ("refresh", 600)
+        binds: list[tuple[str, Any]] = []
+        for i in range(n):
+            # a ChannelBind refreshes its channel, not the allocation: a round of a thousand
+            # binds on a busy machine can outlast the allocation, so refresh it as it goes
+            if i and i % ATTACK_REFRESH_EVERY == 0:
+                binds.append(keep)
+            binds.append(("bind", (FIRST_CHANNEL + i, (HOST, 2000 + i))))
+        hold = self.lifetime * 0.5
         return [*binds, keep, ("wait", hold), *binds, keep, ("wait", hold), ("refresh", 0)]
 
     def attack_noise(self, side: Side) -> None:
@@ -443,6 +485,8 @@ class Soak:
                     self.poll(now)
                     now = time.monotonic()
                 for side in self.sides:
+                    if args.relay_priority == "realtime" and side.relay.alive():
+                        realtime(side.relay.pid)  # threads started since
                     side.rows.append(self.check(side, minute))
                     print(side.rows[-1].line(), flush=True)
                 # the check took the driver's time, not the relays': no retransmission for it
@@ -478,6 +522,8 @@ class Soak:
                     while due > 0:
                         take = min(due, total - side.pos, 128)
                         batch = side.items[3 * side.pos : 3 * (side.pos + take)]
+                        for k in range(1, len(batch), 3):
+                            batch[k] += side.payload()
                         dropped, failed = send_batch(batch)
                         side.sent += take - dropped - failed
                         side.count("traffic send failed", dropped + failed)
@@ -498,6 +544,7 @@ class Soak:
                         a.tries += 1
                         if a.tries > RETRIES:
                             side.count("given up")
+                            self.describe_failure(a, "given up", now)
                             a.pending = None
                             self.close(a, now)
                         else:
@@ -532,18 +579,35 @@ class Soak:
                 if n < 0:
                     break
                 if a is None:  # a peer socket: traffic towards peers
-                    side.received += n
+                    for i in range(n):
+                        self.arrived(side, rx.views[i][: rx.lens[i]], 0, "at a peer")
                     continue
                 for i in range(n):
                     view = rx.views[i][: rx.lens[i]]
                     if view and 0x40 <= view[0] < 0x80:
                         # what comes back to the attacker (a "dead" port that answered) was
                         # never counted as sent
-                        side.received += a.kind != "attack"
+                        if a.kind != "attack":
+                            self.arrived(side, view, 4, f"at a {a.kind} client")
                     elif a.kind != "attack" or stun.is_stun(view):
                         self.on_response(a, bytes(view), now)
                 if a.closed:
                     break
+
+    def arrived(self, side: Side, data: memoryview, at: int, where: str) -> None:
+        """Count a datagram by its tag: once, and only if the soak sent it."""
+        tag = int.from_bytes(data[at : at + TAG], "big")
+        if len(data) == at + PAYLOAD and tag in side.in_flight:
+            side.in_flight.remove(tag)
+            side.received += 1
+            return
+        side.surplus += 1
+        if len(self.failures) < ERROR_DETAILS:
+            what = "again" if tag < side.next_tag and len(data) == at + PAYLOAD else "unsent"
+            self.failures.append(
+                f"{side.name}: a datagram {where} arrived {what} ({len(data)} bytes, tag {tag} "
+                f"of {side.next_tag} sent)"
+            )
 
     # -- the minute's check -----------------------------------------------------------------
 
@@ -569,6 +633,7 @@ class Soak:
             rss_mb=relay.rss_kb() / 1024 if relay.alive() else -1.0,
             sent=side.sent,
             lost=side.sent - side.received,
+            surplus=side.surplus,
             kdrops=self.kernel_drops(side),
             created=c.get("created", 0),
             deleted=c.get("deleted", 0),
@@ -640,6 +705,8 @@ def verdict(rows: list[Row]) -> tuple[bool, list[str]]:
             problems.append(
                 f"{side}: {final.lost} of {final.sent} datagrams lost{why if final.kdrops else ''}"
             )
+        if final.surplus:
+            problems.append(f"{side}: {final.surplus} datagrams arrived twice or unsent")
         if final.errors:
             problems.append(f"{side}: {final.errors} requests failed or unanswered")
         steady = mine[1:]
@@ -669,6 +736,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--paths", default="compiled,python", type=lambda s: s.split(","), help="relays to run"
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--relay-priority",
+        choices=("normal", "realtime"),
+        default="normal",
+        help="realtime: run the relays under SCHED_RR (root), for a machine shared with other "
+        "work, so that their losses are their own",
+    )
     return p.parse_args(argv)
 
 
@@ -678,6 +752,19 @@ class Result:
     ok: bool
     problems: list[str]
     counts: dict[str, dict[str, int]]
+    failures: list[str] = field(default_factory=list)
+
+
+def realtime(pid: int) -> None:
+    """Every thread of ``pid`` under SCHED_RR: on a machine shared with other work, the relay
+    then gets a core when it needs one, so its losses are its own, not the neighbours'. (At
+    the soak's rates a relay uses a fraction of a core, so it cannot starve anything.)"""
+    param = os.sched_param(REALTIME_PRIORITY)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setscheduler(int(task), os.SCHED_RR, param)
+        except ProcessLookupError:
+            pass  # a thread that just ended
 
 
 def run(args: argparse.Namespace, log_dir: Path) -> Result:
@@ -688,7 +775,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
         print(
             f"soak: {args.minutes:g} min, {args.rate} datagrams/s of traffic, "
             f"{args.allocations} churning allocations and {args.attack_channels} attacker "
-            f"channels per relay, time scale {args.time_scale:g}; driver I/O {IMPLEMENTATION}",
+            f"channels per relay, time scale {args.time_scale:g}; driver I/O {IMPLEMENTATION}; "
+            f"relays at {args.relay_priority} priority",
             flush=True,
         )
         print(Row.HEADER, flush=True)
@@ -697,7 +785,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> Result:
     finally:
         soak.stop()
     ok, problems = verdict(rows)
-    return Result(rows, ok, problems, counts)
+    return Result(rows, ok, problems, counts, soak.failures)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -708,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, log_dir)
     for name, counts in result.counts.items():
         print(f"{name}: {counts}")
+    for failure in result.failures:
+        print(f"failed: {failure}")
     print(f"relay logs in {log_dir}")
     if result.ok:
         print("verdict: PASS")

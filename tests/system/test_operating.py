@@ -311,6 +311,12 @@ def test_secret_rotation_through_reload(closing: list[Client | Peer], tmp_path: 
     assert broken.returncode == 1 and "holds no secret" in broken.stderr
     assert allocates(b, "b4")
 
+    secrets.write_text(f"{b}\nshort\n")  # a short secret anywhere in it changes nothing
+    short = verb(relay, "reload")
+    assert short.returncode == 1, short.stdout
+    assert f"the auth secret in {secrets} is too short (5 characters)" in short.stderr
+    assert allocates(b, "b5")
+
 
 # -- who may use them ----------------------------------------------------------------------------
 

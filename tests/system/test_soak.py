@@ -33,7 +33,7 @@ def test_a_twenty_second_soak_passes(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     result = run(args, tmp_path)
-    assert result.ok, (result.problems, result.counts)
+    assert result.ok, (result.problems, result.counts, result.failures)
     assert sorted(r.side for r in result.rows) == ["compiled", "compiled", "python", "python"]
     for side, counts in result.counts.items():
         # the churn really happened on both paths
