@@ -188,6 +188,8 @@ class Admin:
     drops: Callable[[], Mapping[str, int]]
     #: (datagrams, bytes) the XDP program relayed, when it runs
     xdp_totals: Callable[[], tuple[int, int] | None] = lambda: None
+    #: TURN connections open now by transport (``tcp``, ``tls``): UDP clients have none
+    connections: Callable[[], Mapping[str, int]] = lambda: {}
     #: called by every reload after the files (e.g. the TLS certificate, once there is one)
     reload_hooks: list[Callable[[], str | None]] = field(default_factory=list)
     drain_deadline: float | None = None
@@ -270,6 +272,7 @@ class Admin:
                 "bytes": stats.relayed_bytes_userspace,
             },
             "xdp": None if xdp is None else {"datagrams": xdp[0], "bytes": xdp[1]},
+            "connections": dict(self.connections()),
             "drops": dict(self.drops()),
             "top": top,
         }

@@ -706,6 +706,7 @@ def _merge_stats(got: Answers) -> tuple[int, dict[str, Any]]:
         "totals": {},
         "userspace": {},
         "xdp": None,
+        "connections": {},
         "drops": {},
         "top": [],
         "workers": len(got),
@@ -714,7 +715,7 @@ def _merge_stats(got: Answers) -> tuple[int, dict[str, Any]]:
         body["allocations"] += int(part.get("allocations") or 0)
         body["channels"] += int(part.get("channels") or 0)
         body["draining"] = body["draining"] or bool(part.get("draining"))
-        for key in ("totals", "userspace", "drops"):
+        for key in ("totals", "userspace", "connections", "drops"):
             _sum_into(body[key], part.get(key))
         body["top"] += [{"worker": i, **r} for r in part.get("top") or () if isinstance(r, dict)]
     body["top"].sort(key=lambda r: float(r.get("bytes_per_s") or 0), reverse=True)

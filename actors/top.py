@@ -57,6 +57,11 @@ def render(now: Mapping[str, Any], then: Mapping[str, Any] | None, width: int) -
         pps = _rate(figures, previous, "datagrams", dt)
         bps = _rate(figures, previous, "bytes", dt)
         lines.append(f"{path:14}{pps:>14.0f}{human_bytes(bps) + '/s':>14}")
+    connections = now.get("connections") or {}
+    lines.append("")
+    lines.append("connections  " + "  ".join(
+        f"{transport} {connections.get(transport, 0)}" for transport in ("tcp", "tls")
+    ))  # fmt: skip
     drops = now["drops"]
     old_drops = then["drops"] if then else None
     lines.append("")

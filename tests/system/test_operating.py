@@ -479,3 +479,58 @@ def test_the_rate_limit_holds_one_allocation_to_its_rate_and_leaves_another_alon
         if line.startswith("relay_datagrams_dropped") and 'reason="rate_limited"' in line
     )  # fmt: skip
     assert dropped == tick * 10 - heavy_peer.datagrams
+
+
+# -- stream clients ------------------------------------------------------------------------------
+
+
+def test_sessions_show_the_stream_transport_and_stats_count_open_connections(
+    relay_factory: object, tmp_path: Path
+) -> None:
+    """A TCP and a TLS client with an allocation each, and a TCP connection without one:
+    ``sessions`` names each allocation's transport and client, and ``/stats`` (what ``top``
+    shows) counts the open connections per transport, down again when they close."""
+    import ssl
+
+    from firezone_relay.actors.admin_cli import AdminClient
+    from firezone_relay.actors.top import render
+    from simulations.relay_process import free_port
+    from tests.system.stream_client import StreamClient, relayed_address
+    from tests.system.tls_files import make_cert
+
+    cert, key = make_cert(tmp_path)
+    tls_port = free_port()
+    relay: RelayProcess = relay_factory(  # type: ignore[operator]
+        "--tls-listen-port", str(tls_port), "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key),
+    )  # fmt: skip
+    admin = AdminClient(f"/run/firezone-relay/control-{relay.control_port}.sock")
+    context = ssl.create_default_context(cafile=str(cert))
+    tcp = StreamClient.connect(relay)
+    tls = StreamClient.connect(relay, tls_port, tls=context)
+    idle = StreamClient.connect(relay)
+    try:
+        ports = {
+            "tcp": relayed_address(tcp.allocate())[1],
+            "tls": relayed_address(tls.allocate())[1],
+        }
+        rows = {r["id"]: r for r in sessions(relay)}
+        for transport, client in (("tcp", tcp), ("tls", tls)):
+            row = rows[ports[transport]]
+            host, port = client.sock.getsockname()[:2]
+            assert row["transport"] == transport and row["client"] == f"{host}:{port}"
+        table = verb(relay, "sessions").stdout
+        assert "/tcp" in table and "/tls" in table
+
+        stats = admin.request("GET", "/stats")
+        assert stats["connections"] == {"tcp": 2, "tls": 1}
+        screen = render(stats, None, 120)
+        assert "connections  tcp 2  tls 1" in screen
+    finally:
+        for client in (tcp, tls, idle):
+            client.close()
+    wait_for(
+        lambda: admin.request("GET", "/stats")["connections"] == {"tcp": 0, "tls": 0},
+        5,
+        "the closed connections to leave the count",
+    )
