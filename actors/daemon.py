@@ -55,10 +55,15 @@ from firezone_relay.actors.admin import (
     Drain,
     admin_routes,
 )
-from firezone_relay.actors.control import (
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.datapath import DataPath
+from firezone_relay.actors.dataplane import DataPlane
+from firezone_relay.actors.endpoints import Endpoints
+from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
+from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
-    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
     PortalClosed,
@@ -69,11 +74,6 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
-from firezone_relay.actors.datapath import DataPath
-from firezone_relay.actors.dataplane import DataPlane
-from firezone_relay.actors.endpoints import Endpoints
-from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
-from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.offload import Offload
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.signals import (

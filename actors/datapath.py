@@ -24,14 +24,14 @@ from opentelemetry import trace
 
 from firezone_relay.actors import udpio
 from firezone_relay.actors.allocation import AllocationActor
-from firezone_relay.actors.control import (
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.dataplane import DataPlane
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
-    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
 )
-from firezone_relay.actors.dataplane import DataPlane
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp
 from firezone_relay.actors.startup_errors import binding

@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Final
 import pykka
 
 from firezone_relay.actors.admin import AdminEndpoint
-from firezone_relay.actors.control import (
-    ControlActor,
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.endpoints import Endpoints
+from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.messages import (
     PortalClosed,
     PortalConnect,
     PortalFatal,
@@ -46,8 +48,6 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
-from firezone_relay.actors.endpoints import Endpoints
-from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.offload import Offload, XdpRouteSink
 from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.signals import (

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from firezone_relay.actors.admin import admin_routes
-from firezone_relay.actors.control import tell
 from firezone_relay.actors.daemon import GivenSockets, Relay, Settings
 from firezone_relay.actors.logs import LogFilter, configure
+from firezone_relay.actors.messages import tell
 from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.worker_channel import (
     AdminAnswer,
