@@ -200,7 +200,7 @@ class Admin:
     def session_row(self, allocation: Allocation, now: float) -> dict[str, Any]:
         server = self.server
         ips = {Family.V4: server.public_ip4, Family.V6: server.public_ip6}
-        counters = allocation.counters
+        counters = allocation.traffic()
         row: dict[str, Any] = {
             "id": allocation.port,
             "username": allocation.username,
@@ -243,7 +243,7 @@ class Admin:
         movers: list[tuple[float, Allocation, int]] = []
         channels = 0
         for allocation in server.allocations():
-            counters = allocation.counters
+            counters = allocation.traffic()
             for i in range(4):
                 totals[i] += counters[i]
             moved = counters[OUT_BYTES] + counters[IN_BYTES]
@@ -491,7 +491,7 @@ def _clear_stale(path: Path) -> None:
 def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
     """The routes of the admin socket; ``tell`` hands a message to the control actor."""
     # here, not at the top: the verbs' client imports this module and needs no pykka
-    from firezone_relay.actors.control import Reload
+    from firezone_relay.actors.messages import Reload
 
     def disconnect(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ports = admin.matching(query)

@@ -37,6 +37,7 @@ from firezone_relay.protocol.allocations import (
 from firezone_relay.protocol.auth import Nonces
 from firezone_relay.protocol.authenticator import Authenticator
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from firezone_relay.protocol.client_input import ClientInput
 from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
@@ -61,6 +62,7 @@ from firezone_relay.protocol.reservations import (
 )
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.stats import SIZE_BUCKET as _SIZE_BUCKET
 from firezone_relay.protocol.stats import Stats
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.timers import (
@@ -74,7 +76,7 @@ from firezone_relay.protocol.timers import (
     Timers,
 )
 from firezone_relay.protocol.transactions import TransactionCache, request_digest
-from firezone_relay.protocol.types import Addr, Family, FiveTuple, log_fields
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, log_fields
 
 log = logging.getLogger("relay")
 
@@ -254,9 +256,9 @@ class Server:
         # The table's indexes under short names, for the per-datagram paths.
         self._allocations = self._table.by_client
         self._by_port = self._table.by_port
-        self._c2p = self._table.to_peer
         self._p2c = self._table.to_client
         self._c2c = self._table.looped
+        self._client_inputs: dict[tuple[Transport, Addr], ClientInput] = {}
         single = config.single_allocation_per_username
         #: the Firezone rule (the registry applies it; tracing reads it)
         self.single_allocation_per_username = (
@@ -385,12 +387,32 @@ class Server:
 
     # --- data path -----------------------------------------------------------------------
 
+    def client_input(self, transport: Transport, local: Addr) -> ClientInput:
+        """The entry point for what clients send over ``transport`` to the relay's ``local``
+        address, for the I/O layer to hold per listen socket: its ``handle(data, client
+        address, now)`` is ``handle_client_input`` without a 5-tuple built per datagram.
+        One per (transport, local), kept: the relay's own addresses bound their number."""
+        key = (transport, local)
+        entry = self._client_inputs.get(key)
+        if entry is None:
+            routes = self._table.peer_routes(transport, local)
+            entry = ClientInput(transport, local, routes, self.stats, self._client_input)
+            self._client_inputs[key] = entry
+        return entry
+
     def handle_client_input(
         self, data: bytes | memoryview, sender: FiveTuple, now: float
     ) -> ClientRoute | None:
         """A datagram on the listen port. Returns a ``ToPeer`` (relay ``data[span]`` to a
         peer), a ``LoopToClient`` (the peer is another allocation on this relay: hand the
         data to that allocation's client without a trip through the network), or None."""
+        return self.client_input(sender.transport, sender.local).handle(data, sender.remote, now)
+
+    def _client_input(
+        self, data: bytes | memoryview, sender: FiveTuple, now: float
+    ) -> ClientRoute | None:
+        """``handle_client_input`` for all but ChannelData on a bound channel (``ClientInput``
+        relays that)."""
         try:
             size = len(data)
             if size < 4 or sender.remote[1] == 0:
@@ -398,24 +420,11 @@ class Server:
                 return None
             first = data[0]
             if 0x40 <= first <= 0x4F:
-                channel, length = _unpack_hh(data)
-                route = self._c2p.get((sender, channel))
-                if route is None or 4 + length > size:
-                    if 4 + length <= size and (sender, channel) in self._c2c:
-                        return self._loop_channel_data(data, sender, channel, length, now)
-                    self.stats.unroutable_datagrams += 1
-                    return None
-                allocation = self._by_port[route.port]  # an int key: cheaper than sender
-                if allocation.limit_out is None:  # _metered, inlined on the hot path
-                    counters = allocation.counters
-                    counters[0] += 1  # OUT_PACKETS, OUT_BYTES
-                    counters[1] += length
-                elif not self._metered(allocation, OUT_PACKETS, length, now):
-                    return None
-                self.stats.count_relayed(length)
-                if 4 + length == size:
-                    return route  # unpadded: the channel's own route, built at bind time
-                return ToPeer(route.port, route.peer, slice(4, 4 + length))
+                number, length = _unpack_hh(data)
+                if 4 + length <= size and (sender, number) in self._c2c:
+                    return self._loop_channel_data(data, sender, number, length, now)
+                self.stats.unroutable_datagrams += 1
+                return None
             if first < 0x04:
                 return self._handle_stun(data, sender, now)
             self.stats.dropped_datagrams += 1
@@ -429,33 +438,45 @@ class Server:
     ) -> tuple[ToPeer | None, ToClient | None]:
         """The routes the core holds now under a channel's two keys, for a route cache in the
         I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
-        return self._c2p.get((client, channel)), self._p2c.get((port, peer))
+        to_peer = self._table.peer_route(client, channel)
+        to_client = self._p2c.get((port, peer))
+        return (
+            None if to_peer is None else to_peer.to_peer,
+            None if to_client is None else to_client.to_client,
+        )
 
     def all_channel_routes(
         self,
-    ) -> tuple[Mapping[tuple[FiveTuple, int], ToPeer], Mapping[tuple[int, Addr], ToClient]]:
-        """Read-only views of every channel route (client, channel) -> ``ToPeer`` and
-        (port, peer) -> ``ToClient``: for debug reads that compare a route cache with the
-        core (a walk of them costs a walk of the table)."""
-        return MappingProxyType(self._c2p), MappingProxyType(self._p2c)
+    ) -> tuple[Mapping[tuple[FiveTuple, int], Channel], Mapping[tuple[int, Addr], Channel]]:
+        """Read-only views of every channel route (client, channel) -> the channel whose
+        ``to_peer`` it is, and (port, peer) -> the channel whose ``to_client`` it is: for debug
+        reads that compare a route cache with the core (a walk costs a walk of the table)."""
+        to_peer = {
+            (bound.to_client.client, number): bound
+            for routes in self._table.to_peer.values()
+            for (_, number), bound in routes.items()
+        }
+        return to_peer, MappingProxyType(self._p2c)
 
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
     ) -> ToClient | None:
         """A datagram on an allocation port. Returns a ``ToClient`` when it is to be sent to
         the client as ChannelData; Data indications come out as commands."""
-        route = self._p2c.get((allocation_port, peer))
-        if route is not None:
+        channel = self._p2c.get((allocation_port, peer))
+        if channel is not None:
             length = len(data)
-            allocation = self._by_port[allocation_port]
-            if allocation.limit_in is None:  # _metered, inlined on the hot path
-                counters = allocation.counters
-                counters[2] += 1  # IN_PACKETS, IN_BYTES
-                counters[3] += length
-            elif not self._metered(allocation, IN_PACKETS, length, now):
+            limit = channel.limit_in
+            if limit is not None and not limit.take(length, now):
+                self.stats.allocation_rate_limited += 1
                 return None
-            self.stats.count_relayed(length)
-            return route
+            channel.in_datagrams += 1  # the allocation's count (Allocation.traffic)
+            channel.in_bytes += length
+            stats = self.stats  # Stats.count_relayed, inlined on the hot path
+            stats.relayed_packets_userspace += 1
+            stats.relayed_bytes_userspace += length
+            stats.packet_size_buckets[_SIZE_BUCKET[length]] += 1
+            return channel.to_client
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
         except Exception:
@@ -1120,7 +1141,7 @@ class Server:
         needs the public address to be local (it is not behind a cloud NAT). A port of the
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
-        port, peer, _ = self._c2c[(sender, channel)]
+        port, peer, _ = self._c2c[(sender, channel)].to_peer
         target_allocation = self._by_port.get(peer[1])
         if target_allocation is None:
             owner = self._other_worker(peer[1])
@@ -1139,7 +1160,7 @@ class Server:
         if not self._metered(target_allocation, IN_PACKETS, length, now):
             return None
         self.stats.count_relayed(length)
-        return LoopToClient(target.client, target.channel, length)
+        return LoopToClient(target.to_client.client, target.number, length)
 
     def _other_worker(self, port: int) -> int | None:
         """The worker of several whose share holds ``port``, if it is not this one."""
@@ -1183,7 +1204,7 @@ class Server:
         if not self._metered(self._by_port[peer[1]], IN_PACKETS, len(data), now):
             return
         self.stats.count_relayed(len(data))
-        client, channel = target
+        client, channel = target.to_client
         self._commands.append(SendMessage(struct.pack("!HH", channel, len(data)) + data, client))
 
     # --- failed binds and shutdown -----------------------------------------------------
