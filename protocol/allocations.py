@@ -100,6 +100,8 @@ class Allocation:
     limit_in: ByteBucket | None = None
     #: its name in the allocation registry (``ReserveAllocation.ticket``)
     ticket: int = 0
+    #: freed because its username allocated again (on this worker or another)
+    replaced: bool = False
 
     def traffic(self) -> tuple[int, int, int, int]:
         """Everything relayed for this allocation (``COUNTERS`` order): its ``counters`` plus

@@ -779,6 +779,7 @@ class Server:
                 previous_allocation=previous.port,
             ),
         )
+        previous.replaced = True
         self._table.remove(previous)
 
     def _release(self, ticket: int) -> None:
