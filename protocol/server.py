@@ -1004,7 +1004,7 @@ class Server:
             )
             self._table.remove(allocation)
 
-    def free_all(self, now: float) -> None:
+    def free_all(self) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
