@@ -36,6 +36,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -99,7 +100,7 @@ if TYPE_CHECKING:
     from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
-__all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
+__all__ = ["CONTROL_ROUTES", "GivenSockets", "Relay", "Settings", "run"]
 
 logger = logging.getLogger("relay")
 
@@ -145,6 +146,15 @@ class Settings:
     streams: StreamOptions = field(default_factory=StreamOptions)
 
 
+@dataclass(frozen=True)
+class GivenSockets:
+    """A worker's listen sockets, bound by the supervisor (``actors.supervisor``): its UDP
+    socket of each family and its TCP/TLS listeners, each keyed by (family, port)."""
+
+    udp: Mapping[Family, socket.socket]
+    streams: Mapping[tuple[Family, int], socket.socket]
+
+
 class Relay:
     """One relay process: the control actor, the portal session and the process-wide parts
     (``Endpoints``: HTTP endpoints and metrics; ``Offload``: XDP) around one worker's
@@ -173,6 +183,8 @@ class Relay:
         self.offload = Offload(settings.xdp)
         self._stopping = asyncio.Event()
         self.exit_code = 0
+        #: a worker's sockets (``actors.worker``); None: this process binds its own
+        self.given: GivenSockets | None = None
         # read from other threads (HTTP): plain attributes, written only on the loop
         self.sockets_bound = False
         self.portal_joined = False
@@ -292,7 +304,7 @@ class Relay:
         await self._start_admin()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self.offload.start(self.loop, [self.pipeline], self.endpoints)
-        self.datapath.bind_listen_sockets()
+        self.datapath.bind_listen_sockets(self.given.udp if self.given is not None else None)
         await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
@@ -327,8 +339,9 @@ class Relay:
             host = self.datapath.bind_hosts[family]
             for port, tls in ports:
                 kind = "TLS" if tls is not None else "TCP"
+                sock = self.given.streams[family, port] if self.given is not None else None
                 with binding(f"{kind} listen socket", host, port):
-                    await self.datapath.streams.listen(host, port, tls)
+                    await self.datapath.streams.listen(host, port, tls, sock)
                 logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
     def _announce_secret(self) -> None:

@@ -6,7 +6,8 @@ Invariants (checked by ``check_invariants``, which the unit tests call after eve
 1. ``by_client`` and ``by_port`` hold the same live allocations, each under its current
    client 5-tuple and port; a deleted allocation is in neither and has no channels or
    permissions left.
-2. ``by_username[u]`` is a live allocation with username ``u`` (the latest one made with it).
+2. ``by_username[u]`` is a live allocation with username ``u`` (the latest one made with it);
+   ``by_ticket`` holds every live allocation under its registry ticket.
 3. ``per_user[user]`` counts the live allocations of ``user``; no zero entries.
 4. In an allocation, ``channels`` and ``channel_by_peer`` are inverse maps (number <-> peer),
    every channel's peer is of one of the allocation's families, and there are at most
@@ -18,7 +19,8 @@ Invariants (checked by ``check_invariants``, which the unit tests call after eve
    have counted nothing that is not in their allocation's ``counters``.
 6. Every change of a channel's routes emits ``CreateChannelBinding`` /
    ``DeleteChannelBinding``; every deletion of an allocation emits one ``FreeAllocation``
-   per family, after the channel deletions.
+   per family, after the channel deletions, and one release of its ticket to the allocation
+   registry (``protocol.reservations``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class Allocation:
     #: ``--allocation-rate-limit`` buckets (None: no limit): client -> peer, peer -> client
     limit_out: ByteBucket | None = None
     limit_in: ByteBucket | None = None
+    #: its name in the allocation registry (``ReserveAllocation.ticket``)
+    ticket: int = 0
 
     def traffic(self) -> tuple[int, int, int, int]:
         """Everything relayed for this allocation (``COUNTERS`` order): its ``counters`` plus
@@ -110,11 +114,19 @@ class Allocation:
 
 
 class AllocationTable:
-    def __init__(self, emit: Callable[[Command], None], max_channels: int = 1024) -> None:
+    def __init__(
+        self,
+        emit: Callable[[Command], None],
+        max_channels: int = 1024,
+        release: Callable[[int], None] = lambda ticket: None,
+    ) -> None:
         self._emit = emit
+        #: tells the allocation registry that an allocation's ticket is free
+        self._release = release
         self.max_channels = max_channels
         self.by_client: dict[FiveTuple, Allocation] = {}
         self.by_port: dict[int, Allocation] = {}
+        self.by_ticket: dict[int, Allocation] = {}
         self.by_username: dict[str, Allocation] = {}
         self.per_user: dict[str, int] = {}
         # The fast paths, holding bound channels only.
@@ -148,6 +160,7 @@ class AllocationTable:
     def add(self, allocation: Allocation) -> None:
         self.by_client[allocation.client] = allocation
         self.by_port[allocation.port] = allocation
+        self.by_ticket[allocation.ticket] = allocation
         self.by_username[allocation.username] = allocation
         self.per_user[allocation.user] = self.per_user.get(allocation.user, 0) + 1
 
@@ -162,6 +175,9 @@ class AllocationTable:
             self._emit(FreeAllocation(allocation.port, family))
         self.by_client.pop(allocation.client, None)
         self.by_port.pop(allocation.port, None)
+        if self.by_ticket.get(allocation.ticket) is allocation:
+            del self.by_ticket[allocation.ticket]
+            self._release(allocation.ticket)
         if self.by_username.get(allocation.username) is allocation:
             del self.by_username[allocation.username]
         remaining = self.per_user.get(allocation.user, 1) - 1
@@ -262,7 +278,10 @@ class AllocationTable:
 
     def check_invariants(self) -> None:
         """Assert the invariants of the module docstring (tests; O(size of the table))."""
-        assert len(self.by_client) == len(self.by_port)
+        assert len(self.by_client) == len(self.by_port) == len(self.by_ticket)
+        for ticket, allocation in self.by_ticket.items():
+            assert allocation.ticket == ticket
+            assert self.by_client.get(allocation.client) is allocation
         routes = 0
         for client, allocation in self.by_client.items():
             assert allocation.client == client

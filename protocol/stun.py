@@ -195,7 +195,9 @@ def _enc_address(value: Addr, tid: bytes) -> bytes:
 
 
 def _xor(data: bytes, pad: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(data, pad, strict=False))
+    """``data`` XOR the start of ``pad`` (as long as ``data``), as one integer operation."""
+    size = len(data)
+    return (int.from_bytes(data) ^ int.from_bytes(pad[:size])).to_bytes(size)
 
 
 def _dec_xor_address(value: bytes, tid: bytes) -> Addr:

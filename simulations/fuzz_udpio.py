@@ -9,6 +9,14 @@ and, now and then, its whole contents (``debug_routes``) equal the model's; a da
 relayed exactly when it is ChannelData (0x40-0x4F, a length within the datagram) on a channel
 the model holds, and the peer gets exactly its payload. Anything else raises.
 
+Each route is set with a ``counts`` argument (the allocation's per-direction counters the
+mirror counts into, ``actors/dataplane.py``), taken from the input: None, a writable two-word
+``array('Q')`` or a view of one, or something hostile (read-only bytes, the wrong item format or
+size, too short, not contiguous, a released view, an int). A hostile one raises TypeError,
+BufferError or ValueError and leaves the route table as it was; a good one counts exactly the
+datagrams and payload bytes relayed on its route, and is released (its array can grow again)
+once the route is replaced, dropped, closed with ``drop_fd`` or cleared.
+
 ``python -m simulations.fuzz_udpio --seconds 30`` runs it on random scripts (seeded, printed),
 or under atheris when it is installed and ``--atheris`` is given (the C code itself is not
 coverage-instrumented then: gcc has no libFuzzer; the Python driver's branches guide it).
@@ -18,6 +26,7 @@ coverage-instrumented then: gcc has no libFuzzer; the Python driver's branches g
 from __future__ import annotations
 
 import argparse
+import array
 import ipaddress
 import random
 import socket
@@ -60,7 +69,7 @@ class Harness:
 
 
 HARNESS: Harness | None = None
-RELAYED = [0]  # datagrams the mirror relayed, over every input (the soak reports it)
+RELAYED = [0, 0, 0]  # datagrams the mirror relayed, of them counted, hostile counts refused
 
 
 def _addr(take: Any) -> Addr:
@@ -70,6 +79,84 @@ def _addr(take: Any) -> Addr:
     if kind == 1:
         return (str(ipaddress.IPv4Address(take(4))), 1 + int.from_bytes(take(2), "big") % 65535)
     return (str(ipaddress.IPv6Address(take(16))), 1 + int.from_bytes(take(2), "big") % 65535)
+
+
+class Counts:
+    """One ``counts`` argument: what is passed, the array behind it, and whether the helper
+    must refuse it."""
+
+    def __init__(self, arg: Any, backing: array.array[int] | None, hostile: bool) -> None:
+        self.arg, self.backing, self.hostile = arg, backing, hostile
+
+    def released(self) -> bool:
+        """Whether nothing holds a buffer of the backing array (it can grow). Releases a view
+        passed as the argument, which fails while the helper still holds it."""
+        if self.backing is None:
+            return True
+        try:
+            if isinstance(self.arg, memoryview):
+                self.arg.release()
+            self.backing.append(0)
+        except BufferError:
+            return False
+        self.backing.pop()
+        return True
+
+
+def _counts(take: Any) -> Counts:
+    kind = take(1)[0] % 12
+    good = array.array("Q", [0, 0, 0, 0])
+    if kind < 3:
+        return Counts(None, None, False)
+    if kind < 6:
+        return Counts(good, good, False)
+    if kind == 6:
+        return Counts(memoryview(good)[2:4], good, False)
+    if kind == 7:
+        released = memoryview(good)
+        released.release()
+        return Counts(released, good, True)
+    hostile: list[Any] = [
+        bytes(16),  # read-only
+        array.array("q", [0, 0]),  # signed
+        array.array("Q", [0]),  # one word
+        memoryview(good)[::2],  # not contiguous
+        bytearray(16),  # bytes, not 'Q'
+        12345,
+    ]
+    arg = hostile[take(1)[0] % len(hostile)]
+    return Counts(arg, None, True)
+
+
+def _set(method: Any, args: tuple[Any, ...], counts: Counts) -> bool | None:
+    """Set a route with ``counts``; None when the helper refused the arguments (as it must for
+    a hostile ``counts`` it reads), with the route table unchanged. A route it cannot mirror
+    (False) is dropped before ``counts`` is read, hostile or not."""
+    try:
+        installed = method(*args, -1, counts.arg)
+    except (TypeError, BufferError, ValueError):
+        assert counts.hostile, counts.arg
+        assert counts.released()
+        RELAYED[2] += 1
+        return None
+    assert not (installed and counts.hostile), counts.arg
+    assert installed or counts.released()
+    return bool(installed)
+
+
+def _counted(counts: Counts | None) -> tuple[int, int] | None:
+    """(datagrams, bytes) a route's good counts hold; None when it has none."""
+    if counts is None or counts.backing is None or counts.hostile:
+        return None
+    words = counts.backing
+    return (words[2], words[3]) if counts.arg is not words else (words[0], words[1])
+
+
+def _same_form(item: Any) -> Any:
+    """An (address, port) of ``debug_routes`` with the address in Python's spelling."""
+    if isinstance(item, tuple):
+        return (str(ipaddress.ip_address(item[0])), item[1])
+    return item
 
 
 def udpio(data: bytes) -> None:
@@ -90,6 +177,21 @@ def udpio(data: bytes) -> None:
 
     to_peer: dict[tuple[Addr, int], tuple[int, Addr]] = {}
     to_client: dict[tuple[int, Addr], tuple[int, Addr, int]] = {}
+    #: the counts each route was set with, and what they must hold
+    peer_counts: dict[tuple[Addr, int], tuple[Counts, list[int]]] = {}
+    client_counts: dict[tuple[int, Addr], Counts] = {}
+    dropped: list[Counts] = []  # counts of routes gone: released
+
+    def forget_peer(key: tuple[Addr, int]) -> None:
+        old = peer_counts.pop(key, None)
+        if old is not None:
+            dropped.append(old[0])
+
+    def forget_client(key: tuple[int, Addr]) -> None:
+        old = client_counts.pop(key, None)
+        if old is not None:
+            dropped.append(old)
+
     steps = 0
     while pos < len(data) and steps < 200:
         steps += 1
@@ -99,34 +201,49 @@ def udpio(data: bytes) -> None:
             channel = int.from_bytes(take(2), "big")
             out = h.outs[take(1)[0] % 3].fileno()
             peer = h.peer.getsockname() if take(1)[0] % 2 else _addr(take)
-            installed = rx.set_to_peer(client, channel, out, peer)
+            counts = _counts(take)
+            installed = _set(rx.set_to_peer, (client, channel, out, peer), counts)
+            key = (client, channel & 0xFFFF)
+            if installed is not None:
+                forget_peer(key)
             if installed:
-                to_peer[(client, channel & 0xFFFF)] = (out, peer)
-            else:
-                to_peer.pop((client, channel & 0xFFFF), None)
+                to_peer[key] = (out, peer)
+                peer_counts[key] = (counts, [0, 0])
+            elif installed is False:
+                to_peer.pop(key, None)
         elif op == 2:
             key = next(iter(to_peer), None) if take(1)[0] % 2 else (me, 0x4000)
             if key is not None:
                 rx.drop_to_peer(*key)
                 to_peer.pop(key, None)
+                forget_peer(key)
         elif op == 3:
             port = int.from_bytes(take(2), "big")
             peer = _addr(take)
             client = _addr(take)
             channel = 0x4000 + take(1)[0]
-            if rx.set_to_client(port, peer, h.listen.fileno(), client, channel):
-                to_client[(port, peer)] = (h.listen.fileno(), client, channel)
-            else:
+            counts = _counts(take)
+            fd = h.listen.fileno()
+            installed = _set(rx.set_to_client, (port, peer, fd, client, channel), counts)
+            if installed is not None:
+                forget_client((port & 0xFFFF, peer))
+            if installed:
+                to_client[(port, peer)] = (fd, client, channel)
+                client_counts[(port & 0xFFFF, peer)] = counts
+            elif installed is False:
                 to_client.pop((port, peer), None)
         elif op == 4:
             key2 = next(iter(to_client), None)
             if key2 is not None:
                 rx.drop_to_client(*key2)
                 del to_client[key2]
+                forget_client((key2[0] & 0xFFFF, key2[1]))
         elif op == 5:
             fd = h.outs[take(1)[0] % 3].fileno()
             expected = sum(1 for out, _ in to_peer.values() if out == fd)
             assert rx.drop_fd(fd) == expected
+            for k in [k for k, v in to_peer.items() if v[0] == fd]:
+                forget_peer(k)
             to_peer = {k: v for k, v in to_peer.items() if v[0] != fd}
         else:
             size = take(1)[0] % 40
@@ -155,12 +272,31 @@ def udpio(data: bytes) -> None:
                 assert arrived == [datagram[4 : 4 + length]], arrived
             else:
                 assert arrived == []
+            if route is not None:
+                counts, expect = peer_counts[(me, int.from_bytes(datagram[:2], "big"))]
+                expect[0] += 1
+                expect[1] += length
+                got = _counted(counts)
+                assert got is None or got == tuple(expect), (got, expect)
+                RELAYED[1] += got is not None
         assert rx.routes == (len(to_peer), len(to_client)), (rx.routes, steps)
+        while dropped:
+            assert dropped.pop().released()
         if steps % 16 == 0:
-            assert rx.debug_routes() == sorted(
+            expected = sorted(
                 [("to_peer", c, ch, out, p) for (c, ch), (out, p) in to_peer.items()]
                 + [("to_client", pt, p, fd, c, ch) for (pt, p), (fd, c, ch) in to_client.items()]
             )
+            # inet_ntop writes ::/96 addresses as ::a.b.c.d, Python as hex words: compare values
+            got_routes = sorted(tuple(map(_same_form, r)) for r in rx.debug_routes())
+            assert got_routes == expected, (got_routes, expected)
+    if take(1)[0] % 2:
+        rx.clear_routes()
+        dropped.extend(c for c, _ in peer_counts.values())
+        dropped.extend(client_counts.values())
+        assert rx.routes == (0, 0)
+        while dropped:
+            assert dropped.pop().released()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.atheris:
         import atheris  # type: ignore[import-not-found]
 
-        atheris.Setup([sys.argv[0], f"-max_total_time={int(args.seconds)}", *rest], udpio)
+        # coverage of the driver's branches (the C code is not instrumented: gcc has no
+        # libFuzzer) is what guides atheris here
+        target = atheris.instrument_func(udpio)
+        for helper in (_addr, _counts, _set, _counted):
+            globals()[helper.__name__] = atheris.instrument_func(helper)
+        atheris.Setup([sys.argv[0], f"-max_total_time={int(args.seconds)}", *rest], target)
         atheris.Fuzz()
         return 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
@@ -188,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         inputs += 1
     print(
-        f"fuzz_udpio: {inputs} inputs ({RELAYED[0]} datagrams relayed by the mirror) in "
+        f"fuzz_udpio: {inputs} inputs ({RELAYED[0]} datagrams relayed by the mirror, "
+        f"{RELAYED[1]} of them checked in their counts; {RELAYED[2]} hostile counts refused) in "
         f"{args.seconds:.0f} s, seed {seed}, no failure"
     )
     return 0
