@@ -1235,7 +1235,7 @@ class Server:
             )
             self._table.remove(allocation)
 
-    def free_all(self, now: float) -> None:
+    def free_all(self) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for client in list(self._waiting_clients):
             self._forget_waiting(client)

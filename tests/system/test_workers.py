@@ -22,8 +22,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from firezone_relay.actors.steering import worker_for
 from firezone_relay.actors.worker import port_share
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class
+from simulations import channel_data
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http, start_relay
