@@ -1,7 +1,7 @@
 """One worker process of a relay of several (``--num-worker-threads N``, N > 1): a ``Relay``
 with its own uvloop loop, core, actors and data plane, on listen sockets the supervisor bound
-(``actors.steering``) and a share of the allocation ports (``port_share``), reporting to the
-supervisor over its channel (``actors.worker_channel``).
+(``actors.steering``) and a share of the allocation ports (``ServerConfig.port_share``),
+reporting to the supervisor over its channel (``actors.worker_channel``).
 
 What there is one of per host (portal session, HTTP endpoints, admin socket, XDP, the secret's
 announcement) is the supervisor's: the worker's settings have those turned off. It dies with

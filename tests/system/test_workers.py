@@ -21,9 +21,10 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from firezone_relay.actors.steering import worker_for
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.ports import PortShares
 from firezone_relay.protocol.stun import Attr, Class
+from simulations import channel_data
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http, start_relay

@@ -252,7 +252,10 @@ def test_a_worker_frees_an_evicted_allocation() -> None:
     h.server.handle_reservation(reserve.ticket, None, h.now)
     port = next(c.port for c in h.drain() if isinstance(c, CreateAllocation))
     h.send(client.channel_bind(0x4000, PEER))
+    allocation = h.server.allocation_on(port)
+    assert allocation is not None and not allocation.replaced
     h.server.handle_registry_message(EvictAllocation(1, reserve.ticket, five_tuple(OTHER)), h.now)
+    assert allocation.replaced  # what tracing calls the end of it
     assert h.drain() == [
         DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port),
         FreeAllocation(port, Family.V4),
