@@ -124,6 +124,8 @@ class Settings:
     #: where ``auth_secret`` came from (None: generated for this run)
     secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
+    #: whether metrics go to the OTLP endpoint too (a worker of several sends spans only)
+    export_metrics: bool = True
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
     #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``

@@ -112,7 +112,7 @@ class DataPath:
         if self._timer is not None:
             self._timer.cancel()
         freed = self.server.num_allocations
-        self.server.free_all(time.monotonic())
+        self.server.free_all()
         self.pipeline.drain()
         for ref in list(self.pipeline.allocations.values()):  # anything the core forgot
             with contextlib.suppress(pykka.ActorDeadError):

@@ -392,6 +392,8 @@ class Supervisor:
             [sys.executable, "-m", "firezone_relay.actors.worker"],
             stdin=subprocess.PIPE,
             pass_fds=fds,
+            # a terminal's Ctrl-C is the supervisor's to act on (it stops the workers)
+            process_group=0,
         )
         child.close()
         assert proc.stdin is not None

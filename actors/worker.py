@@ -103,7 +103,8 @@ def worker_settings(settings: Settings, index: int, count: int, secret: str) -> 
         control_endpoint=None,
         admin_socket=None,
         admin_socket_required=False,
-        otlp_grpc_endpoint=None,
+        export_metrics=False,
+        resource_attributes={**settings.resource_attributes, "relay.worker": str(index)},
         stats_interval=3600.0,
     )
 

@@ -143,10 +143,6 @@ class AllocationTable:
     def __len__(self) -> int:
         return len(self.by_client)
 
-    @property
-    def bound_channels(self) -> int:
-        return len(self.to_client)
-
     def peer_routes(self, transport: Transport, local: Addr) -> dict[tuple[Addr, int], Channel]:
         """The ``to_peer`` table of the clients of ``transport`` at ``local``."""
         routes = self.to_peer.get((transport, local))

@@ -200,6 +200,7 @@ class Server:
         self.config = config
         self._rng = rng
         self._token_bytes = token_bytes
+        self._indication_ids = stun.TransactionIds(token_bytes)
         first_secret = secret if secret is not None else token_bytes(32).hex()
         #: drain: new Allocates get 508, existing allocations go on
         self.draining = False
@@ -525,12 +526,7 @@ class Server:
             return
         if not self._metered(allocation, IN_PACKETS, len(data), now):
             return
-        payload = stun.encode(
-            Method.DATA,
-            Class.INDICATION,
-            self._token_bytes(12),
-            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)],
-        )
+        payload = stun.data_indication(self._indication_ids(), peer, data)
         self.stats.count_relayed(len(data))
         self._commands.append(SendMessage(payload, allocation.client))
 
@@ -1232,7 +1228,7 @@ class Server:
             )
             self._table.remove(allocation)
 
-    def free_all(self, now: float) -> None:
+    def free_all(self) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
         for client in list(self._waiting_clients):
             self._forget_waiting(client)

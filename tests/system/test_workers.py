@@ -12,19 +12,25 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from firezone_relay.actors.steering import worker_for
 from firezone_relay.actors.worker import port_share
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class
+from simulations import channel_data
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
-from tests.system.conftest import RelayProcess, http, start_relay
+from tests.system.conftest import RelayProcess, free_port, http, start_relay
 from tests.system.test_daemon_portal import _wait_status
 from tests.system.test_operating import sessions, verb
+from tests.system.test_otlp_traces import Collector
 
 pytestmark = pytest.mark.system
 
@@ -346,11 +352,9 @@ def test_operator_verbs_answer_for_every_worker(tmp_path: Path) -> None:
             bob_port = _relayed_on(relay, 1, bob, peer)
 
             rows = sessions(relay)
-            assert sorted((r["worker"], r["id"], r["user"]) for r in rows) == [
-                (0, ports[0], "alice"),
-                (1, ports[1], "alice"),
-                (1, bob_port, "bob"),
-            ]
+            assert sorted((r["worker"], r["id"], r["user"]) for r in rows) == sorted(
+                [(0, ports[0], "alice"), (1, ports[1], "alice"), (1, bob_port, "bob")]
+            )
             table = verb(relay, "sessions").stdout.splitlines()
             assert table[0].split()[:3] == ["WORKER", "ID", "USER"] and len(table) == 4
 
@@ -376,3 +380,38 @@ def test_operator_verbs_answer_for_every_worker(tmp_path: Path) -> None:
                 client.close()
     finally:
         relay.stop(signal.SIGKILL)
+
+
+def test_spans_of_each_worker_say_which(tmp_path: Path) -> None:
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
+    port = free_port(socket.SOCK_STREAM)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    relay = start_relay(
+        tmp_path,
+        "--num-worker-threads",
+        str(WORKERS),
+        "--otlp-grpc-endpoint",
+        f"127.0.0.1:{port}",
+        env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+    )
+    try:
+        with echo_peer() as peer:
+            for worker in (0, 1):
+                client = UdpClient(relay, worker)
+                _relayed_on(relay, worker, client, peer)
+                client.close()
+        for worker in (0, 1):
+            _wait(
+                lambda w=worker: any(
+                    s.resource.get("relay.worker") == str(w)
+                    for s in collector.spans("allocation.create")
+                )
+            )
+        assert len(collector.spans("allocation.create")) == 2
+    finally:
+        relay.stop(signal.SIGKILL)
+        server.stop(0)
