@@ -201,10 +201,10 @@ class Admin:
     # -- what the operator sees ----------------------------------------------------------
 
     def counters(self, allocation: Allocation) -> list[int]:
-        """The allocation's traffic on every data path: what userspace counted (the core and
-        the C route mirror) plus what the XDP program relayed."""
+        """The allocation's traffic on every data path: what userspace counted (the core, its
+        channels and the C route mirror) plus what the XDP program relayed."""
         xdp = self.xdp_counts(allocation.port, allocation.client)
-        return [a + b for a, b in zip(allocation.counters, xdp, strict=True)]
+        return [a + b for a, b in zip(allocation.traffic(), xdp, strict=True)]
 
     def session_row(
         self, allocation: Allocation, now: float, counters: list[int] | None = None
@@ -503,7 +503,7 @@ def _clear_stale(path: Path) -> None:
 def admin_routes(admin: Admin, tell: Callable[[object], object]) -> Routes:
     """The routes of the admin socket; ``tell`` hands a message to the control actor."""
     # here, not at the top: the verbs' client imports this module and needs no pykka
-    from firezone_relay.actors.control import Reload
+    from firezone_relay.actors.messages import Reload
 
     def disconnect(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ports = admin.matching(query)

@@ -154,10 +154,13 @@ SESSION_COLUMNS = ("ID", "USER", "CLIENT", "RELAYED", "AGE", "LEFT", "CH", "PERM
 
 def session_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The ``sessions`` table: one row per allocation."""
-    table = [SESSION_COLUMNS]
+    workers = any("worker" in r for r in rows)  # a relay of several workers says whose
+    columns = ("WORKER", *SESSION_COLUMNS) if workers else SESSION_COLUMNS
+    table = [columns]
     for r in rows:
         table.append(
             (
+                *((str(r.get("worker", "")),) if workers else ()),
                 str(r["id"]),
                 str(r["username"]),
                 f"{r['client']}/{r['transport']}",
@@ -170,7 +173,7 @@ def session_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"{r['to_client_datagrams']} dg {human_bytes(r['to_client_bytes'])}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(SESSION_COLUMNS))]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in table]  # fmt: skip
 

@@ -20,15 +20,15 @@ from typing import ClassVar
 
 import pykka
 
-from firezone_relay.actors.control import (
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
-    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
     tell,
 )
-from firezone_relay.actors.loop_actor import LoopActor
 from firezone_relay.actors.sockets import ALLOCATION_RECEIVE_BYTES, bind_udp
 from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation
 from firezone_relay.protocol.types import Family

@@ -612,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /run/firezone-relay/control-<port of --control-endpoint>.sock)",
     )
     a(
+        "--num-worker-threads",
+        type=_positive,
+        default=_env("NUM_WORKER_THREADS", 1),
+        metavar="N",
+        help="worker processes, each with its own event loop, core and share of the allocation "
+        "ports, under one supervisor (Firezone's tokio workers); 1: one process (default: 1)",
+    )
+    a(
         "--rng-seed",
         type=_int,
         default=_env("RNG_SEED"),
@@ -710,13 +718,6 @@ def _add_firezone_extras(p: argparse.ArgumentParser) -> None:
         help="Firezone's Sentry crash reporting (default: off)",
     )
     a(
-        "--num-worker-threads",
-        type=_positive,
-        default=_env("NUM_WORKER_THREADS"),
-        metavar="N",
-        help="Firezone's tokio worker threads; one event loop here (default: none)",
-    )
-    a(
         "--google-cloud-project-id",
         type=_text,
         default=_env("GOOGLE_CLOUD_PROJECT_ID"),
@@ -787,11 +788,6 @@ def warn_unsupported(args: argparse.Namespace) -> None:
         log.warning(
             "--telemetry (TELEMETRY / FIREZONE_TELEMETRY) is ignored: this relay sends no crash "
             "reports to Firezone's Sentry; use --otlp-grpc-endpoint for traces and metrics"
-        )
-    if args.num_worker_threads is not None:
-        log.warning(
-            "--num-worker-threads (NUM_WORKER_THREADS) is ignored: this relay runs one event "
-            "loop, and XDP (--ebpf-offloading) is how it scales across cores"
         )
     if args.google_cloud_project_id:
         log.warning(
@@ -1048,9 +1044,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "firezone-relay starting (rng seed %s)",
         args.rng_seed if args.rng_seed is not None else "from entropy",
     )
-    from firezone_relay.actors.daemon import run
+    workers = args.num_worker_threads
+    if workers > 1:
+        if workers > args.highest_port - args.lowest_port + 1:
+            parser.error(
+                f"--num-worker-threads {workers}: more workers than allocation ports "
+                f"(--lowest-port {args.lowest_port} .. --highest-port {args.highest_port})"
+            )
+        from firezone_relay.actors.supervisor import run_supervised
 
-    code = run(settings, log_filter)
+        code = run_supervised(settings, log_filter, workers, args.log_format)
+    else:
+        from firezone_relay.actors.daemon import run
+
+        code = run(settings, log_filter)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

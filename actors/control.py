@@ -1,11 +1,10 @@
-"""The relay's control messages and the loop-hosted actor that dispatches them.
+"""The loop-hosted actor that dispatches the relay's control messages.
 
-Everything that changes the daemon's state, other than a datagram, arrives as one of these
-frozen messages told to the relay's :class:`ControlActor`: the portal session says it joined,
-lost or gave up on the portal; allocation actors say a socket opened, closed or could not be
-bound, and that they stopped; a signal says stop. The actor looks the message's type up in one
-table (``actors.daemon.CONTROL_ROUTES``) and calls the handler it names. Datagrams never come
-this way: the data plane's reader callbacks call the core directly.
+Everything that changes the daemon's state, other than a datagram, arrives as one of the
+frozen messages of :mod:`actors.messages` told to the relay's :class:`ControlActor`. The actor
+looks the message's type up in one table (``actors.daemon.CONTROL_ROUTES``) and calls the
+handler it names. Datagrams never come this way: the data plane's reader callbacks call the
+core directly.
 
 The actor is hosted on the event loop (:mod:`actors.loop_actor`), so a message told from the
 loop thread while it is idle is handled at once, in the teller's stack. The 508 swap relies on
@@ -15,132 +14,15 @@ that (see ``Relay._on_allocation_bind_failed``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import pykka
+from typing import Any
 
 from firezone_relay.actors.loop_actor import LoopActor
-from firezone_relay.protocol.types import Family
 
-if TYPE_CHECKING:
-    from firezone_relay.actors.allocation import AllocationActor
-
-__all__ = [
-    "AllocationBindFailed",
-    "AllocationStopped",
-    "ControlActor",
-    "PeerSocketClosed",
-    "PeerSocketOpened",
-    "PortalClosed",
-    "PortalConnect",
-    "PortalFatal",
-    "PortalJoined",
-    "Reload",
-    "Shutdown",
-    "tell",
-]
+__all__ = ["ControlActor"]
 
 logger = logging.getLogger("relay.control")
-
-
-# -- the portal session ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PortalConnect:
-    """To the portal session: join the portal, registering ``stamp_secret`` (the secret the
-    core checks credentials against; fixed for the session's life)."""
-
-    stamp_secret: str
-
-
-@dataclass(frozen=True, slots=True)
-class PortalJoined:
-    """From the portal session: the portal acknowledged the join; the relay is ready."""
-
-
-@dataclass(frozen=True, slots=True)
-class PortalClosed:
-    """From the portal session: the connection is gone; it reconnects, the relay is unready."""
-
-
-@dataclass(frozen=True, slots=True)
-class PortalFatal:
-    """From the portal session: the portal cannot be reached or refused us; the relay exits 1."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reload:
-    """To the control actor (SIGHUP, ``systemctl reload``, ``firezone-relay reload``): re-read
-    what can change without a restart; the relay keeps running."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    """To the control actor (signals): stop the relay with ``code``. To the portal session:
-    close the connection and stop."""
-
-    code: int = 0
-    reason: str = ""
-
-
-# -- allocation actors -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PeerSocketOpened:
-    """An allocation actor bound ``sock``: traffic to peers of ``port`` leaves through it."""
-
-    port: int
-    family: Family
-    sock: socket.socket
-
-
-@dataclass(frozen=True, slots=True)
-class PeerSocketClosed:
-    """An allocation actor is done with its ``family`` socket of ``port`` (its reader is
-    removed): the data plane drops its routes and closes it, so the fd cannot be reused while
-    a route still names it, however late this message is handled."""
-
-    port: int
-    family: Family
-    sock: socket.socket
-
-
-@dataclass(frozen=True, slots=True)
-class AllocationBindFailed:
-    """An allocation actor could not bind ``port`` (at monotonic time ``at``) and stopped."""
-
-    port: int
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class AllocationStopped:
-    """The allocation actor of ``port`` stopped; ``actor`` is its reference."""
-
-    port: int
-    actor: pykka.ActorRef[AllocationActor]
-
-
-def tell(ref: pykka.ActorRef[Any] | None, message: object) -> bool:  # Any: any actor
-    """Tell ``message`` to ``ref`` unless it has stopped (during shutdown, late news is moot);
-    returns whether it was delivered."""
-    if ref is None:
-        return False
-    with contextlib.suppress(pykka.ActorDeadError):
-        ref.tell(message)
-        return True
-    return False
 
 
 class ControlActor(LoopActor):

@@ -36,6 +36,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -54,10 +55,15 @@ from firezone_relay.actors.admin import (
     Drain,
     admin_routes,
 )
-from firezone_relay.actors.control import (
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.datapath import DataPath
+from firezone_relay.actors.dataplane import DataPlane
+from firezone_relay.actors.endpoints import Endpoints
+from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
+from firezone_relay.actors.logs import LogFilter
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
-    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
     PortalClosed,
@@ -68,11 +74,6 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
-from firezone_relay.actors.datapath import DataPath
-from firezone_relay.actors.dataplane import DataPlane
-from firezone_relay.actors.endpoints import Endpoints
-from firezone_relay.actors.limits import allocation_cap, open_fds, port_range_warning
-from firezone_relay.actors.logs import LogFilter
 from firezone_relay.actors.offload import Offload
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.signals import (
@@ -99,7 +100,7 @@ if TYPE_CHECKING:
     from firezone_relay.actors.secret_files import AuthSecret
     from firezone_relay.actors.xdp_manager import XdpManager, XdpOptions
 
-__all__ = ["CONTROL_ROUTES", "Relay", "Settings", "run"]
+__all__ = ["CONTROL_ROUTES", "GivenSockets", "Relay", "Settings", "run"]
 
 logger = logging.getLogger("relay")
 
@@ -123,6 +124,8 @@ class Settings:
     #: where ``auth_secret`` came from (None: generated for this run)
     secret_origin: AuthSecret | None = None
     otlp_grpc_endpoint: str | None = None
+    #: whether metrics go to the OTLP endpoint too (a worker of several sends spans only)
+    export_metrics: bool = True
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
     #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
@@ -143,6 +146,15 @@ class Settings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     streams: StreamOptions = field(default_factory=StreamOptions)
+
+
+@dataclass(frozen=True)
+class GivenSockets:
+    """A worker's listen sockets, bound by the supervisor (``actors.supervisor``): its UDP
+    socket of each family and its TCP/TLS listeners, each keyed by (family, port)."""
+
+    udp: Mapping[Family, socket.socket]
+    streams: Mapping[tuple[Family, int], socket.socket]
 
 
 class Relay:
@@ -173,6 +185,8 @@ class Relay:
         self.offload = Offload(settings.xdp)
         self._stopping = asyncio.Event()
         self.exit_code = 0
+        #: a worker's sockets (``actors.worker``); None: this process binds its own
+        self.given: GivenSockets | None = None
         # read from other threads (HTTP): plain attributes, written only on the loop
         self.sockets_bound = False
         self.portal_joined = False
@@ -293,7 +307,7 @@ class Relay:
         await self._start_admin()
         # XDP first, as the reference does: no channel can be bound before the maps exist.
         await self.offload.start(self.loop, [self.pipeline], self.endpoints)
-        self.datapath.bind_listen_sockets()
+        self.datapath.bind_listen_sockets(self.given.udp if self.given is not None else None)
         await self._start_streams()
         self.sockets_bound = True
         if self.settings.portal is None:
@@ -328,8 +342,9 @@ class Relay:
             host = self.datapath.bind_hosts[family]
             for port, tls in ports:
                 kind = "TLS" if tls is not None else "TCP"
+                sock = self.given.streams[family, port] if self.given is not None else None
                 with binding(f"{kind} listen socket", host, port):
-                    await self.datapath.streams.listen(host, port, tls)
+                    await self.datapath.streams.listen(host, port, tls, sock)
                 logger.info("listening on %s:%d (%s, %s)", host, port, family.name, kind)
 
     def _announce_secret(self) -> None:

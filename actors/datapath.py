@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import Mapping, Sequence
 
@@ -23,14 +24,14 @@ from opentelemetry import trace
 
 from firezone_relay.actors import udpio
 from firezone_relay.actors.allocation import AllocationActor
-from firezone_relay.actors.control import (
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.dataplane import DataPlane
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
-    ControlActor,
     PeerSocketClosed,
     PeerSocketOpened,
 )
-from firezone_relay.actors.dataplane import DataPlane
 from firezone_relay.actors.pipeline import Pipeline
 from firezone_relay.actors.sockets import LISTEN_BUFFER_BYTES, bind_udp
 from firezone_relay.actors.startup_errors import binding
@@ -80,15 +81,21 @@ class DataPath:
 
     # -- sockets --------------------------------------------------------------------------
 
-    def bind_listen_sockets(self) -> None:
-        """Bind the UDP listen socket of each public family and start reading it."""
+    def bind_listen_sockets(self, given: Mapping[Family, socket.socket] | None = None) -> None:
+        """Bind the UDP listen socket of each public family (or take the one ``given``: a
+        worker's, bound by the supervisor) and start reading it."""
         config = self.server.config
         for family, public in ((Family.V4, config.public_ip4), (Family.V6, config.public_ip6)):
             if public is None:
                 continue
             host = self.bind_hosts[family]
-            with binding("listen socket", host, config.listen_port):
-                sock = bind_udp(family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES)
+            if given is not None:
+                sock = given[family]
+            else:
+                with binding("listen socket", host, config.listen_port):
+                    sock = bind_udp(
+                        family, host, config.listen_port, buffer_bytes=LISTEN_BUFFER_BYTES
+                    )
             self.dataplane.add_listen_socket(family, sock)
             self.loop.add_reader(sock.fileno(), self.dataplane.on_listen_readable, sock)
             logger.info(
@@ -105,7 +112,7 @@ class DataPath:
         if self._timer is not None:
             self._timer.cancel()
         freed = self.server.num_allocations
-        self.server.free_all(time.monotonic())
+        self.server.free_all()
         self.pipeline.drain()
         for ref in list(self.pipeline.allocations.values()):  # anything the core forgot
             with contextlib.suppress(pykka.ActorDeadError):

@@ -210,11 +210,13 @@ class DataPlane:
         to_peer, to_client = self.server.all_channel_routes()
         sockets = self.allocation_sockets
         routes: list[tuple[Any, ...]] = []
-        for (client, channel), route in to_peer.items():
+        for (client, channel), bound in to_peer.items():
+            route = bound.to_peer
             out = sockets.get((route.port, _V6 if ":" in route.peer[0] else _V4))
             if out is not None and client.transport is _UDP:
                 routes.append(("to_peer", client.remote, channel, out.fileno(), route.peer))
-        for (port, peer), back in to_client.items():
+        for (port, peer), bound in to_client.items():
+            back = bound.to_client
             listen = self.listen_socket_for(back.client)
             if listen is not None and back.client.transport is _UDP:
                 routes.append(
@@ -283,17 +285,16 @@ class DataPlane:
         """Datagrams ``[k, n)`` of a listen socket's batch, which the mirror did not route:
         STUN/TURN messages and ChannelData, through the core."""
         views, addrs, lens, buf = self._rx_parts
-        handle = self.server.handle_client_input
+        handle = self.server.client_input(_UDP, self._local_of(sock)).handle
         sockets = self.allocation_sockets
         to_client = self.listen_socket_for
         out = self._out
-        local = self._local_of(sock)
         now = time.monotonic()
         core_busy = False  # a datagram the core did not route may have queued commands
         for i in range(k, n):
             addr = addrs[i]
             try:
-                route = handle(views[i][: lens[i]], FiveTuple(_UDP, addr, local), now)
+                route = handle(views[i][: lens[i]], addr, now)
             except Exception:
                 self._input_failed(addr)
                 continue

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -183,6 +184,9 @@ class LogFilter:
         self._touched: set[str] = set()
         self.current = ""
         self.flood_guard: FloodGuard | None = None
+        #: called with the directives after each change (a supervisor passes them on to its
+        #: workers); from the thread that applied them
+        self.on_change: list[Callable[[str], None]] = []
 
     def flush_suppressed(self) -> None:
         """Summarise what the flood guard held back (stats timer and shutdown call this)."""
@@ -202,6 +206,8 @@ class LogFilter:
             logging.getLogger().setLevel(default)
             self._touched = set(targets)
             self.current = text
+        for listener in self.on_change:
+            listener(text)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:

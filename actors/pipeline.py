@@ -13,6 +13,15 @@ Targets:
                     the order the core emitted them, to every ``RouteSink`` (the data plane's
                     C route mirror, the XDP map manager) when the drain ends, before the next
                     input is read
+``_to_registry``    a worker of several: ``ReserveAllocation`` / ``ReleaseAllocation`` to the
+                    supervisor's allocation registry (its answers come back through
+                    ``Server.handle_registry_message``, then a drain)
+``_to_worker``      a worker of several: ``ForwardToWorker`` (the relay loop to another
+                    worker's allocation), sent from the loop; one per datagram, so never
+                    through an actor inbox
+
+A relay of one worker never emits the last two: its core holds its own registry and all
+the ports.
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ from firezone_relay.protocol.commands import (
     CreateAllocation,
     CreateChannelBinding,
     DeleteChannelBinding,
+    ForwardToWorker,
     FreeAllocation,
+    RegistryRequest,
+    ReleaseAllocation,
+    ReserveAllocation,
     SendMessage,
 )
 
@@ -67,10 +80,16 @@ class Pipeline:
         send: Callable[[SendMessage], None],
         spawn_allocation: Callable[[int], pykka.ActorRef[AllocationActor]],
         route_sinks: tuple[RouteSink, ...] = (),
+        to_registry: Callable[[RegistryRequest], None] | None = None,
+        to_worker: Callable[[ForwardToWorker], None] | None = None,
     ) -> None:
         self._server = server
         self._send = send
         self._spawn_allocation = spawn_allocation
+        #: a worker of several: its channel to the supervisor's registry and to the other
+        #: workers (the owner sets them before any input; a relay of one needs neither)
+        self.to_registry = to_registry
+        self.to_worker = to_worker
         #: who keeps a copy of the channel routes (see ``RouteSink``)
         self.route_sinks: list[RouteSink] = list(route_sinks)
         #: allocation port -> its actor; the actor removes itself when it stops
@@ -111,9 +130,11 @@ class Pipeline:
 
     def observe(self, observer: Callable[[Command], None]) -> None:
         """Also show each command to ``observer`` once its target has it (tracing). Installed
-        only when spans are exported, so without them the drain is unchanged."""
+        only when spans are exported, so without them the drain is unchanged; never for
+        ``ForwardToWorker``, which is one per datagram."""
         for command_type, handler in list(self._handlers.items()):
-            self._handlers[command_type] = _then(handler, observer)
+            if command_type is not ForwardToWorker:
+                self._handlers[command_type] = _then(handler, observer)
 
     def _to_send(self, command: SendMessage) -> None:
         self._send(command)
@@ -131,6 +152,18 @@ class Pipeline:
         if self.route_sinks:
             self._channel_batch.append(command)
 
+    def _to_registry(self, command: RegistryRequest) -> None:
+        if self.to_registry is None:
+            logger.error("no allocation registry for %r", command)
+            return
+        self.to_registry(command)
+
+    def _to_worker(self, command: ForwardToWorker) -> None:
+        if self.to_worker is None:
+            logger.error("no channel to worker %d", command.worker)
+            return
+        self.to_worker(command)
+
     def allocation_gone(self, port: int, actor: pykka.ActorRef[AllocationActor]) -> None:
         """The allocation actor ``actor`` of ``port`` has stopped (a newer one may own the
         port already)."""
@@ -146,6 +179,9 @@ ROUTES: Final[Mapping[type[Command], Callable[[Pipeline, Any], None]]] = {
     FreeAllocation: Pipeline._to_allocation,
     CreateChannelBinding: Pipeline._to_route_sinks,
     DeleteChannelBinding: Pipeline._to_route_sinks,
+    ReserveAllocation: Pipeline._to_registry,
+    ReleaseAllocation: Pipeline._to_registry,
+    ForwardToWorker: Pipeline._to_worker,
 }
 
 C = TypeVar("C", bound=Command)

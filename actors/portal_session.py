@@ -15,8 +15,9 @@ import logging
 import pykka
 from opentelemetry import trace
 
-from firezone_relay.actors.control import (
-    ControlActor,
+from firezone_relay.actors.control import ControlActor
+from firezone_relay.actors.loop_actor import LoopActor
+from firezone_relay.actors.messages import (
     PortalClosed,
     PortalConnect,
     PortalFatal,
@@ -24,7 +25,6 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
-from firezone_relay.actors.loop_actor import LoopActor
 from firezone_relay.actors.portal import PortalClient, PortalConfig
 from firezone_relay.protocol.phoenix import Fatal
 

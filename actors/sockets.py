@@ -50,9 +50,11 @@ def bind_udp(
     *,
     buffer_bytes: int | None = None,
     receive_bytes: int | None = None,
+    reuse_port: bool = False,
 ) -> socket.socket:
     """A non-blocking UDP socket bound to ``(host, port)``; IPv6 sockets are IPv6-only.
-    ``buffer_bytes`` sizes both queues, ``receive_bytes`` the receive queue. Datagrams the
+    ``buffer_bytes`` sizes both queues, ``receive_bytes`` the receive queue; ``reuse_port``
+    joins the port's ``SO_REUSEPORT`` group (the workers' listen sockets). Datagrams the
     kernel drops on a full receive queue are reported to the reader (``SO_RXQ_OVFL``: the
     compiled helper counts them as ``relay.datagrams.dropped{reason=kernel_rx_overflow}``).
 
@@ -68,6 +70,8 @@ def bind_udp(
             _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, buffer_bytes)
         if receive_bytes:
             _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, receive_bytes)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         except OSError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Sequence
@@ -140,12 +141,24 @@ class Streams:
         else:
             del self._per_source[host]
 
-    async def listen(self, host: str, port: int, tls: TlsContexts | None = None) -> StreamListener:
-        """Accept TCP (or, with ``tls``, TLS) connections on ``host:port``."""
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        tls: TlsContexts | None = None,
+        sock: socket.socket | None = None,
+    ) -> StreamListener:
+        """Accept TCP (or, with ``tls``, TLS) connections on ``host:port``, or on ``sock``
+        when given (a worker's share of a ``SO_REUSEPORT`` group, bound by the supervisor)."""
         listener = StreamListener(self, tls)
-        listener.server = await self.loop.create_server(
-            lambda: StreamConnection(self, tls), host, port, reuse_address=True, backlog=1024
-        )
+        if sock is not None:
+            listener.server = await self.loop.create_server(
+                lambda: StreamConnection(self, tls), sock=sock, backlog=1024
+            )
+        else:
+            listener.server = await self.loop.create_server(
+                lambda: StreamConnection(self, tls), host, port, reuse_address=True, backlog=1024
+            )
         self.listeners.append(listener)
         return listener
 

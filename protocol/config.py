@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from firezone_relay.protocol.auth import FIREZONE_REALM
 from firezone_relay.protocol.policy import networks
+from firezone_relay.protocol.ports import PortShares
 
 __all__ = ["DEFAULT_MAX_ALLOCATIONS_PER_USER", "ServerConfig"]
 
@@ -58,6 +59,14 @@ class ServerConfig:
     time_scale: float = 1.0
     nonce_uses: int = 10_000
     software: str = "firezone-relay-py; rev=0.1.0"
+    #: the relay's worker processes (``--num-worker-threads``) and which one this core is:
+    #: it allocates only in its share of the port range (``port_share``), hands the relay
+    #: loop to another worker's share to that worker (``ForwardToWorker``), asks the
+    #: supervisor's registry before it grants an Allocate (``ReserveAllocation``), and
+    #: answers unauthenticated requests at ``unauthenticated_rate_limit / workers``. With
+    #: one worker everything stays inside the core.
+    workers: int = 1
+    worker: int = 0
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -68,6 +77,9 @@ class ServerConfig:
             raise ValueError("bad allocation port range")
         if not self.time_scale > 0:
             raise ValueError("time_scale must be positive")
+        if not 0 <= self.worker < self.workers:
+            raise ValueError(f"worker {self.worker} of {self.workers}")
+        PortShares(self.lowest_port, self.highest_port, self.workers)  # enough ports each
         networks(self.allowed_peer_ips)  # raises ValueError on a bad CIDR
         networks(self.denied_peer_ips)
 
@@ -77,6 +89,15 @@ class ServerConfig:
         ports of the range."""
         ports = self.highest_port - self.lowest_port + 1
         return ports if self.max_allocations is None else min(self.max_allocations, ports)
+
+    @property
+    def port_shares(self) -> PortShares:
+        return PortShares(self.lowest_port, self.highest_port, self.workers)
+
+    @property
+    def port_share(self) -> tuple[int, int]:
+        """The first and last port this worker allocates."""
+        return self.port_shares.of(self.worker)
 
     @property
     def allocations_per_user_limit(self) -> int:

@@ -92,6 +92,11 @@ def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
 
 
+#: verdicts remembered per policy (``PeerPolicy.classify``); past it the memo starts over, so a
+#: client spraying peers costs a re-classification each, never memory
+VERDICT_MEMO = 4096
+
+
 def _within(address: IPAddress, nets: Iterable[Network]) -> bool:
     return any(address in net for net in nets if net.version == address.version)
 
@@ -109,12 +114,28 @@ class PeerPolicy:
     listen_port: int = 3478
     allowed: tuple[Network, ...] = field(default=())
     denied: tuple[Network, ...] = field(default=())
+    #: (host, port) -> verdict: a Send indication classifies its peer on every datagram, and
+    #: parsing the address is most of the cost; a verdict depends on nothing else, and a new
+    #: policy (a reload) starts with an empty memo
+    _memo: dict[tuple[str, int], Verdict] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def allows(self, host: str, port: int) -> bool:
         """True if a client may relay to ``host:port`` (directly or inside the relay)."""
         return self.classify(host, port) is not Verdict.REFUSE
 
     def classify(self, host: str, port: int) -> Verdict:
+        key = (host, port)
+        memo = self._memo
+        verdict = memo.get(key)
+        if verdict is None:
+            if len(memo) >= VERDICT_MEMO:
+                memo.clear()
+            verdict = memo[key] = self._classify(host, port)
+        return verdict
+
+    def _classify(self, host: str, port: int) -> Verdict:
         try:
             address = canonical(ipaddress.ip_address(host.split("%")[0]))
         except ValueError:

@@ -18,6 +18,42 @@ from collections.abc import Callable, Container
 
 from firezone_relay.protocol.timers import QuarantineExpiry, ReservationExpiry, Timers
 
+__all__ = ["PortAllocator", "PortShares"]
+
+
+class PortShares:
+    """The allocation range split among the workers of one relay: worker ``i`` owns the
+    contiguous slice from ``lowest + size * i // workers`` (sizes differ by at most one port),
+    so a peer's datagram reaches the worker of its allocation by its destination port alone,
+    and the relay loop finds the worker of a relayed address without asking anyone."""
+
+    __slots__ = ("_size", "highest", "lowest", "workers")
+
+    def __init__(self, lowest: int, highest: int, workers: int) -> None:
+        size = highest - lowest + 1
+        if not 1 <= workers <= size:
+            raise ValueError(f"{workers} workers cannot share {size} ports")
+        self.lowest, self.highest, self.workers = lowest, highest, workers
+        self._size = size
+
+    def of(self, worker: int) -> tuple[int, int]:
+        """The first and last port of ``worker``'s share."""
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"no worker {worker} of {self.workers}")
+        size, workers = self._size, self.workers
+        return (
+            self.lowest + size * worker // workers,
+            self.lowest + size * (worker + 1) // workers - 1,
+        )
+
+    def owner(self, port: int) -> int | None:
+        """The worker whose share holds ``port``; None outside the range."""
+        offset = port - self.lowest
+        if not 0 <= offset < self._size:
+            return None
+        # the largest i with size * i // workers <= offset
+        return ((offset + 1) * self.workers - 1) // self._size
+
 
 class PortAllocator:
     def __init__(

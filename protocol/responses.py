@@ -86,9 +86,11 @@ class Responder:
         auth: Auth,
         now: float,
         cache: bool = False,
+        digest: bytes | None = None,
     ) -> SendMessage:
         """Queue the response (unless rate-limited at ``now``) and return it; with ``cache``,
-        a verified answer goes into the retransmission cache."""
+        a verified answer goes into the retransmission cache (under ``digest``, the
+        request's, when ``msg`` no longer holds its bytes)."""
         payload = stun.encode(
             msg.method,
             cls,
@@ -112,7 +114,9 @@ class Responder:
         )
         if cache and auth.verified:
             # an authenticated answer: a retransmission gets the same one
-            self._transactions.store(sender, msg.transaction_id, msg.raw, payload, now)
+            self._transactions.store(
+                sender, msg.transaction_id, msg.raw, payload, now, digest=digest
+            )
         return command
 
     def reply_error(

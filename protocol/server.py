@@ -37,10 +37,14 @@ from firezone_relay.protocol.allocations import (
 from firezone_relay.protocol.auth import Nonces
 from firezone_relay.protocol.authenticator import Authenticator
 from firezone_relay.protocol.channel_data import MAX_CHANNEL, MIN_CHANNEL
+from firezone_relay.protocol.client_input import ClientInput
 from firezone_relay.protocol.commands import (
     Command,
     CreateAllocation,
     CreateChannelBinding,
+    ForwardToWorker,
+    ReleaseAllocation,
+    ReserveAllocation,
     SendMessage,
 )
 from firezone_relay.protocol.config import ServerConfig
@@ -50,8 +54,15 @@ from firezone_relay.protocol.ports import PortAllocator
 from firezone_relay.protocol.rate_limit import ByteBucket
 from firezone_relay.protocol.ratelimit import RateLimiter
 from firezone_relay.protocol.rebind import MAX_BIND_ATTEMPTS, BindRecovery
+from firezone_relay.protocol.reservations import (
+    EvictAllocation,
+    RegistryMessage,
+    ReservationAnswer,
+    Reservations,
+)
 from firezone_relay.protocol.responses import Auth, Reject, Responder
 from firezone_relay.protocol.routes import ClientRoute, LoopToClient, ToClient, ToPeer
+from firezone_relay.protocol.stats import SIZE_BUCKET as _SIZE_BUCKET
 from firezone_relay.protocol.stats import Stats
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.timers import (
@@ -60,11 +71,12 @@ from firezone_relay.protocol.timers import (
     PermissionExpiry,
     QuarantineExpiry,
     ReservationExpiry,
+    ReservationWaitExpiry,
     TimerRecord,
     Timers,
 )
-from firezone_relay.protocol.transactions import TransactionCache
-from firezone_relay.protocol.types import Addr, Family, FiveTuple, log_fields
+from firezone_relay.protocol.transactions import TransactionCache, request_digest
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, log_fields
 
 log = logging.getLogger("relay")
 
@@ -82,6 +94,10 @@ MAX_PEERS_PER_REQUEST = 32
 INTERNAL_ERROR_LOG_INTERVAL = 60.0
 RESERVATION_LIFETIME = 30
 FOREIGN_PORT_QUARANTINE = 60.0
+#: Allocates of a worker of several waiting for the registry's answer at once (508 beyond),
+#: and how long one waits (then 508): the supervisor answers within microseconds
+MAX_WAITING_ALLOCATES = 1024
+RESERVATION_ANSWER_TIMEOUT = 2.0
 UDP = 17
 
 _HH = struct.Struct("!HH")
@@ -128,6 +144,24 @@ class _AllocateRequest(NamedTuple):
         return self.token is not None or self.even_port is not None
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _WaitingAllocate:
+    """An authenticated Allocate that waits for the allocation registry's answer."""
+
+    ticket: int
+    #: the request; while it waits on another process, a stub without its bytes
+    msg: Message
+    client: FiveTuple
+    auth: Auth
+    username: str
+    user: str
+    request: _AllocateRequest
+    families: tuple[Family, ...]
+    address_error: tuple[Family, int, str] | None
+    #: ``request_digest`` of the request's bytes once ``msg`` is a stub
+    digest: bytes | None = None
+
+
 class Server:
     """The TURN server: entry points, request handlers and timer handlers.
 
@@ -145,7 +179,14 @@ class Server:
 
     ``rng`` chooses ports only (``--rng-seed`` makes that deterministic for tests); the
     auth secret, the nonce key, reservation tokens and transaction IDs come from
-    ``token_bytes``, by default the OS's CSPRNG (``secrets``)."""
+    ``token_bytes``, by default the OS's CSPRNG (``secrets``). ``nonce_key``: the key of
+    the stateless nonces, the same for every worker of one relay (so a nonce one worker
+    issued is valid on all of them); drawn from ``token_bytes`` when not given.
+
+    A worker of several (``config.workers`` > 1) asks the supervisor's allocation registry
+    before it grants an Allocate (``ReserveAllocation``; the answer comes back through
+    ``handle_registry_message``); a core alone holds its own registry (``reservations``)
+    and asks it within the same call."""
 
     def __init__(
         self,
@@ -153,10 +194,12 @@ class Server:
         rng: random.Random,
         secret: str | None = None,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.config = config
         self._rng = rng
         self._token_bytes = token_bytes
+        self._indication_ids = stun.TransactionIds(token_bytes)
         first_secret = secret if secret is not None else token_bytes(32).hex()
         #: drain: new Allocates get 508, existing allocations go on
         self.draining = False
@@ -167,7 +210,11 @@ class Server:
             config.auth_scheme,
             config.realm,
             (first_secret,),
-            Nonces(token_bytes(32), config.nonce_lifetime * self._scale, config.nonce_uses),
+            Nonces(
+                token_bytes(32) if nonce_key is None else nonce_key,
+                config.nonce_lifetime * self._scale,
+                config.nonce_uses,
+            ),
         )
         self.policy = _peer_policy(config)
         self._families = tuple(
@@ -180,10 +227,26 @@ class Server:
         )
         self._commands: deque[Command] = deque()
         self._timers = Timers()
-        self._table = AllocationTable(self._commands.append, config.max_channels_per_allocation)
+        self._table = AllocationTable(
+            self._commands.append, config.max_channels_per_allocation, self._release
+        )
+        self._worker = config.worker
+        #: the relay-wide allocation registry when this core is the relay's only worker;
+        #: None when it is the supervisor's, asked through commands
+        self.reservations = Reservations.from_config(config) if config.workers == 1 else None
+        #: the next registry ticket: a counter from a random start (see ``ReserveAllocation``)
+        self._next_ticket = int.from_bytes(token_bytes(8), "big") >> 1
+        #: Allocates waiting for the registry's answer, by ticket and by client
+        self._waiting: dict[int, _WaitingAllocate] = {}
+        self._waiting_clients: dict[FiveTuple, _WaitingAllocate] = {}
+        #: the port shares of the relay's workers; None when this core is the only one
+        self._shares = config.port_shares if config.workers > 1 else None
+        first_port, last_port = config.port_share
+        #: what this worker grants at most: the relay's cap within its share of the ports
+        self._local_limit = min(config.allocation_limit, last_port - first_port + 1)
         self._ports = PortAllocator(
-            config.lowest_port,
-            config.highest_port,
+            first_port,
+            last_port,
             rng,
             token_bytes,
             self._timers,
@@ -194,10 +257,11 @@ class Server:
         # The table's indexes under short names, for the per-datagram paths.
         self._allocations = self._table.by_client
         self._by_port = self._table.by_port
-        self._c2p = self._table.to_peer
         self._p2c = self._table.to_client
         self._c2c = self._table.looped
+        self._client_inputs: dict[tuple[Transport, Addr], ClientInput] = {}
         single = config.single_allocation_per_username
+        #: the Firezone rule (the registry applies it; tracing reads it)
         self.single_allocation_per_username = (
             config.auth_scheme == "firezone" if single is None else single
         )
@@ -213,7 +277,7 @@ class Server:
             config.software,
             self._commands.append,
             self.stats,
-            RateLimiter(rate) if rate else None,
+            RateLimiter.for_workers(rate, config.workers) if rate else None,
             self._transactions,
         )
 
@@ -284,6 +348,16 @@ class Server:
         """Assert the invariants of the allocation table and the port allocator (tests)."""
         self._table.check_invariants()
         self._ports.check_invariants()
+        assert len(self._waiting) == len(self._waiting_clients) <= MAX_WAITING_ALLOCATES
+        for client, waiting in self._waiting_clients.items():
+            assert self._waiting[waiting.ticket] is waiting and waiting.client == client
+            assert client not in self._allocations
+        registry = self.reservations
+        if registry is not None:  # this core is the relay: the registry holds its table
+            registry.check_invariants()
+            assert not self._waiting
+            assert set(registry.tickets(self._worker)) == set(self._table.by_ticket)
+            assert len(registry) == len(self._table)
         for allocation in self._allocations.values():
             assert all(f in self._families for f in allocation.families)
             # CreatePermission adds up to its cap, each channel (ChannelBind) one more
@@ -314,12 +388,32 @@ class Server:
 
     # --- data path -----------------------------------------------------------------------
 
+    def client_input(self, transport: Transport, local: Addr) -> ClientInput:
+        """The entry point for what clients send over ``transport`` to the relay's ``local``
+        address, for the I/O layer to hold per listen socket: its ``handle(data, client
+        address, now)`` is ``handle_client_input`` without a 5-tuple built per datagram.
+        One per (transport, local), kept: the relay's own addresses bound their number."""
+        key = (transport, local)
+        entry = self._client_inputs.get(key)
+        if entry is None:
+            routes = self._table.peer_routes(transport, local)
+            entry = ClientInput(transport, local, routes, self.stats, self._client_input)
+            self._client_inputs[key] = entry
+        return entry
+
     def handle_client_input(
         self, data: bytes | memoryview, sender: FiveTuple, now: float
     ) -> ClientRoute | None:
         """A datagram on the listen port. Returns a ``ToPeer`` (relay ``data[span]`` to a
         peer), a ``LoopToClient`` (the peer is another allocation on this relay: hand the
         data to that allocation's client without a trip through the network), or None."""
+        return self.client_input(sender.transport, sender.local).handle(data, sender.remote, now)
+
+    def _client_input(
+        self, data: bytes | memoryview, sender: FiveTuple, now: float
+    ) -> ClientRoute | None:
+        """``handle_client_input`` for all but ChannelData on a bound channel (``ClientInput``
+        relays that)."""
         try:
             size = len(data)
             if size < 4 or sender.remote[1] == 0:
@@ -327,24 +421,11 @@ class Server:
                 return None
             first = data[0]
             if 0x40 <= first <= 0x4F:
-                channel, length = _unpack_hh(data)
-                route = self._c2p.get((sender, channel))
-                if route is None or 4 + length > size:
-                    if 4 + length <= size and (sender, channel) in self._c2c:
-                        return self._loop_channel_data(data, sender, channel, length, now)
-                    self.stats.unroutable_datagrams += 1
-                    return None
-                allocation = self._by_port[route.port]  # an int key: cheaper than sender
-                if allocation.limit_out is None:  # _metered, inlined on the hot path
-                    counters = allocation.counters
-                    counters[0] += 1  # OUT_PACKETS, OUT_BYTES
-                    counters[1] += length
-                elif not self._metered(allocation, OUT_PACKETS, length, now):
-                    return None
-                self.stats.count_relayed(length)
-                if 4 + length == size:
-                    return route  # unpadded: the channel's own route, built at bind time
-                return ToPeer(route.port, route.peer, slice(4, 4 + length))
+                number, length = _unpack_hh(data)
+                if 4 + length <= size and (sender, number) in self._c2c:
+                    return self._loop_channel_data(data, sender, number, length, now)
+                self.stats.unroutable_datagrams += 1
+                return None
             if first < 0x04:
                 return self._handle_stun(data, sender, now)
             self.stats.dropped_datagrams += 1
@@ -358,33 +439,45 @@ class Server:
     ) -> tuple[ToPeer | None, ToClient | None]:
         """The routes the core holds now under a channel's two keys, for a route cache in the
         I/O layer to copy (the relay loop's are left out: only the core may relay those)."""
-        return self._c2p.get((client, channel)), self._p2c.get((port, peer))
+        to_peer = self._table.peer_route(client, channel)
+        to_client = self._p2c.get((port, peer))
+        return (
+            None if to_peer is None else to_peer.to_peer,
+            None if to_client is None else to_client.to_client,
+        )
 
     def all_channel_routes(
         self,
-    ) -> tuple[Mapping[tuple[FiveTuple, int], ToPeer], Mapping[tuple[int, Addr], ToClient]]:
-        """Read-only views of every channel route (client, channel) -> ``ToPeer`` and
-        (port, peer) -> ``ToClient``: for debug reads that compare a route cache with the
-        core (a walk of them costs a walk of the table)."""
-        return MappingProxyType(self._c2p), MappingProxyType(self._p2c)
+    ) -> tuple[Mapping[tuple[FiveTuple, int], Channel], Mapping[tuple[int, Addr], Channel]]:
+        """Read-only views of every channel route (client, channel) -> the channel whose
+        ``to_peer`` it is, and (port, peer) -> the channel whose ``to_client`` it is: for debug
+        reads that compare a route cache with the core (a walk costs a walk of the table)."""
+        to_peer = {
+            (bound.to_client.client, number): bound
+            for routes in self._table.to_peer.values()
+            for (_, number), bound in routes.items()
+        }
+        return to_peer, MappingProxyType(self._p2c)
 
     def handle_peer_traffic(
         self, data: bytes | memoryview, peer: Addr, allocation_port: int, now: float
     ) -> ToClient | None:
         """A datagram on an allocation port. Returns a ``ToClient`` when it is to be sent to
         the client as ChannelData; Data indications come out as commands."""
-        route = self._p2c.get((allocation_port, peer))
-        if route is not None:
+        channel = self._p2c.get((allocation_port, peer))
+        if channel is not None:
             length = len(data)
-            allocation = self._by_port[allocation_port]
-            if allocation.limit_in is None:  # _metered, inlined on the hot path
-                counters = allocation.counters
-                counters[2] += 1  # IN_PACKETS, IN_BYTES
-                counters[3] += length
-            elif not self._metered(allocation, IN_PACKETS, length, now):
+            limit = channel.limit_in
+            if limit is not None and not limit.take(length, now):
+                self.stats.allocation_rate_limited += 1
                 return None
-            self.stats.count_relayed(length)
-            return route
+            channel.in_datagrams += 1  # the allocation's count (Allocation.traffic)
+            channel.in_bytes += length
+            stats = self.stats  # Stats.count_relayed, inlined on the hot path
+            stats.relayed_packets_userspace += 1
+            stats.relayed_bytes_userspace += length
+            stats.packet_size_buckets[_SIZE_BUCKET[length]] += 1
+            return channel.to_client
         try:
             self._data_indication(bytes(data), peer, allocation_port, now)
         except Exception:
@@ -429,12 +522,7 @@ class Server:
             return
         if not self._metered(allocation, IN_PACKETS, len(data), now):
             return
-        payload = stun.encode(
-            Method.DATA,
-            Class.INDICATION,
-            self._token_bytes(12),
-            [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)],
-        )
+        payload = stun.data_indication(self._indication_ids(), peer, data)
         self.stats.count_relayed(len(data))
         self._commands.append(SendMessage(payload, allocation.client))
 
@@ -592,10 +680,138 @@ class Server:
                 raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
             self._allocate_success(msg, existing, auth, now, (), None)  # a retransmission
             return
+        waiting = self._waiting_clients.get(sender)
+        if waiting is not None:
+            if waiting.msg.transaction_id != msg.transaction_id:
+                raise Reject(ErrorCode.ALLOCATION_MISMATCH, auth)
+            return  # a retransmission: the registry's answer answers both
         if self.draining:
             raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
         families, address_error = self._check_allocate(request, auth)
-        self._make_room(sender, username, identity.user, auth)
+        if len(self._waiting) >= MAX_WAITING_ALLOCATES:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        waiting = _WaitingAllocate(
+            ticket, msg, sender, auth, username, identity.user, request, families, address_error
+        )
+        registry = self.reservations
+        if registry is not None:  # the relay's only worker: answered right here
+            evicted, refusal = registry.admit(self._worker, ticket, username, identity.user)
+            if evicted is not None:
+                self.handle_eviction(evicted[1], sender)
+            self._answer(waiting, refusal, now)
+            return
+        # Wait for the supervisor's registry, keeping only what the answer needs.
+        self._waiting[ticket] = waiting
+        self._waiting_clients[sender] = waiting
+        waiting.digest = request_digest(msg.raw)
+        waiting.msg = Message(msg.method, msg.cls, msg.transaction_id)
+        self._commands.append(ReserveAllocation(ticket, sender, username, identity.user))
+        self._timers.schedule(
+            now + RESERVATION_ANSWER_TIMEOUT * self._scale, ReservationWaitExpiry(ticket)
+        )
+
+    # --- the allocation registry's answers -----------------------------------------------
+
+    def handle_registry_message(self, message: RegistryMessage, now: float) -> None:
+        """What the supervisor's allocation registry sends this worker (a
+        ``ReservationAnswer`` or an ``EvictAllocation``); the answer to an Allocate comes
+        out as commands, as if the Allocate had just arrived."""
+        try:
+            self._on_registry_message(message, now)
+        except Exception:
+            self._internal_error("handling the allocation registry's answer", now)
+
+    def _on_registry_message(self, message: RegistryMessage, now: float) -> None:
+        if type(message) is ReservationAnswer:
+            self.handle_reservation(message.ticket, message.refusal, now)
+        elif type(message) is EvictAllocation:
+            self.handle_eviction(message.ticket, message.by)
+
+    def handle_reservation(self, ticket: int, refusal: ErrorCode | None, now: float) -> None:
+        """The registry's answer to the Allocate waiting on ``ticket``: go ahead (``refusal``
+        None) or answer ``refusal``. A grant nobody waits for any more (timed out, the
+        client's connection closed) is given back."""
+        waiting = self._waiting.pop(ticket, None)
+        if waiting is None:
+            if refusal is None:
+                self._release(ticket)
+            return
+        del self._waiting_clients[waiting.client]
+        self._answer(waiting, refusal, now)
+
+    def _answer(self, waiting: _WaitingAllocate, refusal: ErrorCode | None, now: float) -> None:
+        """Answer an Allocate the registry has decided on."""
+        msg, auth, ticket = waiting.msg, waiting.auth, waiting.ticket
+        try:
+            if refusal is not None:
+                raise Reject(refusal, auth)
+            self._grant(waiting, now)
+        except Reject as reject:
+            if refusal is None:
+                self._release(ticket)
+            self._responder.reply_error(
+                msg, waiting.client, reject.code, reject.auth or auth, now, reject.extra
+            )
+        except Exception:
+            if refusal is None and ticket not in self._table.by_ticket:
+                self._release(ticket)
+            raise
+
+    def handle_eviction(self, ticket: int, by: FiveTuple | None = None) -> None:
+        """The registry frees the allocation of ``ticket``: its username allocated again
+        (from ``by``) and may hold one allocation only (Firezone's rule, for NATs that flip
+        source ports). Nothing if it is gone already."""
+        previous = self._table.by_ticket.get(ticket)
+        if previous is None:
+            return
+        log.info(
+            "username allocates again: freeing its previous allocation",
+            extra=log_fields(
+                username=previous.username,
+                sender=by if by is not None else "",
+                previous_client=previous.client,
+                previous_allocation=previous.port,
+            ),
+        )
+        previous.replaced = True
+        self._table.remove(previous)
+
+    def _release(self, ticket: int) -> None:
+        """Tell the registry that the allocation of ``ticket`` ended."""
+        if self.reservations is not None:
+            self.reservations.release(self._worker, ticket)
+        else:
+            self._commands.append(ReleaseAllocation(ticket))
+
+    def _on_reservation_wait_expiry(self, record: ReservationWaitExpiry, now: float) -> None:
+        """The registry did not answer in time: 508, and a late grant is given back."""
+        waiting = self._waiting.pop(record.ticket, None)
+        if waiting is None:
+            return
+        del self._waiting_clients[waiting.client]
+        log.warning(
+            "the allocation registry did not answer within %.0f s",
+            RESERVATION_ANSWER_TIMEOUT,
+            extra=log_fields(sender=waiting.client, username=waiting.username),
+        )
+        self._responder.reply_error(
+            waiting.msg, waiting.client, ErrorCode.INSUFFICIENT_CAPACITY, waiting.auth, now
+        )
+
+    def _forget_waiting(self, client: FiveTuple) -> None:
+        """The client is gone before the registry answered (its grant is given back)."""
+        waiting = self._waiting_clients.pop(client, None)
+        if waiting is not None:
+            del self._waiting[waiting.ticket]
+
+    def _grant(self, waiting: _WaitingAllocate, now: float) -> None:
+        """The registry made room: make the allocation and answer."""
+        if self.draining or len(self._table) >= self._local_limit:
+            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, waiting.auth)
+        msg, sender, auth, request = waiting.msg, waiting.client, waiting.auth, waiting.request
+        families, username = waiting.families, waiting.username
         port, reservation_token = self._choose_port(request, auth, now)
         lifetime = _effective_lifetime(request.lifetime)
         allocation = Allocation(
@@ -603,13 +819,14 @@ class Server:
             port=port,
             families=families,
             username=username,
-            user=identity.user,
+            user=waiting.user,
             key=auth.key or b"",
             expires_at=now + lifetime * self._scale,
             transaction_id=msg.transaction_id,
             bind_attempts=None if request.fixed_port else 1,
             dont_fragment=request.dont_fragment,
             created_at=now,
+            ticket=waiting.ticket,
         )
         rate = self.config.allocation_rate_limit
         if rate:
@@ -618,8 +835,8 @@ class Server:
         extra: list[tuple[int, object]] = []
         if reservation_token is not None:
             extra.append((Attr.RESERVATION_TOKEN, reservation_token))
-        if address_error is not None:
-            extra.append((Attr.ADDRESS_ERROR_CODE, address_error))
+        if waiting.address_error is not None:
+            extra.append((Attr.ADDRESS_ERROR_CODE, waiting.address_error))
         log.info(
             "allocated port %d",
             port,
@@ -631,7 +848,9 @@ class Server:
                 username=username,
             ),
         )
-        self._allocate_success(msg, allocation, auth, now, tuple(extra), lifetime)
+        self._allocate_success(
+            msg, allocation, auth, now, tuple(extra), lifetime, digest=waiting.digest
+        )
 
     def _check_allocate(
         self, request: _AllocateRequest, auth: Auth
@@ -648,25 +867,6 @@ class Server:
         if request.even_port and request.additional_family is not None:
             raise Reject(ErrorCode.BAD_REQUEST, auth)
         return self._derive_families(request.requested_family, request.additional_family, auth)
-
-    def _make_room(self, sender: FiveTuple, username: str, user: str, auth: Auth) -> None:
-        """Free the username's previous allocation (Firezone's rule), then the quotas."""
-        previous = self._table.by_username.get(username)
-        if previous is not None and self.single_allocation_per_username:
-            log.info(
-                "username allocates again: freeing its previous allocation",
-                extra=log_fields(
-                    username=username,
-                    sender=sender,
-                    previous_client=previous.client,
-                    previous_allocation=previous.port,
-                ),
-            )
-            self._table.remove(previous)
-        if self._table.allocations_of(user) >= self.config.allocations_per_user_limit:
-            raise Reject(ErrorCode.ALLOCATION_QUOTA_REACHED, auth)
-        if len(self._table) >= self.config.allocation_limit:
-            raise Reject(ErrorCode.INSUFFICIENT_CAPACITY, auth)
 
     def _choose_port(
         self, request: _AllocateRequest, auth: Auth, now: float
@@ -705,6 +905,7 @@ class Server:
         now: float,
         extra: tuple[tuple[int, object], ...],
         lifetime: int | None,
+        digest: bytes | None = None,
     ) -> None:
         if lifetime is None:
             lifetime = max(0, round((allocation.expires_at - now) / self._scale))
@@ -716,7 +917,7 @@ class Server:
         attributes.append((Attr.LIFETIME, lifetime))
         attributes.extend(extra)
         allocation.pending_response = self._responder.reply(
-            msg, allocation.client, Class.SUCCESS, attributes, auth, now, cache=True
+            msg, allocation.client, Class.SUCCESS, attributes, auth, now, cache=True, digest=digest
         )
 
     def _public_ip(self, family: Family) -> str:
@@ -843,9 +1044,13 @@ class Server:
         verdict = self.policy.classify(*peer)
         if verdict is Verdict.REFUSE or (
             verdict is Verdict.LOOP
-            and not (peer[0] in self._own_hosts and peer[1] in self._by_port)
+            and not (
+                peer[0] in self._own_hosts
+                and (peer[1] in self._by_port or self._other_worker(peer[1]) is not None)
+            )
         ):
             # our own address only in its canonical form, and only on a live allocation
+            # (of this worker; another worker's port is judged by that worker, per datagram)
             raise Reject(ErrorCode.FORBIDDEN, auth)
         return verdict is Verdict.LOOP
 
@@ -908,10 +1113,17 @@ class Server:
             return None
         if verdict is Verdict.LOOP:
             # our own address: only a live allocation, inside the relay; never a socket
-            if peer[0] in self._own_hosts and peer[1] in self._by_port:
-                self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
-            else:
-                self.stats.unroutable_datagrams += 1
+            if peer[0] in self._own_hosts:
+                if peer[1] in self._by_port:
+                    self._deliver_to_allocation(msg.raw[start:end], peer, allocation.port, now)
+                    return None
+                owner = self._other_worker(peer[1])
+                if owner is not None:
+                    self._commands.append(
+                        ForwardToWorker(owner, (peer[0], allocation.port), peer, msg.raw[start:end])
+                    )
+                    return None
+            self.stats.unroutable_datagrams += 1
             return None
         self.stats.count_relayed(end - start)
         return ToPeer(allocation.port, peer, slice(start, end))
@@ -926,10 +1138,15 @@ class Server:
         needs the public address to be local (it is not behind a cloud NAT). A port of the
         range that no longer holds an allocation may be some other local socket (Linux's
         ephemeral range overlaps ours): that is dropped, never sent."""
-        port, peer, _ = self._c2c[(sender, channel)]
+        port, peer, _ = self._c2c[(sender, channel)].to_peer
         target_allocation = self._by_port.get(peer[1])
         if target_allocation is None:
-            self.stats.unroutable_datagrams += 1
+            owner = self._other_worker(peer[1])
+            if owner is None:
+                self.stats.unroutable_datagrams += 1
+            elif self._metered(self._allocations[sender], OUT_PACKETS, length, now):
+                payload = bytes(data[4 : 4 + length])
+                self._commands.append(ForwardToWorker(owner, (peer[0], port), peer, payload))
             return None
         if not self._metered(self._allocations[sender], OUT_PACKETS, length, now):
             return None
@@ -940,7 +1157,37 @@ class Server:
         if not self._metered(target_allocation, IN_PACKETS, length, now):
             return None
         self.stats.count_relayed(length)
-        return LoopToClient(target.client, target.channel, length)
+        return LoopToClient(target.to_client.client, target.number, length)
+
+    def _other_worker(self, port: int) -> int | None:
+        """The worker of several whose share holds ``port``, if it is not this one."""
+        shares = self._shares
+        if shares is None:
+            return None
+        owner = shares.owner(port)
+        return None if owner == self._worker else owner
+
+    def handle_forwarded(
+        self, from_relayed_addr: Addr, to_port: int, payload: bytes, now: float
+    ) -> ToClient | None:
+        """The relay loop from another worker (its ``ForwardToWorker``): ``payload`` left
+        that worker's allocation ``from_relayed_addr`` for our allocation on ``to_port``.
+        Judged as a datagram of the peer ``from_relayed_addr`` on ``to_port``
+        (``handle_peer_traffic``: the channel bound to it, else a permission for its address,
+        else dropped), and answered the same way: a ``ToClient`` to send as ChannelData, or
+        a Data indication among the commands."""
+        shares = self._shares
+        host, from_port = from_relayed_addr
+        if (
+            shares is None
+            or host not in self._own_hosts
+            or shares.owner(from_port) in (None, self._worker)
+            or shares.owner(to_port) != self._worker
+            or len(payload) > 0xFFFF
+        ):
+            self.stats.unroutable_datagrams += 1
+            return None
+        return self.handle_peer_traffic(payload, from_relayed_addr, to_port, now)
 
     def _deliver_to_allocation(self, data: bytes, peer: Addr, from_port: int, now: float) -> None:
         """What the allocation on ``peer``'s port would do with ``data`` arriving from our
@@ -954,7 +1201,7 @@ class Server:
         if not self._metered(self._by_port[peer[1]], IN_PACKETS, len(data), now):
             return
         self.stats.count_relayed(len(data))
-        client, channel = target
+        client, channel = target.to_client
         self._commands.append(SendMessage(struct.pack("!HH", channel, len(data)) + data, client))
 
     # --- failed binds and shutdown -----------------------------------------------------
@@ -976,6 +1223,7 @@ class Server:
     def handle_client_closed(self, client: FiveTuple, now: float) -> None:
         """A stream client's connection closed: its allocation goes at once (RFC 8656 §3.1:
         on TCP and TLS the allocation lives as long as the connection)."""
+        self._forget_waiting(client)
         allocation = self._allocations.get(client)
         if allocation is not None:
             log.info(
@@ -983,8 +1231,10 @@ class Server:
             )
             self._table.remove(allocation)
 
-    def free_all(self, now: float) -> None:
+    def free_all(self) -> None:
         """Shutdown: delete every allocation, emitting the commands that undo them."""
+        for client in list(self._waiting_clients):
+            self._forget_waiting(client)
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
 
@@ -1042,4 +1292,5 @@ _TIMER_HANDLERS: dict[type[TimerRecord], Callable[[Server, Any, float], None]] =
     PermissionExpiry: Server._on_permission_expiry,
     ReservationExpiry: Server._on_reservation_expiry,
     QuarantineExpiry: Server._on_quarantine_expiry,
+    ReservationWaitExpiry: Server._on_reservation_wait_expiry,
 }

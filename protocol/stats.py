@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Stats", "size_bucket"]
+__all__ = ["SIZE_BUCKET", "Stats", "size_bucket"]
 
 
 @dataclass(slots=True)
@@ -27,7 +27,7 @@ class Stats:
         counters and ``relay.packet.size`` move together, on every relaying path."""
         self.relayed_packets_userspace += 1
         self.relayed_bytes_userspace += length
-        self.packet_size_buckets[_SIZE_BUCKET[length]] += 1
+        self.packet_size_buckets[SIZE_BUCKET[length]] += 1
 
 
 def size_bucket(length: int) -> int:
@@ -37,4 +37,4 @@ def size_bucket(length: int) -> int:
 
 
 #: size_bucket of every UDP payload length, so the per-datagram count is one index
-_SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))
+SIZE_BUCKET = bytes(size_bucket(n) for n in range(65536))

@@ -195,7 +195,9 @@ def _enc_address(value: Addr, tid: bytes) -> bytes:
 
 
 def _xor(data: bytes, pad: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(data, pad, strict=False))
+    """``data`` XOR the start of ``pad`` (as long as ``data``), as one integer operation."""
+    size = len(data)
+    return (int.from_bytes(data) ^ int.from_bytes(pad[:size])).to_bytes(size)
 
 
 def _dec_xor_address(value: bytes, tid: bytes) -> Addr:
@@ -557,6 +559,58 @@ def encode(
     return HEADER.pack(msg_type, len(body), MAGIC_COOKIE, transaction_id) + bytes(body)
 
 
+_DATA_INDICATION_TYPE = pack_type(Method.DATA, Class.INDICATION)
+_DATA_INDICATION_HEAD = struct.Struct("!HHI12sHH")  # header, XOR-PEER-ADDRESS's type and length
+_ATTR_HEAD = struct.Struct("!HH")
+_ZEROS = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+def data_indication(transaction_id: bytes, peer: Addr, data: bytes) -> bytes:
+    """A Data indication (XOR-PEER-ADDRESS, DATA): what ``encode`` makes of them, built
+    directly, as the relay sends one per datagram from a peer without a channel."""
+    peer_value = _enc_xor_address(peer, transaction_id)
+    size = len(data)
+    return b"".join(
+        (
+            _DATA_INDICATION_HEAD.pack(
+                _DATA_INDICATION_TYPE,
+                4 + len(peer_value) + 4 + size + (-size & 3),
+                MAGIC_COOKIE,
+                transaction_id,
+                Attr.XOR_PEER_ADDRESS,
+                len(peer_value),
+            ),
+            peer_value,
+            _ATTR_HEAD.pack(Attr.DATA, size),
+            data,
+            _ZEROS[size & 3],
+        )
+    )
+
+
+class TransactionIds:
+    """12-byte transaction IDs for the relay's own indications, cut from blocks of
+    ``token_bytes`` (the OS's CSPRNG in the daemon): one system call per 256 IDs, not per
+    datagram."""
+
+    __slots__ = ("_at", "_block", "_token_bytes")
+
+    BLOCK = 12 * 256
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._block = b""
+        self._at = 0
+
+    def __call__(self) -> bytes:
+        at = self._at
+        if at >= len(self._block):
+            self._block = self._token_bytes(self.BLOCK)
+            at = 0
+        self._at = at + 12
+        return self._block[at : at + 12]
+
+
 __all__ = [
     "ATTRIBUTES",
     "MAX_ATTRIBUTES",
@@ -566,6 +620,8 @@ __all__ = [
     "Message",
     "Method",
     "ParseError",
+    "TransactionIds",
+    "data_indication",
     "encode",
     "fingerprint_of",
     "is_stun",

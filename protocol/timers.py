@@ -46,8 +46,20 @@ class QuarantineExpiry:
     port: int
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ReservationWaitExpiry:
+    """An Allocate waiting for the allocation registry's answer gives up (508)."""
+
+    ticket: int
+
+
 TimerRecord = (
-    AllocationExpiry | ChannelExpiry | PermissionExpiry | ReservationExpiry | QuarantineExpiry
+    AllocationExpiry
+    | ChannelExpiry
+    | PermissionExpiry
+    | ReservationExpiry
+    | QuarantineExpiry
+    | ReservationWaitExpiry
 )
 
 

@@ -44,10 +44,22 @@ class TransactionCache:
             return None
         return entry[2]
 
-    def store(self, sender: FiveTuple, tid: bytes, raw: bytes, response: bytes, now: float) -> None:
+    def store(
+        self,
+        sender: FiveTuple,
+        tid: bytes,
+        raw: bytes,
+        response: bytes,
+        now: float,
+        digest: bytes | None = None,
+    ) -> None:
+        """Cache ``response`` to the request ``raw`` (or, when the request is no longer
+        kept, to the request whose ``request_digest`` is ``digest``)."""
         key = (sender, tid)
         self.discard(sender, tid)
-        self._entries[key] = (now + self.ttl, request_digest(raw), response)
+        if digest is None:
+            digest = request_digest(raw)
+        self._entries[key] = (now + self.ttl, digest, response)
         self.bytes += len(response) + ENTRY_OVERHEAD
         entries = self._entries
         while entries:

@@ -12,11 +12,12 @@ import argparse
 import random
 import time
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.commands import CreateAllocation, SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
-from firezone_relay.protocol.types import FiveTuple, udp
+from firezone_relay.protocol.types import FiveTuple, Transport, udp
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0
@@ -53,10 +54,11 @@ def _setup(allocations: int) -> tuple[Server, list[tuple[FiveTuple, int]]]:
 def bench_routing(seconds: float) -> tuple[float, float]:
     server, routes = _setup(100)
     datagram = channel_data.encode(0x4000, b"x" * 100)
-    handle_client = server.handle_client_input
+    # what the data plane calls for a listen socket's datagrams: the client's address only
+    handle_client = server.client_input(Transport.UDP, LISTEN).handle
     handle_peer = server.handle_peer_traffic
     payload = b"y" * 100
-    work = [(sender, port, ("8.8.8.8", 1000 + i)) for i, (sender, port) in enumerate(routes)]
+    work = [(sender.remote, port, ("8.8.8.8", 1000 + i)) for i, (sender, port) in enumerate(routes)]
     rates = []
     for direction in ("client", "peer"):
         count = 0

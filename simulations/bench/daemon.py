@@ -10,6 +10,10 @@ throughput  100-byte ChannelData, one way, client -> relay -> sink, at fixed off
             flat out: delivered datagrams/s, loss, relay CPU, relay CPU per datagram. Our relay
             and coturn (simulations/bench/coturn/bench.conf, on free ports) are
             run alternately under the same load generator; the ratio is printed.
+multicore   (asked for by name) ours with 1 and 2 workers (--num-worker-threads) beside coturn
+            with relay-threads=2, nothing pinned, client->peer and peer->client at the same
+            rates: delivered/s, loss, relay CPU per delivered datagram, ratios 2/1 and against
+            coturn.
 latency     sequential 100-byte ping-pong through a channel vs the same ping-pong direct; the
             relay-added latency per traversal is half the RTT difference.
 
@@ -76,6 +80,21 @@ def raise_nofile() -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its live children (a relay's workers), all threads included."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    for child in children:
+        try:
+            total += tree_cpu_seconds(int(child))
+        except (OSError, IndexError, ValueError):
+            continue  # a worker that just exited
+    return total
 
 
 def rss_kb(pid: int | None = None) -> int:
@@ -254,7 +273,7 @@ def wait_udp(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing answers on UDP {port}")
 
 
-def start_ours(workdir: Path) -> Server:
+def start_ours(workdir: Path, workers: int = 1, pin: bool = True) -> Server:
     port = free_port()
     args = [
         "--public-ip4-addr",
@@ -274,13 +293,19 @@ def start_ours(workdir: Path) -> Server:
         f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
         "--control-endpoint",
         f"127.0.0.1:{free_port(socket.SOCK_STREAM)}",
+        "--num-worker-threads",
+        str(workers),
     ]
-    daemon = spawn_daemon(args, workdir / "relay.log", env={"RUST_LOG": "warn"}, wrapper=pinned([]))
+    wrapper = pinned([]) if pin else []
+    daemon = spawn_daemon(args, workdir / "relay.log", env={"RUST_LOG": "warn"}, wrapper=wrapper)
     wait_udp(port)
-    return Server("python relay", daemon.proc, port, firezone_credentials, workdir)
+    if workers > 1:  # every worker up: each answers its share of sources
+        time.sleep(1.0)
+    name = "python relay" if pin else f"ours-{workers}"
+    return Server(name, daemon.proc, port, firezone_credentials, workdir)
 
 
-def start_coturn(workdir: Path) -> Server:
+def start_coturn(workdir: Path, threads: int | None = None, pin: bool = True) -> Server:
     port = free_port()
     conf = COTURN_CONF.read_text().splitlines()
     conf += [
@@ -290,16 +315,20 @@ def start_coturn(workdir: Path) -> Server:
         "no-cli",
         f"pidfile={workdir / 'turnserver.pid'}",
     ]
+    if threads is not None:
+        conf.append(f"relay-threads={threads}")
     (workdir / "coturn.conf").write_text("\n".join(conf) + "\n")
     log = open(workdir / "coturn.log", "wb")  # noqa: SIM115
+    argv = ["turnserver", "-c", str(workdir / "coturn.conf")]
     proc = subprocess.Popen(
-        pinned(["turnserver", "-c", str(workdir / "coturn.conf")]),
+        pinned(argv) if pin else argv,
         cwd=workdir,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     wait_udp(port)
-    return Server("coturn", proc, port, lambda i: ("alice", "secretpw"), workdir)
+    name = "coturn" if pin else f"coturn-{threads}"
+    return Server(name, proc, port, lambda i: ("alice", "secretpw"), workdir)
 
 
 # -- throughput -----------------------------------------------------------------------------------
@@ -365,12 +394,16 @@ def _setup_flows(server: Server, flows: int) -> dict[str, tuple[list[object], li
 
 
 def bench_throughput_one(
-    server: Server, rates: list[str], duration: float, flows: int
+    server: Server,
+    rates: list[str],
+    duration: float,
+    flows: int,
+    directions: tuple[str, ...] = DIRECTIONS,
 ) -> list[dict[str, Any]]:
     ctx = mp.get_context("fork")
     results = []
     setups = _setup_flows(server, flows)
-    for direction in DIRECTIONS:
+    for direction in directions:
         items, sink_socks = setups[direction]
         parent, child = ctx.Pipe()
         sink = ctx.Process(target=tl.count_forever, args=(child, sink_socks), daemon=True)
@@ -381,10 +414,10 @@ def bench_throughput_one(
                 time.sleep(0.2)
                 parent.send("count")
                 before = parent.recv()
-                cpu0 = cpu_seconds(server.proc.pid)
+                cpu0 = tree_cpu_seconds(server.proc.pid)
                 sent, ns = tl.blast(items, rate, duration)
                 time.sleep(0.3)  # let queues drain
-                cpu1 = cpu_seconds(server.proc.pid)
+                cpu1 = tree_cpu_seconds(server.proc.pid)
                 parent.send("count")
                 delivered = parent.recv() - before
                 elapsed = ns / 1e9
@@ -481,6 +514,78 @@ def bench_throughput(
             print(line)
     if plot:
         plot_delivered(table, relays, rates, plot)
+
+
+#: the multi-core section's directions (the relay loop across workers is the core's part)
+MULTICORE_DIRECTIONS = ("client->peer", "peer->client")
+
+
+def bench_multicore(
+    rates: list[str], duration: float, coturn: bool, rounds: int, flows: int
+) -> None:
+    """Ours with 1 and 2 workers beside coturn with relay-threads=2, nothing pinned, the same
+    load: delivered datagrams/s, loss, and relay CPU (all processes and threads) per delivered
+    datagram. On a 2-core machine the load generator and sink compete for the cores."""
+    starters: list[tuple[str, Callable[[Path], Server]]] = [
+        ("ours-1", lambda w: start_ours(w, 1, pin=False)),
+        ("ours-2", lambda w: start_ours(w, 2, pin=False)),
+    ]
+    if coturn:
+        starters.append(("coturn-2", lambda w: start_coturn(w, 2, pin=False)))
+    results: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for name, starter in starters if r % 2 == 0 else starters[::-1]:
+            with tempfile.TemporaryDirectory() as tmp:
+                server = starter(Path(tmp))
+                server.name = name
+                try:
+                    results += bench_throughput_one(
+                        server, rates, duration, flows, MULTICORE_DIRECTIONS
+                    )
+                finally:
+                    server.stop()
+    print(
+        f"multi-core: 100 B payloads, {flows} allocations per direction, {duration:g} s per "
+        f"rate, {rounds} rounds alternating (median shown), nothing pinned, "
+        f"{os.cpu_count()} CPUs shared with the load generator and sink; CPU is the relay's "
+        "(all its processes and threads), per delivered datagram"
+    )
+    names = [n for n, _ in starters]
+    table: dict[tuple[str, str, str], dict[str, float]] = {}
+    for key in {(r["relay"], r["direction"], r["offered"]) for r in results}:
+        rows = [r for r in results if (r["relay"], r["direction"], r["offered"]) == key]
+        table[key] = {
+            k: statistics.median(r[k] for r in rows)
+            for k in ("sent_per_s", "delivered_per_s", "loss", "cpu", "us_per_dgram")
+        }
+    head = f"{'direction':>13} {'offered':>7}"
+    for name in names:
+        head += f" | {name:>8}: {'deliv/s':>7} {'loss':>6} {'CPU':>4} {'us/dg':>5}"
+    head += " | 2/1: deliv us/dg"
+    if coturn:
+        head += " | ours-2/coturn-2: deliv us/dg"
+    print(head)
+    for direction in MULTICORE_DIRECTIONS:
+        for rate in rates:
+            line = f"{direction:>13} {rate:>7}"
+            for name in names:
+                row = table[(name, direction, rate)]
+                line += (
+                    f" | {'':>8}  {row['delivered_per_s']:>7.0f} {row['loss']:>6.1%} "
+                    f"{row['cpu']:>4.0%} {row['us_per_dgram']:>5.2f}"
+                )
+            one, two = table[("ours-1", direction, rate)], table[("ours-2", direction, rate)]
+            line += (
+                f" | {two['delivered_per_s'] / one['delivered_per_s']:>9.2f} "
+                f"{two['us_per_dgram'] / one['us_per_dgram']:>5.2f}"
+            )
+            if coturn:
+                theirs = table[("coturn-2", direction, rate)]
+                line += (
+                    f" | {two['delivered_per_s'] / theirs['delivered_per_s']:>21.2f} "
+                    f"{two['us_per_dgram'] / theirs['us_per_dgram']:>5.2f}"
+                )
+            print(line)
 
 
 def plot_delivered(
@@ -618,6 +723,8 @@ def main() -> None:
         )
     if "latency" in sections:
         bench_latency(args.pings, coturn)
+    if "multicore" in sections:
+        bench_multicore(args.rates.split(","), args.duration, coturn, args.rounds, args.flows)
 
 
 if __name__ == "__main__":

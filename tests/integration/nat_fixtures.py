@@ -173,8 +173,10 @@ class RelayProcess:
         xdp: bool = False,
         xdp_mode: str = "generic",
         tls: tuple[Path, Path] | None = None,
+        workers: int = 1,
     ) -> None:
         self.topo = topo
+        self.workers = workers
         self.tls = tls
         self.log_dir = log_dir
         self.secret = secret
@@ -213,6 +215,8 @@ class RelayProcess:
                 a.append("--ebpf-mandatory")
         if self.tls is not None:  # TURN over TLS on the default port, 5349
             a += ["--tls-cert-file", str(self.tls[0]), "--tls-key-file", str(self.tls[1])]
+        if self.workers != 1:
+            a += ["--num-worker-threads", str(self.workers)]
         options = self.topo.options
         if options.relay_behind_nat:  # allocate only where the router forwards
             low, high = options.relay_ports
@@ -346,7 +350,8 @@ class NatRun:
     * ``relay_dual``: False = the relay has no public IPv6 address (IPv4 only);
     * ``portal``: the relay joins a test portal, which mints the agents' credentials;
     * ``client_transport``: ``udp``, ``tcp`` or ``tls``: how the client reaches the relay
-      (the gateway stays on UDP).
+      (the gateway stays on UDP);
+    * ``workers``: the relay's ``--num-worker-threads``.
     """
 
     tmp: Path
@@ -361,6 +366,7 @@ class NatRun:
     xdp_mode: str = "generic"
     portal: bool = False
     client_transport: str = "udp"
+    workers: int = 1
     refresh_scale: float = 0.01
     probe_after: float = 1.5
     topo: Topology = field(init=False)
@@ -408,6 +414,7 @@ class NatRun:
                 xdp=self.xdp,
                 dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
+                workers=self.workers,
             )
         else:
             self.secret = os.urandom(32).hex()
@@ -420,6 +427,7 @@ class NatRun:
                 dual=self.relay_dual,
                 xdp_mode=self.xdp_mode,
                 tls=self._tls_files() if self.client_transport == "tls" else None,
+                workers=self.workers,
             )
         self._stack.callback(self.relay.stop)
         self.relay.start()

@@ -58,6 +58,21 @@ def test_relayed_download(mode: str, family: int, tmp_path: Path, blob: tuple[Pa
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_relayed_download_with_two_workers(
+    mode: str, tmp_path: Path, blob: tuple[Path, str]
+) -> None:
+    """The download through a relay of two workers (``--num-worker-threads 2``) joined to the
+    portal, in userspace and with XDP (one program for the host, fed by the worker that holds
+    the channel, over its channel to the supervisor)."""
+    with nat_run(
+        tmp_path, blob, xdp=datapath(mode), gateway_allocates=False, portal=True, workers=2
+    ) as run:
+        run.transfer(max_time=60)
+        (channel,) = run.stats("client")["channels"].values()
+        assert channel[1] is True  # (nat_run checks that XDP carried it, in XDP mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ipv4_only_relay(mode: str, tmp_path: Path, blob: tuple[Path, str]) -> None:
     """A single-stack relay (no public IPv6 address) relays both ways, with XDP in the
     kernel: Firezone's XDP program looks up both public addresses for every client->peer

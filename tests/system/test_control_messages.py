@@ -16,7 +16,8 @@ import aioice.stun
 import pytest
 import uvloop
 
-from firezone_relay.actors.control import (
+from firezone_relay.actors.daemon import CONTROL_ROUTES, Relay, Settings
+from firezone_relay.actors.messages import (
     AllocationBindFailed,
     AllocationStopped,
     PeerSocketClosed,
@@ -27,7 +28,6 @@ from firezone_relay.actors.control import (
     Shutdown,
     tell,
 )
-from firezone_relay.actors.daemon import CONTROL_ROUTES, Relay, Settings
 from firezone_relay.actors.portal import PortalConfig
 from firezone_relay.protocol.auth import make_credentials
 from firezone_relay.protocol.phoenix import BackoffConfig, SessionConfig

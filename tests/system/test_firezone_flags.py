@@ -55,7 +55,6 @@ OTHER_ENV = [
 
 IGNORED = {
     "telemetry": "--telemetry (TELEMETRY / FIREZONE_TELEMETRY) is ignored",
-    "threads": "--num-worker-threads (NUM_WORKER_THREADS) is ignored",
     "project": "--google-cloud-project-id (GOOGLE_CLOUD_PROJECT_ID) is ignored",
 }
 

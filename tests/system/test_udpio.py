@@ -7,6 +7,7 @@ import importlib.util
 import random
 import socket
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -296,13 +297,18 @@ class InProcessRelay:
         self.dataplane = DataPlane(self.server, self.drain)
         self.dataplane.add_listen_socket(Family.V4, self.listen)
         self.core_calls = 0
-        handle = self.server.handle_client_input
+        client_input = self.server.client_input
 
-        def counted(*args: Any) -> Any:
-            self.core_calls += 1
-            return handle(*args)
+        def counted(*entry: Any) -> Any:  # the data plane's entry into the core, counted
+            handle = client_input(*entry).handle
 
-        self.server.handle_client_input = counted  # type: ignore[method-assign]
+            def count(*args: Any) -> Any:
+                self.core_calls += 1
+                return handle(*args)
+
+            return types.SimpleNamespace(handle=count)
+
+        self.server.client_input = counted  # type: ignore[method-assign]
 
     def drain(self) -> None:
         from firezone_relay.protocol.commands import CreateAllocation, FreeAllocation, SendMessage

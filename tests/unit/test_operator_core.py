@@ -4,10 +4,10 @@ lists."""
 
 from __future__ import annotations
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.allocations import COUNTERS
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.rate_limit import ByteBucket, burst_for
+from simulations import channel_data
 from tests.unit.harness import CLIENT, PEER, Harness, error_code, is_success
 
 CLIENT_B = ("198.51.200.7", 50000)
@@ -16,7 +16,7 @@ CLIENT_B = ("198.51.200.7", 50000)
 def counters(h: Harness, port: int) -> dict[str, int]:
     allocation = h.server.allocation_on(port)
     assert allocation is not None
-    return dict(zip(COUNTERS, allocation.counters, strict=True))
+    return dict(zip(COUNTERS, allocation.traffic(), strict=True))
 
 
 def test_each_allocation_counts_its_datagrams_and_bytes_each_way() -> None:
@@ -28,12 +28,17 @@ def test_each_allocation_counts_its_datagrams_and_bytes_each_way() -> None:
     h.send(client.send_indication(PEER, b"c" * 100))
     h.peer(b"b" * 250, PEER, port)
     h.peer(b"d" * 40, ("8.8.4.4", 6000), port)  # a Data indication
-    assert counters(h, port) == {
+    counters_before = {
         "to_peer_datagrams": 2,
         "to_peer_bytes": 250,
         "to_client_datagrams": 2,
         "to_client_bytes": 290,
     }
+    assert counters(h, port) == counters_before
+    allocation = h.server.allocation_on(port)
+    assert allocation is not None
+    h.server.disconnect(allocation)  # unbinding moves the channel's counts to the allocation
+    assert dict(zip(COUNTERS, allocation.counters, strict=True)) == counters_before
 
 
 def test_the_bucket_passes_its_rate_and_drops_the_rest() -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import random
 import struct
 from pathlib import Path
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class, Method
+from simulations import channel_data
 
 VECTORS = configparser.ConfigParser(interpolation=None)
 VECTORS.read(Path(__file__).parent.parent / "data" / "rfc5769-vectors.txt")
@@ -225,3 +227,28 @@ def test_channel_data() -> None:
     for bad in (b"\x40\x00\x00", b"\x40\x00\x00\x05abc", b"\x50\x00\x00\x00", b"\x3f\xff\x00\x00"):
         with pytest.raises(ValueError):
             channel_data.decode(bad)
+
+
+@pytest.mark.parametrize("peer", [("192.0.2.7", 5000), ("2001:db8::7", 65535)])
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 100, 1201])
+def test_the_direct_data_indication_is_what_encode_makes(peer: tuple[str, int], size: int) -> None:
+    tid, data = bytes(range(12)), bytes(i % 251 for i in range(size))
+    expected = stun.encode(
+        Method.DATA, Class.INDICATION, tid, [(Attr.XOR_PEER_ADDRESS, peer), (Attr.DATA, data)]
+    )
+    assert stun.data_indication(tid, peer, data) == expected
+
+
+def test_indication_ids_are_cut_from_blocks_and_never_repeat_a_slice() -> None:
+    calls: list[int] = []
+    rng = random.Random(7)
+
+    def token_bytes(n: int) -> bytes:
+        calls.append(n)
+        return rng.randbytes(n)
+
+    ids = stun.TransactionIds(token_bytes)
+    seen = [ids() for _ in range(2 * 256 + 1)]
+    assert all(len(t) == 12 for t in seen)
+    assert calls == [stun.TransactionIds.BLOCK] * 3  # one call per 256 IDs
+    assert len(set(seen)) == len(seen)

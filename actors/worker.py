@@ -1,0 +1,278 @@
+"""One worker process of a relay of several (``--num-worker-threads N``, N > 1): a ``Relay``
+with its own uvloop loop, core, actors and data plane, on listen sockets the supervisor bound
+(``actors.steering``) and a share of the allocation ports (``port_share``), reporting to the
+supervisor over its channel (``actors.worker_channel``).
+
+What there is one of per host (portal session, HTTP endpoints, admin socket, XDP, the secret's
+announcement) is the supervisor's: the worker's settings have those turned off. It dies with
+the supervisor: ``PR_SET_PDEATHSIG`` asks the kernel for SIGTERM when the parent goes, and the
+channel's end closing stops it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from firezone_relay.actors.admin import admin_routes
+from firezone_relay.actors.daemon import GivenSockets, Relay, Settings
+from firezone_relay.actors.logs import LogFilter, configure
+from firezone_relay.actors.messages import tell
+from firezone_relay.actors.pipeline import ChannelCommand
+from firezone_relay.actors.worker_channel import (
+    AdminAnswer,
+    AdminRequest,
+    WorkerChannel,
+    WorkerReady,
+    WorkerStats,
+    XdpRoutes,
+    route_row,
+)
+from firezone_relay.protocol.config import ServerConfig
+from firezone_relay.protocol.types import Family
+
+__all__ = ["WorkerSpec", "port_share", "snapshot", "worker_settings"]
+
+logger = logging.getLogger("relay")
+
+#: how often a worker sends its counts to the supervisor (``/metrics`` is this fresh)
+STATS_INTERVAL = 0.25
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor hands a worker at start, on its standard input (pickled: it comes
+    from the worker's own parent, never from the network). The descriptors are inherited."""
+
+    index: int
+    count: int
+    settings: Settings
+    supervisor_pid: int
+    channel_fd: int
+    #: the UDP listen socket of each family
+    udp_fds: dict[Family, int]
+    #: the TCP/TLS listeners, keyed by (family, port)
+    stream_fds: dict[tuple[Family, int], int]
+    log_format: str = "human"
+    log_directives: str = "info"
+    #: the supervisor runs the XDP map manager: send it this worker's channel commands
+    xdp_routes: bool = False
+
+
+def port_share(lowest: int, highest: int, index: int, count: int) -> tuple[int, int]:
+    """Worker ``index``'s slice of the allocation range: ``count`` disjoint, contiguous slices
+    as equal as they can be (a peer's datagram reaches the right worker by its port)."""
+    size = highest - lowest + 1
+    if size < count:
+        raise ValueError(f"{size} allocation ports cannot be shared by {count} workers")
+    start = lowest + size * index // count
+    end = lowest + size * (index + 1) // count - 1
+    return start, end
+
+
+def worker_settings(settings: Settings, index: int, count: int, secret: str) -> Settings:
+    """The settings of worker ``index``: its port share, its part of ``--max-allocations``,
+    the supervisor's secret, and none of the per-host parts."""
+    config = settings.server
+    low, high = port_share(config.lowest_port, config.highest_port, index, count)
+    cap = config.max_allocations
+    if cap is not None:  # the shares add up to the whole
+        cap = cap * (index + 1) // count - cap * index // count
+    server: ServerConfig = dataclasses.replace(
+        config, lowest_port=low, highest_port=high, max_allocations=cap
+    )
+    return dataclasses.replace(
+        settings,
+        server=server,
+        portal=None,
+        xdp=None,
+        auth_secret=secret,
+        health_check_addr=None,
+        control_endpoint=None,
+        admin_socket=None,
+        admin_socket_required=False,
+        export_metrics=False,
+        resource_attributes={**settings.resource_attributes, "relay.worker": str(index)},
+        stats_interval=3600.0,
+    )
+
+
+def snapshot(relay: Relay) -> dict[str, Any]:
+    """The worker's ``MetricsSource`` readings in JSON form (``WorkerStats.counts``)."""
+    source = relay.datapath
+    buckets, size_sum = source.packet_sizes()
+    return {
+        "allocations": source.num_allocations(),
+        "channels": source.num_channels(),
+        "responses": [[m, c, code, n] for (m, c, code), n in source.responses().items()],
+        "relayed_bytes": source.relayed_bytes(),
+        "packet_sizes": [list(buckets), size_sum],
+        "drops": source.drop_counts(),
+        "connections": source.connection_counts(),
+        "connection_events": source.connection_events(),
+        "draining": relay.server.draining,
+    }
+
+
+class WorkerRelay(Relay):
+    """A ``Relay`` on the supervisor's sockets that reports to it over the channel."""
+
+    def __init__(self, spec: WorkerSpec, log_filter: LogFilter) -> None:
+        super().__init__(spec.settings, log_filter)
+        self.spec = spec
+        self.given = GivenSockets(
+            udp={f: _adopt(fd, socket.SOCK_DGRAM) for f, fd in spec.udp_fds.items()},
+            streams={k: _adopt(fd, socket.SOCK_STREAM) for k, fd in spec.stream_fds.items()},
+        )
+        self.channel: WorkerChannel | None = None
+        self.admin_routes = admin_routes(self.admin, lambda m: tell(self.control, m))
+        self._stats_timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(fileno=self.spec.channel_fd)
+        self.channel = await WorkerChannel.open(
+            self.loop, sock, self._on_message, self._on_supervisor_gone
+        )
+        if self.spec.xdp_routes:
+            self.pipeline.route_sinks.append(ChannelRouteSink(self.spec.index, self.channel))
+        await super().start()
+        self.channel.send(WorkerReady(self.spec.index, os.getpid()))
+        self._send_stats()
+
+    def _announce_secret(self) -> None:
+        """The supervisor says where the secret is, once for the relay."""
+
+    def _send_stats(self) -> None:
+        if self.channel is not None:
+            self.channel.send(WorkerStats(self.spec.index, snapshot(self)))
+        self.log_filter.flush_suppressed()
+        self._stats_timer = self.loop.call_later(STATS_INTERVAL, self._send_stats)
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, AdminRequest):
+            status, body = self.answer(message)
+            if self.channel is not None:
+                self.channel.send(AdminAnswer(message.request, status, body))
+
+    def answer(self, request: AdminRequest) -> tuple[int, dict[str, Any]]:
+        """One operator verb (``"METHOD /path"`` with its query), answered by this worker's
+        own admin routes; ``POST /log_filter`` sets its log levels."""
+        query = {
+            str(k): [str(x) for x in v] for k, v in request.arguments.items() if isinstance(v, list)
+        }
+        if request.verb == "POST /log_filter":
+            try:
+                self.log_filter.apply((query.get("directives") or [""])[0])
+            except ValueError as exc:
+                return 400, {"error": str(exc)}
+            return 200, {"ok": True}
+        method, _, path = request.verb.partition(" ")
+        route = self.admin_routes.get((method, path))
+        if route is None:
+            return 404, {"error": f"unknown verb {request.verb[:40]!r}"}
+        status, _, body = route(query)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = {"error": body.decode(errors="replace")[:200]}
+        return status, answer if isinstance(answer, dict) else {"answer": answer}
+
+    def _on_supervisor_gone(self) -> None:
+        self.request_stop(0, "the supervisor is gone")
+
+    async def shutdown(self) -> None:
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+        await super().shutdown()
+        if self.channel is not None:
+            self.channel.close()
+
+
+class ChannelRouteSink:
+    """The supervisor's XDP map manager as this worker's ``RouteSink``: each drain's channel
+    commands go to it over the channel, in the order the core emitted them."""
+
+    def __init__(self, index: int, channel: WorkerChannel) -> None:
+        self.index = index
+        self.channel = channel
+
+    def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None:
+        self.channel.send(XdpRoutes(self.index, [route_row(c) for c in commands]))
+
+
+def _adopt(fd: int, kind: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    assert sock.type == kind
+    return sock
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM from the kernel when the supervisor exits; gone already: exit now."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class _WorkerField(logging.Filter):
+    """Every log line says which worker wrote it (``worker=N``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        merged = dict(fields) if isinstance(fields, dict) else {}
+        merged.setdefault("worker", self.index)
+        record.fields = merged
+        return True
+
+
+def main() -> None:
+    spec = pickle.load(sys.stdin.buffer)
+    assert isinstance(spec, WorkerSpec)
+    die_with_parent(spec.supervisor_pid)
+    log_filter = configure(spec.log_format, spec.log_directives)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(spec.index))
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    relay: WorkerRelay | None = None
+
+    async def run() -> int:
+        nonlocal relay
+        relay = WorkerRelay(spec, log_filter)
+        return await relay.run()
+
+    try:
+        code = loop.run_until_complete(run())
+    finally:
+        if relay is not None:
+            relay.finish()
+        loop.close()
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    # run under the module's own name, so the pickled spec's class is this one
+    from firezone_relay.actors import worker
+
+    worker.main()
