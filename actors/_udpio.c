@@ -1443,14 +1443,6 @@ Receiver_drop_fd(Receiver *self, PyObject *arg)
     return PyLong_FromSize_t(removed);
 }
 
-static PyObject *
-Receiver_clear_routes(Receiver *self, PyObject *Py_UNUSED(unused))
-{
-    table_clear(&self->to_peer);
-    table_clear(&self->to_client);
-    Py_RETURN_NONE;
-}
-
 /* The address part of a route key, as (host, port). */
 static PyObject *
 key_addr(const route_key *k)
@@ -1558,7 +1550,6 @@ static PyMethodDef Receiver_methods[] = {
     {"drop_fd", (PyCFunction)Receiver_drop_fd, METH_O,
      "drop_fd(fd) -> n: remove every route recorded with fd, leaving through it or arriving\n"
      "on it (it is about to be closed), in O(its routes)."},
-    {"clear_routes", (PyCFunction)Receiver_clear_routes, METH_NOARGS, "clear_routes()"},
     {"debug_routes", (PyCFunction)Receiver_debug_routes, METH_NOARGS, DEBUG_ROUTES_DOC},
     {NULL}};
 
@@ -1962,7 +1953,7 @@ static PyMethodDef module_methods[] = {
 /* The version of this module's Python surface: bump it with every change that
  * actors/udpio.py must follow (it has the same number, and falls back to pure Python on a
  * mismatch, e.g. a stale build left installed beside newer sources). */
-#define UDPIO_API_VERSION 3
+#define UDPIO_API_VERSION 4
 
 static struct PyModuleDef udpio_module = {
     PyModuleDef_HEAD_INIT, "firezone_relay.actors._udpio",

@@ -92,6 +92,7 @@ class Endpoints:
             export_interval_ms=s.export_interval_ms,
             resource_attributes=s.resource_attributes,
             datapath={"relay.userspace.impl": udpio.IMPL},
+            export_metrics=s.export_metrics,
         )
         return self.telemetry
 

@@ -366,6 +366,7 @@ class Telemetry:
         export_interval_ms: float | None = None,
         resource_attributes: Mapping[str, str] | None = None,
         datapath: Mapping[str, str] | None = None,
+        export_metrics: bool = True,
     ) -> None:
         self.resource = make_resource(resource_attributes)
         self.tracer_provider = _tracer_provider(otlp_endpoint, self.resource)
@@ -374,7 +375,8 @@ class Telemetry:
         self._pull_lock = threading.Lock()
         readers: list[MetricReader] = [self._pull]
         self.exporter: BridgingExporter | None = None
-        endpoint = _otlp_endpoint(otlp_endpoint)
+        # a relay's worker exports spans only: its supervisor exports the relay's metrics
+        endpoint = _otlp_endpoint(otlp_endpoint) if export_metrics else None
         if endpoint is not None:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
                 OTLPMetricExporter,

@@ -182,6 +182,8 @@ class RelayTracing:
             return "closed"  # the client's TCP/TLS connection closed
         if self.on_timers or tracked.allocation.expires_at <= now:
             return "expired"
+        if tracked.allocation.replaced:
+            return "replaced"  # the registry freed it: the username allocated again
         current = _allocation_of_user(self._server, tracked.allocation.username)
         single = self._server.single_allocation_per_username
         if single and current is not None and current is not tracked.allocation:

@@ -159,9 +159,6 @@ class PyReceiver:
     def drop_fd(self, fd: int) -> int:
         return 0
 
-    def clear_routes(self) -> None:
-        pass
-
     def debug_routes(self) -> list[tuple[Any, ...]]:
         """Every mirrored route as a plain tuple, sorted (the compiled ``Receiver``'s method
         documents the shapes); this fallback mirrors nothing."""
@@ -190,7 +187,7 @@ def py_send_batch(items: list[Any]) -> tuple[int, int]:
 
 #: The compiled helper's API version these sources expect (``UDPIO_API_VERSION`` in
 #: ``actors/_udpio.c``); an installed module with another one is not used.
-API_VERSION = 3
+API_VERSION = 4
 #: Forces the pure-Python fallback when set to ``python`` (``auto``, or unset, takes the
 #: compiled helper when it is there and matches).
 DATAPATH_ENV = "RELAY_DATAPATH"

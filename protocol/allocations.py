@@ -100,6 +100,8 @@ class Allocation:
     limit_in: ByteBucket | None = None
     #: its name in the allocation registry (``ReserveAllocation.ticket``)
     ticket: int = 0
+    #: freed because its username allocated again (on this worker or another)
+    replaced: bool = False
 
     def traffic(self) -> tuple[int, int, int, int]:
         """Everything relayed for this allocation (``COUNTERS`` order): its ``counters`` plus
@@ -140,10 +142,6 @@ class AllocationTable:
 
     def __len__(self) -> int:
         return len(self.by_client)
-
-    @property
-    def bound_channels(self) -> int:
-        return len(self.to_client)
 
     def peer_routes(self, transport: Transport, local: Addr) -> dict[tuple[Addr, int], Channel]:
         """The ``to_peer`` table of the clients of ``transport`` at ``local``."""

@@ -1,36 +1,11 @@
-"""ChannelData framing (RFC 8656 §12.4): 2-byte channel, 2-byte length, then the data."""
+"""ChannelData numbers (RFC 8656 §12.4): the range a client can bind. The per-datagram paths
+parse the 4-byte header themselves (``protocol.client_input``, ``protocol.server``); encoding
+and decoding whole messages is for tests and simulations (``simulations.channel_data``)."""
 
 from __future__ import annotations
-
-import struct
 
 MIN_CHANNEL = 0x4000
 MAX_CHANNEL = 0x4FFF
 #: every channel number a client can bind (4096): a per-allocation cap this high is never
 #: reached by numbering alone, since a number is one channel (cooling down or bound)
 CHANNEL_NUMBERS = MAX_CHANNEL - MIN_CHANNEL + 1
-HEADER = struct.Struct("!HH")
-
-
-def is_valid_channel(number: int) -> bool:
-    return MIN_CHANNEL <= number <= MAX_CHANNEL
-
-
-def encode(channel: int, data: bytes) -> bytes:
-    """A ChannelData message, unpadded (padding is optional over UDP)."""
-    return HEADER.pack(channel, len(data)) + data
-
-
-def decode(datagram: bytes | memoryview) -> tuple[int, bytes]:
-    """``(channel, data)``; trailing bytes past the length field (padding) are ignored.
-
-    Raises ValueError for a short datagram, a lying length or a channel outside the range.
-    """
-    if len(datagram) < 4:
-        raise ValueError("shorter than a ChannelData header")
-    channel, length = HEADER.unpack_from(datagram)
-    if not is_valid_channel(channel):
-        raise ValueError("channel number outside 0x4000-0x4FFF")
-    if 4 + length > len(datagram):
-        raise ValueError("length runs past the datagram")
-    return channel, bytes(datagram[4 : 4 + length])

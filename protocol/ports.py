@@ -22,38 +22,37 @@ __all__ = ["PortAllocator", "PortShares"]
 
 
 class PortShares:
-    """The allocation range split among the workers of one relay: worker ``i`` owns one
-    contiguous slice of ``lowest..highest`` (sizes differ by at most one port), so a peer's
-    datagram reaches the worker of its allocation by its destination port alone, and the
-    relay loop finds the worker of a relayed address without asking anyone."""
+    """The allocation range split among the workers of one relay: worker ``i`` owns the
+    contiguous slice from ``lowest + size * i // workers`` (sizes differ by at most one port),
+    so a peer's datagram reaches the worker of its allocation by its destination port alone,
+    and the relay loop finds the worker of a relayed address without asking anyone."""
 
-    __slots__ = ("_big", "_extra", "_size", "highest", "lowest", "workers")
+    __slots__ = ("_size", "highest", "lowest", "workers")
 
     def __init__(self, lowest: int, highest: int, workers: int) -> None:
-        count = highest - lowest + 1
-        if not 1 <= workers <= count:
-            raise ValueError(f"{workers} workers cannot share {count} ports")
+        size = highest - lowest + 1
+        if not 1 <= workers <= size:
+            raise ValueError(f"{workers} workers cannot share {size} ports")
         self.lowest, self.highest, self.workers = lowest, highest, workers
-        self._size, self._extra = divmod(count, workers)
-        #: the first ``_extra`` shares hold one port more; they end before this offset
-        self._big = self._extra * (self._size + 1)
+        self._size = size
 
     def of(self, worker: int) -> tuple[int, int]:
         """The first and last port of ``worker``'s share."""
         if not 0 <= worker < self.workers:
             raise ValueError(f"no worker {worker} of {self.workers}")
-        size = self._size + (worker < self._extra)
-        first = self.lowest + worker * self._size + min(worker, self._extra)
-        return first, first + size - 1
+        size, workers = self._size, self.workers
+        return (
+            self.lowest + size * worker // workers,
+            self.lowest + size * (worker + 1) // workers - 1,
+        )
 
     def owner(self, port: int) -> int | None:
         """The worker whose share holds ``port``; None outside the range."""
         offset = port - self.lowest
-        if not 0 <= offset <= self.highest - self.lowest:
+        if not 0 <= offset < self._size:
             return None
-        if offset < self._big:
-            return offset // (self._size + 1)
-        return self._extra + (offset - self._big) // self._size
+        # the largest i with size * i // workers <= offset
+        return ((offset + 1) * self.workers - 1) // self._size
 
 
 class PortAllocator:

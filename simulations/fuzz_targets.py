@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.commands import SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import ATTRIBUTES, Attr, Class, Method
 from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport, udp
+from simulations import channel_data
 
 __all__ = ["TARGETS", "Script", "run_script", "seeds", "server_input", "stun_input", "write_seeds"]
 

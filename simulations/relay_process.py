@@ -156,13 +156,25 @@ class Credential:
         return long_term_key(self.username, self.realm, self.sign_password)
 
 
+#: ports this process handed out lately: the kernel may offer a port again as soon as the
+#: probe socket closes, so a relay's listen and control ports could come out the same
+_HANDED_OUT: dict[int, float] = {}
+_HANDED_OUT_S = 120.0
+
+
 def free_port(hosts: tuple[str, ...] = ("127.0.0.1",), tcp_too: bool = True) -> int:
-    """A port free for UDP (and TCP) on every host in ``hosts`` right now."""
+    """A port free for UDP (and TCP) on every host in ``hosts`` right now, and not handed out
+    by this function in the last two minutes."""
+    now = time.monotonic()
+    for old in [p for p, t in _HANDED_OUT.items() if now - t > _HANDED_OUT_S]:
+        del _HANDED_OUT[old]
     for _ in range(200):
         family = socket.AF_INET6 if ":" in hosts[0] else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.bind((hosts[0], 0))
             port = int(s.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
         try:
             for host in hosts:
                 kinds = (socket.SOCK_DGRAM, socket.SOCK_STREAM) if tcp_too else (socket.SOCK_DGRAM,)
@@ -172,6 +184,7 @@ def free_port(hosts: tuple[str, ...] = ("127.0.0.1",), tcp_too: bool = True) -> 
                         s.bind((host, port))
         except OSError:
             continue
+        _HANDED_OUT[port] = now
         return port
     raise RuntimeError("no free port")
 

@@ -12,11 +12,12 @@ import argparse
 import random
 import time
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.commands import CreateAllocation, SendMessage
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.types import FiveTuple, Transport, udp
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 
 NOW = 1_800_000_000.0

@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.channel_data import encode as channel_data
 from firezone_relay.protocol.stun import Attr, Class, Method, long_term_key
 from firezone_relay.protocol.types import Addr, Family
+from simulations.channel_data import encode as channel_data
 from simulations.traces import tracefile
 from simulations.traces.tracefile import Expectations, Frame
 

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.channel_data import encode as channel_data
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.types import Addr, Family
 from simulations import relay_process
+from simulations.channel_data import encode as channel_data
 from simulations.relay_process import Credential, RelaySystem
 from simulations.traces import tracefile
 from simulations.traces.tracefile import TRACE_LISTEN_PORT, Expectations, Frame, format_addr

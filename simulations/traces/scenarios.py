@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.channel_data import encode as channel_data
 from firezone_relay.protocol.stun import Attr, Class, Message, Method
 from firezone_relay.protocol.types import Addr, Family
+from simulations.channel_data import encode as channel_data
 from simulations.traces.record import (
     Endpoint,
     Scenario,

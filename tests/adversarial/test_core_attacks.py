@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class, Method
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.adversarial.conftest import Attacker, error_code
 from tests.system.conftest import RelayProcess, port_range

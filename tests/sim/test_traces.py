@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.channel_data import encode as channel_data
 from firezone_relay.protocol.stun import Attr, Class
+from simulations.channel_data import encode as channel_data
 from simulations.traces import record, replay, tracefile
 from simulations.traces.scenarios import STANDALONE, bind, ping_pong, relayed
 from simulations.traces.tracefile import Frame, Trace

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, http
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import make_credentials
 from firezone_relay.protocol.stun import Attr, Class
+from simulations import channel_data
 from simulations.relay_process import start_local
 from simulations.turn_client import TurnClient
 from tests.system.conftest import ROOT, RelayProcess, http

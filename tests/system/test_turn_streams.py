@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from firezone_relay.protocol import stun
-from firezone_relay.protocol.channel_data import encode as channel_data
 from firezone_relay.protocol.proxy_protocol import V2_SIGNATURE
 from firezone_relay.protocol.stream_framing import channel_data_frame
 from firezone_relay.protocol.stun import Class
+from simulations.channel_data import encode as channel_data
 from simulations.relay_process import free_port
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess

@@ -312,7 +312,7 @@ def handoff_not_callable():
 def handoff_clears_everything():
     rx = Receiver(4, 64, 4)
     def handoff(*args):
-        rx.clear_routes(); rx.addrs.clear(); rx.recv(a)
+        rx.drop_fd(a.fileno()); rx.addrs.clear(); rx.recv(a)
     b.sendto(b"not channel data", a.getsockname())
     b.sendto(b"again", a.getsockname())
     rx.drain_clients(Stats(), handoff, a)

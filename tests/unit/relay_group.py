@@ -11,6 +11,7 @@ which the supervisor would send things.
 
 from __future__ import annotations
 
+import collections
 import random
 from dataclasses import dataclass, field
 
@@ -24,7 +25,12 @@ from firezone_relay.protocol.commands import (
     ReserveAllocation,
     SendMessage,
 )
-from firezone_relay.protocol.reservations import RegistryMessage, Reservations
+from firezone_relay.protocol.reservations import (
+    EvictAllocation,
+    RegistryMessage,
+    ReservationAnswer,
+    Reservations,
+)
 from firezone_relay.protocol.routes import ClientRoute, ToClient
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import Message
@@ -85,6 +91,8 @@ class Group:
         self.held: list[RegistryMessage] | None = None
         #: every ``ReserveAllocation`` / ``ReleaseAllocation`` the registry saw, by worker
         self.requests: list[tuple[int, ReserveAllocation | ReleaseAllocation]] = []
+        #: how often each path of interest was taken (random walks check they were)
+        self.seen: collections.Counter[str] = collections.Counter()
         self._out = GroupOutcome()
 
     # --- inputs --------------------------------------------------------------------------
@@ -100,7 +108,9 @@ class Group:
     def advance(self, seconds: float) -> GroupOutcome:
         self.now += seconds
         for server in self.servers:
+            waiting = len(server._waiting)
             server.handle_timeout(self.now)
+            self.seen["timed out"] += waiting - len(server._waiting)
         self._out = GroupOutcome()
         for i in range(len(self.servers)):
             self._drain(i)
@@ -108,6 +118,7 @@ class Group:
 
     def deliver(self, message: RegistryMessage) -> GroupOutcome:
         """Deliver a held registry message now."""
+        self.seen["late"] += 1
         self._out = GroupOutcome()
         self.servers[message.worker].handle_registry_message(message, self.now)
         self._drain(message.worker)
@@ -157,16 +168,24 @@ class Group:
             if isinstance(command, ReserveAllocation | ReleaseAllocation):
                 self.requests.append((worker, command))
                 for message in self.registry.handle(worker, command):
+                    if isinstance(message, EvictAllocation):
+                        self.seen["evicted"] += 1
+                    elif isinstance(message, ReservationAnswer) and message.refusal is not None:
+                        self.seen["refused"] += 1
                     if self.held is not None:
                         self.held.append(message)
                         continue
                     self.servers[message.worker].handle_registry_message(message, self.now)
                     self._drain(message.worker)
             elif isinstance(command, ForwardToWorker):
+                self.seen["forwarded"] += 1
                 target = self.servers[command.worker]
+                relayed = target.stats.relayed_packets_userspace
                 route = target.handle_forwarded(
                     command.from_relayed_addr, command.to_relayed_addr[1], command.payload, self.now
                 )
+                if target.stats.relayed_packets_userspace > relayed:
+                    self.seen["delivered forward"] += 1
                 if route is not None:
                     self._out.events.append((command.worker, Forwarded(route, command.payload)))
                 self._drain(command.worker)

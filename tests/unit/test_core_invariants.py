@@ -10,10 +10,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.commands import CreateAllocation
 from firezone_relay.protocol.stun import Attr, Method
 from firezone_relay.protocol.types import Addr, Family
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.unit.harness import PEER, PEER6, PUBLIC4, Harness
 
@@ -120,7 +120,7 @@ def test_invariants_hold_after_every_step(ops: list[tuple]) -> None:  # type: ig
     world.h.server.check_invariants()
     for op in ops:
         world.step(op)
-    world.h.server.free_all(world.h.now)
+    world.h.server.free_all()
     world.h.drain()
     world.h.server.check_invariants()
     assert world.h.server.num_allocations == 0 and world.h.server.num_active_channels == 0

@@ -6,13 +6,14 @@ import random
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import Nonces, parse_username, secret_bits
 from firezone_relay.protocol.commands import CreateAllocation
 from firezone_relay.protocol.config import DEFAULT_MAX_ALLOCATIONS_PER_USER, ServerConfig
 from firezone_relay.protocol.server import MAX_PEERS_PER_REQUEST, Server
 from firezone_relay.protocol.stun import Attr, Class, Method
 from firezone_relay.protocol.transactions import ENTRY_OVERHEAD, TransactionCache
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.unit.harness import CLIENT, PEER, PUBLIC4, Harness, error_code, five_tuple, is_success
 

@@ -4,10 +4,10 @@ lists."""
 
 from __future__ import annotations
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.allocations import COUNTERS
 from firezone_relay.protocol.auth import firezone_password
 from firezone_relay.protocol.rate_limit import ByteBucket, burst_for
+from simulations import channel_data
 from tests.unit.harness import CLIENT, PEER, Harness, error_code, is_success
 
 CLIENT_B = ("198.51.200.7", 50000)

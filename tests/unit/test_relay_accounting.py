@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.stats import Stats, size_bucket
+from simulations import channel_data
 from tests.unit.harness import PEER, Harness, five_tuple, is_success
 
 CLIENT_B = ("198.51.200.7", 50000)

@@ -7,8 +7,9 @@ import struct
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.auth import firezone_password
+from firezone_relay.protocol.channel_data import CHANNEL_NUMBERS
 from firezone_relay.protocol.commands import (
     CreateAllocation,
     CreateChannelBinding,
@@ -20,6 +21,7 @@ from firezone_relay.protocol.routes import LoopToClient, ToClient, ToPeer
 from firezone_relay.protocol.server import MAX_BIND_ATTEMPTS
 from firezone_relay.protocol.stun import Attr, Class, Method
 from firezone_relay.protocol.types import Family
+from simulations import channel_data
 from tests.unit.harness import (
     CLIENT,
     CLIENT6,
@@ -543,13 +545,13 @@ def test_portal_cap_lets_every_channel_number_bind_and_cool_down() -> None:
     """Portal mode's cap is the whole number space: connlib binding one channel per remote
     candidate up through 0x4FFF never meets 508, neither with numbers still cooling down
     after expiry nor when it rebinds them; the memory this bounds is per allocation."""
-    h = Harness(max_channels_per_allocation=channel_data.CHANNEL_NUMBERS)
+    h = Harness(max_channels_per_allocation=CHANNEL_NUMBERS)
     client, _, _ = _bound(h)
     peers = {n: (f"8.8.{n >> 8 & 0xFF}.{n & 0xFF}", 4000 + n % 1000) for n in range(0x4001, 0x5000)}
     for number, peer in peers.items():
         out = h.send(client.channel_bind(number, peer))
         assert is_success(out.response), hex(number)
-    assert h.server.num_active_channels == channel_data.CHANNEL_NUMBERS
+    assert h.server.num_active_channels == CHANNEL_NUMBERS
     h.server.check_invariants()
     h.advance(300)
     assert is_success(h.send(client.refresh(600)).response)
@@ -837,7 +839,7 @@ def test_failed_binds_answer_508_after_bounded_tries() -> None:
 def test_free_all_undoes_everything() -> None:
     h = Harness()
     _, port, _ = _bound(h)
-    h.server.free_all(h.now)
+    h.server.free_all()
     assert h.drain() == [
         DeleteChannelBinding(five_tuple(CLIENT), 0x4000, PEER, port),
         FreeAllocation(port, V4),

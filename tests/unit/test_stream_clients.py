@@ -3,7 +3,6 @@ frees its allocation at once (RFC 8656 §3.1)."""
 
 from __future__ import annotations
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.commands import (
     DeleteChannelBinding,
     FreeAllocation,
@@ -12,6 +11,7 @@ from firezone_relay.protocol.commands import (
 from firezone_relay.protocol.routes import ToClient
 from firezone_relay.protocol.stun import Attr
 from firezone_relay.protocol.types import FiveTuple, Transport
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.unit.harness import CLIENT, NOW, PEER, Harness, Outcome, error_code, is_success
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from firezone_relay.protocol import channel_data, stun
+from firezone_relay.protocol import stun
 from firezone_relay.protocol.stun import Attr, Class, Method
+from simulations import channel_data
 
 VECTORS = configparser.ConfigParser(interpolation=None)
 VECTORS.read(Path(__file__).parent.parent / "data" / "rfc5769-vectors.txt")

@@ -9,7 +9,6 @@ import random
 
 import pytest
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.commands import ForwardToWorker, SendMessage
 from firezone_relay.protocol.ports import PortShares
 from firezone_relay.protocol.ratelimit import RateLimiter
@@ -17,6 +16,7 @@ from firezone_relay.protocol.routes import ToClient
 from firezone_relay.protocol.server import Server, ServerConfig
 from firezone_relay.protocol.stun import Attr, Method
 from firezone_relay.protocol.types import Addr
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.unit.harness import CLIENT, NOW, PEER, PUBLIC4, error_code, five_tuple, is_success
 from tests.unit.relay_group import NONCE_KEY, SECRET, Forwarded, Group
