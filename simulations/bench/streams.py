@@ -9,9 +9,12 @@ The same load for both relays: coturn's own ``turnutils_uclient -t`` (TCP) and `
 numbers past 0x4FFF, which RFC 8656 refuses). Every echoed message crosses the relay twice
 (client -> peer as a Send indication, peer -> client as a Data indication), so a round's relayed
 messages are uclient's sent + received. Each relay runs pinned to CPU 1 (the load on CPU 0) and
-its CPU time (user + system, from /proc) over the round is divided by them. coturn is Debian's
-``turnserver`` with ``tls-listening-port`` and the same self-signed certificate. The rounds
-alternate between the relays, so the machine's neighbours weigh on both alike.
+its CPU time (user + system of all its threads, from /proc) over the round is divided by them.
+coturn is Debian's ``turnserver`` with ``tls-listening-port`` and the same self-signed
+certificate, and as many relay threads as ours relays on (``--coturn-relay-threads``, 1: our
+event loop; ``default`` leaves coturn's own, one per CPU, which on the one pinned CPU costs it
+more context switches). The rounds alternate between the relays, so the machine's neighbours weigh
+on both alike.
 """
 
 from __future__ import annotations
@@ -121,12 +124,14 @@ def start_ours(workdir: Path, cert: Path, key: Path) -> Relay:
     return Relay("python relay", daemon.proc, port, tls_port)
 
 
-def start_coturn(workdir: Path, cert: Path, key: Path) -> Relay:
+def start_coturn(workdir: Path, cert: Path, key: Path, relay_threads: str = "1") -> Relay:
     port, tls_port = free_port(), free_port(socket.SOCK_STREAM)
     conf = COTURN_CONF.format(
         secret=SECRET, realm=REALM, port=port, tls_port=tls_port, cert=cert, key=key,
         low=PORTS[0], high=PORTS[1], workdir=workdir,
     )  # fmt: skip
+    if relay_threads != "default":
+        conf += f"relay-threads={int(relay_threads)}\n"
     (workdir / "coturn.conf").write_text(conf)
     log = open(workdir / "coturn.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -172,6 +177,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=100)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-coturn", action="store_true")
+    p.add_argument("--coturn-relay-threads", default="1", help="a number, or 'default'")
     args = p.parse_args()
     if shutil.which("turnutils_uclient") is None or shutil.which("turnutils_peer") is None:
         raise SystemExit("needs coturn's turnutils_uclient and turnutils_peer")
@@ -191,7 +197,7 @@ def main() -> None:
         try:
             relays.append(start_ours(workdir, cert, key))
             if coturn:
-                relays.append(start_coturn(workdir, cert, key))
+                relays.append(start_coturn(workdir, cert, key, args.coturn_relay_threads))
             for _ in range(args.rounds):
                 for transport in ("tcp", "tls"):
                     for relay in relays:
@@ -204,7 +210,8 @@ def main() -> None:
             peer.wait(5)
     print(
         f"{args.clients} uclient sessions x {args.messages} messages of {args.length} B every "
-        f"{args.interval_ms} ms, echoed; median of {args.rounds} rounds"
+        f"{args.interval_ms} ms, echoed; median of {args.rounds} rounds; coturn relay-threads="
+        f"{args.coturn_relay_threads}"
     )
     print(f"{'relay':14} {'transport':9} {'relayed':>9} {'expected':>9} {'CPU s':>7} {'us/msg':>8}")
     expected = 2 * args.clients * args.messages
