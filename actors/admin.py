@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from firezone_relay.actors.http_endpoints import HttpEndpoint, Routes, parse_host_port
 from firezone_relay.actors.startup_errors import StartupError
 from firezone_relay.protocol.allocations import COUNTERS, IN_BYTES, OUT_BYTES
-from firezone_relay.protocol.types import Family
+from firezone_relay.protocol.types import Family, FiveTuple
 
 if TYPE_CHECKING:
     from firezone_relay.protocol.allocations import Allocation
@@ -188,6 +188,9 @@ class Admin:
     drops: Callable[[], Mapping[str, int]]
     #: (datagrams, bytes) the XDP program relayed, when it runs
     xdp_totals: Callable[[], tuple[int, int] | None] = lambda: None
+    #: what the XDP program relayed for the allocation on a port of a client, in the order of
+    #: ``COUNTERS`` (``actors.offload.Offload.allocation_counts``; zeros without offload)
+    xdp_counts: Callable[[int, FiveTuple], tuple[int, int, int, int]] = lambda _p, _c: (0,) * 4
     #: called by every reload after the files (e.g. the TLS certificate, once there is one)
     reload_hooks: list[Callable[[], str | None]] = field(default_factory=list)
     drain_deadline: float | None = None
@@ -197,10 +200,19 @@ class Admin:
 
     # -- what the operator sees ----------------------------------------------------------
 
-    def session_row(self, allocation: Allocation, now: float) -> dict[str, Any]:
+    def counters(self, allocation: Allocation) -> list[int]:
+        """The allocation's traffic on every data path: what userspace counted (the core, its
+        channels and the C route mirror) plus what the XDP program relayed."""
+        xdp = self.xdp_counts(allocation.port, allocation.client)
+        return [a + b for a, b in zip(allocation.traffic(), xdp, strict=True)]
+
+    def session_row(
+        self, allocation: Allocation, now: float, counters: list[int] | None = None
+    ) -> dict[str, Any]:
         server = self.server
         ips = {Family.V4: server.public_ip4, Family.V6: server.public_ip6}
-        counters = allocation.traffic()
+        if counters is None:
+            counters = self.counters(allocation)
         row: dict[str, Any] = {
             "id": allocation.port,
             "username": allocation.username,
@@ -240,21 +252,21 @@ class Admin:
         elapsed = max(now - then, 1e-6)
         totals = [0, 0, 0, 0]
         seen: dict[int, int] = {}
-        movers: list[tuple[float, Allocation, int]] = []
+        movers: list[tuple[float, Allocation, list[int]]] = []
         channels = 0
         for allocation in server.allocations():
-            counters = allocation.traffic()
+            counters = self.counters(allocation)
             for i in range(4):
                 totals[i] += counters[i]
             moved = counters[OUT_BYTES] + counters[IN_BYTES]
             seen[allocation.port] = moved
-            movers.append((moved - before.get(allocation.port, moved), allocation, moved))
+            movers.append((moved - before.get(allocation.port, moved), allocation, counters))
             channels += len(allocation.channels)
         self._top_last = (now, seen)
         movers.sort(key=lambda m: m[0], reverse=True)
         top = []
-        for delta, allocation, _ in movers[:limit]:
-            row = self.session_row(allocation, now)
+        for delta, allocation, counters in movers[:limit]:
+            row = self.session_row(allocation, now, counters)
             row["bytes_per_s"] = round(delta / elapsed, 1) if then else 0.0
             top.append(row)
         stats = server.stats

@@ -206,6 +206,7 @@ class Relay:
             self.request_stop,
             self.datapath.drop_counts,
             self.offload.totals,
+            self.offload.allocation_counts,
         )
 
     # the worker's parts, under the names tools and tests read

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,12 +28,19 @@ from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannel
 from firezone_relay.xdp import bpfsys, interface
 from firezone_relay.xdp import netns as netns_mod
 from firezone_relay.xdp.bindings import BindingTable
-from firezone_relay.xdp.maps import STATS_SIZE, RouterConfig, XdpCounters
+from firezone_relay.xdp.maps import (
+    PORT_COUNTS_SIZE,
+    PORT_IN,
+    STATS_SIZE,
+    RouterConfig,
+    XdpCounters,
+)
 
 logger = logging.getLogger("relay.xdp")
 
 __all__ = [
     "CounterReader",
+    "PortCounters",
     "XdpManager",
     "XdpOffloadRequired",
     "XdpOptions",
@@ -104,6 +112,33 @@ class CounterReader:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+class PortCounters:
+    """What the program relayed per allocation port, read from any thread without a system
+    call: the ``port_counts`` array mapped into this process (read-only). The mapping keeps the
+    map alive, so it reads the last values after the manager stopped."""
+
+    def __init__(self, fd: int) -> None:
+        self._map: mmap.mmap | None = mmap.mmap(
+            fd, PORT_COUNTS_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
+        )
+        self._words = memoryview(self._map).cast("Q")
+
+    def read(self, port: int) -> tuple[int, int, int, int]:
+        """(datagrams, bytes) client -> peer, then peer -> client, of allocation ``port``;
+        zeros for a port out of range or after :meth:`close`."""
+        if self._map is None or not 0 <= port < PORT_IN:
+            return (0, 0, 0, 0)
+        w = self._words
+        i, j = 2 * port, 2 * (PORT_IN + port)
+        return (w[i], w[i + 1], w[j], w[j + 1])
+
+    def close(self) -> None:
+        words, mapped, self._map = self._words, self._map, None
+        if mapped is not None:
+            words.release()
+            mapped.close()
 
 
 class XdpManager(pykka.ThreadingActor):
@@ -271,6 +306,17 @@ class XdpManager(pykka.ThreadingActor):
         if self._router is None:
             return None
         return CounterReader(self._router.stats_fd, self._router.ncpus)
+
+    def port_counters(self) -> PortCounters | None:
+        """The per-allocation counters, mapped (None when offload is not active or the kernel
+        cannot map the array: ``sessions`` then shows userspace traffic only)."""
+        if self._router is None:
+            return None
+        try:
+            return PortCounters(self._router.port_counts_fd)
+        except (OSError, ValueError) as exc:
+            logger.warning("XDP per-allocation counters unavailable: %s", exc)
+            return None
 
     def status(self) -> XdpStatus:
         r = self._router

@@ -38,6 +38,10 @@ _STATS_WORDS = 2 * len(PATHS) + len(PASS_REASONS) + NUM_SIZE_BUCKETS + 2 + NUM_N
 STATS_SIZE = 8 * _STATS_WORDS
 
 KEY_SIZE = 20
+#: ``port_counts``: (datagrams, payload bytes) per allocation port, client -> peer in slot
+#: ``port``, peer -> client in slot ``PORT_IN + port``
+PORT_IN = 65536
+PORT_COUNTS_SIZE = 2 * PORT_IN * 16
 CONFIG_FORMAT = "=16s16s16s16sHHHBB"
 CONFIG_SIZE = struct.calcsize(CONFIG_FORMAT)
 

@@ -103,6 +103,17 @@ struct relay_stats {
     __u64 seq;                              /* candidate TURN packets, drives samples */
 };
 
+/* Relayed datagrams and payload bytes per allocation (its port) and direction, for the
+ * operator's `sessions` and `top`: slot port counts client -> peer, slot PORT_IN + port
+ * peer -> client. One array shared by every CPU, so added to atomically; memory-mapped by the
+ * relay (BPF_F_MMAPABLE), which reads it without a system call. */
+#define PORT_IN 65536
+struct port_count {
+    __u64 packets;
+    __u64 bytes;
+};
+BPF_F_TABLE("array", __u32, struct port_count, port_counts, 2 * PORT_IN, BPF_F_MMAPABLE);
+
 BPF_HASH(chan_to_peer, struct chan_key, struct peer_key, MAX_BINDINGS);
 BPF_HASH(peer_to_chan, struct peer_key, struct chan_key, MAX_BINDINGS);
 BPF_ARRAY(config, struct relay_config, 1);
@@ -200,9 +211,19 @@ static __always_inline int choose_source(struct relay_config *cfg, struct in_pkt
     return 0;
 }
 
+static __always_inline void count_port(__u32 slot, __u32 plen)
+{
+    struct port_count *c = port_counts.lookup(&slot);
+    if (c) {
+        __sync_fetch_and_add(&c->packets, 1);
+        __sync_fetch_and_add(&c->bytes, plen);
+    }
+}
+
+/* Relay as `out` says; counted in port_counts slots out_slot and in_slot (-1: none). */
 static __always_inline int relay(struct xdp_md *ctx, struct relay_config *cfg,
                                  struct relay_stats *st, struct in_pkt *in, struct out_pkt *out,
-                                 int path, __u64 start)
+                                 int path, __u64 start, __u32 out_slot, __u32 in_slot)
 {
     __u32 in_hdr = ETH_LEN + (in->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN + (in->has_chan ? CHAN_LEN : 0);
     __u32 out_l3 = out->v6 ? IP6_LEN : IP4_LEN;
@@ -328,6 +349,10 @@ static __always_inline int relay(struct xdp_md *ctx, struct relay_config *cfg,
     if (excess > 0)
         bpf_xdp_adjust_tail(ctx, (int)-excess);
 
+    if (out_slot != (__u32)-1)
+        count_port(out_slot, plen);
+    if (in_slot != (__u32)-1)
+        count_port(in_slot, plen);
     st->packets[path]++;
     st->bytes[path] += plen;
     __u32 sb = plen / 100;
@@ -529,7 +554,8 @@ int xdp_turn_router(struct xdp_md *ctx)
             out.v6 = !addr_is_v4(client->addr);
             if (choose_source(cfg, &in, &out))
                 return pass(st, PASS_NO_SOURCE_ADDR);
-            return relay(ctx, cfg, st, &in, &out, PATH_CHAN_TO_CHAN, start);
+            return relay(ctx, cfg, st, &in, &out, PATH_CHAN_TO_CHAN, start,
+                         bpf_ntohs(peer->alloc_port), PORT_IN + bpf_ntohs(peer->peer_port));
         }
         addr_copy(out.dst, peer->addr);
         out.dport = peer->peer_port;
@@ -539,7 +565,8 @@ int xdp_turn_router(struct xdp_md *ctx)
         out.v6 = !addr_is_v4(peer->addr);
         if (choose_source(cfg, &in, &out))
             return pass(st, PASS_NO_SOURCE_ADDR);
-        return relay(ctx, cfg, st, &in, &out, PATH_CHAN_TO_UDP, start);
+        return relay(ctx, cfg, st, &in, &out, PATH_CHAN_TO_UDP, start,
+                     bpf_ntohs(peer->alloc_port), (__u32)-1);
     }
 
     if (dport >= cfg->lowest_port && dport <= cfg->highest_port) {
@@ -560,7 +587,8 @@ int xdp_turn_router(struct xdp_md *ctx)
         out.v6 = !addr_is_v4(client->addr);
         if (choose_source(cfg, &in, &out))
             return pass(st, PASS_NO_SOURCE_ADDR);
-        return relay(ctx, cfg, st, &in, &out, PATH_UDP_TO_CHAN, start);
+        return relay(ctx, cfg, st, &in, &out, PATH_UDP_TO_CHAN, start, (__u32)-1,
+                     PORT_IN + dport);
     }
 
     return pass(st, PASS_NOT_TURN_PORT);

@@ -143,7 +143,13 @@ def generate(
 class RelayDaemon:
     """``firezone-relay`` in the relay namespace, standalone, with a known secret."""
 
-    def __init__(self, topo: Topology, offload: str | None, mode: str = "generic") -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        offload: str | None,
+        mode: str = "generic",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.topo = topo
         self.offload = offload
         self._logdir = tempfile.TemporaryDirectory(prefix="bench-xdp-relay-")
@@ -168,6 +174,7 @@ class RelayDaemon:
         ]
         if offload:
             args += ["--ebpf-offloading", offload, "--ebpf-attach-mode", mode, "--ebpf-mandatory"]
+        args += extra_args
         log_path = Path(self._logdir.name) / "relay.log"
         popen = functools.partial(topo.popen, topo.rly)
         self.daemon = spawn_daemon(args, log_path, popen=popen)

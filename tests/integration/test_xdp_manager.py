@@ -268,6 +268,49 @@ def test_counters_are_plain_numbers(manager: object) -> None:
     reader.close()
 
 
+def test_per_allocation_counters(manager: object) -> None:
+    """What the program relays is counted per allocation port and direction, in a mapped array
+    read without the actor (and after it stopped); the relay loop counts both allocations, as
+    userspace does. ``PortOwners`` gives each allocation its own share of a reused port."""
+    from firezone_relay.actors.offload import PortOwners
+
+    proxy = manager.proxy()  # type: ignore[attr-defined]
+    a = CreateChannelBinding(_client("100.64.0.1"), 0x4000, ("8.8.4.4", 5000), 49152)
+    # a relay loop: allocation 49153's client binds a channel to allocation 49154
+    b = CreateChannelBinding(_client("100.64.0.2"), 0x4001, (RELAY, 49154), 49153)
+    c = CreateChannelBinding(_client("100.64.0.3"), 0x4002, (RELAY, 49153), 49154)
+    owners = PortOwners()
+    owners.counters = proxy.port_counters().get(timeout=5)
+    assert owners.counters is not None
+    owners.note((a, b, c))
+    proxy.apply((a, b, c)).get(timeout=5)
+    runs = [
+        (frame(a.client.remote, (RELAY, 3478), channel_data(0x4000, b"o" * 100)), 3),
+        (frame(("8.8.4.4", 5000), (RELAY, 49152), b"i" * 30), 2),
+        (frame(b.client.remote, (RELAY, 3478), channel_data(0x4001, b"l" * 7)), 1),
+    ]
+    for raw, times in runs:
+        for _ in range(times):
+            assert proxy.test_run(raw).get(timeout=5)[0] == bpfsys.XDP_TX
+    assert owners.counts(49152, a.client) == (3, 300, 2, 60)
+    assert owners.counts(49153, b.client) == (1, 7, 0, 0)
+    assert owners.counts(49154, c.client) == (0, 0, 1, 7)
+    assert owners.counts(49152, b.client) == (0, 0, 0, 0)  # not the port's client
+    # port 49152 goes to another client: it starts from zero, the old one sees nothing more
+    d = CreateChannelBinding(_client("100.64.0.4"), 0x4000, ("8.8.4.4", 5001), 49152)
+    owners.note((d,))
+    proxy.apply((d,)).get(timeout=5)
+    assert owners.counts(49152, d.client) == (0, 0, 0, 0)
+    assert owners.counts(49152, a.client) == (0, 0, 0, 0)
+    raw = frame(d.client.remote, (RELAY, 3478), channel_data(0x4000, b"n" * 10))
+    assert proxy.test_run(raw).get(timeout=5)[0] == bpfsys.XDP_TX
+    assert owners.counts(49152, d.client) == (1, 10, 0, 0)
+    manager.stop(block=True, timeout=10)  # type: ignore[attr-defined]
+    assert owners.counters.read(49152) == (4, 310, 2, 60)  # still mapped
+    owners.counters.close()
+    assert owners.counters.read(49152) == (0, 0, 0, 0)
+
+
 def test_options_from_the_command_line() -> None:
     from firezone_relay.actors.cli import build_parser, settings_from_args
 
