@@ -475,3 +475,24 @@ def test_the_relay_loop_between_two_workers(relay: RelayProcess) -> None:
         assert a.receive() == b"b to a %d" % i
     a.close()
     b.close()
+
+
+def test_max_allocations_holds_for_the_relay_not_per_worker(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path, "--num-worker-threads", str(WORKERS), "--max-allocations", "2")
+    try:
+        with echo_peer() as peer:
+            # both on worker 0: a split of the cap (1 each) would refuse the second
+            held = [UdpClient(relay, 0), UdpClient(relay, 0)]
+            for client in held:
+                _relayed_on(relay, 0, client, peer)
+            extra = UdpClient(relay, 1)
+            with pytest.raises(AssertionError, match="508"):
+                extra.allocate()
+            # one ends: worker 1 gets the room
+            assert held[0].transact(held[0].turn.refresh(0)).cls == Class.SUCCESS
+            later = UdpClient(relay, 1)
+            _relayed_on(relay, 1, later, peer)
+            for client in (*held, extra, later):
+                client.close()
+    finally:
+        relay.stop(signal.SIGKILL)
