@@ -627,6 +627,9 @@ class Supervisor:
             if status == 400:
                 return 400, body
         merged = _MERGES[path](got)
+        if path == "/stats":  # the XDP program is the supervisor's
+            xdp = self.offload.totals()
+            merged[1]["xdp"] = None if xdp is None else {"datagrams": xdp[0], "bytes": xdp[1]}
         if missing:
             merged[1]["missing_workers"] = missing
         return merged

@@ -23,11 +23,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from firezone_relay.actors.steering import worker_for
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.ports import PortShares
+from firezone_relay.protocol.stream_framing import channel_data_frame
 from firezone_relay.protocol.stun import Attr, Class
 from simulations import channel_data
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http, start_relay
+from tests.system.stream_client import StreamClient, relayed_address
 from tests.system.test_daemon_portal import _wait_status
 from tests.system.test_operating import sessions, verb
 from tests.system.test_otlp_traces import Collector
@@ -496,3 +498,23 @@ def test_max_allocations_holds_for_the_relay_not_per_worker(tmp_path: Path) -> N
                 client.close()
     finally:
         relay.stop(signal.SIGKILL)
+
+
+def test_tcp_clients_are_served_by_whichever_worker_accepted_them(relay: RelayProcess) -> None:
+    """TURN over TCP on the workers' SO_REUSEPORT listeners: each connection's allocation is
+    in the share of the worker that accepted it, and relays both ways."""
+    owners = PortShares(relay.lowest_port, relay.highest_port, WORKERS)
+    seen: set[int | None] = set()
+    with echo_peer() as peer:
+        for _ in range(8):
+            client = StreamClient.connect(relay)
+            try:
+                _host, port = relayed_address(client.allocate())
+                seen.add(owners.owner(port))
+                client.bind(CHANNEL, peer)
+                client.send(channel_data_frame(CHANNEL, b"over tcp"))
+                frame = client.next_frame()
+                assert frame[4 : 4 + 8] == b"over tcp"
+            finally:
+                client.close()
+    assert seen <= {0, 1} and None not in seen
