@@ -126,6 +126,8 @@ class Settings:
     otlp_grpc_endpoint: str | None = None
     #: whether metrics go to the OTLP endpoint too (a worker of several sends spans only)
     export_metrics: bool = True
+    #: the stateless nonces' key, the same for every worker of one relay (None: drawn here)
+    nonce_key: bytes | None = None
     health_check_addr: str | None = "0.0.0.0:8080"
     control_endpoint: str | None = "127.0.0.1:9999"
     #: the operator's Unix socket (``actors.admin``); None: none. Unless ``admin_socket_required``
@@ -174,7 +176,9 @@ class Relay:
         if secret is None and seed is None:
             secret = secrets.token_hex(32)
         bind_hosts = {Family.V4: settings.bind_ip4, Family.V6: settings.bind_ip6}
-        self.datapath = DataPath(config, rng, secret, bind_hosts, self.loop, settings.streams)
+        self.datapath = DataPath(
+            config, rng, secret, bind_hosts, self.loop, settings.streams, settings.nonce_key
+        )
         if settings.auth_secrets:
             self.server.set_auth_secrets(settings.auth_secrets)
         self.control = ControlActor.start(self.control_handlers(), loop=self.loop)

@@ -58,9 +58,10 @@ class DataPath:
         bind_hosts: Mapping[Family, str],
         loop: asyncio.AbstractEventLoop,
         stream_options: StreamOptions | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.loop = loop
-        self.server = Server(config, rng, secret)
+        self.server = Server(config, rng, secret, nonce_key=nonce_key)
         self.server.unix_offset = time.time() - time.monotonic()
         self.dataplane = DataPlane(self.server, self.after_input)
         self.pipeline = Pipeline(self.server, self.dataplane.send_message, self._spawn_allocation)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from firezone_relay.protocol.routes import LoopToClient
-from firezone_relay.protocol.types import Family, FiveTuple, Transport
+from firezone_relay.protocol.routes import ClientRoute, LoopToClient
+from firezone_relay.protocol.types import Addr, Family, FiveTuple, Transport
 
 if TYPE_CHECKING:
     from firezone_relay.actors.dataplane import DataPlane
@@ -31,6 +31,9 @@ logger = logging.getLogger("relay.streams")
 
 _V4, _V6 = int(Family.V4), int(Family.V6)
 
+#: ``ClientInput.handle``: (frame, client address, now) -> where to relay it, or None
+ClientHandle = Callable[[bytes | memoryview, Addr, float], ClientRoute | None]
+
 
 class StreamRelay:
     """The ``StreamSink`` of the daemon's stream listeners (loop thread only)."""
@@ -42,6 +45,7 @@ class StreamRelay:
         self.after_input = after_input
         self._by_client: dict[FiveTuple, StreamConnection] = {}
         self._clients: dict[StreamConnection, FiveTuple] = {}
+        self._entries: dict[StreamConnection, tuple[ClientHandle, Addr]] = {}
         self._out: list[Any] = []
         #: told True around freeing a closed connection's allocation (tracing's end reason)
         self.on_close: Callable[[bool], None] = _ignore
@@ -60,17 +64,21 @@ class StreamRelay:
     # -- StreamSink -----------------------------------------------------------------------
 
     def stream_frames(self, conn: StreamConnection, frames: list[bytes]) -> None:
-        client = self.client_of(conn)
-        handle = self.server.handle_client_input
+        entry = self._entries.get(conn)
+        if entry is None:
+            entry = self._entry(conn)
+        handle, remote = entry
         sockets = self.dataplane.allocation_sockets
         out = self._out
         now = time.monotonic()
         core_busy = False
         for frame in frames:
             try:
-                route = handle(frame, client, now)
+                # ChannelData on a bound channel is routed there and then (``ClientInput``);
+                # everything else goes to the core as from the connection's 5-tuple
+                route = handle(frame, remote, now)
             except Exception:
-                self.dataplane.input_failed(client.remote)
+                self.dataplane.input_failed(remote)
                 continue
             if route is None:
                 core_busy = True
@@ -86,7 +94,16 @@ class StreamRelay:
         if core_busy:
             self.after_input()
 
+    def _entry(self, conn: StreamConnection) -> tuple[ClientHandle, Addr]:
+        """The core's entry point for the connection's transport and relay address, and the
+        client's address, looked up once per connection."""
+        client = self.client_of(conn)
+        entry = (self.server.client_input(client.transport, client.local).handle, client.remote)
+        self._entries[conn] = entry
+        return entry
+
     def stream_closed(self, conn: StreamConnection) -> None:
+        self._entries.pop(conn, None)
         client = self._clients.pop(conn, None)
         if client is None:
             return

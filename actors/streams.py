@@ -262,8 +262,12 @@ class StreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             stage = self._stage
-            if stage == _OPEN and self._ssl is None:
-                self._frames_in(data)
+            if stage == _OPEN and self._ssl is None:  # plain TCP: _frames_in, inlined
+                frames = self._framer.feed(data)
+                if frames:
+                    streams = self.streams
+                    self._last_frame = streams.loop.time()
+                    streams.sink.stream_frames(self, frames)
             elif stage == _PROXY:
                 self._proxy_in(data)
             elif stage != _CLOSED:
@@ -359,7 +363,10 @@ class StreamConnection(asyncio.Protocol):
                 raise
             self.alpn = tls.selected_alpn_protocol()
             self._open()
-        while self._stage == _OPEN:
+        tls_in = self._tls_in
+        # Read while the TLS object holds bytes or a record may be complete: asking once more
+        # after the last record would cost an SSLWantReadError per read.
+        while self._stage == _OPEN and (tls_in.pending or tls.pending()):
             try:
                 chunk = tls.read(_TLS_READ)
             except ssl.SSLWantReadError:
@@ -371,7 +378,8 @@ class StreamConnection(asyncio.Protocol):
             if not chunk:
                 break
             self._frames_in(chunk)
-        self._flush_tls()
+        if self._tls_out.pending:  # _flush_tls, inlined: rarely anything (a key update)
+            self._flush_tls()
 
     def _flush_tls(self) -> None:
         if self._tls_out.pending and self.transport is not None:

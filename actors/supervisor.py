@@ -65,13 +65,25 @@ from firezone_relay.actors.worker import WorkerSpec, worker_settings
 from firezone_relay.actors.worker_channel import (
     AdminAnswer,
     AdminRequest,
+    Forward,
+    RegistryAsk,
+    RegistryTell,
     WorkerChannel,
     WorkerReady,
     WorkerStats,
     XdpRoutes,
+    five_tuple,
+    five_tuple_row,
     route_commands,
 )
-from firezone_relay.protocol.commands import CreateChannelBinding, DeleteChannelBinding
+from firezone_relay.protocol.commands import (
+    CreateChannelBinding,
+    DeleteChannelBinding,
+    RegistryRequest,
+    ReleaseAllocation,
+    ReserveAllocation,
+)
+from firezone_relay.protocol.reservations import EvictAllocation, Reservations
 from firezone_relay.protocol.types import Family
 
 if TYPE_CHECKING:
@@ -233,8 +245,11 @@ class Supervisor:
         self.count = count
         self.log_format = log_format
         self.loop = asyncio.get_running_loop()
-        #: every worker signs and checks with this one
+        #: every worker signs and checks with this one, and issues nonces with this key
         self.secret = settings.auth_secret or secrets.token_hex(32)
+        self.nonce_key = secrets.token_bytes(32)
+        #: the relay-wide allocation registry the workers' cores ask before an Allocate
+        self.reservations = Reservations.from_config(settings.server)
         self.totals = WorkerTotals(count)
         self.workers = [_Worker(i) for i in range(count)]
         self.sockets = _Sockets()
@@ -378,7 +393,9 @@ class Supervisor:
         spec = WorkerSpec(
             index=worker.index,
             count=self.count,
-            settings=worker_settings(self.settings, worker.index, self.count, self.secret),
+            settings=worker_settings(
+                self.settings, worker.index, self.count, self.secret, self.nonce_key
+            ),
             supervisor_pid=os.getpid(),
             channel_fd=child.fileno(),
             udp_fds=udp_fds,
@@ -421,6 +438,10 @@ class Supervisor:
             return
         if isinstance(message, WorkerStats) and message.index == worker.index:
             self.totals.update(message)
+        elif isinstance(message, Forward):
+            self._forward(worker, message)
+        elif isinstance(message, RegistryAsk):
+            self._registry(worker, message)
         elif isinstance(message, XdpRoutes) and message.index == worker.index:
             self._xdp_routes(worker, message)
         elif isinstance(message, AdminAnswer):
@@ -431,6 +452,37 @@ class Supervisor:
             worker.ready = worker.ever_ready = True
             worker.quick_failures = 0
             logger.info("worker %d ready (pid %d)", worker.index, message.pid)
+
+    def _forward(self, worker: _Worker, message: Forward) -> None:
+        """The relay loop between two workers' allocations: passed on as it is, to the worker
+        it names (which judges it as a peer datagram)."""
+        if 0 <= message.worker < self.count and message.worker != worker.index:
+            target = self.workers[message.worker].channel
+            if target is not None:
+                target.send(message)
+
+    def _registry(self, worker: _Worker, ask: RegistryAsk) -> None:
+        """A worker's core asks the registry (as the worker this channel belongs to); each
+        answer goes to the worker it names: an eviction to the owner first, then the grant."""
+        request: RegistryRequest
+        if ask.reserve:
+            try:
+                client = five_tuple(ask.client)
+            except ValueError as exc:
+                logger.error("worker %d sent a bad reservation: %s", worker.index, exc)
+                return
+            request = ReserveAllocation(ask.ticket, client, ask.username, ask.user)
+        else:
+            request = ReleaseAllocation(ask.ticket)
+        for told in self.reservations.handle(worker.index, request):
+            channel = self.workers[told.worker].channel
+            if channel is None:
+                continue
+            if isinstance(told, EvictAllocation):
+                channel.send(RegistryTell(told.ticket, True, None, five_tuple_row(told.by)))
+            else:
+                refusal = None if told.refusal is None else int(told.refusal)
+                channel.send(RegistryTell(told.ticket, False, refusal, []))
 
     def _xdp_routes(self, worker: _Worker, message: XdpRoutes) -> None:
         """A worker's channel commands, to the map manager; what it created is remembered,
@@ -479,6 +531,7 @@ class Supervisor:
             worker.channel = None
         self.totals.retire(worker.index)
         self._forget_xdp_routes(worker)
+        self.reservations.worker_gone(worker.index)
         if self._stopping.is_set() or not self._started:
             return
         if self.draining:

@@ -1,7 +1,7 @@
 """One worker process of a relay of several (``--num-worker-threads N``, N > 1): a ``Relay``
 with its own uvloop loop, core, actors and data plane, on listen sockets the supervisor bound
-(``actors.steering``) and a share of the allocation ports (``port_share``), reporting to the
-supervisor over its channel (``actors.worker_channel``).
+(``actors.steering``) and a share of the allocation ports (``ServerConfig.port_share``),
+reporting to the supervisor over its channel (``actors.worker_channel``).
 
 What there is one of per host (portal session, HTTP endpoints, admin socket, XDP, the secret's
 announcement) is the supervisor's: the worker's settings have those turned off. It dies with
@@ -12,6 +12,7 @@ channel's end closing stops it too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import dataclasses
@@ -22,6 +23,7 @@ import pickle
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +35,28 @@ from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.worker_channel import (
     AdminAnswer,
     AdminRequest,
+    Forward,
+    RegistryAsk,
+    RegistryTell,
     WorkerChannel,
     WorkerReady,
     WorkerStats,
     XdpRoutes,
+    five_tuple,
+    five_tuple_row,
     route_row,
 )
+from firezone_relay.protocol.commands import ForwardToWorker, RegistryRequest, ReserveAllocation
 from firezone_relay.protocol.config import ServerConfig
+from firezone_relay.protocol.errors import ErrorCode
+from firezone_relay.protocol.reservations import (
+    EvictAllocation,
+    RegistryMessage,
+    ReservationAnswer,
+)
 from firezone_relay.protocol.types import Family
 
-__all__ = ["WorkerSpec", "port_share", "snapshot", "worker_settings"]
+__all__ = ["WorkerSpec", "snapshot", "worker_settings"]
 
 logger = logging.getLogger("relay")
 
@@ -71,34 +85,20 @@ class WorkerSpec:
     xdp_routes: bool = False
 
 
-def port_share(lowest: int, highest: int, index: int, count: int) -> tuple[int, int]:
-    """Worker ``index``'s slice of the allocation range: ``count`` disjoint, contiguous slices
-    as equal as they can be (a peer's datagram reaches the right worker by its port)."""
-    size = highest - lowest + 1
-    if size < count:
-        raise ValueError(f"{size} allocation ports cannot be shared by {count} workers")
-    start = lowest + size * index // count
-    end = lowest + size * (index + 1) // count - 1
-    return start, end
-
-
-def worker_settings(settings: Settings, index: int, count: int, secret: str) -> Settings:
-    """The settings of worker ``index``: its port share, its part of ``--max-allocations``,
-    the supervisor's secret, and none of the per-host parts."""
-    config = settings.server
-    low, high = port_share(config.lowest_port, config.highest_port, index, count)
-    cap = config.max_allocations
-    if cap is not None:  # the shares add up to the whole
-        cap = cap * (index + 1) // count - cap * index // count
-    server: ServerConfig = dataclasses.replace(
-        config, lowest_port=low, highest_port=high, max_allocations=cap
-    )
+def worker_settings(
+    settings: Settings, index: int, count: int, secret: str, nonce_key: bytes
+) -> Settings:
+    """The settings of worker ``index`` of ``count``: its core knows which worker it is (its
+    port share, its part of the rate limit, the registry to ask), signs with the supervisor's
+    secret and nonce key, and runs none of the per-host parts."""
+    server: ServerConfig = dataclasses.replace(settings.server, workers=count, worker=index)
     return dataclasses.replace(
         settings,
         server=server,
         portal=None,
         xdp=None,
         auth_secret=secret,
+        nonce_key=nonce_key,
         health_check_addr=None,
         control_endpoint=None,
         admin_socket=None,
@@ -147,6 +147,8 @@ class WorkerRelay(Relay):
         )
         if self.spec.xdp_routes:
             self.pipeline.route_sinks.append(ChannelRouteSink(self.spec.index, self.channel))
+        self.pipeline.to_registry = self._to_registry
+        self.pipeline.to_worker = self._to_worker
         await super().start()
         self.channel.send(WorkerReady(self.spec.index, os.getpid()))
         self._send_stats()
@@ -160,8 +162,64 @@ class WorkerRelay(Relay):
         self.log_filter.flush_suppressed()
         self._stats_timer = self.loop.call_later(STATS_INTERVAL, self._send_stats)
 
+    # -- the core's messages to the rest of the relay, and theirs to it ------------------
+
+    def _to_registry(self, request: RegistryRequest) -> None:
+        if self.channel is None:
+            return
+        if isinstance(request, ReserveAllocation):
+            ask = RegistryAsk(
+                request.ticket, True, five_tuple_row(request.client), request.username, request.user
+            )
+        else:
+            ask = RegistryAsk(request.ticket, False, [], "", "")
+        self.channel.send(ask)
+
+    def _to_worker(self, command: ForwardToWorker) -> None:
+        if self.channel is not None:
+            (from_host, from_port), (to_host, to_port) = (
+                command.from_relayed_addr,
+                command.to_relayed_addr,
+            )
+            payload = base64.b64encode(command.payload).decode()
+            self.channel.send(
+                Forward(command.worker, from_host, from_port, to_host, to_port, payload)
+            )
+
+    def _registry_told(self, message: RegistryTell) -> None:
+        index = self.spec.index
+        told: RegistryMessage
+        if message.evict:
+            told = EvictAllocation(index, message.ticket, five_tuple(message.by))
+        else:
+            refusal = None if message.refusal is None else ErrorCode(message.refusal)
+            told = ReservationAnswer(index, message.ticket, refusal)
+        self.server.handle_registry_message(told, time.monotonic())
+        self.datapath.after_input()
+
+    def _forwarded(self, message: Forward) -> None:
+        """Another worker's allocation sent to one of ours (the relay loop)."""
+        try:
+            payload = base64.b64decode(message.payload, validate=True)
+        except ValueError:
+            return
+        route = self.server.handle_forwarded(
+            (message.from_host, message.from_port), message.to_port, payload, time.monotonic()
+        )
+        if route is not None:
+            self.dataplane.send_channel_data(route.client, route.channel, payload)
+        else:
+            self.datapath.after_input()  # a Data indication, if any, is a command
+
     def _on_message(self, message: object) -> None:
-        if isinstance(message, AdminRequest):
+        if isinstance(message, Forward):
+            self._forwarded(message)
+        elif isinstance(message, RegistryTell):
+            try:
+                self._registry_told(message)
+            except ValueError as exc:
+                logger.error("bad registry message from the supervisor: %s", exc)
+        elif isinstance(message, AdminRequest):
             status, body = self.answer(message)
             if self.channel is not None:
                 self.channel.send(AdminAnswer(message.request, status, body))

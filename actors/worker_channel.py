@@ -34,12 +34,17 @@ __all__ = [
     "AdminAnswer",
     "AdminRequest",
     "ChannelError",
+    "Forward",
+    "RegistryAsk",
+    "RegistryTell",
     "WorkerChannel",
     "WorkerReady",
     "WorkerStats",
     "XdpRoutes",
     "decode",
     "encode",
+    "five_tuple",
+    "five_tuple_row",
     "route_commands",
     "route_row",
 ]
@@ -102,9 +107,58 @@ class XdpRoutes:
     commands: list[Any]
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryAsk:
+    """Worker → supervisor: the core's ``ReserveAllocation`` (``reserve``, with the client's
+    5-tuple as ``route_row`` writes one, ``username`` and ``user``) or ``ReleaseAllocation``
+    of ``ticket``, for the allocation registry (``protocol.reservations``)."""
+
+    ticket: int
+    reserve: bool
+    client: list[Any]
+    username: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryTell:
+    """Supervisor → worker: the registry's ``ReservationAnswer`` (``evict`` false: ``refusal``
+    is None or the error code) or ``EvictAllocation`` (``evict``: ``by`` is the 5-tuple that
+    allocated the username again), for ``Server.handle_registry_message``."""
+
+    ticket: int
+    evict: bool
+    refusal: int | None
+    by: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The relay loop across workers (the core's ``ForwardToWorker``): worker → supervisor
+    names the target ``worker``; supervisor → that worker passes it on. ``payload`` is
+    base64."""
+
+    worker: int
+    from_host: str
+    from_port: int
+    to_host: str
+    to_port: int
+    payload: str
+
+
 #: the closed set of messages the channel carries
 MESSAGES: Final[dict[str, type[Any]]] = {
-    cls.__name__: cls for cls in (WorkerReady, WorkerStats, AdminRequest, AdminAnswer, XdpRoutes)
+    cls.__name__: cls
+    for cls in (
+        WorkerReady,
+        WorkerStats,
+        AdminRequest,
+        AdminAnswer,
+        XdpRoutes,
+        RegistryAsk,
+        RegistryTell,
+        Forward,
+    )
 }
 #: the most channel commands one ``XdpRoutes`` row list may hold when decoded
 MAX_ROUTES: Final = 65536
@@ -126,6 +180,26 @@ def route_row(command: ChannelCommand) -> list[Any]:
         command.peer[1],
         command.allocation_port,
     ]
+
+
+def five_tuple_row(client: FiveTuple) -> list[Any]:
+    """A 5-tuple as a JSON row: transport, client address, relay address."""
+    return [int(client.transport), client.remote[0], client.remote[1], *client.local]
+
+
+def five_tuple(row: list[Any]) -> FiveTuple:
+    """``five_tuple_row``'s inverse; ChannelError on anything else."""
+    if not isinstance(row, list) or len(row) != 5:
+        raise ChannelError("a 5-tuple is a list of 5")
+    transport, rhost, rport, lhost, lport = row
+    if not (isinstance(rhost, str) and isinstance(lhost, str)):
+        raise ChannelError("a 5-tuple's hosts are strings")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (rport, lport)):
+        raise ChannelError("a 5-tuple's ports are numbers")
+    try:
+        return FiveTuple(Transport(transport), (rhost, rport), (lhost, lport))
+    except ValueError:
+        raise ChannelError("a 5-tuple's transport is wrong") from None
 
 
 def route_commands(rows: list[Any]) -> tuple[ChannelCommand, ...]:

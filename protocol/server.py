@@ -16,6 +16,7 @@ Firezone's own clients; README.md lists each such choice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import random
@@ -227,13 +228,16 @@ class Server:
         )
         self._commands: deque[Command] = deque()
         self._timers = Timers()
-        self._table = AllocationTable(
-            self._commands.append, config.max_channels_per_allocation, self._release
-        )
         self._worker = config.worker
         #: the relay-wide allocation registry when this core is the relay's only worker;
         #: None when it is the supervisor's, asked through commands
         self.reservations = Reservations.from_config(config) if config.workers == 1 else None
+        #: tells the registry that the allocation of a ticket ended (no reference back to
+        #: the server, so that a dropped server is freed at once, without the cyclic GC)
+        self._release = _releaser(self.reservations, config.worker, self._commands)
+        self._table = AllocationTable(
+            self._commands.append, config.max_channels_per_allocation, self._release
+        )
         #: the next registry ticket: a counter from a random start (see ``ReserveAllocation``)
         self._next_ticket = int.from_bytes(token_bytes(8), "big") >> 1
         #: Allocates waiting for the registry's answer, by ticket and by client
@@ -778,13 +782,6 @@ class Server:
         previous.replaced = True
         self._table.remove(previous)
 
-    def _release(self, ticket: int) -> None:
-        """Tell the registry that the allocation of ``ticket`` ended."""
-        if self.reservations is not None:
-            self.reservations.release(self._worker, ticket)
-        else:
-            self._commands.append(ReleaseAllocation(ticket))
-
     def _on_reservation_wait_expiry(self, record: ReservationWaitExpiry, now: float) -> None:
         """The registry did not answer in time: 508, and a late grant is given back."""
         waiting = self._waiting.pop(record.ticket, None)
@@ -1237,6 +1234,20 @@ class Server:
             self._forget_waiting(client)
         for allocation in list(self._allocations.values()):
             self._table.remove(allocation)
+
+
+def _releaser(
+    registry: Reservations | None, worker: int, commands: deque[Command]
+) -> Callable[[int], None]:
+    """How a core tells the registry that an allocation ended: its own registry directly,
+    the supervisor's through a command."""
+    if registry is not None:
+        return functools.partial(registry.release, worker)
+
+    def emit(ticket: int) -> None:
+        commands.append(ReleaseAllocation(ticket))
+
+    return emit
 
 
 def _peer_policy(config: ServerConfig) -> PeerPolicy:

@@ -276,8 +276,13 @@ class Soak:
     def on_response(self, a: Alloc, data: bytes, now: float) -> None:
         try:
             msg = stun.parse(data)
-        except ValueError:
+        except ValueError as exc:
             a.side.count("bad response")
+            if len(self.failures) < ERROR_DETAILS:  # kept for the summary, not a failure
+                self.failures.append(
+                    f"{a.side.name}: an unparsable datagram at a {a.kind} client ({exc}; "
+                    f"{len(data)} bytes: {data[:24].hex()})"
+                )
             return
         if msg.transaction_id != a.pending:
             return  # a retransmission's second answer

@@ -21,8 +21,8 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from firezone_relay.actors.steering import worker_for
-from firezone_relay.actors.worker import port_share
 from firezone_relay.protocol import stun
+from firezone_relay.protocol.ports import PortShares
 from firezone_relay.protocol.stun import Attr, Class
 from simulations import channel_data
 from simulations.portal_thread import PortalThread
@@ -54,7 +54,7 @@ def _wait(predicate: object, timeout: float = 10.0) -> None:
 
 
 def _share(relay: RelayProcess, index: int) -> tuple[int, int]:
-    return port_share(relay.lowest_port, relay.highest_port, index, WORKERS)
+    return PortShares(relay.lowest_port, relay.highest_port, WORKERS).of(index)
 
 
 class UdpClient:
@@ -415,3 +415,63 @@ def test_spans_of_each_worker_say_which(tmp_path: Path) -> None:
     finally:
         relay.stop(signal.SIGKILL)
         server.stop(0)
+
+
+# -- one relay across workers (the core's registry, nonces and relay loop over the channel) --
+
+
+def test_one_username_from_two_workers_keeps_one_allocation(relay: RelayProcess) -> None:
+    first, second = UdpClient(relay, 0), UdpClient(relay, 1)
+    second.turn = TurnClient(first.turn.username, first.turn.password)  # the same username
+    with echo_peer() as peer:
+        _relayed_on(relay, 0, first, peer)
+        _relayed_on(relay, 1, second, peer)
+        # the registry had worker 0 free the first one before worker 1 answered
+        answer = first.transact(first.turn.refresh(600))
+        assert answer.get(Attr.ERROR_CODE)[0] == 437
+        rows = sessions(relay)
+        assert [(r["worker"], r["client"]) for r in rows] == [(1, f"127.0.0.1:{second.port}")]
+    first.close()
+    second.close()
+
+
+def test_the_per_user_quota_holds_for_the_relay(tmp_path: Path) -> None:
+    relay = start_relay(
+        tmp_path,
+        "--num-worker-threads",
+        str(WORKERS),
+        "--max-allocations-per-user",
+        "2",
+        scheme="rest",
+    )
+    try:
+        with echo_peer() as peer:
+            held = [UdpClient(relay, w, user="carol") for w in (0, 1)]
+            for worker, client in enumerate(held):
+                _relayed_on(relay, worker, client, peer)
+            for worker in (0, 1):  # a third, on either worker, is over the quota
+                extra = UdpClient(relay, worker, user="carol")
+                with pytest.raises(AssertionError, match="486"):
+                    extra.allocate()
+                extra.close()
+            other = UdpClient(relay, 0, user="dave")  # another user is not affected
+            _relayed_on(relay, 0, other, peer)
+            for client in (*held, other):
+                client.close()
+    finally:
+        relay.stop(signal.SIGKILL)
+
+
+def test_the_relay_loop_between_two_workers(relay: RelayProcess) -> None:
+    a, b = UdpClient(relay, 0), UdpClient(relay, 1)
+    a_relayed, b_relayed = a.allocate(), b.allocate()
+    assert PortShares(relay.lowest_port, relay.highest_port, WORKERS).owner(b_relayed[1]) == 1
+    a.bind(b_relayed)
+    b.bind(a_relayed)
+    for i in range(20):
+        a.send(b"a to b %d" % i)
+        assert b.receive() == b"a to b %d" % i
+        b.send(b"b to a %d" % i)
+        assert a.receive() == b"b to a %d" % i
+    a.close()
+    b.close()

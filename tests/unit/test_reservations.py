@@ -3,6 +3,10 @@ relay count allocations as one (issue 20, item 3 of "One relay, not N")."""
 
 from __future__ import annotations
 
+import gc
+import random
+import weakref
+
 import pytest
 
 from firezone_relay.protocol import server as server_module
@@ -22,7 +26,7 @@ from firezone_relay.protocol.reservations import (
     ReservationAnswer,
     Reservations,
 )
-from firezone_relay.protocol.server import RESERVATION_ANSWER_TIMEOUT
+from firezone_relay.protocol.server import RESERVATION_ANSWER_TIMEOUT, Server, ServerConfig
 from firezone_relay.protocol.stun import Method
 from firezone_relay.protocol.types import Family, FiveTuple, Transport
 from tests.unit.harness import CLIENT, PEER, Harness, error_code, five_tuple, is_success
@@ -371,3 +375,17 @@ def test_channel_binding_commands_are_unchanged_on_a_worker() -> None:
     port = group.port_of(group.allocate(1, client, CLIENT))
     out = group.send(1, client.channel_bind(0x4001, PEER), CLIENT)
     assert out.events[0] == (1, CreateChannelBinding(five_tuple(CLIENT), 0x4001, PEER, port))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_release_hook_holds_no_reference_to_its_core(workers: int) -> None:
+    """So the registry adds no reference cycle: a dropped core is freed without waiting for
+    the cyclic GC (benchmarks and tests make many cores)."""
+    gc.disable()
+    try:
+        server = Server(ServerConfig(public_ip4="52.0.0.1", workers=workers), random.Random(1))
+        core = weakref.ref(server)
+        del server
+        assert core() is None
+    finally:
+        gc.enable()

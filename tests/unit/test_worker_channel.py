@@ -3,14 +3,12 @@ steering hash are what the supervisor and the tests rely on."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import struct
 
 import pytest
 
 from firezone_relay.actors.steering import program, worker_for
-from firezone_relay.actors.worker import port_share
 from firezone_relay.actors.worker_channel import (
     AdminRequest,
     ChannelError,
@@ -82,17 +80,6 @@ def test_a_reader_drops_an_oversized_or_bad_frame_and_closes() -> None:
     bad = json.dumps({"type": "Nope"}).encode()
     channel.data_received(struct.pack("!I", len(bad)) + bad)
     assert closed == [True, True]
-
-
-def test_port_shares_are_disjoint_and_cover_the_range() -> None:
-    for low, high, count in ((49152, 65535, 2), (1024, 1030, 3), (5000, 5000, 1), (100, 107, 8)):
-        shares = [port_share(low, high, i, count) for i in range(count)]
-        assert shares[0][0] == low and shares[-1][1] == high
-        for (_, end), (start, _) in itertools.pairwise(shares):
-            assert start == end + 1
-        assert all(a <= b for a, b in shares)
-    with pytest.raises(ValueError):
-        port_share(1000, 1000, 0, 2)
 
 
 def test_the_hash_spreads_sources_and_the_programs_are_bounded() -> None:

@@ -16,9 +16,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firezone_relay.protocol import channel_data
 from firezone_relay.protocol.reservations import EvictAllocation
 from firezone_relay.protocol.types import Addr
+from simulations import channel_data
 from simulations.turn_client import TurnClient
 from tests.unit.harness import PEER, PUBLIC4
 from tests.unit.relay_group import Group, GroupOutcome
@@ -143,7 +143,7 @@ def test_two_workers_and_their_registry_stay_consistent(ops: list[tuple]) -> Non
         world.step(op)
     world.step(("deliver",))
     for server in world.group.servers:
-        server.free_all(world.group.now)
+        server.free_all()
     world.group.advance(0.0)
     world.check()
     assert len(world.group.registry) == 0
