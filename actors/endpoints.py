@@ -75,6 +75,9 @@ class Endpoints:
         )
         self.bridge = HistogramBridge([self.packet_sizes])
         self.telemetry: Telemetry | None = None
+        #: called (on an HTTP thread) before ``/metrics`` is rendered: a supervisor fetches its
+        #: workers' current counts, so a scrape sees everything relayed before it
+        self.before_scrape: Callable[[], None] | None = None
         self._last_stats = (time.monotonic(), 0)
         self._stats_timer: asyncio.TimerHandle | None = None
 
@@ -165,6 +168,8 @@ class Endpoints:
 
     def _metrics(self, _query: dict[str, list[str]]) -> Reply:
         assert self.telemetry is not None
+        if self.before_scrape is not None:
+            self.before_scrape()
         text = self.telemetry.prometheus_text()
         return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
 

@@ -271,6 +271,7 @@ class Supervisor:
         self._requests = 0
         self._pending: dict[int, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
         log_filter.on_change.append(self._log_filter_changed)
+        self.endpoints.before_scrape = self._fresh_totals
 
     def _handlers(self) -> dict[type[object], Callable[[Any], None]]:
         return {kind: functools.partial(handle, self) for kind, handle in SUPERVISOR_ROUTES.items()}
@@ -626,9 +627,27 @@ class Supervisor:
             if status == 400:
                 return 400, body
         merged = _MERGES[path](got)
+        if path == "/stats":  # the XDP program is the supervisor's
+            xdp = self.offload.totals()
+            merged[1]["xdp"] = None if xdp is None else {"datagrams": xdp[0], "bytes": xdp[1]}
         if missing:
             merged[1]["missing_workers"] = missing
         return merged
+
+    def _fresh_totals(self) -> None:
+        """From an HTTP thread, before ``/metrics``: every live worker's counts as of now (it
+        answers after everything it has read), so a scrape never lags the traffic."""
+        if self._stopping.is_set():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._refresh_totals(), self.loop)
+        with contextlib.suppress(Exception):
+            future.result(ADMIN_ANSWER_TIMEOUT + 1)
+
+    async def _refresh_totals(self) -> None:
+        answers = await self.ask_workers("GET /snapshot", {})
+        for index, answer in enumerate(answers):
+            if answer is not None and answer[0] == 200:
+                self.totals.update(WorkerStats(index, answer[1]))
 
     def _log_filter_changed(self, directives: str) -> None:
         """``POST /log_filter`` on the supervisor: every worker takes the same directives."""

@@ -230,6 +230,8 @@ class WorkerRelay(Relay):
         query = {
             str(k): [str(x) for x in v] for k, v in request.arguments.items() if isinstance(v, list)
         }
+        if request.verb == "GET /snapshot":  # the supervisor's /metrics, fresh
+            return 200, snapshot(self)
         if request.verb == "POST /log_filter":
             try:
                 self.log_filter.apply((query.get("directives") or [""])[0])

@@ -521,7 +521,7 @@ MULTICORE_DIRECTIONS = ("client->peer", "peer->client")
 
 
 def bench_multicore(
-    rates: list[str], duration: float, coturn: bool, rounds: int, flows: int
+    rates: list[str], duration: float, coturn: bool, rounds: int, flows: int, pings: int = 0
 ) -> None:
     """Ours with 1 and 2 workers beside coturn with relay-threads=2, nothing pinned, the same
     load: delivered datagrams/s, loss, and relay CPU (all processes and threads) per delivered
@@ -586,6 +586,18 @@ def bench_multicore(
                     f"{two['us_per_dgram'] / theirs['us_per_dgram']:>5.2f}"
                 )
             print(line)
+    if pings:  # relay-added latency at light load, each relay unpinned as above
+        for name, starter in starters:
+            with tempfile.TemporaryDirectory() as tmp:
+                server = starter(Path(tmp))
+                try:
+                    p50, p99, d50, d99 = bench_latency_one(server, pings)
+                finally:
+                    server.stop()
+            print(
+                f"latency: {name:>8}: relay-added per traversal p50 {(p50 - d50) / 2:.1f} us "
+                f"p99 {(p99 - d99) / 2:.1f} us ({pings} sequential 100 B round trips)"
+            )
 
 
 def plot_delivered(
@@ -724,7 +736,9 @@ def main() -> None:
     if "latency" in sections:
         bench_latency(args.pings, coturn)
     if "multicore" in sections:
-        bench_multicore(args.rates.split(","), args.duration, coturn, args.rounds, args.flows)
+        bench_multicore(
+            args.rates.split(","), args.duration, coturn, args.rounds, args.flows, args.pings
+        )
 
 
 if __name__ == "__main__":

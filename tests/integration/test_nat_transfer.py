@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.netns.topology import Loss, TopologyOptions
+from firezone_relay.protocol.ports import PortShares
+from simulations.netns.topology import RELAY_PORTS, Loss, TopologyOptions
 from tests.integration.nat_fixtures import (
     MODES,
     MODES_WITH_DRIVER,
@@ -118,6 +119,22 @@ def test_double_symmetric_nat_through_the_relay_loop(
         assert gateway["target"] == client["relayed"][key]
         relay = run.topo.relay6 if family == 6 else run.topo.relay4
         assert client["target"][0] == gateway["target"][0] == relay
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relay_loop_with_two_workers(mode: str, tmp_path: Path, blob: tuple[Path, str]) -> None:
+    """The double symmetric NAT through a relay of two workers: both agents allocate and
+    relay to each other's relayed address, in userspace and with XDP, whether their
+    allocations share a worker or not (printed)."""
+    options = TopologyOptions(client_nat="symmetric", gateway_nat="symmetric")
+    with nat_run(tmp_path, blob, options=options, xdp=datapath(mode), workers=2) as run:
+        run.transfer(max_time=60)
+        client, gateway = run.stats("client"), run.stats("gateway")
+        assert client["target"] == gateway["relayed"]["4"]
+        assert gateway["target"] == client["relayed"]["4"]
+        shares = PortShares(*RELAY_PORTS, 2)  # the relay's default range
+        owners = [shares.owner(side["relayed"]["4"][1]) for side in (client, gateway)]
+        print(f"the agents' allocations are on workers {owners}")
 
 
 @pytest.mark.parametrize("mode", MODES)

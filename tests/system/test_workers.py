@@ -23,11 +23,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from firezone_relay.actors.steering import worker_for
 from firezone_relay.protocol import stun
 from firezone_relay.protocol.ports import PortShares
+from firezone_relay.protocol.stream_framing import channel_data_frame
 from firezone_relay.protocol.stun import Attr, Class
 from simulations import channel_data
 from simulations.portal_thread import PortalThread
 from simulations.turn_client import TurnClient
 from tests.system.conftest import RelayProcess, free_port, http, start_relay
+from tests.system.stream_client import StreamClient, relayed_address
 from tests.system.test_daemon_portal import _wait_status
 from tests.system.test_operating import sessions, verb
 from tests.system.test_otlp_traces import Collector
@@ -475,3 +477,44 @@ def test_the_relay_loop_between_two_workers(relay: RelayProcess) -> None:
         assert a.receive() == b"b to a %d" % i
     a.close()
     b.close()
+
+
+def test_max_allocations_holds_for_the_relay_not_per_worker(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path, "--num-worker-threads", str(WORKERS), "--max-allocations", "2")
+    try:
+        with echo_peer() as peer:
+            # both on worker 0: a split of the cap (1 each) would refuse the second
+            held = [UdpClient(relay, 0), UdpClient(relay, 0)]
+            for client in held:
+                _relayed_on(relay, 0, client, peer)
+            extra = UdpClient(relay, 1)
+            with pytest.raises(AssertionError, match="508"):
+                extra.allocate()
+            # one ends: worker 1 gets the room
+            assert held[0].transact(held[0].turn.refresh(0)).cls == Class.SUCCESS
+            later = UdpClient(relay, 1)
+            _relayed_on(relay, 1, later, peer)
+            for client in (*held, extra, later):
+                client.close()
+    finally:
+        relay.stop(signal.SIGKILL)
+
+
+def test_tcp_clients_are_served_by_whichever_worker_accepted_them(relay: RelayProcess) -> None:
+    """TURN over TCP on the workers' SO_REUSEPORT listeners: each connection's allocation is
+    in the share of the worker that accepted it, and relays both ways."""
+    owners = PortShares(relay.lowest_port, relay.highest_port, WORKERS)
+    seen: set[int | None] = set()
+    with echo_peer() as peer:
+        for _ in range(8):
+            client = StreamClient.connect(relay)
+            try:
+                _host, port = relayed_address(client.allocate())
+                seen.add(owners.owner(port))
+                client.bind(CHANNEL, peer)
+                client.send(channel_data_frame(CHANNEL, b"over tcp"))
+                frame = client.next_frame()
+                assert frame[4 : 4 + 8] == b"over tcp"
+            finally:
+                client.close()
+    assert seen <= {0, 1} and None not in seen
