@@ -93,7 +93,10 @@ class TurnRouter:
         self.peer_to_chan_fd: int = self._bpf[b"peer_to_chan"].map_fd
         self._config_fd: int = self._bpf[b"config"].map_fd
         self.stats_fd: int = self._bpf[b"stats"].map_fd
-        self.port_counts_fd: int = self._bpf[b"port_counts"].map_fd
+        try:
+            self.port_counts_fd: int = self._bpf[b"port_counts"].map_fd
+        except KeyError:  # an older build (the benchmark's --compare): no per-port counters
+            self.port_counts_fd = -1
         self.ncpus = bpfsys.possible_cpus()
         self.max_bindings = max_bindings
         self._link_fd: int | None = None

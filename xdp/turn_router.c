@@ -164,9 +164,10 @@ static __always_inline int addr_is_set(const __u32 *a)
     return (a[0] | a[1] | a[2] | a[3]) != 0;
 }
 
+/* Compared from the last word, where addresses of one prefix differ. */
 static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
 {
-    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+    return a[3] == b[3] && a[2] == b[2] && a[1] == b[1] && a[0] == b[0];
 }
 
 static __always_inline void addr_copy(__u32 *d, const __u32 *s)
@@ -534,8 +535,9 @@ int xdp_turn_router(struct xdp_md *ctx)
         if (!peer)
             return pass(st, PASS_NO_ENTRY);
 
-        int loop = (addr_is_set(cfg->public4) && addr_eq(peer->addr, cfg->public4)) ||
-                   (addr_is_set(cfg->public6) && addr_eq(peer->addr, cfg->public6));
+        /* Cheapest rejection first: the last word differs for almost every peer. */
+        int loop = (addr_eq(peer->addr, cfg->public4) && addr_is_set(cfg->public4)) ||
+                   (addr_eq(peer->addr, cfg->public6) && addr_is_set(cfg->public6));
         if (loop) {
             /* The peer is another allocation here: act as if the datagram had left our
              * allocation and arrived at the other one, then relay that to its client. */
