@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ class Offload:
         self.ref: pykka.ActorRef[XdpManager] | None = None
         self._reader: Any = None
         self.owners = PortOwners()
+        #: the per-allocation counts array, for worker processes to map (None: none)
+        self.port_counts_fd: int | None = None
 
     async def start(
         self, loop: asyncio.AbstractEventLoop, pipelines: Sequence[Pipeline], metrics: Endpoints
@@ -56,6 +59,9 @@ class Offload:
         self.ref = ref
         self.owners.counters = await loop.run_in_executor(
             None, lambda: ref.proxy().port_counters().get(timeout=10)
+        )
+        self.port_counts_fd = await loop.run_in_executor(
+            None, lambda: ref.proxy().port_counts_fd().get(timeout=10)
         )
         sink = XdpRouteSink(ref, self.owners)
         for pipeline in pipelines:
@@ -86,6 +92,10 @@ class Offload:
         counters, self.owners.counters = self.owners.counters, None
         if counters is not None:
             counters.close()
+        fd, self.port_counts_fd = self.port_counts_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def allocation_counts(self, port: int, client: FiveTuple) -> tuple[int, int, int, int]:
         """What the XDP program relayed for the allocation on ``port`` of ``client``, in the

@@ -404,8 +404,10 @@ class Supervisor:
             log_format=self.log_format,
             log_directives=self.log_filter.current or "info",
             xdp_routes=self.xdp is not None,
+            port_counts_fd=self.offload.port_counts_fd,
         )
-        fds = (child.fileno(), *udp_fds.values(), *stream_fds.values())
+        counts = () if spec.port_counts_fd is None else (spec.port_counts_fd,)
+        fds = (child.fileno(), *udp_fds.values(), *stream_fds.values(), *counts)
         proc = subprocess.Popen(
             [sys.executable, "-m", "firezone_relay.actors.worker"],
             stdin=subprocess.PIPE,

@@ -25,12 +25,13 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firezone_relay.actors.admin import admin_routes
 from firezone_relay.actors.daemon import GivenSockets, Relay, Settings
 from firezone_relay.actors.logs import LogFilter, configure
 from firezone_relay.actors.messages import tell
+from firezone_relay.actors.offload import PortOwners
 from firezone_relay.actors.pipeline import ChannelCommand
 from firezone_relay.actors.worker_channel import (
     AdminAnswer,
@@ -58,6 +59,9 @@ from firezone_relay.protocol.types import Family
 
 __all__ = ["WorkerSpec", "snapshot", "worker_settings"]
 
+if TYPE_CHECKING:
+    from firezone_relay.actors.xdp_manager import PortCounters
+
 logger = logging.getLogger("relay")
 
 #: how often a worker sends its counts to the supervisor (``/metrics`` is this fresh)
@@ -83,6 +87,9 @@ class WorkerSpec:
     log_directives: str = "info"
     #: the supervisor runs the XDP map manager: send it this worker's channel commands
     xdp_routes: bool = False
+    #: the XDP program's per-allocation counts array (``actors.xdp_manager.PortCounters``),
+    #: which this worker reads for its own allocations' ``sessions`` rows and ``top``
+    port_counts_fd: int | None = None
 
 
 def worker_settings(
@@ -146,7 +153,11 @@ class WorkerRelay(Relay):
             self.loop, sock, self._on_message, self._on_supervisor_gone
         )
         if self.spec.xdp_routes:
-            self.pipeline.route_sinks.append(ChannelRouteSink(self.spec.index, self.channel))
+            owners = self.offload.owners
+            if self.spec.port_counts_fd is not None:
+                owners.counters = _map_counts(self.spec.port_counts_fd)
+            sink = ChannelRouteSink(self.spec.index, self.channel, owners)
+            self.pipeline.route_sinks.append(sink)
         self.pipeline.to_registry = self._to_registry
         self.pipeline.to_worker = self._to_worker
         await super().start()
@@ -264,12 +275,28 @@ class ChannelRouteSink:
     """The supervisor's XDP map manager as this worker's ``RouteSink``: each drain's channel
     commands go to it over the channel, in the order the core emitted them."""
 
-    def __init__(self, index: int, channel: WorkerChannel) -> None:
+    def __init__(self, index: int, channel: WorkerChannel, owners: PortOwners) -> None:
         self.index = index
         self.channel = channel
+        self.owners = owners
 
     def sync_routes(self, commands: tuple[ChannelCommand, ...]) -> None:
+        self.owners.note(commands)  # each new owner's baseline, before the kernel has the route
         self.channel.send(XdpRoutes(self.index, [route_row(c) for c in commands]))
+
+
+def _map_counts(fd: int) -> PortCounters | None:
+    """The supervisor's counts array mapped here (the mapping keeps it; the fd is closed)."""
+    from firezone_relay.actors.xdp_manager import PortCounters
+
+    try:
+        return PortCounters(fd)
+    except (OSError, ValueError) as exc:
+        logger.warning("XDP per-allocation counters unavailable in this worker: %s", exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _adopt(fd: int, kind: int) -> socket.socket:

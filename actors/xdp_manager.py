@@ -307,6 +307,13 @@ class XdpManager(pykka.ThreadingActor):
             return None
         return CounterReader(self._router.stats_fd, self._router.ncpus)
 
+    def port_counts_fd(self) -> int | None:
+        """A new descriptor of the per-allocation counts array, for a worker process to map
+        (``PortCounters``): the caller owns and closes it. None without offload."""
+        if self._router is None or self._router.port_counts_fd < 0:
+            return None
+        return os.dup(self._router.port_counts_fd)
+
     def port_counters(self) -> PortCounters | None:
         """The per-allocation counters, mapped (None when offload is not active or the kernel
         cannot map the array: ``sessions`` then shows userspace traffic only)."""

@@ -42,13 +42,18 @@ def admin_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.parametrize("mode", ["generic", "driver"])
-def test_sessions_count_the_xdp_path(mode: str, topology: Topology, admin_dir: Path) -> None:
+@pytest.mark.parametrize(("mode", "workers"), [("generic", 1), ("driver", 1), ("generic", 2)])
+def test_sessions_count_the_xdp_path(
+    mode: str, workers: int, topology: Topology, admin_dir: Path
+) -> None:
+    """With several workers, the supervisor runs the program and each worker reads the
+    kernel's counts of its own allocations (the array is mapped into every worker)."""
     require_bcc()
     t = topology
     keep = attach_xdp_pass(t.rtr, "r-pub") if mode == "driver" else None
     socket_path = str(admin_dir / "admin.sock")
-    relay = RelayDaemon(t, t.relay_dev, mode, extra_args=("--admin-socket", socket_path))
+    extra = ("--admin-socket", socket_path, "--num-worker-threads", str(workers))
+    relay = RelayDaemon(t, t.relay_dev, mode, extra_args=extra)
     try:
         client = t.cli.udp("0.0.0.0", 40000)
         peer = t.gw.udp("0.0.0.0", 50000)
@@ -91,6 +96,7 @@ def test_sessions_count_the_xdp_path(mode: str, topology: Topology, admin_dir: P
 
         (row,) = admin.request("GET", "/sessions")["sessions"]
         assert row["id"] == relayed[1]
+        assert ("worker" in row) == (workers > 1)
         counted = [row[k] for k in ("to_peer_datagrams", "to_peer_bytes",
                                     "to_client_datagrams", "to_client_bytes")]  # fmt: skip
         assert counted == sent
